@@ -1,0 +1,73 @@
+"""The ``medmpc`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from cli import commands
+
+
+def _add_data_args(p: argparse.ArgumentParser, *, default_size: int | None) -> None:
+    p.add_argument("--data", default="synthetic", help="data folder (Kaggle layout) or 'synthetic[:N]' (default)")
+    p.add_argument("--skip-unreadable", action="store_true", help="skip (and count) unreadable files instead of failing")
+    if default_size is not None:
+        p.add_argument("--image-size", type=int, default=default_size, help="square input size in pixels")
+        p.add_argument("--classes", type=int, choices=(2, 3), default=3, help="3: normal/bacterial/viral; 2: normal/pneumonia")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medmpc", description="Secure multi-party learning on chest X-rays.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="centralised training (the baseline for federated runs)")
+    _add_data_args(p, default_size=224)
+    p.add_argument("--model", default="cnn", help="cnn, cnn_gn, resnet18, resnet18_gn")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--val-fraction", type=float, default=0.15, help="stratified validation split held out of the training data")
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--no-class-weights", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True, help="folder for model.pt, report.json and plots")
+    p.set_defaults(func=commands.train)
+
+    p = sub.add_parser("evaluate", help="metrics of a checkpoint on a folder of labelled images")
+    _add_data_args(p, default_size=None)
+    p.add_argument("--model", type=Path, required=True, help="checkpoint (model.pt)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--out", type=Path, help="folder for metrics.json and confusion_matrix.png")
+    p.set_defaults(func=commands.evaluate)
+
+    p = sub.add_parser("partition", help="show how a dataset would be split across hospitals")
+    _add_data_args(p, default_size=64)
+    p.add_argument("--hospitals", type=int, default=3)
+    p.add_argument("--partition", default="iid", help="iid, dirichlet:ALPHA or sizes:W1,...,WN")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=commands.partition)
+
+    p = sub.add_parser("selfcheck", help="secret-shared arithmetic across real party processes")
+    p.add_argument("--parties", type=int, default=2)
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds before a silent party is an error")
+    p.set_defaults(func=commands.selfcheck)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        # DataError, PartyError and bad arguments: one clear line, no traceback
+        print(f"medmpc {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    if getattr(args, "json", False) and result is not None:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

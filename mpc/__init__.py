@@ -1,0 +1,1 @@
+"""The MPC engine: CrypTen compatibility, party processes, launch and transport."""

@@ -1,0 +1,160 @@
+"""Launch and supervise one OS process per party.
+
+Every party is a plain ``python -m mpc.party`` process that finds the others
+through an explicit rendezvous address (``tcp://host:port``), so the same
+command runs unchanged with parties on different machines. Locally, the
+supervisor below starts them, collects their results and, when one party dies
+or the run outlives its deadline, stops all of them and names the culprit.
+Nothing here forks a live interpreter (unlike ``crypten.mpc.run_multiprocess``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DEFAULT_TIMEOUT_S = 120.0
+
+
+class PartyError(RuntimeError):
+    """A party failed, or the run timed out; the message names the party."""
+
+    def __init__(self, party: str, message: str) -> None:
+        super().__init__(f"party {party!r}: {message}")
+        self.party = party
+
+
+@dataclass
+class PartyProcess:
+    name: str
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    result_file: Path | None = None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _tail(path: Path, n_chars: int = 2000) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return text[-n_chars:].strip()
+
+
+def supervise(parties: list[PartyProcess], *, timeout_s: float, workdir: Path) -> dict[str, Any]:
+    """Run the processes to completion; return each party's result (``None`` if it has none).
+
+    The first party to exit non-zero, or the deadline, stops all of them.
+    """
+    procs: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
+    env_base = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    try:
+        for party in parties:
+            log = workdir / f"{party.name}.log"
+            with open(log, "wb") as out:
+                procs[party.name] = (
+                    subprocess.Popen(
+                        party.argv,
+                        env={**env_base, **party.env},
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    ),
+                    log,
+                )
+        deadline = time.monotonic() + timeout_s
+        running = set(procs)
+        while running:
+            for name in sorted(running):
+                proc, log = procs[name]
+                code = proc.poll()
+                if code is None:
+                    continue
+                running.discard(name)
+                if code != 0:
+                    how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
+                    raise PartyError(name, f"{how}; last output:\n{_tail(log)}")
+            if running and time.monotonic() > deadline:
+                slow = ", ".join(sorted(running))
+                raise PartyError(
+                    sorted(running)[0],
+                    f"did not finish within {timeout_s:.0f} s (still running: {slow})",
+                )
+            time.sleep(0.05)
+    finally:
+        for proc, _ in procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    results: dict[str, Any] = {}
+    for party in parties:
+        if party.result_file is None:
+            results[party.name] = None
+        elif not party.result_file.exists():
+            raise PartyError(party.name, "finished without writing its result")
+        else:
+            results[party.name] = torch.load(party.result_file, weights_only=True)
+    return results
+
+
+def run_crypten_job(
+    job: str,
+    *,
+    world_size: int,
+    args: dict[str, Any] | None = None,
+    dealer: bool = True,
+    provider: str = "TTP",
+    allow_insecure: bool = False,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+) -> list[Any]:
+    """Run ``job`` (``"package.module:function"``) on ``world_size`` CrypTen parties.
+
+    Each party calls ``function(rank=..., world_size=..., **args)`` after CrypTen is
+    initialised; the return values (tensors, numbers, lists, dicts) come back in
+    rank order. With ``dealer`` a separate process serves correlated randomness
+    (CrypTen's ``TTP`` provider) and learns nothing about the parties' inputs.
+    """
+    if world_size < 2:
+        raise ValueError(f"an MPC job needs at least 2 parties, got world_size={world_size}")
+    if dealer != (provider.upper() == "TTP"):
+        raise ValueError("the TTP provider needs dealer=True, and only TTP uses a dealer")
+    rendezvous = f"tcp://{host}:{port or free_port(host)}"
+    with tempfile.TemporaryDirectory(prefix="medmpc-") as tmp:
+        workdir = Path(tmp)
+        args_file = workdir / "args.json"
+        args_file.write_text(json.dumps(args or {}))
+        common = [
+            "--job", job, "--world-size", str(world_size), "--rendezvous", rendezvous,
+            "--args-file", str(args_file), "--timeout", str(timeout_s), "--provider", provider,
+        ]  # fmt: skip
+        if allow_insecure:
+            common.append("--allow-insecure")
+        parties = []
+        for rank in range(world_size):
+            result = workdir / f"result{rank}.pt"
+            argv = [sys.executable, "-m", "mpc.party", *common, "--rank", str(rank)]
+            argv += ["--result-file", str(result)]
+            parties.append(PartyProcess(f"party{rank}", argv, result_file=result))
+        if dealer:
+            argv = [sys.executable, "-m", "mpc.party", *common, "--rank", str(world_size)]
+            parties.append(PartyProcess("dealer", argv + ["--dealer"]))
+        results = supervise(parties, timeout_s=timeout_s + 30, workdir=workdir)
+    return [results[f"party{rank}"] for rank in range(world_size)]

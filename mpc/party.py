@@ -1,0 +1,77 @@
+"""Entry point of one CrypTen party process: ``python -m mpc.party``.
+
+Run it by hand on each machine to spread the parties over a network::
+
+    RANK is given by --rank; every party uses the same --rendezvous tcp://HOST:PORT,
+    where HOST is reachable by all and PORT is free on the rank-0 machine.
+    The dealer (TTP) runs with --rank WORLD_SIZE --dealer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mpc import crypten_compat
+
+
+def resolve_job(spec: str) -> Callable[..., Any]:
+    module_name, sep, func_name = spec.partition(":")
+    if not sep or not module_name or not func_name:
+        raise ValueError(f"job must look like 'package.module:function', got {spec!r}")
+    return getattr(importlib.import_module(module_name), func_name)
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m mpc.party", description=__doc__)
+    p.add_argument("--job", required=True, help="package.module:function run on every party")
+    p.add_argument("--rank", type=int, required=True)
+    p.add_argument("--world-size", type=int, required=True, help="number of computing parties")
+    p.add_argument("--rendezvous", required=True, help="tcp://HOST:PORT shared by all parties")
+    p.add_argument("--args-file", type=Path, help="JSON keyword arguments for the job")
+    p.add_argument("--result-file", type=Path, help="where this party writes its return value")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds before a silent peer is an error")
+    p.add_argument("--provider", default="TTP")
+    p.add_argument("--allow-insecure", action="store_true", help="permit the TFP provider (tests only)")
+    p.add_argument("--dealer", action="store_true", help="run the dealer (TTP server)")
+    a = p.parse_args(argv)
+
+    os.environ.update(
+        RANK=str(a.rank),
+        WORLD_SIZE=str(a.world_size),
+        RENDEZVOUS=a.rendezvous,
+        DISTRIBUTED_BACKEND="gloo",
+    )
+    # Each party is one process on a shared machine; oversubscribed threads slow every party.
+    torch.set_num_threads(max(1, int(os.environ.get("MEDMPC_THREADS", "1"))))
+    if a.dealer:
+        crypten_compat.run_dealer(timeout_s=a.timeout)
+        return
+    job = resolve_job(a.job)
+    kwargs = json.loads(a.args_file.read_text()) if a.args_file else {}
+    crypten = crypten_compat.init_party(
+        timeout_s=a.timeout, provider=a.provider, allow_insecure=a.allow_insecure
+    )
+    try:
+        result = job(rank=a.rank, world_size=a.world_size, **kwargs)
+    finally:
+        crypten.uninit()
+    if a.result_file is not None:
+        _atomic_save(result, a.result_file)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Centralised training: the baseline every federated result is compared with."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from imaging.dataset import ImageSet
+from imaging.splits import stratified_split
+from imaging.transforms import Preprocessing
+from models import build_model
+from training import plots
+from training.checkpoint import Checkpoint
+from training.local import TrainConfig, predict, train
+from training.metrics import classification_metrics
+
+
+def write_json(obj: Any, path: Path) -> None:
+    """Atomic JSON write: readers never see a half-written report."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def dataset_summary(data: ImageSet) -> dict[str, Any]:
+    return {
+        "source": data.source,
+        "synthetic": data.is_synthetic,
+        "image_size": data.image_size,
+        "n_images": len(data),
+        "class_counts": data.class_counts(),
+        "skipped_files": [str(p) for p in data.skipped],
+    }
+
+
+def train_centralised(
+    data: ImageSet,
+    *,
+    model_name: str,
+    cfg: TrainConfig,
+    out: Path,
+    val_fraction: float = 0.15,
+    log: Any = print,
+) -> dict[str, Any]:
+    """Train on ``data`` minus a stratified validation split; write model.pt, report.json, PNGs."""
+    out.mkdir(parents=True, exist_ok=True)
+    train_idx, val_idx = stratified_split(data.labels, val_fraction, seed=cfg.seed)
+    train_set, val_set = data.subset(train_idx), data.subset(val_idx)
+    prep = Preprocessing.fit(train_set.images)
+    model = build_model(model_name, len(data.classes), seed=cfg.seed)
+    tag = " [synthetic data]" if data.is_synthetic else ""
+    log(f"data{tag}: {data.source}  train {train_set.class_counts()}  validation {val_set.class_counts()}")
+
+    history: list[dict[str, Any]] = []
+
+    def on_epoch(epoch: int, loss: float) -> None:
+        m = classification_metrics(predict(model, val_set.images, prep), val_set.labels, data.classes)
+        history.append({"epoch": epoch + 1, "train_loss": loss, **{k: m[k] for k in _CURVE_KEYS}})
+        log(
+            f"epoch {epoch + 1}/{cfg.epochs}: loss {loss:.4f}  val accuracy {m['accuracy']:.3f}  "
+            f"balanced {m['balanced_accuracy']:.3f}  pneumonia AUC {m['pneumonia_roc_auc'] or float('nan'):.3f}"
+        )
+
+    start = time.perf_counter()
+    train(model, train_set.images, train_set.labels, prep, cfg, num_classes=len(data.classes), on_epoch=on_epoch)
+    seconds = time.perf_counter() - start
+    val_metrics = classification_metrics(predict(model, val_set.images, prep), val_set.labels, data.classes)
+    report = {
+        "model": model_name,
+        "dataset": dataset_summary(data),
+        "split": {"val_fraction": val_fraction, "seed": cfg.seed, "train": len(train_set), "val": len(val_set)},
+        "config": asdict(cfg),
+        "preprocessing": prep.to_dict(),
+        "train_seconds": seconds,
+        "history": history,
+        "validation": val_metrics,
+    }
+    Checkpoint(
+        model_name, data.classes, prep, model.state_dict(),
+        info={"dataset": report["dataset"], "validation": val_metrics, "config": report["config"]},
+    ).save(out / "model.pt")  # fmt: skip
+    write_json(report, out / "report.json")
+    title = f"{model_name} on {'synthetic data' if data.is_synthetic else data.source}"
+    plots.curves_png(
+        {k: [h[k] for h in history] for k in ("train_loss", "accuracy", "pneumonia_roc_auc")},
+        out / "learning_curves.png", xlabel="epoch", title=title,
+    )  # fmt: skip
+    plots.confusion_matrix_png(val_metrics, out / "confusion_matrix.png", f"validation: {title}")
+    return report
+
+
+_CURVE_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "pneumonia_roc_auc")
+
+
+def evaluate_checkpoint(ckpt: Checkpoint, data: ImageSet) -> dict[str, Any]:
+    if tuple(data.classes) != tuple(ckpt.classes):
+        raise ValueError(f"data classes {data.classes} differ from the model's {ckpt.classes}")
+    logits = predict(ckpt.build(), data.images, ckpt.preprocessing)
+    m = classification_metrics(logits, data.labels, ckpt.classes)
+    m["dataset"] = dataset_summary(data)
+    return m

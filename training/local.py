@@ -1,0 +1,93 @@
+"""One hospital's (or a centralised) training loop, and batched prediction."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from imaging.transforms import Augmentation, Preprocessing
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    augment: bool = True
+    class_weighting: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
+            raise ValueError(f"epochs, batch_size and lr must be positive: {self}")
+
+
+def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights (mean 1 over samples), so rare classes count as much."""
+    counts = torch.bincount(labels, minlength=num_classes).double()
+    w = torch.where(counts > 0, len(labels) / (num_classes * counts.clamp(min=1)), 0.0)
+    return w.float()
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, images: torch.Tensor, prep: Preprocessing, *, batch_size: int = 256
+) -> torch.Tensor:
+    """Logits for uint8 images."""
+    model.eval()
+    out = [model(prep(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def train(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    prep: Preprocessing,
+    cfg: TrainConfig,
+    *,
+    num_classes: int,
+    on_epoch: Callable[[int, float], None] | None = None,
+    desc: str = "training",
+) -> list[float]:
+    """Train in place with AdamW and a cosine schedule; returns the mean loss of each epoch."""
+    if len(images) == 0:
+        raise ValueError("no training images")
+    g = torch.Generator().manual_seed(cfg.seed)
+    weight = class_weights(labels, num_classes) if cfg.class_weighting else None
+    augment = Augmentation() if cfg.augment else None
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = -(-len(images) // cfg.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15
+    )
+    losses = []
+    bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=desc, unit="step", leave=False)
+    for epoch in range(cfg.epochs):
+        model.train()
+        order = torch.randperm(len(images), generator=g)
+        total = 0.0
+        for i in range(0, len(images), cfg.batch_size):
+            idx = order[i : i + cfg.batch_size]
+            x = prep(images[idx])
+            if augment is not None:
+                x = augment(x, g)
+            loss = F.cross_entropy(model(x), labels[idx], weight=weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(idx)
+            bar.update()
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+        losses.append(total / len(images))
+        if on_epoch is not None:
+            on_epoch(epoch, losses[-1])
+    bar.close()
+    return losses

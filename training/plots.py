@@ -1,0 +1,44 @@
+"""PNG figures for reports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def confusion_matrix_png(metrics: dict[str, Any], path: Path, title: str) -> None:
+    cm = metrics["confusion_matrix"]
+    classes = metrics["classes"]
+    fig, ax = plt.subplots(figsize=(4 + len(classes) * 0.5, 3.5 + len(classes) * 0.5))
+    ax.imshow(cm, cmap="Blues")
+    top = max(max(r) for r in cm) or 1
+    for i, row in enumerate(cm):
+        for j, v in enumerate(row):
+            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > top / 2 else "black")
+    ax.set_xticks(range(len(classes)), classes)
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def curves_png(series: dict[str, list[float]], path: Path, *, xlabel: str, title: str) -> None:
+    """One panel per named series (e.g. loss, accuracy) against epoch or round."""
+    fig, axes = plt.subplots(1, len(series), figsize=(4 * len(series), 3.2), squeeze=False)
+    for ax, (name, ys) in zip(axes[0], series.items()):
+        ax.plot(range(1, len(ys) + 1), ys, marker="o", markersize=3)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
