@@ -28,10 +28,10 @@ class TrainConfig:
             raise ValueError(f"epochs, batch_size and lr must be positive: {self}")
 
 
-def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Inverse-frequency weights (mean 1 over samples), so rare classes count as much."""
-    counts = torch.bincount(labels, minlength=num_classes).double()
-    w = torch.where(counts > 0, len(labels) / (num_classes * counts.clamp(min=1)), 0.0)
+def class_weights(counts: torch.Tensor) -> torch.Tensor:
+    """Inverse-frequency weights from per-class counts (mean 1 over samples), so rare classes count as much."""
+    counts = counts.double()
+    w = torch.where(counts > 0, counts.sum() / (len(counts) * counts.clamp(min=1)), 0.0)
     return w.float()
 
 
@@ -53,14 +53,21 @@ def train(
     cfg: TrainConfig,
     *,
     num_classes: int,
+    class_weight: torch.Tensor | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
     desc: str = "training",
 ) -> list[float]:
-    """Train in place with AdamW and a cosine schedule; returns the mean loss of each epoch."""
+    """Train in place with AdamW and a one-cycle schedule; returns the mean loss of each epoch.
+
+    ``class_weight`` overrides the weights derived from ``labels`` (a hospital uses
+    weights from the securely aggregated class counts of all hospitals).
+    """
     if len(images) == 0:
         raise ValueError("no training images")
     g = torch.Generator().manual_seed(cfg.seed)
-    weight = class_weights(labels, num_classes) if cfg.class_weighting else None
+    weight = None
+    if cfg.class_weighting:
+        weight = class_weight if class_weight is not None else class_weights(torch.bincount(labels, minlength=num_classes))
     augment = Augmentation() if cfg.augment else None
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = -(-len(images) // cfg.batch_size)

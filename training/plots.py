@@ -42,3 +42,20 @@ def curves_png(series: dict[str, list[float]], path: Path, *, xlabel: str, title
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def stacked_bars_png(series: dict[str, list[float]], path: Path, *, xlabel: str, ylabel: str, title: str) -> None:
+    """One bar per step (e.g. round), stacked by named contributor (e.g. party)."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bottom = [0.0] * len(next(iter(series.values())))
+    for name, ys in series.items():
+        xs = range(1, len(ys) + 1)
+        ax.bar(xs, ys, bottom=bottom, label=name)
+        bottom = [b + y for b, y in zip(bottom, ys)]
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

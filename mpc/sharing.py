@@ -1,0 +1,85 @@
+"""Fixed-point encoding in the 64-bit ring and additive secret sharing.
+
+A float vector ``x`` is encoded as ``round(x * 2**f)`` in Z_{2^64} (int64 with
+wrap-around) and split into K shares that sum to it. Shares 1..K-1 are the
+ChaCha20 expansion of fresh OS seeds, so they travel as 32-byte seeds; share 0
+is ``x - sum(others)``. Every share on its own, and any K-1 of them together,
+is uniformly random and independent of ``x``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mpc import prg
+
+DEFAULT_FRACTIONAL_BITS = 16
+OVERFLOW_BITS = 62  # sums must stay below 2^62 in magnitude to decode unambiguously
+
+
+class EncodingError(ValueError):
+    """A value cannot be encoded safely (NaN/Inf, or a sum that could overflow)."""
+
+
+def check_encodable(x: torch.Tensor, *, n_summands: int, fractional_bits: int, name: str) -> None:
+    """Refuse values whose sum over ``n_summands`` contributors could overflow the ring."""
+    if not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).sum())
+        raise EncodingError(f"{name}: update has {bad} NaN/Inf value(s)")
+    peak = float(x.abs().max()) if x.numel() else 0.0
+    limit = 2.0**OVERFLOW_BITS / (n_summands * 2.0**fractional_bits)
+    if peak >= limit:
+        raise EncodingError(
+            f"{name}: max |value| {peak:.3g} could overflow the fixed-point sum "
+            f"({n_summands} x {peak:.3g} x 2^{fractional_bits} >= 2^{OVERFLOW_BITS}); "
+            "clip the update or lower the fractional bits"
+        )
+
+
+def encode(x: torch.Tensor, fractional_bits: int = DEFAULT_FRACTIONAL_BITS) -> torch.Tensor:
+    return torch.round(x.double() * 2.0**fractional_bits).long()
+
+
+def decode(x: torch.Tensor, fractional_bits: int = DEFAULT_FRACTIONAL_BITS) -> torch.Tensor:
+    return x.double().div(2.0**fractional_bits).float()
+
+
+@dataclass
+class Shares:
+    """K additive shares of one vector: share 0 in full, shares 1..K-1 as seeds."""
+
+    masked: torch.Tensor
+    seeds: list[bytes]
+
+    @property
+    def n_parties(self) -> int:
+        return 1 + len(self.seeds)
+
+
+def split(encoded: torch.Tensor, n_parties: int) -> Shares:
+    if n_parties < 2:
+        raise ValueError(f"secret sharing needs at least 2 parties, got {n_parties}")
+    if encoded.dtype != torch.int64:
+        raise TypeError(f"shares live in the int64 ring, got {encoded.dtype}")
+    flat = encoded.reshape(-1)
+    seeds = [prg.new_seed() for _ in range(n_parties - 1)]
+    masked = flat.clone()
+    for seed in seeds:
+        masked.sub_(prg.expand(seed, flat.numel()))
+    return Shares(masked, seeds)
+
+
+def share_of(shares: Shares, party: int) -> torch.Tensor:
+    """The ring vector party ``party`` holds."""
+    if party == 0:
+        return shares.masked
+    return prg.expand(shares.seeds[party - 1], shares.masked.numel())
+
+
+def reconstruct(parts: list[torch.Tensor]) -> torch.Tensor:
+    total = parts[0].clone()
+    for p in parts[1:]:
+        total.add_(p)
+    return total

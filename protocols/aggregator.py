@@ -1,0 +1,90 @@
+"""The aggregation-party role: holds one additive share of every update, never an update."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from mpc import crypten_compat, prg
+from mpc.transport import Channel, Listener, PeerError, Traffic, connect
+from protocols.hospital import die
+from protocols.plan import Plan
+from protocols.secure_aggregation import AggregatorState, RevealRefused, average_share
+
+
+class Aggregator:
+    def __init__(self, plan: Plan, index: int) -> None:
+        self.plan, self.index, self.name = plan, index, f"aggregator{index}"
+        self.traffic = Traffic()
+        self.state: AggregatorState | None = None
+
+    def _collect(self, hospitals: dict[str, Channel], tag: str, numel: int) -> dict[str, object]:
+        """Receive one contribution per hospital for ``tag``; report readiness or an abort."""
+        self.state = AggregatorState(tag, self.plan.hospital_names, numel)
+        work = 0.0
+        aborted: dict[str, str] = {}
+        for name, ch in hospitals.items():
+            msg = ch.recv()
+            if msg.meta.get("tag") != tag:
+                raise PeerError(name, f"sent a contribution for {msg.meta.get('tag')!r}, expected {tag!r}")
+            start = time.perf_counter()
+            if msg.kind == "abort":
+                aborted[name] = msg.meta["reason"]
+                continue
+            if msg.kind == "seed":
+                share = prg.expand(bytes(msg.tensor.numpy()), numel)
+            elif msg.kind == "share":
+                share = msg.tensor
+            else:
+                raise PeerError(name, f"unexpected message {msg.kind!r}")
+            self.state.add(name, share)
+            work += time.perf_counter() - start
+        if aborted:
+            self.state = None  # discard every share of this aggregation
+            return {"kind": "aborted", "reasons": aborted}
+        return {"kind": "ready", "sum_s": work}
+
+    def run(self) -> None:
+        p = self.plan
+        listener = Listener(p.host, p.aggregator_ports[self.index])
+        coord = connect(p.host, p.coordinator_port, me=self.name, peer="coordinator", traffic=self.traffic, timeout_s=p.timeout_s)
+        hospitals = listener.accept(set(p.hospital_names), traffic=self.traffic, timeout_s=p.timeout_s)
+        hospitals = {h: hospitals[h] for h in p.hospital_names}
+        os.environ.update(
+            RANK=str(self.index), WORLD_SIZE=str(p.aggregators),
+            RENDEZVOUS=f"tcp://{p.host}:{p.mpc_port}", DISTRIBUTED_BACKEND="gloo",
+        )  # fmt: skip
+        crypten = crypten_compat.init_party(timeout_s=p.timeout_s)
+        try:
+            while True:
+                msg = coord.recv()
+                if msg.kind == "stop":
+                    return
+                if msg.kind == "report":
+                    coord.send("traffic", self.traffic.as_dict())
+                    continue
+                tag = msg.meta["tag"]
+                if msg.kind == "collect":
+                    if p.drill(self.name, msg.meta.get("round", -1)) == "kill":
+                        die()
+                    result = self._collect(hospitals, tag, msg.meta["numel"])
+                    kind = result.pop("kind")
+                    coord.send(kind, {"tag": tag, **result})
+                elif msg.kind == "reveal":
+                    if self.state is None or self.state.tag != tag:
+                        coord.send("error", {"message": f"{self.name}: nothing collected for {tag!r}"})
+                        continue
+                    try:
+                        summed = self.state.summed_share()
+                    except RevealRefused as err:
+                        coord.send("error", {"message": f"{self.name}: {err}"})
+                        continue
+                    start = time.perf_counter()
+                    share = average_share(summed, msg.meta["divisor"], fractional_bits=p.fractional_bits)
+                    self.state = None
+                    coord.send("share", {"tag": tag, "mpc_s": time.perf_counter() - start}, share)
+                else:
+                    raise PeerError("coordinator", f"unexpected message {msg.kind!r}")
+        finally:
+            crypten.uninit()
+            listener.close()

@@ -1,0 +1,188 @@
+"""The coordinator role: drives the rounds, sees only revealed averages, evaluates, reports."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from imaging.dataset import ImageSet, load_dataset
+from imaging.splits import stratified_split
+from imaging.transforms import Preprocessing
+from models import build_model
+from models.vector import load_vector, to_vector
+from mpc.transport import Channel, Listener, PeerError, Traffic
+from protocols.plan import Plan
+from protocols.strategy import PlainFedAvg, RoundAborted, SecureFedAvg, Strategy
+from training.centralised import write_json
+from training.checkpoint import Checkpoint
+from training.local import class_weights, predict
+from training.metrics import classification_metrics
+
+_CURVE_KEYS = ("accuracy", "balanced_accuracy", "roc_auc", "pneumonia_roc_auc")
+
+
+class Coordinator:
+    def __init__(self, plan: Plan, out: Path) -> None:
+        self.plan, self.out = plan, out
+        self.traffic = Traffic()
+        self.channels: dict[str, Channel] = {}
+        self.last_traffic: dict[str, dict[str, int]] = {}
+
+    # -- one aggregation -------------------------------------------------
+    def aggregate(
+        self, strategy: Strategy, *, tag: str, numel: int, divisor: int, round_: int,
+        request: str, meta: dict[str, Any], tensor: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
+        """Ask every hospital to contribute to ``tag``; return the revealed average and timings."""
+        strategy.begin(tag, numel, round_)
+        hospitals = {h: self.channels[h] for h in self.plan.hospital_names}
+        for ch in hospitals.values():
+            ch.send(request, {"tag": tag, **meta}, tensor)
+        aborted: dict[str, str] = {}
+        train_s = share_s = 0.0
+        for name, ch in hospitals.items():
+            msg = ch.recv()
+            if msg.kind == "update":
+                strategy.receive(name, msg)
+                msg = ch.recv()
+            if msg.kind == "aborted":
+                aborted[name] = msg.meta["reason"]
+            elif msg.kind == "submitted":
+                train_s = max(train_s, msg.meta["train_s"])
+                share_s = max(share_s, msg.meta["share_s"] + msg.meta["send_s"])
+            else:
+                raise PeerError(name, f"unexpected message {msg.kind!r}")
+        if aborted:
+            strategy.discard(tag)
+            raise RoundAborted(
+                f"{tag} aborted, nothing revealed; refused: "
+                + "; ".join(f"{h}: {why}" for h, why in aborted.items())
+            )
+        avg, timings = strategy.finish(tag, divisor)
+        return avg, {"local_training_s": train_s, "sharing_s": share_s, **timings}
+
+    def traffic_since_last(self) -> dict[str, dict[str, int]]:
+        """Bytes and messages each party sent since the previous call (asks every party)."""
+        now = {"coordinator": self.traffic.as_dict()}
+        for name, ch in self.channels.items():
+            ch.send("report")
+            now[name] = ch.expect("traffic").meta
+        delta = {
+            party: {k: v - self.last_traffic.get(party, {}).get(k, 0) for k, v in counts.items()}
+            for party, counts in now.items()
+        }
+        self.last_traffic = now
+        return delta
+
+    # -- the run ---------------------------------------------------------
+    def connect_all(self, listener: Listener) -> Strategy:
+        expected = set(self.plan.hospital_names) | set(self.plan.aggregator_names)
+        channels = listener.accept(expected, traffic=self.traffic, timeout_s=self.plan.timeout_s)
+        self.channels = {n: channels[n] for n in self.plan.hospital_names + self.plan.aggregator_names}
+        if not self.plan.secure:
+            return PlainFedAvg()
+        return SecureFedAvg({a: self.channels[a] for a in self.plan.aggregator_names}, self.plan.fractional_bits)
+
+    def stop_all(self) -> None:
+        for ch in self.channels.values():
+            try:
+                ch.send("stop")
+            except PeerError:
+                pass  # a dead party needs no goodbye
+
+    def run(self, listener: Listener) -> dict[str, Any]:
+        p = self.plan
+        self.out.mkdir(parents=True, exist_ok=True)
+        strategy = self.connect_all(listener)
+        report: dict[str, Any] = {"plan": json.loads(p.to_json()), "mode": "secure" if p.secure else "plaintext"}
+        try:
+            self._train(strategy, report)
+        except RoundAborted as err:
+            report["error"] = str(err)
+            write_json(report, self.out / "report.json")
+            raise
+        finally:
+            self.stop_all()
+        return report
+
+    def _validation_set(self) -> tuple[ImageSet, ImageSet]:
+        """The held-out split of the training folder, which no hospital trains on."""
+        p = self.plan
+        data = load_dataset(p.data, image_size=p.image_size, num_classes=p.num_classes, seed=p.seed)
+        _, val_idx = stratified_split(data.labels, p.val_fraction, seed=p.seed)
+        return data, data.subset(val_idx)
+
+    def _train(self, strategy: Strategy, report: dict[str, Any]) -> None:
+        p = self.plan
+        data, val = self._validation_set()
+        classes = data.classes
+        n_stats = 3 + len(classes)
+        # Normalisation statistics and class counts, aggregated like updates: no hospital reveals its own.
+        stats, _ = self.aggregate(strategy, tag="stats", numel=n_stats, divisor=1, round_=0, request="stats", meta={})
+        stats = stats.double()
+        n_total = int(round(float(stats[0])))
+        mean = float(stats[1] / n_total)
+        std = float((stats[2] / n_total - mean**2).clamp(min=1e-12).sqrt())
+        counts = stats[3:].round()
+        prep = Preprocessing(p.image_size, mean, std)
+        weight = class_weights(counts)
+        report["aggregated_statistics"] = {
+            "n_images": n_total, "pixel_mean": mean, "pixel_std": std,
+            "class_counts": dict(zip(classes, counts.long().tolist())),
+            "traffic": self.traffic_since_last(),
+        }  # fmt: skip
+        report["dataset"] = {"source": data.source, "synthetic": data.is_synthetic, "val": val.class_counts()}
+
+        model = build_model(p.model, p.num_classes, seed=p.seed)
+        global_vec = to_vector(model)
+        rounds: list[dict[str, Any]] = report.setdefault("rounds", [])
+        bar = tqdm(range(1, p.rounds + 1), desc="federated rounds", unit="round")
+        for r in bar:
+            start = time.perf_counter()
+            meta = {"round": r, "mean": mean, "std": std, "class_weight": weight.tolist()}
+            avg, timings = self.aggregate(
+                strategy, tag=f"round{r}", numel=global_vec.numel(), divisor=n_total, round_=r,
+                request="train", meta=meta, tensor=global_vec,
+            )  # fmt: skip
+            global_vec = global_vec + avg
+            load_vector(model, global_vec)
+            m = classification_metrics(predict(model, val.images, prep), val.labels, classes)
+            rounds.append({
+                "round": r, "wall_s": time.perf_counter() - start, **timings,
+                "validation": m, "traffic": self.traffic_since_last(),
+            })  # fmt: skip
+            bar.write(
+                f"round {r}/{p.rounds}: val accuracy {m['accuracy']:.3f}  balanced {m['balanced_accuracy']:.3f}  "
+                f"pneumonia AUC {m['pneumonia_roc_auc'] or float('nan'):.3f}  "
+                f"(train {timings['local_training_s']:.1f}s, share {timings['sharing_s']:.2f}s, "
+                f"aggregate {timings['aggregation_s']:.2f}s, reveal {timings['reveal_s']:.2f}s)"
+            )
+            # keep the newest global model on disk, so an aborted later round loses nothing
+            Checkpoint(p.model, classes, prep, model.state_dict(), info={
+                "federated": report["mode"], "round": r, "validation": m, "dataset": report["dataset"],
+            }).save(self.out / "model.pt")  # fmt: skip
+            write_json(report, self.out / "report.json")
+        report["validation"] = rounds[-1]["validation"]
+        write_json(report, self.out / "report.json")
+        _plots(report, self.out)
+
+
+def _plots(report: dict[str, Any], out: Path) -> None:
+    from training import plots
+
+    rounds = report["rounds"]
+    title = f"{report['plan']['model']} {report['mode']} federated, {report['plan']['hospitals']} hospitals"
+    plots.curves_png(
+        {k: [r["validation"][k] for r in rounds] for k in _CURVE_KEYS}, out / "learning_curves.png",
+        xlabel="round", title=title,
+    )  # fmt: skip
+    parties = sorted(rounds[0]["traffic"])
+    plots.stacked_bars_png(
+        {party: [r["traffic"][party]["bytes_sent"] / 1e6 for r in rounds] for party in parties},
+        out / "communication.png", xlabel="round", ylabel="MB sent", title=title,
+    )  # fmt: skip

@@ -1,0 +1,123 @@
+"""The hospital role: holds its own images, trains locally, submits only updates."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+import torch
+
+from imaging.dataset import ImageSet, load_dataset
+from imaging.splits import partition, stratified_split
+from imaging.transforms import Preprocessing
+from models import build_model
+from models.vector import load_vector, to_vector
+from mpc.sharing import EncodingError
+from mpc.transport import Channel, Traffic, connect
+from protocols.plan import Plan
+from protocols.submit import PlainSubmitter, SecureSubmitter, Submitter
+from training.local import TrainConfig, train
+
+
+def hospital_partition(plan: Plan, index: int) -> ImageSet:
+    """This hospital's images: its share of the training data minus the validation split.
+
+    In a real deployment every hospital reads its own folder instead; the
+    simulation carves the same folder up reproducibly from the plan's seed.
+    """
+    data = load_dataset(plan.data, image_size=plan.image_size, num_classes=plan.num_classes, seed=plan.seed)
+    train_idx, _ = stratified_split(data.labels, plan.val_fraction, seed=plan.seed)
+    parts = partition(data.labels[train_idx], plan.hospitals, plan.partition, seed=plan.seed)
+    return data.subset(train_idx[parts[index]])
+
+
+def local_statistics(data: ImageSet) -> torch.Tensor:
+    """[n, sum of per-image pixel means, sum of per-image mean squares, count per class].
+
+    Every image has the same size, so these sums give the exact pixel mean/std.
+    """
+    x = data.images.double() / 255
+    counts = torch.bincount(data.labels, minlength=len(data.classes)).double()
+    return torch.cat([torch.tensor([len(data), x.mean((1, 2, 3)).sum(), (x**2).mean((1, 2, 3)).sum()]), counts])
+
+
+class Hospital:
+    def __init__(self, plan: Plan, index: int) -> None:
+        self.plan, self.index, self.name = plan, index, f"hospital{index}"
+        self.traffic = Traffic()
+        self.data: ImageSet | None = None
+
+    def _connect(self) -> tuple[Channel, Submitter]:
+        p = self.plan
+        coord = connect(p.host, p.coordinator_port, me=self.name, peer="coordinator", traffic=self.traffic, timeout_s=p.timeout_s)
+        if not p.secure:
+            return coord, PlainSubmitter(self.name, coord)
+        aggs = [
+            connect(p.host, port, me=self.name, peer=agg, traffic=self.traffic, timeout_s=p.timeout_s)
+            for agg, port in zip(p.aggregator_names, p.aggregator_ports)
+        ]
+        return coord, SecureSubmitter(self.name, aggs, n_hospitals=p.hospitals, fractional_bits=p.fractional_bits)
+
+    def _local_update(self, msg_meta: dict[str, Any], global_vector: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Train from the global model; return the sample-weighted delta and the training time."""
+        assert self.data is not None
+        p = self.plan
+        model = build_model(p.model, p.num_classes)
+        load_vector(model, global_vector)
+        prep = Preprocessing(p.image_size, msg_meta["mean"], msg_meta["std"])
+        cfg = TrainConfig(
+            epochs=p.local_epochs, batch_size=p.batch_size, lr=p.lr,
+            seed=p.seed + 1000 * msg_meta["round"] + self.index,
+        )  # fmt: skip
+        start = time.perf_counter()
+        train(
+            model, self.data.images, self.data.labels, prep, cfg, num_classes=p.num_classes,
+            class_weight=torch.tensor(msg_meta["class_weight"]), desc=f"{self.name} round {msg_meta['round']}",
+        )  # fmt: skip
+        delta = to_vector(model) - global_vector
+        return delta * len(self.data), time.perf_counter() - start
+
+    def _bench_update(self) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.plan.seed * 100 + self.index)
+        return torch.randn(self.plan.bench_params, generator=g)
+
+    def run(self) -> None:
+        coord, submitter = self._connect()
+        while True:
+            msg = coord.recv()
+            if msg.kind == "stop":
+                return
+            if msg.kind == "report":
+                coord.send("traffic", self.traffic.as_dict())
+                continue
+            tag = msg.meta["tag"]
+            train_s = 0.0
+            if msg.kind == "stats":
+                if self.data is None:
+                    self.data = hospital_partition(self.plan, self.index)
+                update = local_statistics(self.data)
+            elif msg.kind == "train":
+                drill = self.plan.drill(self.name, msg.meta["round"])
+                if drill == "kill":
+                    die()
+                assert msg.tensor is not None
+                update, train_s = self._local_update(msg.meta, msg.tensor)
+                if drill in ("nan", "overflow"):  # a broken update that must be refused
+                    update[0] = float("nan") if drill == "nan" else 1e30
+            elif msg.kind == "bench":
+                update = self._bench_update()
+            else:
+                raise RuntimeError(f"{self.name}: unexpected message {msg.kind!r} from the coordinator")
+            try:
+                timings = submitter.submit(tag, update)
+            except EncodingError as err:
+                coord.send("aborted", {"tag": tag, "hospital": self.name, "reason": str(err)})
+                continue  # the update stays here; nothing about it was revealed
+            coord.send("submitted", {"tag": tag, "train_s": train_s, **timings})
+
+
+def die() -> None:
+    """Failure drill: end this process the hard way, as a crash or power cut would."""
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,89 @@
+"""The federated run plan every role reads: who takes part, where they listen, what to train.
+
+A plan comes from defaults, then a TOML config file, then command-line
+overrides, and travels to every process as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from mpc.sharing import DEFAULT_FRACTIONAL_BITS
+
+
+@dataclass
+class Plan:
+    hospitals: int = 3
+    aggregators: int = 2
+    rounds: int = 5
+    local_epochs: int = 1
+    batch_size: int = 64
+    lr: float = 2e-3
+    data: str = "synthetic"
+    num_classes: int = 3
+    image_size: int = 64
+    model: str = "cnn"
+    partition: str = "iid"
+    val_fraction: float = 0.15
+    seed: int = 0
+    secure: bool = True
+    fractional_bits: int = DEFAULT_FRACTIONAL_BITS
+    timeout_s: float = 300.0
+    host: str = "127.0.0.1"
+    coordinator_port: int = 0
+    aggregator_ports: list[int] = field(default_factory=list)
+    mpc_port: int = 0
+    # failure drills, party -> "ACTION:ROUND": "kill:2" (the process dies when round 2
+    # starts), "nan:1" / "overflow:1" (a hospital's round-1 update is corrupted)
+    drills: dict[str, str] = field(default_factory=dict)
+    # bench mode: hospitals send random updates of this many float32 values
+    bench_params: int = 0
+
+    def __post_init__(self) -> None:
+        if self.hospitals < 2:
+            raise ValueError(f"secure aggregation needs at least 2 hospitals, got {self.hospitals}")
+        if self.secure and self.aggregators < 2:
+            raise ValueError(f"need at least 2 aggregation parties, got {self.aggregators}")
+        if self.rounds < 1 or self.local_epochs < 1:
+            raise ValueError("rounds and local epochs must be at least 1")
+        if not 0 < self.fractional_bits <= 32:
+            raise ValueError(f"fractional bits must be in 1..32, got {self.fractional_bits}")
+
+    def drill(self, party: str, round_: int) -> str | None:
+        action, _, at = self.drills.get(party, "").partition(":")
+        return action if at and int(at) == round_ else None
+
+    @property
+    def hospital_names(self) -> list[str]:
+        return [f"hospital{i}" for i in range(self.hospitals)]
+
+    @property
+    def aggregator_names(self) -> list[str]:
+        return [f"aggregator{j}" for j in range(self.aggregators)] if self.secure else []
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        return cls(**json.loads(text))
+
+
+def load_plan(config: Path | None, overrides: dict[str, Any]) -> Plan:
+    """Defaults < TOML file < overrides (``None`` values in overrides are ignored)."""
+    values: dict[str, Any] = {}
+    known = {f.name for f in fields(Plan)}
+    if config is not None:
+        try:
+            values.update(tomllib.loads(Path(config).read_text()))
+        except (OSError, tomllib.TOMLDecodeError) as err:
+            raise ValueError(f"cannot read config file {config}: {err}") from err
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown key(s) in {config}: {', '.join(unknown)}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return Plan(**values)

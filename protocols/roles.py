@@ -1,0 +1,64 @@
+"""Entry point of one federated role process: ``python -m protocols.roles ROLE``.
+
+Every role reads the same plan (JSON). To spread a run over machines, write one
+plan with reachable addresses and ports, then start on each machine::
+
+    python -m protocols.roles coordinator --plan plan.json --out results/
+    python -m protocols.roles aggregator --index J --plan plan.json
+    python -m protocols.roles hospital --index I --plan plan.json
+    python -m protocols.roles dealer --plan plan.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from mpc.transport import Listener, PeerError
+from protocols.plan import Plan
+from protocols.strategy import RoundAborted
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m protocols.roles", description=__doc__)
+    p.add_argument("role", choices=("coordinator", "hospital", "aggregator", "dealer"))
+    p.add_argument("--plan", type=Path, required=True)
+    p.add_argument("--index", type=int, default=0)
+    p.add_argument("--out", type=Path, help="coordinator: where results go")
+    a = p.parse_args(argv)
+    plan = Plan.from_json(a.plan.read_text())
+    # several parties share this machine's cores in a simulation
+    torch.set_num_threads(max(1, int(os.environ.get("MEDMPC_THREADS", "1"))))
+    try:
+        if a.role == "coordinator":
+            from protocols.coordinator import Coordinator
+
+            Coordinator(plan, a.out).run(Listener(plan.host, plan.coordinator_port))
+        elif a.role == "hospital":
+            from protocols.hospital import Hospital
+
+            Hospital(plan, a.index).run()
+        elif a.role == "aggregator":
+            from protocols.aggregator import Aggregator
+
+            Aggregator(plan, a.index).run()
+        else:
+            from mpc import crypten_compat
+
+            os.environ.update(
+                RANK=str(plan.aggregators), WORLD_SIZE=str(plan.aggregators),
+                RENDEZVOUS=f"tcp://{plan.host}:{plan.mpc_port}", DISTRIBUTED_BACKEND="gloo",
+            )  # fmt: skip
+            crypten_compat.run_dealer(timeout_s=plan.timeout_s)
+    except (PeerError, RoundAborted) as err:
+        print(f"{a.role}{a.index if a.role in ('hospital', 'aggregator') else ''}: {err}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Secure aggregation math: what a hospital sends, what an aggregator holds, what is revealed.
+
+Hospital h encodes its weighted update ``x_h`` in fixed point and splits it into
+K additive shares (mpc.sharing). Aggregator j adds the shares it received from
+every hospital into one CrypTen ``ArithmeticSharedTensor`` (its share of
+``sum_h x_h``), divides by the public total weight inside MPC, and hands its
+share of the average to the coordinator, who alone reconstructs it. An
+aggregator refuses to take part in a reveal until every expected hospital
+(or, if configured, a quorum of at least 2) has contributed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mpc import crypten_compat, sharing
+
+
+class RevealRefused(RuntimeError):
+    """A reveal was requested before enough hospitals contributed."""
+
+
+class ContributionError(ValueError):
+    """A hospital's contribution is unusable (wrong shape, duplicate, unknown sender)."""
+
+
+def make_shares(
+    update: torch.Tensor, *, hospital: str, n_hospitals: int, n_aggregators: int, fractional_bits: int
+) -> sharing.Shares:
+    """Validate, encode and split one hospital's weighted update.
+
+    Raises EncodingError naming the hospital for NaN/Inf or overflow risk, before
+    anything leaves the hospital.
+    """
+    flat = update.reshape(-1)
+    sharing.check_encodable(flat, n_summands=n_hospitals, fractional_bits=fractional_bits, name=hospital)
+    return sharing.split(sharing.encode(flat, fractional_bits), n_aggregators)
+
+
+class AggregatorState:
+    """The shares one aggregator holds for one aggregation (one tag)."""
+
+    def __init__(self, tag: str, expected: list[str], numel: int, *, quorum: int | None = None) -> None:
+        if quorum is not None and not 2 <= quorum <= len(expected):
+            raise ValueError(f"quorum must be between 2 and {len(expected)} hospitals, got {quorum}")
+        self.tag, self.expected, self.numel = tag, list(expected), numel
+        self.quorum = len(expected) if quorum is None else quorum
+        self.total = torch.zeros(numel, dtype=torch.int64)
+        self.contributors: list[str] = []
+
+    def add(self, hospital: str, share: torch.Tensor) -> None:
+        if hospital not in self.expected:
+            raise ContributionError(f"{self.tag}: share from unexpected sender {hospital!r}")
+        if hospital in self.contributors:
+            raise ContributionError(f"{self.tag}: second share from {hospital}")
+        if share.dtype != torch.int64 or share.numel() != self.numel:
+            raise ContributionError(
+                f"{self.tag}: share from {hospital} has {share.numel()} {share.dtype} values, "
+                f"expected {self.numel} int64"
+            )
+        self.total.add_(share.reshape(-1))
+        self.contributors.append(hospital)
+
+    @property
+    def ready(self) -> bool:
+        return len(self.contributors) >= self.quorum
+
+    def summed_share(self) -> torch.Tensor:
+        """This aggregator's share of the sum; refused until enough hospitals contributed."""
+        if not self.ready:
+            missing = [h for h in self.expected if h not in self.contributors]
+            raise RevealRefused(
+                f"{self.tag}: refusing to reveal with {len(self.contributors)} of {len(self.expected)} "
+                f"contributions (need {self.quorum}); waiting for {', '.join(missing)}"
+            )
+        return self.total
+
+
+def average_share(summed: torch.Tensor, divisor: int, *, fractional_bits: int) -> torch.Tensor:
+    """Inside MPC (all aggregators call this together): share of ``sum / divisor``.
+
+    The shares are held as a CrypTen ArithmeticSharedTensor; dividing by a public
+    integer is CrypTen's truncation protocol (local for 2 parties, dealer-assisted
+    for more).
+    """
+    if divisor < 1:
+        raise ValueError(f"divisor must be a positive integer, got {divisor}")
+    crypten = crypten_compat.import_crypten()
+    shared = crypten.mpc.primitives.ArithmeticSharedTensor.from_shares(summed, precision=fractional_bits)
+    if divisor > 1:
+        shared = shared.div(divisor)
+    return shared.share
+
+
+def reveal(parts: list[torch.Tensor], *, fractional_bits: int) -> torch.Tensor:
+    """Coordinator side: reconstruct the average from every aggregator's share."""
+    return sharing.decode(sharing.reconstruct(parts), fractional_bits)

@@ -1,0 +1,95 @@
+"""Aggregation strategies: the one interface the coordinator depends on.
+
+``SecureFedAvg`` never sees an individual update: the aggregation parties hold
+shares and only the average comes back. ``PlainFedAvg`` is the same federated
+averaging in the clear, kept for comparison runs.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+import torch
+
+from mpc.transport import Channel, Message, PeerError
+from protocols.secure_aggregation import reveal
+
+
+class RoundAborted(RuntimeError):
+    """A contribution was refused; nothing of this aggregation was revealed."""
+
+
+class Strategy(Protocol):
+    def begin(self, tag: str, numel: int, round_: int) -> None:
+        """Prepare for one aggregation before hospitals are asked to contribute."""
+
+    def receive(self, hospital: str, msg: Message) -> None:
+        """A contribution that arrived at the coordinator itself (plaintext only)."""
+
+    def finish(self, tag: str, divisor: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """The average (sum / divisor) and timings, once every hospital has contributed."""
+
+    def discard(self, tag: str) -> None:
+        """Drop every contribution of ``tag`` without revealing anything."""
+
+
+class PlainFedAvg:
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.work = 0.0
+
+    def begin(self, tag: str, numel: int, round_: int) -> None:
+        self.total, self.work = torch.zeros(numel, dtype=torch.float64), 0.0
+
+    def receive(self, hospital: str, msg: Message) -> None:
+        assert self.total is not None and msg.tensor is not None
+        if msg.tensor.numel() != self.total.numel():
+            raise PeerError(hospital, f"update has {msg.tensor.numel()} values, expected {self.total.numel()}")
+        start = time.perf_counter()
+        self.total += msg.tensor
+        self.work += time.perf_counter() - start
+
+    def finish(self, tag: str, divisor: int) -> tuple[torch.Tensor, dict[str, float]]:
+        assert self.total is not None
+        avg = (self.total / divisor).float()
+        self.total = None
+        return avg, {"aggregation_s": self.work, "reveal_s": 0.0}
+
+    def discard(self, tag: str) -> None:
+        self.total = None
+
+
+class SecureFedAvg:
+    def __init__(self, aggregators: dict[str, Channel], fractional_bits: int) -> None:
+        self.aggregators, self.fractional_bits = aggregators, fractional_bits
+
+    def begin(self, tag: str, numel: int, round_: int) -> None:
+        for ch in self.aggregators.values():
+            ch.send("collect", {"tag": tag, "numel": numel, "round": round_})
+
+    def receive(self, hospital: str, msg: Message) -> None:
+        raise PeerError(hospital, "sent its update to the coordinator in a secure run")
+
+    def finish(self, tag: str, divisor: int) -> tuple[torch.Tensor, dict[str, float]]:
+        sum_s = 0.0
+        for name, ch in self.aggregators.items():
+            msg = ch.recv()
+            if msg.kind == "aborted":
+                raise RoundAborted(f"{tag}: {name} reports refused contributions: {msg.meta['reasons']}")
+            if msg.kind != "ready":
+                raise PeerError(name, f"expected 'ready', got {msg.kind!r}")
+            sum_s = max(sum_s, msg.meta["sum_s"])
+        start = time.perf_counter()
+        for ch in self.aggregators.values():
+            ch.send("reveal", {"tag": tag, "divisor": divisor})
+        parts = [ch.expect("share").tensor for ch in self.aggregators.values()]
+        avg = reveal(parts, fractional_bits=self.fractional_bits)
+        return avg, {"aggregation_s": sum_s, "reveal_s": time.perf_counter() - start}
+
+    def discard(self, tag: str) -> None:
+        # every aggregator saw the abort too and has already dropped its shares
+        for name, ch in self.aggregators.items():
+            msg = ch.recv()
+            if msg.kind != "aborted":
+                raise PeerError(name, f"expected 'aborted' for {tag}, got {msg.kind!r}")

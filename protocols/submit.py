@@ -1,0 +1,62 @@
+"""How a hospital hands in a contribution: secret-shared to the aggregators, or in the clear.
+
+The two submitters are the hospital side of the aggregation strategies in
+protocols.strategy; the rest of the hospital does not know which one it uses.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+import torch
+
+from mpc.sharing import EncodingError
+from mpc.transport import Channel
+from protocols.secure_aggregation import make_shares
+
+
+class Submitter(Protocol):
+    def submit(self, tag: str, update: torch.Tensor) -> dict[str, float]:
+        """Send ``update`` for aggregation ``tag``; returns timings. Raises EncodingError, having
+        told every receiver to abort, if the update must not be aggregated."""
+
+
+class SecureSubmitter:
+    def __init__(self, name: str, aggregators: list[Channel], *, n_hospitals: int, fractional_bits: int) -> None:
+        self.name, self.aggregators = name, aggregators
+        self.n_hospitals, self.fractional_bits = n_hospitals, fractional_bits
+
+    def submit(self, tag: str, update: torch.Tensor) -> dict[str, float]:
+        start = time.perf_counter()
+        try:
+            shares = make_shares(
+                update, hospital=self.name, n_hospitals=self.n_hospitals,
+                n_aggregators=len(self.aggregators), fractional_bits=self.fractional_bits,
+            )  # fmt: skip
+        except EncodingError as err:
+            for ch in self.aggregators:
+                ch.send("abort", {"tag": tag, "hospital": self.name, "reason": str(err)})
+            raise
+        encoded = time.perf_counter()
+        # share 0 in full; shares 1..K-1 as the 32-byte seeds that generate them
+        self.aggregators[0].send("share", {"tag": tag}, shares.masked)
+        for ch, seed in zip(self.aggregators[1:], shares.seeds):
+            ch.send("seed", {"tag": tag, "numel": shares.masked.numel()}, torch.frombuffer(bytearray(seed), dtype=torch.uint8))
+        return {"share_s": encoded - start, "send_s": time.perf_counter() - encoded}
+
+
+class PlainSubmitter:
+    """Plain FedAvg, for comparison only: the coordinator sees every update."""
+
+    def __init__(self, name: str, coordinator: Channel) -> None:
+        self.name, self.coordinator = name, coordinator
+
+    def submit(self, tag: str, update: torch.Tensor) -> dict[str, float]:
+        start = time.perf_counter()
+        flat = update.reshape(-1).float()
+        if not torch.isfinite(flat).all():
+            raise EncodingError(f"{self.name}: update has NaN/Inf value(s)")
+        self.coordinator.send("update", {"tag": tag}, flat)
+        return {"share_s": 0.0, "send_s": time.perf_counter() - start}
+
