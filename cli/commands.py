@@ -87,3 +87,49 @@ def selfcheck(args: argparse.Namespace) -> None:
     if worst > 1e-3:
         raise RuntimeError(f"secret-shared results differ from plaintext by {worst:.2e}")
     _log(f"{args.parties} parties + dealer: sum, product and ReLU match plaintext (max error {worst:.1e})")
+
+
+_PLAN_FLAGS = (
+    "hospitals", "aggregators", "rounds", "local_epochs", "partition", "data", "model", "image_size",
+    "num_classes", "batch_size", "lr", "fractional_bits", "seed", "timeout_s", "host",
+)  # fmt: skip
+
+
+def simulate(args: argparse.Namespace) -> None:
+    from protocols.plan import load_plan
+    from protocols.simulate import simulate as run
+    from training.metrics import format_metrics
+
+    overrides = {k: getattr(args, k) for k in _PLAN_FLAGS}
+    if args.plaintext:
+        overrides["secure"] = False
+    plan = load_plan(args.config, overrides)
+    mode = "secure aggregation" if plan.secure else "PLAINTEXT FedAvg (no protection)"
+    _log(f"{mode}: {plan.hospitals} hospitals, {plan.aggregators if plan.secure else 0} aggregators, "
+         f"{plan.rounds} rounds, data {plan.data}{' [synthetic data]' if plan.data.startswith('synthetic') else ''}")  # fmt: skip
+    report = run(plan, args.out)
+    _log("final validation:\n" + format_metrics(report["validation"]))
+    _log(f"wrote {args.out / 'report.json'}, {args.out / 'model.pt'} and plots")
+
+
+def bench_secure_aggregation(args: argparse.Namespace) -> dict[str, Any] | None:
+    import tempfile
+    from pathlib import Path
+
+    from protocols.plan import Plan
+    from protocols.simulate import simulate as run
+
+    plan = Plan(
+        hospitals=args.hospitals, aggregators=args.aggregators, bench_params=args.params,
+        bench_repeat=args.repeat, fractional_bits=args.fractional_bits, timeout_s=args.timeout,
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="medmpc-bench-") as tmp:
+        result = run(plan, Path(tmp), deadline_s=args.timeout * (args.repeat + 1))
+    if args.json:
+        return result
+    _log(
+        f"{args.params:,} params, {args.hospitals} hospitals, {args.aggregators} aggregators: "
+        f"secure {result['secure_s']:.3f} s, plaintext all-reduce {result['plaintext_s']:.3f} s, "
+        f"ratio {result['ratio']:.2f}, max error {result['max_abs_err']:.2e}"
+    )
+    return None

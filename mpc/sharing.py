@@ -9,6 +9,7 @@ is uniformly random and independent of ``x``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,10 +26,11 @@ class EncodingError(ValueError):
 
 def check_encodable(x: torch.Tensor, *, n_summands: int, fractional_bits: int, name: str) -> None:
     """Refuse values whose sum over ``n_summands`` contributors could overflow the ring."""
-    if not torch.isfinite(x).all():
+    # one pass: max() propagates NaN, and Inf is its own maximum
+    peak = float(x.abs().max()) if x.numel() else 0.0
+    if not math.isfinite(peak):
         bad = int((~torch.isfinite(x)).sum())
         raise EncodingError(f"{name}: update has {bad} NaN/Inf value(s)")
-    peak = float(x.abs().max()) if x.numel() else 0.0
     limit = 2.0**OVERFLOW_BITS / (n_summands * 2.0**fractional_bits)
     if peak >= limit:
         raise EncodingError(
@@ -39,11 +41,14 @@ def check_encodable(x: torch.Tensor, *, n_summands: int, fractional_bits: int, n
 
 
 def encode(x: torch.Tensor, fractional_bits: int = DEFAULT_FRACTIONAL_BITS) -> torch.Tensor:
-    return torch.round(x.double() * 2.0**fractional_bits).long()
+    """``round(x * 2^f)`` as int64. For float32 input this stays in float32: scaling
+    by a power of two and rounding to an integer are both exact there."""
+    dtype = torch.float32 if x.dtype == torch.float32 else torch.float64
+    return (x.to(dtype) * 2.0**fractional_bits).round_().long()
 
 
 def decode(x: torch.Tensor, fractional_bits: int = DEFAULT_FRACTIONAL_BITS) -> torch.Tensor:
-    return x.double().div(2.0**fractional_bits).float()
+    return x.to(torch.float32).mul_(2.0**-fractional_bits)
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import selectors
 import time
 
 from mpc import crypten_compat, prg
@@ -19,26 +20,37 @@ class Aggregator:
         self.state: AggregatorState | None = None
 
     def _collect(self, hospitals: dict[str, Channel], tag: str, numel: int) -> dict[str, object]:
-        """Receive one contribution per hospital for ``tag``; report readiness or an abort."""
+        """Receive one contribution per hospital for ``tag``, in arrival order; report readiness or an abort."""
         self.state = AggregatorState(tag, self.plan.hospital_names, numel)
         work = 0.0
         aborted: dict[str, str] = {}
-        for name, ch in hospitals.items():
-            msg = ch.recv()
-            if msg.meta.get("tag") != tag:
-                raise PeerError(name, f"sent a contribution for {msg.meta.get('tag')!r}, expected {tag!r}")
-            start = time.perf_counter()
-            if msg.kind == "abort":
-                aborted[name] = msg.meta["reason"]
-                continue
-            if msg.kind == "seed":
-                share = prg.expand(bytes(msg.tensor.numpy()), numel)
-            elif msg.kind == "share":
-                share = msg.tensor
-            else:
-                raise PeerError(name, f"unexpected message {msg.kind!r}")
-            self.state.add(name, share)
-            work += time.perf_counter() - start
+        deadline = time.monotonic() + self.plan.timeout_s
+        with selectors.DefaultSelector() as sel:
+            for name, ch in hospitals.items():
+                sel.register(ch.sock, selectors.EVENT_READ, name)
+            while sel.get_map():
+                ready = sel.select(timeout=max(0.0, deadline - time.monotonic()))
+                if not ready:
+                    waiting = ", ".join(key.data for key in sel.get_map().values())
+                    raise PeerError(waiting, f"no contribution to {tag} within {self.plan.timeout_s:.0f} s")
+                for key, _ in ready:
+                    name = key.data
+                    sel.unregister(key.fileobj)
+                    msg = hospitals[name].recv()
+                    if msg.meta.get("tag") != tag:
+                        raise PeerError(name, f"sent a contribution for {msg.meta.get('tag')!r}, expected {tag!r}")
+                    start = time.perf_counter()
+                    if msg.kind == "abort":
+                        aborted[name] = msg.meta["reason"]
+                        continue
+                    if msg.kind == "seed":
+                        share = prg.expand(bytes(msg.tensor.numpy()), numel)
+                    elif msg.kind == "share":
+                        share = msg.tensor
+                    else:
+                        raise PeerError(name, f"unexpected message {msg.kind!r}")
+                    self.state.add(name, share)
+                    work += time.perf_counter() - start
         if aborted:
             self.state = None  # discard every share of this aggregation
             return {"kind": "aborted", "reasons": aborted}

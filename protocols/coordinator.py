@@ -101,6 +101,12 @@ class Coordinator:
         strategy = self.connect_all(listener)
         report: dict[str, Any] = {"plan": json.loads(p.to_json()), "mode": "secure" if p.secure else "plaintext"}
         try:
+            if p.bench_params:
+                from protocols.bench import run_bench
+
+                report = run_bench(self, strategy, p.bench_repeat)
+                write_json(report, self.out / "report.json")
+                return report
             self._train(strategy, report)
         except RoundAborted as err:
             report["error"] = str(err)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import signal
 import time
@@ -58,7 +59,7 @@ class Hospital:
             connect(p.host, port, me=self.name, peer=agg, traffic=self.traffic, timeout_s=p.timeout_s)
             for agg, port in zip(p.aggregator_names, p.aggregator_ports)
         ]
-        return coord, SecureSubmitter(self.name, aggs, n_hospitals=p.hospitals, fractional_bits=p.fractional_bits)
+        return coord, SecureSubmitter(self.name, self.index, aggs, n_hospitals=p.hospitals, fractional_bits=p.fractional_bits)
 
     def _local_update(self, msg_meta: dict[str, Any], global_vector: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Train from the global model; return the sample-weighted delta and the training time."""
@@ -79,18 +80,35 @@ class Hospital:
         delta = to_vector(model) - global_vector
         return delta * len(self.data), time.perf_counter() - start
 
-    def _bench_update(self) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.plan.seed * 100 + self.index)
-        return torch.randn(self.plan.bench_params, generator=g)
+    def _baseline(self, coord: Channel) -> torch.Tensor:
+        """Bench only: time a plaintext all-reduce of the update among the hospitals."""
+        import torch.distributed as dist
+
+        from protocols.bench import baseline_allreduce, bench_update
+
+        p = self.plan
+        if not dist.is_initialized():
+            dist.init_process_group(
+                "gloo", init_method=f"tcp://{p.host}:{p.baseline_port}", rank=self.index,
+                world_size=p.hospitals, timeout=datetime.timedelta(seconds=p.timeout_s),
+            )  # fmt: skip
+            dist.all_reduce(torch.zeros(1))  # connect before timing
+        update = bench_update(p, self.index)
+        coord.send("baseline_done", {"seconds": baseline_allreduce(update)})
+        return update
 
     def run(self) -> None:
         coord, submitter = self._connect()
+        bench: torch.Tensor | None = None
         while True:
             msg = coord.recv()
             if msg.kind == "stop":
                 return
             if msg.kind == "report":
                 coord.send("traffic", self.traffic.as_dict())
+                continue
+            if msg.kind == "baseline":
+                bench = self._baseline(coord)
                 continue
             tag = msg.meta["tag"]
             train_s = 0.0
@@ -107,7 +125,7 @@ class Hospital:
                 if drill in ("nan", "overflow"):  # a broken update that must be refused
                     update[0] = float("nan") if drill == "nan" else 1e30
             elif msg.kind == "bench":
-                update = self._bench_update()
+                update = bench
             else:
                 raise RuntimeError(f"{self.name}: unexpected message {msg.kind!r} from the coordinator")
             try:

@@ -40,8 +40,11 @@ class Plan:
     # failure drills, party -> "ACTION:ROUND": "kill:2" (the process dies when round 2
     # starts), "nan:1" / "overflow:1" (a hospital's round-1 update is corrupted)
     drills: dict[str, str] = field(default_factory=dict)
-    # bench mode: hospitals send random updates of this many float32 values
+    # bench mode: hospitals send random updates of this many float32 values, and
+    # time a plaintext all-reduce among themselves (rendezvous on baseline_port)
     bench_params: int = 0
+    bench_repeat: int = 3
+    baseline_port: int = 0
 
     def __post_init__(self) -> None:
         if self.hospitals < 2:

@@ -17,6 +17,8 @@ def with_free_ports(plan: Plan) -> Plan:
     values = json.loads(plan.to_json())
     values["coordinator_port"] = plan.coordinator_port or free_port(plan.host)
     values["mpc_port"] = plan.mpc_port or free_port(plan.host)
+    if plan.bench_params:
+        values["baseline_port"] = plan.baseline_port or free_port(plan.host)
     if plan.secure and len(plan.aggregator_ports) != plan.aggregators:
         values["aggregator_ports"] = [free_port(plan.host) for _ in range(plan.aggregators)]
     return Plan(**values)
@@ -36,7 +38,10 @@ def role_processes(plan_file: Path, plan: Plan, out: Path) -> list[PartyProcess]
 
 
 def simulate(plan: Plan, out: Path, *, deadline_s: float | None = None) -> dict[str, Any]:
-    """Run every role to completion; returns the coordinator's report (also in out/report.json)."""
+    """Run every role to completion; returns the coordinator's report (also in out/report.json).
+
+    With ``plan.bench_params`` the coordinator runs the aggregation benchmark instead of training.
+    """
     plan = with_free_ports(plan)
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)

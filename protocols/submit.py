@@ -23,8 +23,14 @@ class Submitter(Protocol):
 
 
 class SecureSubmitter:
-    def __init__(self, name: str, aggregators: list[Channel], *, n_hospitals: int, fractional_bits: int) -> None:
-        self.name, self.aggregators = name, aggregators
+    """Share 0 (the full vector) goes to aggregator ``index mod K``, so that the
+    hospitals spread the heavy traffic over all aggregators; the others get seeds."""
+
+    def __init__(
+        self, name: str, index: int, aggregators: list[Channel], *, n_hospitals: int, fractional_bits: int
+    ) -> None:
+        k = index % len(aggregators)
+        self.name, self.aggregators = name, aggregators[k:] + aggregators[:k]
         self.n_hospitals, self.fractional_bits = n_hospitals, fractional_bits
 
     def submit(self, tag: str, update: torch.Tensor) -> dict[str, float]:
