@@ -63,17 +63,39 @@ class Shares:
         return 1 + len(self.seeds)
 
 
-def split(encoded: torch.Tensor, n_parties: int) -> Shares:
+@dataclass
+class Mask:
+    """Shares 1..K-1 of a vector not yet known: their seeds and their sum.
+
+    Independent of the data, so it can be made (and the seeds sent) ahead of time;
+    share 0 is then one subtraction away once the vector exists.
+    """
+
+    seeds: list[bytes]
+    total: torch.Tensor
+
+
+def new_mask(n_parties: int, numel: int) -> Mask:
     if n_parties < 2:
         raise ValueError(f"secret sharing needs at least 2 parties, got {n_parties}")
+    seeds = [prg.new_seed() for _ in range(n_parties - 1)]
+    total = prg.expand(seeds[0], numel)
+    for seed in seeds[1:]:
+        total.add_(prg.expand(seed, numel))
+    return Mask(seeds, total)
+
+
+def apply_mask(encoded: torch.Tensor, mask: Mask) -> Shares:
     if encoded.dtype != torch.int64:
         raise TypeError(f"shares live in the int64 ring, got {encoded.dtype}")
     flat = encoded.reshape(-1)
-    seeds = [prg.new_seed() for _ in range(n_parties - 1)]
-    masked = flat.clone()
-    for seed in seeds:
-        masked.sub_(prg.expand(seed, flat.numel()))
-    return Shares(masked, seeds)
+    if flat.numel() != mask.total.numel():
+        raise ValueError(f"mask was made for {mask.total.numel()} values, got {flat.numel()}")
+    return Shares(flat.sub(mask.total), mask.seeds)
+
+
+def split(encoded: torch.Tensor, n_parties: int) -> Shares:
+    return apply_mask(encoded, new_mask(n_parties, encoded.numel()))
 
 
 def share_of(shares: Shares, party: int) -> torch.Tensor:

@@ -82,6 +82,8 @@ class Aggregator:
                     result = self._collect(hospitals, tag, msg.meta["numel"])
                     kind = result.pop("kind")
                     coord.send(kind, {"tag": tag, **result})
+                elif msg.kind == "discard":
+                    self.state = None
                 elif msg.kind == "reveal":
                     if self.state is None or self.state.tag != tag:
                         coord.send("error", {"message": f"{self.name}: nothing collected for {tag!r}"})

@@ -36,10 +36,14 @@ class Coordinator:
     # -- one aggregation -------------------------------------------------
     def aggregate(
         self, strategy: Strategy, *, tag: str, numel: int, divisor: int, round_: int,
-        request: str, meta: dict[str, Any], tensor: torch.Tensor | None = None,
+        request: str, meta: dict[str, Any], tensor: torch.Tensor | None = None, begun: bool = False,
     ) -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
-        """Ask every hospital to contribute to ``tag``; return the revealed average and timings."""
-        strategy.begin(tag, numel, round_)
+        """Ask every hospital to contribute to ``tag``; return the revealed average and timings.
+
+        ``begun``: the caller already called ``strategy.begin`` (to let hospitals prepare first).
+        """
+        if not begun:
+            strategy.begin(tag, numel, round_)
         hospitals = {h: self.channels[h] for h in self.plan.hospital_names}
         for ch in hospitals.values():
             ch.send(request, {"tag": tag, **meta}, tensor)

@@ -110,6 +110,10 @@ class Hospital:
             if msg.kind == "baseline":
                 bench = self._baseline(coord)
                 continue
+            if msg.kind == "prepare":
+                submitter.prepare(msg.meta["tag"], msg.meta["numel"])
+                coord.send("prepared")
+                continue
             tag = msg.meta["tag"]
             train_s = 0.0
             if msg.kind == "stats":
@@ -121,6 +125,7 @@ class Hospital:
                 if drill == "kill":
                     die()
                 assert msg.tensor is not None
+                submitter.prepare(tag, msg.tensor.numel())  # masks are made before training ends
                 update, train_s = self._local_update(msg.meta, msg.tensor)
                 if drill in ("nan", "overflow"):  # a broken update that must be refused
                     update[0] = float("nan") if drill == "nan" else 1e30

@@ -25,16 +25,16 @@ class ContributionError(ValueError):
 
 
 def make_shares(
-    update: torch.Tensor, *, hospital: str, n_hospitals: int, n_aggregators: int, fractional_bits: int
+    update: torch.Tensor, mask: sharing.Mask, *, hospital: str, n_hospitals: int, fractional_bits: int
 ) -> sharing.Shares:
-    """Validate, encode and split one hospital's weighted update.
+    """Validate, encode and mask one hospital's weighted update.
 
     Raises EncodingError naming the hospital for NaN/Inf or overflow risk, before
-    anything leaves the hospital.
+    anything that depends on the update leaves the hospital.
     """
     flat = update.reshape(-1)
     sharing.check_encodable(flat, n_summands=n_hospitals, fractional_bits=fractional_bits, name=hospital)
-    return sharing.split(sharing.encode(flat, fractional_bits), n_aggregators)
+    return sharing.apply_mask(sharing.encode(flat, fractional_bits), mask)
 
 
 class AggregatorState:

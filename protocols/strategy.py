@@ -88,8 +88,10 @@ class SecureFedAvg:
         return avg, {"aggregation_s": sum_s, "reveal_s": time.perf_counter() - start}
 
     def discard(self, tag: str) -> None:
-        # every aggregator saw the abort too and has already dropped its shares
+        # wait until every aggregator has finished collecting, then have all drop their shares
         for name, ch in self.aggregators.items():
             msg = ch.recv()
-            if msg.kind != "aborted":
-                raise PeerError(name, f"expected 'aborted' for {tag}, got {msg.kind!r}")
+            if msg.kind not in ("ready", "aborted"):
+                raise PeerError(name, f"expected 'ready' or 'aborted' for {tag}, got {msg.kind!r}")
+        for ch in self.aggregators.values():
+            ch.send("discard", {"tag": tag})

@@ -11,20 +11,24 @@ from typing import Protocol
 
 import torch
 
-from mpc.sharing import EncodingError
+from mpc.sharing import EncodingError, Mask, new_mask
 from mpc.transport import Channel
 from protocols.secure_aggregation import make_shares
 
 
 class Submitter(Protocol):
+    def prepare(self, tag: str, numel: int) -> None:
+        """Do the data-independent part of submitting ``tag`` ahead of time."""
+
     def submit(self, tag: str, update: torch.Tensor) -> dict[str, float]:
         """Send ``update`` for aggregation ``tag``; returns timings. Raises EncodingError, having
-        told every receiver to abort, if the update must not be aggregated."""
+        told the receivers to abort, if the update must not be aggregated."""
 
 
 class SecureSubmitter:
-    """Share 0 (the full vector) goes to aggregator ``index mod K``, so that the
-    hospitals spread the heavy traffic over all aggregators; the others get seeds."""
+    """Share 0 (the full masked vector) goes to aggregator ``index mod K``, so the
+    hospitals spread the heavy traffic over all aggregators; the others get seeds.
+    The seeds and their mask are made in :meth:`prepare`, before the update exists."""
 
     def __init__(
         self, name: str, index: int, aggregators: list[Channel], *, n_hospitals: int, fractional_bits: int
@@ -32,23 +36,29 @@ class SecureSubmitter:
         k = index % len(aggregators)
         self.name, self.aggregators = name, aggregators[k:] + aggregators[:k]
         self.n_hospitals, self.fractional_bits = n_hospitals, fractional_bits
+        self.masks: dict[str, Mask] = {}
+
+    def prepare(self, tag: str, numel: int) -> None:
+        mask = new_mask(len(self.aggregators), numel)
+        for ch, seed in zip(self.aggregators[1:], mask.seeds):
+            ch.send("seed", {"tag": tag, "numel": numel}, torch.frombuffer(bytearray(seed), dtype=torch.uint8))
+        self.masks[tag] = mask
 
     def submit(self, tag: str, update: torch.Tensor) -> dict[str, float]:
         start = time.perf_counter()
+        if tag not in self.masks:
+            self.prepare(tag, update.numel())
+        mask = self.masks.pop(tag)
+        primary = self.aggregators[0]
         try:
             shares = make_shares(
-                update, hospital=self.name, n_hospitals=self.n_hospitals,
-                n_aggregators=len(self.aggregators), fractional_bits=self.fractional_bits,
-            )  # fmt: skip
+                update, mask, hospital=self.name, n_hospitals=self.n_hospitals, fractional_bits=self.fractional_bits
+            )
         except EncodingError as err:
-            for ch in self.aggregators:
-                ch.send("abort", {"tag": tag, "hospital": self.name, "reason": str(err)})
+            primary.send("abort", {"tag": tag, "hospital": self.name, "reason": str(err)})
             raise
         encoded = time.perf_counter()
-        # share 0 in full; shares 1..K-1 as the 32-byte seeds that generate them
-        self.aggregators[0].send("share", {"tag": tag}, shares.masked)
-        for ch, seed in zip(self.aggregators[1:], shares.seeds):
-            ch.send("seed", {"tag": tag, "numel": shares.masked.numel()}, torch.frombuffer(bytearray(seed), dtype=torch.uint8))
+        primary.send("share", {"tag": tag}, shares.masked)
         return {"share_s": encoded - start, "send_s": time.perf_counter() - encoded}
 
 
@@ -57,6 +67,9 @@ class PlainSubmitter:
 
     def __init__(self, name: str, coordinator: Channel) -> None:
         self.name, self.coordinator = name, coordinator
+
+    def prepare(self, tag: str, numel: int) -> None:
+        pass  # nothing to precompute in the clear
 
     def submit(self, tag: str, update: torch.Tensor) -> dict[str, float]:
         start = time.perf_counter()
