@@ -1,0 +1,115 @@
+"""Federated training and secure aggregation as real processes on loopback."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from models import build_model
+from models.vector import to_vector
+from mpc.launch import PartyError
+from protocols.plan import Plan, load_plan
+from protocols.simulate import simulate
+from training.checkpoint import Checkpoint
+
+pytestmark = pytest.mark.slow
+
+TINY = dict(data="synthetic:240", image_size=32, hospitals=3, rounds=1, batch_size=32, timeout_s=60)
+
+
+@pytest.mark.parametrize("aggregators", [2, 3])
+def test_secure_aggregate_equals_plaintext_fedavg(tmp_path, aggregators):
+    """Same seed, same local training: the revealed average differs from plain FedAvg only
+    by fixed-point rounding (2^-16 per value, plus CrypTen's truncation)."""
+    secure = simulate(Plan(**TINY, aggregators=aggregators), tmp_path / "secure")
+    plain = simulate(Plan(**TINY, secure=False), tmp_path / "plain")
+    a = Checkpoint.load(tmp_path / "secure" / "model.pt").state_dict
+    b = Checkpoint.load(tmp_path / "plain" / "model.pt").state_dict
+    worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    moved = max(float((a[k].float() - 0).abs().max()) for k in a)
+    assert 0 < worst < 1e-3 and moved > 0.01
+    # normalisation statistics were aggregated too, and agree
+    s, p = secure["aggregated_statistics"], plain["aggregated_statistics"]
+    assert s["class_counts"] == p["class_counts"]
+    assert s["n_images"] == p["n_images"] == sum(s["class_counts"].values()) > 150
+    assert abs(s["pixel_mean"] - p["pixel_mean"]) < 1e-4
+
+
+def test_random_updates_average_within_fixed_point_error(tmp_path):
+    report = simulate(Plan(hospitals=4, aggregators=3, bench_params=5000, bench_repeat=1, timeout_s=60), tmp_path)
+    assert 0 < report["max_abs_err"] < 4 * 2**-16
+    # one full share each plus seeds; the heavy traffic is spread over the aggregators
+    sent = report["bytes_per_party"]
+    assert all(sent[f"hospital{i}"] >= 8 * 5000 for i in range(4))
+    assert sent["coordinator"] < 2000
+
+
+def test_killed_aggregator_ends_the_round_with_a_clear_error(tmp_path):
+    plan = Plan(**TINY, aggregators=2, drills={"aggregator1": "kill:1"})
+    start = time.monotonic()
+    with pytest.raises(PartyError, match="aggregator1"):
+        simulate(plan, tmp_path, deadline_s=120)
+    assert time.monotonic() - start < plan.timeout_s + 30
+    assert not (tmp_path / "model.pt").exists()
+
+
+@pytest.mark.parametrize("drill,why", [("nan", "NaN/Inf"), ("overflow", "overflow")])
+def test_bad_update_aborts_the_round_naming_the_hospital(tmp_path, drill, why):
+    plan = Plan(**TINY, aggregators=2, drills={"hospital1": f"{drill}:1"})
+    with pytest.raises(PartyError, match=f"hospital1.*{why}"):
+        simulate(plan, tmp_path)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert "hospital1" in report["error"] and "nothing revealed" in report["error"]
+    assert report["rounds"] == [] and not (tmp_path / "model.pt").exists()
+
+
+def test_config_file_with_cli_overrides(tmp_path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('hospitals = 4\nrounds = 7\npartition = "dirichlet:0.5"\n')
+    plan = load_plan(cfg, {"rounds": 2, "model": None})
+    assert (plan.hospitals, plan.rounds, plan.partition, plan.model) == (4, 2, "dirichlet:0.5", "cnn")
+    cfg.write_text("hospitalz = 4\n")
+    with pytest.raises(ValueError, match="hospitalz"):
+        load_plan(cfg, {})
+    with pytest.raises(ValueError, match="at least 2 aggregation parties"):
+        Plan(aggregators=1)
+
+
+def test_simulate_cli_writes_report_model_and_plots(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "cli.main", "simulate", "--data", "synthetic:240", "--image-size", "32",
+           "--hospitals", "2", "--aggregators", "2", "--rounds", "2", "--out", str(out), "--timeout", "60"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["mode"] == "secure" and len(report["rounds"]) == 2
+    r = report["rounds"][1]
+    for key in ("local_training_s", "sharing_s", "aggregation_s", "reveal_s"):
+        assert r[key] >= 0
+    n = to_vector(build_model("cnn", 3)).numel()
+    # a hospital sends one int64 share of its update (plus small headers); the coordinator
+    # sends the float32 global model to both hospitals and never receives an update
+    assert 8 * n <= r["traffic"]["hospital0"]["bytes_sent"] < 8 * n + 10_000
+    assert 2 * 4 * n <= r["traffic"]["coordinator"]["bytes_sent"] < 2 * 4 * n + 10_000
+    assert r["traffic"]["coordinator"]["bytes_received"] >= 2 * 8 * n  # the aggregators' shares of the average
+    assert set(r["traffic"]) == {"coordinator", "hospital0", "hospital1", "aggregator0", "aggregator1"}
+    for png in ("learning_curves.png", "communication.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    ev = subprocess.run([sys.executable, "-m", "cli.main", "evaluate", "--model", str(out / "model.pt"),
+                         "--data", "synthetic:60", "--json"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert json.loads(ev.stdout)["n_images"] == 60
+
+
+def test_bench_cli_json(tmp_path):
+    cmd = [sys.executable, "-m", "cli.main", "bench", "secure-aggregation", "--params", "20000",
+           "--hospitals", "2", "--aggregators", "2", "--repeat", "1", "--json"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    for key in ("secure_s", "plaintext_s", "ratio", "bytes_per_party", "max_abs_err"):
+        assert key in result
+    assert result["ratio"] == pytest.approx(result["secure_s"] / result["plaintext_s"])
+    assert result["max_abs_err"] < 2**-15 and torch.isfinite(torch.tensor(result["secure_s"]))

@@ -1,0 +1,93 @@
+"""Fixed-point encoding, CSPRNG shares, and what one aggregator's share reveals (nothing)."""
+
+import pytest
+import torch
+from scipy import stats
+
+from mpc import prg, sharing
+from protocols.secure_aggregation import AggregatorState, ContributionError, RevealRefused, make_shares
+
+
+def _as_unit(share: torch.Tensor):
+    # top 53 bits as a float in [0, 1)
+    return ((share >> 11) & ((1 << 53) - 1)).double().numpy() / 2.0**53
+
+
+def _looks_uniform(share: torch.Tensor) -> bool:
+    """Every bit position is set about half the time (5 sigma), and the values pass a KS test
+    for uniformity over the ring."""
+    bits = torch.stack([(share >> b) & 1 for b in range(64)], 1).double().mean(0)
+    sigma = 0.5 / share.numel() ** 0.5
+    return bool(((bits - 0.5).abs() < 5 * sigma).all()) and stats.kstest(_as_unit(share), "uniform").pvalue > 1e-4
+
+
+def test_encode_decode_round_trip_within_fixed_point_error():
+    x = torch.randn(10_000) * 50
+    assert (sharing.decode(sharing.encode(x, 16), 16) - x).abs().max() <= 2**-17 + 1e-5
+    assert torch.equal(sharing.encode(torch.tensor([1.5, -2.25]), 16), torch.tensor([98304, -147456]))
+
+
+def test_shares_reconstruct_exactly():
+    x = sharing.encode(torch.randn(5000), 16)
+    for k in (2, 3, 5):
+        s = sharing.split(x, k)
+        assert torch.equal(sharing.reconstruct([sharing.share_of(s, j) for j in range(k)]), x)
+
+
+def test_seed_expansion_is_deterministic_and_seeds_are_fresh():
+    seed = prg.new_seed()
+    assert torch.equal(prg.expand(seed, 100), prg.expand(seed, 100))
+    assert prg.new_seed() != seed
+    assert not torch.equal(prg.expand(prg.new_seed(), 100), prg.expand(seed, 100))
+    with pytest.raises(ValueError, match="32 bytes"):
+        prg.expand(b"short", 4)
+
+
+@pytest.mark.parametrize("party", [0, 1, 2])
+def test_one_aggregators_shares_of_different_updates_are_indistinguishable(party):
+    n = 50_000
+    zeros = sharing.encode(torch.zeros(n), 16)
+    big = sharing.encode(torch.full((n,), 1000.0) + torch.randn(n), 16)
+    a = sharing.share_of(sharing.split(zeros, 3), party)
+    b = sharing.share_of(sharing.split(big, 3), party)
+    assert _looks_uniform(a) and _looks_uniform(b)
+    assert stats.ks_2samp(_as_unit(a), _as_unit(b)).pvalue > 1e-4
+
+
+def test_the_statistical_check_catches_update_plus_small_noise():
+    """The checks above have power: a 'share' that is the update plus noise fails them."""
+    n = 50_000
+    zeros = sharing.encode(torch.zeros(n), 16)
+    big = sharing.encode(torch.full((n,), 1000.0), 16)
+    noisy = [x + torch.randint(-(2**20), 2**20, (n,)) for x in (zeros, big)]
+    assert not _looks_uniform(noisy[0]) and not _looks_uniform(noisy[1])
+    # compare low-order bits, where the noise lives
+    low = [(x & ((1 << 30) - 1)).double().numpy() for x in noisy]
+    assert stats.ks_2samp(*low).pvalue < 1e-6
+
+
+def test_guards_name_the_hospital():
+    mask = sharing.new_mask(2, 3)
+    for bad, what in ((torch.tensor([1.0, float("nan"), 0]), "NaN/Inf"), (torch.tensor([1.0, float("inf"), 0]), "NaN/Inf"),
+                      (torch.tensor([1.0, 2.0**46, 0]), "overflow")):  # fmt: skip
+        with pytest.raises(sharing.EncodingError, match=f"hospital7.*{what}|hospital7: .*{what}"):
+            make_shares(bad, mask, hospital="hospital7", n_hospitals=3, fractional_bits=16)
+    # the limit is N * max|x| * 2^f < 2^62
+    make_shares(torch.tensor([2.0**44]), sharing.new_mask(2, 1), hospital="h", n_hospitals=3, fractional_bits=16)
+
+
+def test_reveal_is_refused_until_every_hospital_contributed():
+    names = ["hospital0", "hospital1", "hospital2"]
+    state = AggregatorState("round1", names, 4)
+    state.add("hospital0", torch.ones(4, dtype=torch.int64))
+    state.add("hospital2", torch.ones(4, dtype=torch.int64))
+    with pytest.raises(RevealRefused, match="2 of 3.*hospital1"):
+        state.summed_share()
+    with pytest.raises(ContributionError, match="second share"):
+        state.add("hospital0", torch.ones(4, dtype=torch.int64))
+    with pytest.raises(ContributionError, match="unexpected sender"):
+        state.add("hospital9", torch.ones(4, dtype=torch.int64))
+    with pytest.raises(ContributionError, match="expected 4 int64"):
+        state.add("hospital1", torch.ones(5, dtype=torch.int64))
+    state.add("hospital1", torch.full((4,), 5, dtype=torch.int64))
+    assert state.summed_share().tolist() == [7, 7, 7, 7]
