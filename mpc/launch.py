@@ -20,7 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -41,6 +41,7 @@ class PartyProcess:
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
     result_file: Path | None = None
+    echo: bool = False  # copy its output to our stderr as it runs (progress for the user)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -57,12 +58,19 @@ def _tail(path: Path, n_chars: int = 2000) -> str:
     return text[-n_chars:].strip()
 
 
+def _copy_out(logs: list[BinaryIO]) -> None:
+    for f in logs:
+        sys.stderr.buffer.write(f.read())
+    sys.stderr.flush()
+
+
 def supervise(parties: list[PartyProcess], *, timeout_s: float, workdir: Path) -> dict[str, Any]:
     """Run the processes to completion; return each party's result (``None`` if it has none).
 
     The first party to exit non-zero, or the deadline, stops all of them.
     """
     procs: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
+    echoes: list[BinaryIO] = []
     env_base = {**os.environ, "PYTHONUNBUFFERED": "1"}
     try:
         for party in parties:
@@ -80,7 +88,9 @@ def supervise(parties: list[PartyProcess], *, timeout_s: float, workdir: Path) -
                 )
         deadline = time.monotonic() + timeout_s
         running = set(procs)
+        echoes = [open(procs[p.name][1], "rb") for p in parties if p.echo]
         while running:
+            _copy_out(echoes)
             for name in sorted(running):
                 proc, log = procs[name]
                 code = proc.poll()
@@ -98,6 +108,9 @@ def supervise(parties: list[PartyProcess], *, timeout_s: float, workdir: Path) -
                 )
             time.sleep(0.05)
     finally:
+        _copy_out(echoes)
+        for f in echoes:
+            f.close()
         for proc, _ in procs.values():
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)

@@ -58,14 +58,12 @@ class Aggregator:
 
     def run(self) -> None:
         p = self.plan
-        listener = Listener(p.host, p.aggregator_ports[self.index])
-        coord = connect(p.host, p.coordinator_port, me=self.name, peer="coordinator", traffic=self.traffic, timeout_s=p.timeout_s)
+        host, port = p.aggregator_address(self.index)
+        listener = Listener(p.bind or host, port)
+        coord = connect(*p.coordinator_address(), me=self.name, peer="coordinator", traffic=self.traffic, timeout_s=p.timeout_s)
         hospitals = listener.accept(set(p.hospital_names), traffic=self.traffic, timeout_s=p.timeout_s)
         hospitals = {h: hospitals[h] for h in p.hospital_names}
-        os.environ.update(
-            RANK=str(self.index), WORLD_SIZE=str(p.aggregators),
-            RENDEZVOUS=f"tcp://{p.host}:{p.mpc_port}", DISTRIBUTED_BACKEND="gloo",
-        )  # fmt: skip
+        os.environ.update(p.mpc_env(self.index))
         crypten = crypten_compat.init_party(timeout_s=p.timeout_s)
         try:
             while True:

@@ -52,12 +52,12 @@ class Hospital:
 
     def _connect(self) -> tuple[Channel, Submitter]:
         p = self.plan
-        coord = connect(p.host, p.coordinator_port, me=self.name, peer="coordinator", traffic=self.traffic, timeout_s=p.timeout_s)
+        coord = connect(*p.coordinator_address(), me=self.name, peer="coordinator", traffic=self.traffic, timeout_s=p.timeout_s)
         if not p.secure:
             return coord, PlainSubmitter(self.name, coord)
         aggs = [
-            connect(p.host, port, me=self.name, peer=agg, traffic=self.traffic, timeout_s=p.timeout_s)
-            for agg, port in zip(p.aggregator_names, p.aggregator_ports)
+            connect(*p.aggregator_address(j), me=self.name, peer=agg, traffic=self.traffic, timeout_s=p.timeout_s)
+            for j, agg in enumerate(p.aggregator_names)
         ]
         return coord, SecureSubmitter(self.name, self.index, aggs, n_hospitals=p.hospitals, fractional_bits=p.fractional_bits)
 

@@ -33,10 +33,15 @@ class Plan:
     secure: bool = True
     fractional_bits: int = DEFAULT_FRACTIONAL_BITS
     timeout_s: float = 300.0
+    # Addresses. ``host`` is everyone's address unless a role's own is given (one
+    # machine per role); listeners bind to ``bind`` if set (e.g. "0.0.0.0").
     host: str = "127.0.0.1"
+    coordinator_host: str = ""
+    aggregator_hosts: list[str] = field(default_factory=list)
+    bind: str = ""
     coordinator_port: int = 0
     aggregator_ports: list[int] = field(default_factory=list)
-    mpc_port: int = 0
+    mpc_port: int = 0  # torch.distributed rendezvous of the aggregators, on aggregator 0
     # failure drills, party -> "ACTION:ROUND": "kill:2" (the process dies when round 2
     # starts), "nan:1" / "overflow:1" (a hospital's round-1 update is corrupted)
     drills: dict[str, str] = field(default_factory=dict)
@@ -59,6 +64,20 @@ class Plan:
     def drill(self, party: str, round_: int) -> str | None:
         action, _, at = self.drills.get(party, "").partition(":")
         return action if at and int(at) == round_ else None
+
+    def coordinator_address(self) -> tuple[str, int]:
+        return self.coordinator_host or self.host, self.coordinator_port
+
+    def aggregator_address(self, j: int) -> tuple[str, int]:
+        hosts = self.aggregator_hosts or [self.host] * self.aggregators
+        return hosts[j], self.aggregator_ports[j]
+
+    def mpc_env(self, rank: int) -> dict[str, str]:
+        """CrypTen's variables for aggregator ``rank`` (the dealer is rank K)."""
+        return {
+            "RANK": str(rank), "WORLD_SIZE": str(self.aggregators), "DISTRIBUTED_BACKEND": "gloo",
+            "RENDEZVOUS": f"tcp://{self.aggregator_address(0)[0]}:{self.mpc_port}",
+        }  # fmt: skip
 
     @property
     def hospital_names(self) -> list[str]:

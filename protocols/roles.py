@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.role == "coordinator":
             from protocols.coordinator import Coordinator
 
-            Coordinator(plan, a.out).run(Listener(plan.host, plan.coordinator_port))
+            host, port = plan.coordinator_address()
+            Coordinator(plan, a.out).run(Listener(plan.bind or host, port))
         elif a.role == "hospital":
             from protocols.hospital import Hospital
 
@@ -49,10 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from mpc import crypten_compat
 
-            os.environ.update(
-                RANK=str(plan.aggregators), WORLD_SIZE=str(plan.aggregators),
-                RENDEZVOUS=f"tcp://{plan.host}:{plan.mpc_port}", DISTRIBUTED_BACKEND="gloo",
-            )  # fmt: skip
+            os.environ.update(plan.mpc_env(plan.aggregators))
             crypten_compat.run_dealer(timeout_s=plan.timeout_s)
     except (PeerError, RoundAborted) as err:
         print(f"{a.role}{a.index if a.role in ('hospital', 'aggregator') else ''}: {err}", file=sys.stderr)

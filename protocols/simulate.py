@@ -29,6 +29,7 @@ def role_processes(plan_file: Path, plan: Plan, out: Path) -> list[PartyProcess]
         return PartyProcess(name, [sys.executable, "-m", "protocols.roles", *args, "--plan", str(plan_file)])
 
     procs = [role("coordinator", "coordinator", "--out", str(out))]
+    procs[0].echo = True
     procs += [role(f"hospital{i}", "hospital", "--index", str(i)) for i in range(plan.hospitals)]
     if plan.secure:
         procs += [role(f"aggregator{j}", "aggregator", "--index", str(j)) for j in range(plan.aggregators)]
