@@ -8,7 +8,7 @@ import time
 
 from mpc import crypten_compat, prg
 from mpc.transport import Channel, Listener, PeerError, Traffic, connect
-from protocols.hospital import die
+from protocols.commands import die, next_command
 from protocols.plan import Plan
 from protocols.secure_aggregation import AggregatorState, RevealRefused, average_share
 
@@ -66,13 +66,7 @@ class Aggregator:
         os.environ.update(p.mpc_env(self.index))
         crypten = crypten_compat.init_party(timeout_s=p.timeout_s)
         try:
-            while True:
-                msg = coord.recv()
-                if msg.kind == "stop":
-                    return
-                if msg.kind == "report":
-                    coord.send("traffic", self.traffic.as_dict())
-                    continue
+            while (msg := next_command(coord, self.traffic)) is not None:
                 tag = msg.meta["tag"]
                 if msg.kind == "collect":
                     if p.drill(self.name, msg.meta.get("round", -1)) == "kill":

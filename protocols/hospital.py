@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import os
-import signal
 import time
 from typing import Any
 
@@ -17,6 +15,7 @@ from models import build_model
 from models.vector import load_vector, to_vector
 from mpc.sharing import EncodingError
 from mpc.transport import Channel, Traffic, connect
+from protocols.commands import die, next_command
 from protocols.plan import Plan
 from protocols.submit import PlainSubmitter, SecureSubmitter, Submitter
 from training.local import TrainConfig, train
@@ -100,13 +99,7 @@ class Hospital:
     def run(self) -> None:
         coord, submitter = self._connect()
         bench: torch.Tensor | None = None
-        while True:
-            msg = coord.recv()
-            if msg.kind == "stop":
-                return
-            if msg.kind == "report":
-                coord.send("traffic", self.traffic.as_dict())
-                continue
+        while (msg := next_command(coord, self.traffic)) is not None:
             if msg.kind == "baseline":
                 bench = self._baseline(coord)
                 continue
@@ -139,8 +132,3 @@ class Hospital:
                 coord.send("aborted", {"tag": tag, "hospital": self.name, "reason": str(err)})
                 continue  # the update stays here; nothing about it was revealed
             coord.send("submitted", {"tag": tag, "train_s": train_s, **timings})
-
-
-def die() -> None:
-    """Failure drill: end this process the hard way, as a crash or power cut would."""
-    os.kill(os.getpid(), signal.SIGKILL)
