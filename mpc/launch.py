@@ -64,6 +64,26 @@ def _copy_out(logs: list[BinaryIO]) -> None:
     sys.stderr.flush()
 
 
+def _failure(first: str, procs: dict[str, tuple[subprocess.Popen[bytes], Path]], running: set[str]) -> PartyError:
+    """Describe ``first``'s failure and any other party that failed with it.
+
+    When one party dies its peers often fail a moment later (connection lost), and
+    which exit is seen first is a race, so every party that failed is listed.
+    """
+    time.sleep(0.5)
+
+    def status(name: str) -> str:
+        code = procs[name][0].returncode
+        how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        return f"{name} {how}; last output:\n{_tail(procs[name][1])}"
+
+    others = [n for n in sorted(running) if procs[n][0].poll() not in (None, 0)]
+    message = status(first).split(" ", 1)[1]
+    if others:
+        message += "\nalso failed: " + "\n".join(status(n) for n in others)
+    return PartyError(first, message)
+
+
 def supervise(parties: list[PartyProcess], *, timeout_s: float, workdir: Path) -> dict[str, Any]:
     """Run the processes to completion; return each party's result (``None`` if it has none).
 
@@ -92,14 +112,12 @@ def supervise(parties: list[PartyProcess], *, timeout_s: float, workdir: Path) -
         while running:
             _copy_out(echoes)
             for name in sorted(running):
-                proc, log = procs[name]
-                code = proc.poll()
+                code = procs[name][0].poll()
                 if code is None:
                     continue
                 running.discard(name)
                 if code != 0:
-                    how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
-                    raise PartyError(name, f"{how}; last output:\n{_tail(log)}")
+                    raise _failure(name, procs, running)
             if running and time.monotonic() > deadline:
                 slow = ", ".join(sorted(running))
                 raise PartyError(
