@@ -26,6 +26,18 @@ def _load(args: argparse.Namespace, *, image_size: int, num_classes: int, split:
     return data
 
 
+def _dp_config(args: argparse.Namespace):
+    from protocols.dp import DPConfig
+
+    if args.dp_epsilon is None:
+        if any(v is not None for v in (args.dp_delta, args.dp_clip, args.dp_noise)):
+            raise ValueError("--dp-delta/--dp-clip/--dp-noise need --dp-epsilon (the budget)")
+        return None
+    return DPConfig(
+        epsilon=args.dp_epsilon, delta=args.dp_delta or 1e-5, clip=args.dp_clip or 1.0, noise_multiplier=args.dp_noise
+    )
+
+
 def train(args: argparse.Namespace) -> None:
     from training.centralised import train_centralised
     from training.local import TrainConfig
@@ -35,7 +47,9 @@ def train(args: argparse.Namespace) -> None:
         class_weighting=not args.no_class_weights, seed=args.seed,
     )  # fmt: skip
     data = _load(args, image_size=args.image_size, num_classes=args.classes, split="train")
-    report = train_centralised(data, model_name=args.model, cfg=cfg, out=args.out, val_fraction=args.val_fraction, log=_log)
+    report = train_centralised(
+        data, model_name=args.model, cfg=cfg, out=args.out, val_fraction=args.val_fraction, dp=_dp_config(args), log=_log
+    )
     from training.metrics import format_metrics
 
     _log("validation split:\n" + format_metrics(report["validation"]))
@@ -101,6 +115,9 @@ def simulate(args: argparse.Namespace) -> None:
     from training.metrics import format_metrics
 
     overrides = {k: getattr(args, k) for k in _PLAN_FLAGS}
+    dp = _dp_config(args)
+    if dp is not None:
+        overrides |= {"dp_epsilon": dp.epsilon, "dp_delta": dp.delta, "dp_clip": dp.clip, "dp_noise": dp.noise_multiplier}
     if args.plaintext:
         overrides["secure"] = False
     plan = load_plan(args.config, overrides)
@@ -108,8 +125,12 @@ def simulate(args: argparse.Namespace) -> None:
     _log(f"{mode}: {plan.hospitals} hospitals, {plan.aggregators if plan.secure else 0} aggregators, "
          f"{plan.rounds} rounds, data {plan.data}{' [synthetic data]' if plan.data.startswith('synthetic') else ''}")  # fmt: skip
     report = run(plan, args.out)
-    _log("final validation:\n" + format_metrics(report["validation"]))
-    _log(f"wrote {args.out / 'report.json'}, {args.out / 'model.pt'} and plots")
+    if "stopped" in report:
+        _log(f"stopped early: {report['stopped']}")
+    if "validation" in report:
+        _log("final validation:\n" + format_metrics(report["validation"]))
+    wrote = [args.out / f for f in ("report.json", "model.pt") if (args.out / f).exists()]
+    _log(f"wrote {', '.join(map(str, wrote))}" + (" and plots" if "validation" in report else ""))
 
 
 def bench_secure_aggregation(args: argparse.Namespace) -> dict[str, Any] | None:

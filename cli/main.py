@@ -18,6 +18,15 @@ def _add_data_args(p: argparse.ArgumentParser, *, default_size: int | None) -> N
         p.add_argument("--classes", type=int, choices=(2, 3), default=3, help="3: normal/bacterial/viral; 2: normal/pneumonia")
 
 
+def _add_dp_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("differential privacy (DP-SGD)")
+    g.add_argument("--dp-epsilon", type=float, help="privacy budget; turns on DP-SGD (needs a GroupNorm model)")
+    g.add_argument("--dp-delta", type=float, help="delta of (epsilon, delta)-DP (default 1e-5)")
+    g.add_argument("--dp-clip", type=float, help="per-sample gradient clipping norm C (default 1.0)")
+    g.add_argument("--dp-noise", type=float, help="fixed noise multiplier instead of planning it from the budget; "
+                   "training then stops cleanly when the budget is spent")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medmpc", description="Secure multi-party learning on chest X-rays.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -33,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-class-weights", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="folder for model.pt, report.json and plots")
+    _add_dp_args(p)
     p.set_defaults(func=commands.train)
 
     p = sub.add_parser("evaluate", help="metrics of a checkpoint on a folder of labelled images")
@@ -68,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="address every role listens on (default 127.0.0.1)")
     p.add_argument("--plaintext", action="store_true", help="plain FedAvg in the clear, for comparison")
     p.add_argument("--out", type=Path, required=True, help="folder for report.json, model.pt and plots")
+    _add_dp_args(p)
     p.set_defaults(func=commands.simulate)
 
     bench = sub.add_parser("bench", help="protocol benchmarks").add_subparsers(dest="bench", required=True)

@@ -17,7 +17,7 @@ from models import build_model
 from models.vector import load_vector, to_vector
 from mpc.transport import Channel, Listener, PeerError, Traffic
 from protocols.plan import Plan
-from protocols.strategy import PlainFedAvg, RoundAborted, SecureFedAvg, Strategy
+from protocols.strategy import BudgetExhausted, PlainFedAvg, RoundAborted, SecureFedAvg, Strategy
 from training.centralised import write_json
 from training.checkpoint import Checkpoint
 from training.local import class_weights, predict
@@ -48,6 +48,8 @@ class Coordinator:
         for ch in hospitals.values():
             ch.send(request, {"tag": tag, **meta}, tensor)
         aborted: dict[str, str] = {}
+        exhausted: dict[str, str] = {}
+        privacy: dict[str, Any] = {}
         train_s = share_s = 0.0
         for name, ch in hospitals.items():
             msg = ch.recv()
@@ -56,19 +58,24 @@ class Coordinator:
                 msg = ch.recv()
             if msg.kind == "aborted":
                 aborted[name] = msg.meta["reason"]
+            elif msg.kind == "budget_exhausted":
+                exhausted[name] = msg.meta["reason"]
             elif msg.kind == "submitted":
                 train_s = max(train_s, msg.meta["train_s"])
                 share_s = max(share_s, msg.meta["share_s"] + msg.meta["send_s"])
+                if "privacy" in msg.meta:
+                    privacy[name] = msg.meta["privacy"]
             else:
                 raise PeerError(name, f"unexpected message {msg.kind!r}")
-        if aborted:
+        if aborted or exhausted:
             strategy.discard(tag)
-            raise RoundAborted(
-                f"{tag} aborted, nothing revealed; refused: "
-                + "; ".join(f"{h}: {why}" for h, why in aborted.items())
-            )
+            reasons = "; ".join((aborted | exhausted).values())  # each reason names its hospital
+            if aborted:
+                raise RoundAborted(f"{tag} aborted, nothing revealed; refused: {reasons}")
+            raise BudgetExhausted(f"{tag} not run, nothing revealed: {reasons}")
         avg, timings = strategy.finish(tag, divisor)
-        return avg, {"local_training_s": train_s, "sharing_s": share_s, **timings}
+        info = {"local_training_s": train_s, "sharing_s": share_s, **timings}
+        return avg, info | ({"privacy": privacy} if privacy else {})
 
     def traffic_since_last(self) -> dict[str, dict[str, int]]:
         """Bytes and messages each party sent since the previous call (asks every party)."""
@@ -112,6 +119,10 @@ class Coordinator:
                 write_json(report, self.out / "report.json")
                 return report
             self._train(strategy, report)
+        except BudgetExhausted as err:
+            report["stopped"] = str(err)
+            print(f"stopped cleanly, keeping the model of round {len(report.get('rounds', []))}: {err}", flush=True)
+            self._finish(report)
         except RoundAborted as err:
             report["error"] = str(err)
             write_json(report, self.out / "report.json")
@@ -166,20 +177,32 @@ class Coordinator:
                 "round": r, "wall_s": time.perf_counter() - start, **timings,
                 "validation": m, "traffic": self.traffic_since_last(),
             })  # fmt: skip
+            eps = _epsilons(timings)
             bar.write(
                 f"round {r}/{p.rounds}: val accuracy {m['accuracy']:.3f}  balanced {m['balanced_accuracy']:.3f}  "
                 f"pneumonia AUC {m['pneumonia_roc_auc'] or float('nan'):.3f}  "
                 f"(train {timings['local_training_s']:.1f}s, share {timings['sharing_s']:.2f}s, "
                 f"aggregate {timings['aggregation_s']:.2f}s, reveal {timings['reveal_s']:.2f}s)"
+                + (f"  epsilon {max(eps.values()):.2f} (max over hospitals, delta {p.dp_delta:g})" if eps else "")
             )
             # keep the newest global model on disk, so an aborted later round loses nothing
             Checkpoint(p.model, classes, prep, model.state_dict(), info={
                 "federated": report["mode"], "round": r, "validation": m, "dataset": report["dataset"],
+                "privacy": timings.get("privacy"),
             }).save(self.out / "model.pt")  # fmt: skip
             write_json(report, self.out / "report.json")
-        report["validation"] = rounds[-1]["validation"]
+        self._finish(report)
+
+    def _finish(self, report: dict[str, Any]) -> None:
+        rounds = report.get("rounds", [])
+        if rounds:
+            report["validation"] = rounds[-1]["validation"]
+            _plots(report, self.out)
         write_json(report, self.out / "report.json")
-        _plots(report, self.out)
+
+
+def _epsilons(info: dict[str, Any]) -> dict[str, float]:
+    return {h: s["epsilon"] for h, s in info.get("privacy", {}).items()}
 
 
 def _plots(report: dict[str, Any], out: Path) -> None:

@@ -15,7 +15,9 @@ from models import build_model
 from models.vector import load_vector, to_vector
 from mpc.sharing import EncodingError
 from mpc.transport import Channel, Traffic, connect
+from protocols.accountant import BudgetError
 from protocols.commands import die, next_command
+from protocols.dp import DPSGD, check_compatible, privacy_summary
 from protocols.plan import Plan
 from protocols.submit import PlainSubmitter, SecureSubmitter, Submitter
 from training.local import TrainConfig, train
@@ -48,6 +50,7 @@ class Hospital:
         self.plan, self.index, self.name = plan, index, f"hospital{index}"
         self.traffic = Traffic()
         self.data: ImageSet | None = None
+        self.private: DPSGD | None = None
 
     def _connect(self) -> tuple[Channel, Submitter]:
         p = self.plan
@@ -74,7 +77,8 @@ class Hospital:
         start = time.perf_counter()
         train(
             model, self.data.images, self.data.labels, prep, cfg, num_classes=p.num_classes,
-            class_weight=torch.tensor(msg_meta["class_weight"]), desc=f"{self.name} round {msg_meta['round']}",
+            class_weight=torch.tensor(msg_meta["class_weight"]), private=self.private,
+            desc=f"{self.name} round {msg_meta['round']}",
         )  # fmt: skip
         delta = to_vector(model) - global_vector
         return delta * len(self.data), time.perf_counter() - start
@@ -96,7 +100,22 @@ class Hospital:
         coord.send("baseline_done", {"seconds": baseline_allreduce(update)})
         return update
 
+    def _setup_privacy(self) -> DPSGD | None:
+        """Plan DP-SGD for every local epoch of every round; refuse a plan that cannot meet the budget."""
+        dp = self.plan.dp_config()
+        if dp is None:
+            return None
+        assert self.data is not None
+        check_compatible(build_model(self.plan.model, self.plan.num_classes), self.plan.model)
+        return DPSGD(
+            dp, n_samples=len(self.data), batch_size=self.plan.batch_size,
+            planned_epochs=self.plan.rounds * self.plan.local_epochs, who=self.name,
+        )  # fmt: skip
+
     def run(self) -> None:
+        if not self.plan.bench_params:
+            self.data = hospital_partition(self.plan, self.index)
+        self.private = self._setup_privacy()  # before connecting: a refused plan never starts
         coord, submitter = self._connect()
         bench: torch.Tensor | None = None
         while (msg := next_command(coord, self.traffic)) is not None:
@@ -110,8 +129,7 @@ class Hospital:
             tag = msg.meta["tag"]
             train_s = 0.0
             if msg.kind == "stats":
-                if self.data is None:
-                    self.data = hospital_partition(self.plan, self.index)
+                assert self.data is not None
                 update = local_statistics(self.data)
             elif msg.kind == "train":
                 drill = self.plan.drill(self.name, msg.meta["round"])
@@ -119,6 +137,13 @@ class Hospital:
                     die()
                 assert msg.tensor is not None
                 submitter.prepare(tag, msg.tensor.numel())  # masks are made before training ends
+                if self.private is not None:
+                    try:
+                        self.private.reserve(self.plan.local_epochs)
+                    except BudgetError as err:
+                        submitter.abort(tag, str(err))
+                        coord.send("budget_exhausted", {"tag": tag, "hospital": self.name, "reason": str(err)})
+                        continue
                 update, train_s = self._local_update(msg.meta, msg.tensor)
                 if drill in ("nan", "overflow"):  # a broken update that must be refused
                     update[0] = float("nan") if drill == "nan" else 1e30
@@ -131,4 +156,5 @@ class Hospital:
             except EncodingError as err:
                 coord.send("aborted", {"tag": tag, "hospital": self.name, "reason": str(err)})
                 continue  # the update stays here; nothing about it was revealed
-            coord.send("submitted", {"tag": tag, "train_s": train_s, **timings})
+            privacy = {} if self.private is None else {"privacy": privacy_summary(self.private)}
+            coord.send("submitted", {"tag": tag, "train_s": train_s, **timings, **privacy})

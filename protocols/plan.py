@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mpc.sharing import DEFAULT_FRACTIONAL_BITS
+from protocols.dp import DPConfig
 
 
 @dataclass
@@ -42,6 +43,11 @@ class Plan:
     coordinator_port: int = 0
     aggregator_ports: list[int] = field(default_factory=list)
     mpc_port: int = 0  # torch.distributed rendezvous of the aggregators, on aggregator 0
+    # DP-SGD at every hospital when dp_epsilon is set (protocols.dp)
+    dp_epsilon: float | None = None
+    dp_delta: float = 1e-5
+    dp_clip: float = 1.0
+    dp_noise: float | None = None
     # failure drills, party -> "ACTION:ROUND": "kill:2" (the process dies when round 2
     # starts), "nan:1" / "overflow:1" (a hospital's round-1 update is corrupted)
     drills: dict[str, str] = field(default_factory=dict)
@@ -60,6 +66,11 @@ class Plan:
             raise ValueError("rounds and local epochs must be at least 1")
         if not 0 < self.fractional_bits <= 32:
             raise ValueError(f"fractional bits must be in 1..32, got {self.fractional_bits}")
+
+    def dp_config(self) -> DPConfig | None:
+        if self.dp_epsilon is None:
+            return None
+        return DPConfig(self.dp_epsilon, self.dp_delta, self.dp_clip, self.dp_noise)
 
     def drill(self, party: str, round_: int) -> str | None:
         action, _, at = self.drills.get(party, "").partition(":")

@@ -19,6 +19,9 @@ from pathlib import Path
 import torch
 
 from mpc.transport import Listener, PeerError
+from imaging.images import DataError
+from protocols.accountant import BudgetError
+from protocols.dp import DPIncompatibleModel
 from protocols.plan import Plan
 from protocols.strategy import RoundAborted
 
@@ -52,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
             os.environ.update(plan.mpc_env(plan.aggregators))
             crypten_compat.run_dealer(timeout_s=plan.timeout_s)
-    except (PeerError, RoundAborted) as err:
+    except (PeerError, RoundAborted, BudgetError, DPIncompatibleModel, DataError) as err:
         print(f"{a.role}{a.index if a.role in ('hospital', 'aggregator') else ''}: {err}", file=sys.stderr)
         return 3
     return 0

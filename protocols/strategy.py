@@ -20,6 +20,10 @@ class RoundAborted(RuntimeError):
     """A contribution was refused; nothing of this aggregation was revealed."""
 
 
+class BudgetExhausted(RoundAborted):
+    """A hospital's privacy budget is spent: the run stops cleanly with the last global model."""
+
+
 class Strategy(Protocol):
     def begin(self, tag: str, numel: int, round_: int) -> None:
         """Prepare for one aggregation before hospitals are asked to contribute."""

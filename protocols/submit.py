@@ -24,6 +24,9 @@ class Submitter(Protocol):
         """Send ``update`` for aggregation ``tag``; returns timings. Raises EncodingError, having
         told the receivers to abort, if the update must not be aggregated."""
 
+    def abort(self, tag: str, reason: str) -> None:
+        """Tell the receivers that no contribution to ``tag`` will come."""
+
 
 class SecureSubmitter:
     """Share 0 (the full masked vector) goes to aggregator ``index mod K``, so the
@@ -49,17 +52,21 @@ class SecureSubmitter:
         if tag not in self.masks:
             self.prepare(tag, update.numel())
         mask = self.masks.pop(tag)
-        primary = self.aggregators[0]
         try:
             shares = make_shares(
                 update, mask, hospital=self.name, n_hospitals=self.n_hospitals, fractional_bits=self.fractional_bits
             )
         except EncodingError as err:
-            primary.send("abort", {"tag": tag, "hospital": self.name, "reason": str(err)})
+            self.abort(tag, str(err))
             raise
         encoded = time.perf_counter()
-        primary.send("share", {"tag": tag}, shares.masked)
+        self.aggregators[0].send("share", {"tag": tag}, shares.masked)
         return {"share_s": encoded - start, "send_s": time.perf_counter() - encoded}
+
+    def abort(self, tag: str, reason: str) -> None:
+        # the other aggregators hold only data-independent seeds for this tag
+        self.masks.pop(tag, None)
+        self.aggregators[0].send("abort", {"tag": tag, "hospital": self.name, "reason": reason})
 
 
 class PlainSubmitter:
@@ -70,6 +77,9 @@ class PlainSubmitter:
 
     def prepare(self, tag: str, numel: int) -> None:
         pass  # nothing to precompute in the clear
+
+    def abort(self, tag: str, reason: str) -> None:
+        pass  # the coordinator hears it from the hospital directly
 
     def submit(self, tag: str, update: torch.Tensor) -> dict[str, float]:
         start = time.perf_counter()

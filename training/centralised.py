@@ -16,6 +16,8 @@ from imaging.splits import stratified_split
 from imaging.transforms import Preprocessing
 from models import build_model
 from training import plots
+from protocols.accountant import BudgetError
+from protocols.dp import DPSGD, DPConfig, check_compatible, privacy_summary
 from training.checkpoint import Checkpoint
 from training.local import TrainConfig, predict, train
 from training.metrics import classification_metrics
@@ -46,9 +48,13 @@ def train_centralised(
     cfg: TrainConfig,
     out: Path,
     val_fraction: float = 0.15,
+    dp: DPConfig | None = None,
     log: Any = print,
 ) -> dict[str, Any]:
-    """Train on ``data`` minus a stratified validation split; write model.pt, report.json, PNGs."""
+    """Train on ``data`` minus a stratified validation split; write model.pt, report.json, PNGs.
+
+    With ``dp``, DP-SGD; training stops cleanly, keeping the model, once the budget is spent.
+    """
     out.mkdir(parents=True, exist_ok=True)
     train_idx, val_idx = stratified_split(data.labels, val_fraction, seed=cfg.seed)
     train_set, val_set = data.subset(train_idx), data.subset(val_idx)
@@ -58,17 +64,35 @@ def train_centralised(
     log(f"data{tag}: {data.source}  train {train_set.class_counts()}  validation {val_set.class_counts()}")
 
     history: list[dict[str, Any]] = []
+    private = None
+    if dp is not None:
+        check_compatible(model, model_name)
+        private = DPSGD(dp, n_samples=len(train_set), batch_size=cfg.batch_size, planned_epochs=cfg.epochs, who="training")
+        log(f"DP-SGD: noise multiplier {private.noise_multiplier:.3f}, clip {dp.clip}, sample rate {private.sample_rate:.4f}")
+        private.reserve(1)  # refuses to start if a single epoch would exceed the budget
 
     def on_epoch(epoch: int, loss: float) -> None:
         m = classification_metrics(predict(model, val_set.images, prep), val_set.labels, data.classes)
-        history.append({"epoch": epoch + 1, "train_loss": loss, **{k: m[k] for k in _CURVE_KEYS}})
+        eps = {} if private is None else {"epsilon": private.epsilon}
+        history.append({"epoch": epoch + 1, "train_loss": loss, **eps, **{k: m[k] for k in _CURVE_KEYS}})
         log(
             f"epoch {epoch + 1}/{cfg.epochs}: loss {loss:.4f}  val accuracy {m['accuracy']:.3f}  "
             f"balanced {m['balanced_accuracy']:.3f}  pneumonia AUC {m['pneumonia_roc_auc'] or float('nan'):.3f}"
+            + (f"  epsilon {eps['epsilon']:.2f} (delta {dp.delta:g})" if eps else "")
         )
+        if private is not None and epoch + 1 < cfg.epochs:
+            private.reserve(1)
 
     start = time.perf_counter()
-    train(model, train_set.images, train_set.labels, prep, cfg, num_classes=len(data.classes), on_epoch=on_epoch)
+    stopped = None
+    try:
+        train(
+            model, train_set.images, train_set.labels, prep, cfg, num_classes=len(data.classes),
+            private=private, on_epoch=on_epoch,
+        )  # fmt: skip
+    except BudgetError as err:
+        stopped = str(err)
+        log(f"stopped after epoch {len(history)}: {err}")
     seconds = time.perf_counter() - start
     val_metrics = classification_metrics(predict(model, val_set.images, prep), val_set.labels, data.classes)
     report = {
@@ -81,9 +105,12 @@ def train_centralised(
         "history": history,
         "validation": val_metrics,
     }
+    if private is not None:
+        report["privacy"] = privacy_summary(private) | {"stopped": stopped}
     Checkpoint(
         model_name, data.classes, prep, model.state_dict(),
-        info={"dataset": report["dataset"], "validation": val_metrics, "config": report["config"]},
+        info={"dataset": report["dataset"], "validation": val_metrics, "config": report["config"],
+              "privacy": report.get("privacy")},
     ).save(out / "model.pt")  # fmt: skip
     write_json(report, out / "report.json")
     title = f"{model_name} on {'synthetic data' if data.is_synthetic else data.source}"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +47,27 @@ def predict(
     return torch.cat(out) if out else torch.empty(0)
 
 
+class PrivateTraining(Protocol):
+    """What DP-SGD changes in the loop (implemented in protocols.dp)."""
+
+    def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """Per-sample gradients, clipping and noise."""
+
+    def batches(self, n: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+        """One epoch of sample indices, Poisson-sampled."""
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        """A loss whose per-sample gradients depend on that sample alone."""
+
+    def unwrap(self, model: nn.Module) -> None:
+        """Detach what ``wrap`` attached to the model."""
+
+
+def _shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    order = torch.randperm(n, generator=generator)
+    return iter(order.split(batch_size))
+
+
 def train(
     model: nn.Module,
     images: torch.Tensor,
@@ -54,6 +77,7 @@ def train(
     *,
     num_classes: int,
     class_weight: torch.Tensor | None = None,
+    private: PrivateTraining | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
     desc: str = "training",
 ) -> list[float]:
@@ -61,6 +85,7 @@ def train(
 
     ``class_weight`` overrides the weights derived from ``labels`` (a hospital uses
     weights from the securely aggregated class counts of all hospitals).
+    ``private`` turns the loop into DP-SGD.
     """
     if len(images) == 0:
         raise ValueError("no training images")
@@ -68,32 +93,68 @@ def train(
     weight = None
     if cfg.class_weighting:
         weight = class_weight if class_weight is not None else class_weights(torch.bincount(labels, minlength=num_classes))
-    augment = Augmentation() if cfg.augment else None
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = -(-len(images) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15
     )
+    with _privately(private, model, opt) as (model, opt):
+        return _epochs(model, images, labels, prep, cfg, opt, sched, g, weight, private, on_epoch, desc)
+
+
+@contextlib.contextmanager
+def _privately(
+    private: PrivateTraining | None, model: nn.Module, opt: torch.optim.Optimizer
+) -> Iterator[tuple[nn.Module, torch.optim.Optimizer]]:
+    if private is None:
+        yield model, opt
+        return
+    wrapped, private_opt = private.wrap(model, opt)
+    try:
+        yield wrapped, private_opt
+    finally:
+        private.unwrap(wrapped)
+
+
+def _epochs(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, prep: Preprocessing, cfg: TrainConfig,
+    opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler, g: torch.Generator,
+    weight: torch.Tensor | None, private: PrivateTraining | None,
+    on_epoch: Callable[[int, float], None] | None, desc: str,
+) -> list[float]:  # fmt: skip
+    augment = Augmentation() if cfg.augment else None
+    steps_per_epoch = -(-len(images) // cfg.batch_size)
     losses = []
     bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=desc, unit="step", leave=False)
     for epoch in range(cfg.epochs):
         model.train()
-        order = torch.randperm(len(images), generator=g)
-        total = 0.0
-        for i in range(0, len(images), cfg.batch_size):
-            idx = order[i : i + cfg.batch_size]
+        total, seen = 0.0, 0
+        if private is not None:
+            batches = private.batches(len(images), g)
+        else:
+            batches = _shuffled_batches(len(images), cfg.batch_size, g)
+        for idx in batches:
+            if len(idx) == 0:  # Poisson sampling drew nobody: the step releases nothing
+                sched.step()
+                bar.update()
+                continue
             x = prep(images[idx])
             if augment is not None:
                 x = augment(x, g)
-            loss = F.cross_entropy(model(x), labels[idx], weight=weight)
+            logits = model(x)
+            if private is not None:
+                loss = private.loss(logits, labels[idx], weight)
+            else:
+                loss = F.cross_entropy(logits, labels[idx], weight=weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             total += loss.item() * len(idx)
+            seen += len(idx)
             bar.update()
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
-        losses.append(total / len(images))
+        losses.append(total / max(seen, 1))
         if on_epoch is not None:
             on_epoch(epoch, losses[-1])
     bar.close()

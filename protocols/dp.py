@@ -1,0 +1,137 @@
+"""Differentially private local training (DP-SGD with Opacus), with its budget and accounting.
+
+Per-sample gradients are clipped to norm C, Gaussian noise of standard deviation
+sigma*C is added to their sum, and batches are Poisson-sampled (each sample
+joins each step independently with probability q = batch_size / n). The noise
+multiplier sigma is planned so that every step of every planned round together
+ends at the target epsilon (RDP accounting, protocols.accountant).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
+from opacus.validators import ModuleValidator
+from torch import nn
+
+from protocols.accountant import BudgetError, PrivacyAccountant, plan_noise_multiplier
+
+
+class DPIncompatibleModel(ValueError):
+    """The model has a layer DP-SGD cannot train; the message names it and the fix."""
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    epsilon: float
+    delta: float = 1e-5
+    clip: float = 1.0
+    # fixed noise multiplier instead of a planned one; epsilon is then only the cap
+    noise_multiplier: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.clip > 0:
+            raise ValueError(f"clipping norm must be positive, got {self.clip}")
+        if self.noise_multiplier is not None and self.noise_multiplier < 0:
+            raise ValueError(f"noise multiplier must be >= 0, got {self.noise_multiplier}")
+
+
+def check_compatible(model: nn.Module, model_name: str) -> None:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            fix = f"'{model_name}_gn'" if not model_name.endswith("_gn") else "a GroupNorm variant"
+            raise DPIncompatibleModel(
+                f"model {model_name!r}: layer {name!r} is {type(module).__name__}, which mixes samples "
+                f"within a batch, so per-sample gradients (and DP) do not exist for it; use {fix} "
+                "(GroupNorm instead of BatchNorm)"
+            )
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        raise DPIncompatibleModel(f"model {model_name!r} cannot be trained with DP-SGD: {errors[0]}")
+
+
+class DPSGD:
+    """One data holder's private training across rounds (implements training.local.PrivateTraining)."""
+
+    def __init__(self, cfg: DPConfig, *, n_samples: int, batch_size: int, planned_epochs: int, who: str) -> None:
+        if n_samples < 1:
+            raise ValueError(f"{who}: no training samples")
+        self.cfg, self.who = cfg, who
+        self.sample_rate = min(1.0, batch_size / n_samples)
+        self.steps_per_epoch = math.ceil(n_samples / batch_size)
+        self.expected_batch_size = self.sample_rate * n_samples
+        if cfg.noise_multiplier is not None:
+            self.noise_multiplier = cfg.noise_multiplier
+        else:
+            self.noise_multiplier = plan_noise_multiplier(
+                epsilon=cfg.epsilon, delta=cfg.delta, sample_rate=self.sample_rate,
+                steps=planned_epochs * self.steps_per_epoch, who=who,
+            )  # fmt: skip
+        self.accountant = PrivacyAccountant()
+        self._reserved_epochs = 0
+
+    @property
+    def epsilon(self) -> float:
+        return self.accountant.epsilon(self.cfg.delta)
+
+    def reserve(self, epochs: int) -> None:
+        """Account for ``epochs`` epochs about to run; refuse (BudgetError) if they would exceed the budget."""
+        steps = epochs * self.steps_per_epoch
+        after = self.accountant.epsilon_after(self.noise_multiplier, self.sample_rate, steps, self.cfg.delta)
+        if after > self.cfg.epsilon * 1.01:
+            raise BudgetError(
+                f"{self.who}: privacy budget exhausted: {steps} more steps would reach epsilon={after:.2f} "
+                f"> {self.cfg.epsilon} (delta={self.cfg.delta}; spent so far {self.epsilon:.2f})"
+            )
+        self.accountant.step(self.noise_multiplier, self.sample_rate, steps)
+        self._reserved_epochs += epochs
+
+    # -- training.local.PrivateTraining --------------------------------------
+    def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
+        # Opacus's capture hooks fire on the first layer, whose input needs no gradient
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        private_model = GradSampleModule(model, loss_reduction="mean")
+        private_opt = DPOptimizer(
+            optimizer, noise_multiplier=self.noise_multiplier, max_grad_norm=self.cfg.clip,
+            expected_batch_size=round(self.expected_batch_size), loss_reduction="mean",
+        )  # fmt: skip
+        return private_model, private_opt
+
+    def batches(self, n: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+        # no private step runs without having been accounted for first
+        if self._reserved_epochs <= 0:
+            raise BudgetError(f"{self.who}: training epoch not reserved with the accountant")
+        self._reserved_epochs -= 1
+        return self._poisson(n, generator)
+
+    def _poisson(self, n: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+        for _ in range(self.steps_per_epoch):
+            yield torch.nonzero(torch.rand(n, generator=generator) < self.sample_rate).reshape(-1)
+
+    def unwrap(self, model: nn.Module) -> None:
+        assert isinstance(model, GradSampleModule)
+        model.remove_hooks()
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        # mean of per-sample weighted losses, not normalised by the batch's total weight:
+        # each sample's gradient must not depend on who else is in the batch
+        per_sample = F.cross_entropy(logits, labels, reduction="none")
+        if weight is not None:
+            per_sample = per_sample * weight[labels]
+        return per_sample.mean()
+
+
+def privacy_summary(dp: DPSGD) -> dict[str, object]:
+    """What a report or checkpoint states about one data holder's privacy."""
+    return {
+        "epsilon": dp.epsilon, "delta": dp.cfg.delta, "clip": dp.cfg.clip, "target_epsilon": dp.cfg.epsilon,
+        "noise_multiplier": dp.noise_multiplier, "sample_rate": dp.sample_rate, "steps": dp.accountant.steps,
+        "accountant": "RDP (subsampled Gaussian, Poisson sampling)",
+    }  # fmt: skip

@@ -1,0 +1,120 @@
+"""DP-SGD: accounting against Opacus, clipping, planning, budget exhaustion, model checks."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+
+from models import build_model
+from protocols.accountant import ORDERS, BudgetError, PrivacyAccountant, plan_noise_multiplier
+from protocols.dp import DPSGD, DPConfig, DPIncompatibleModel, check_compatible
+from protocols.hospital import hospital_partition
+from protocols.plan import Plan
+from protocols.simulate import simulate
+from training.checkpoint import Checkpoint
+
+
+@pytest.mark.parametrize("sigma,q,steps", [(1.0, 0.01, 1000), (0.8, 0.05, 300), (2.0, 0.25, 40)])
+def test_epsilon_matches_opacus_reference_accountant(sigma, q, steps):
+    ours = PrivacyAccountant()
+    ours.step(sigma, q, steps)
+    ref = RDPAccountant()
+    ref.history = [(sigma, q, steps)]
+    # we search more Renyi orders than Opacus's default list: never looser, at most slightly tighter
+    assert ours.epsilon(1e-5) == pytest.approx(ref.get_epsilon(1e-5), rel=0.02)
+    assert ours.epsilon(1e-5) <= ref.get_epsilon(1e-5) + 1e-9
+    assert ours.epsilon(1e-5) == pytest.approx(ref.get_epsilon(1e-5, alphas=ORDERS), rel=1e-9)
+
+
+def test_composition_over_rounds_with_different_noise():
+    ours, ref = PrivacyAccountant(), RDPAccountant()
+    for sigma, q, n in [(1.0, 0.05, 100), (1.0, 0.05, 100), (1.5, 0.05, 50)]:
+        ours.step(sigma, q, n)
+        ref.history.append((sigma, q, n))
+    assert ours.steps == 250 and len(ours.history) == 2  # equal consecutive entries merge
+    assert ours.epsilon(1e-5) == pytest.approx(ref.get_epsilon(1e-5), rel=0.02)
+    assert PrivacyAccountant.from_dict(ours.to_dict()).epsilon(1e-5) == ours.epsilon(1e-5)
+
+
+def test_planned_noise_meets_the_budget_and_impossible_plans_are_refused():
+    sigma = plan_noise_multiplier(epsilon=8, delta=1e-5, sample_rate=0.04, steps=500, who="h1")
+    acc = PrivacyAccountant()
+    acc.step(sigma, 0.04, 500)
+    assert 7.9 <= acc.epsilon(1e-5) <= 8.0
+    with pytest.raises(BudgetError, match="h1"):
+        plan_noise_multiplier(epsilon=0.001, delta=1e-5, sample_rate=0.5, steps=10_000, who="h1")
+
+
+def test_every_per_sample_gradient_is_clipped_to_c():
+    torch.manual_seed(0)
+    clip = 0.05
+    dp = DPSGD(DPConfig(epsilon=10, clip=clip, noise_multiplier=0.0), n_samples=8, batch_size=1, planned_epochs=1, who="t")
+    model = build_model("cnn_gn", 3, seed=0)
+    wrapped, opt = dp.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    x, y = torch.randn(8, 1, 32, 32) * 3, torch.randint(0, 3, (8,))
+    raw, clipped = [], []
+    for i in range(8):  # one sample per batch: the accumulated gradient is that sample's clipped gradient
+        opt.zero_grad(set_to_none=True)
+        dp.loss(wrapped(x[i : i + 1]), y[i : i + 1], None).backward()
+        raw.append(torch.cat([p.grad_sample.reshape(-1) for p in model.parameters()]).norm())
+        opt.clip_and_accumulate()
+        clipped.append(torch.cat([p.summed_grad.reshape(-1) for p in model.parameters()]).norm())
+    dp.unwrap(wrapped)
+    assert max(clipped) <= clip * (1 + 1e-4)
+    assert min(raw) > clip  # clipping was active for every sample
+
+
+def test_training_without_reserving_budget_is_refused():
+    dp = DPSGD(DPConfig(epsilon=8), n_samples=100, batch_size=10, planned_epochs=2, who="h0")
+    with pytest.raises(BudgetError, match="not reserved"):
+        next(dp.batches(100, torch.Generator()))
+    dp.reserve(2)
+    assert 7.5 < dp.epsilon <= 8.0
+    with pytest.raises(BudgetError, match="h0: privacy budget exhausted"):
+        dp.reserve(1)
+
+
+def test_batchnorm_model_is_refused_with_the_layer_and_the_fix():
+    with pytest.raises(DPIncompatibleModel, match=r"layer '1' is BatchNorm2d.*'cnn_gn'"):
+        check_compatible(build_model("cnn", 3), "cnn")
+    with pytest.raises(DPIncompatibleModel, match=r"layer 'bn1' is BatchNorm2d.*'resnet18_gn'"):
+        check_compatible(build_model("resnet18", 3), "resnet18")
+    check_compatible(build_model("resnet18_gn", 3), "resnet18_gn")
+
+
+@pytest.mark.slow
+def test_federated_run_stops_cleanly_when_the_budget_is_spent(tmp_path):
+    plan = Plan(data="synthetic:240", image_size=32, hospitals=3, rounds=3, batch_size=32, model="cnn_gn",
+                timeout_s=60, dp_noise=2.0, dp_epsilon=1.0)  # fmt: skip
+    # pick a budget that one round fits and two rounds do not (the smallest hospital spends fastest)
+    n_min = min(len(hospital_partition(plan, i)) for i in range(plan.hospitals))
+    dp = DPSGD(DPConfig(epsilon=100, noise_multiplier=2.0), n_samples=n_min, batch_size=32, planned_epochs=1, who="x")
+    one = dp.accountant.epsilon_after(2.0, dp.sample_rate, dp.steps_per_epoch, 1e-5)
+    two = dp.accountant.epsilon_after(2.0, dp.sample_rate, 2 * dp.steps_per_epoch, 1e-5)
+    plan.dp_epsilon = (one + two) / 2
+    report = simulate(plan, tmp_path)
+    assert "privacy budget exhausted" in report["stopped"] and len(report["rounds"]) == 1
+    eps = report["rounds"][0]["privacy"]
+    assert set(eps) == {"hospital0", "hospital1", "hospital2"}
+    assert all(0 < e["epsilon"] <= plan.dp_epsilon for e in eps.values())
+    info = Checkpoint.load(tmp_path / "model.pt").info
+    assert info["round"] == 1 and info["privacy"]["hospital0"]["noise_multiplier"] == 2.0
+
+
+@pytest.mark.slow
+def test_dp_training_cli_reports_epsilon_per_epoch(tmp_path):
+    cmd = [sys.executable, "-m", "cli.main", "train", "--data", "synthetic:240", "--image-size", "32", "--epochs", "2",
+           "--model", "cnn_gn", "--dp-epsilon", "5", "--out", str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    eps = [h["epsilon"] for h in report["history"]]
+    assert 0 < eps[0] < eps[1] <= 5.0 * 1.01 and report["privacy"]["target_epsilon"] == 5.0
+    assert Checkpoint.load(tmp_path / "model.pt").info["privacy"]["epsilon"] == pytest.approx(eps[1])
+    assert "epsilon" in proc.stdout
+    bad = subprocess.run(cmd[:-6] + ["--model", "cnn", "--dp-epsilon", "5", "--out", str(tmp_path / "x")],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert bad.returncode == 2 and "BatchNorm2d" in bad.stderr and "cnn_gn" in bad.stderr
