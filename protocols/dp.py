@@ -2,7 +2,7 @@
 
 Per-sample gradients are clipped to norm C, Gaussian noise of standard deviation
 sigma*C is added to their sum, and batches are Poisson-sampled (each sample
-joins each step independently with probability q = batch_size / n). The noise
+joins each step independently with probability at most q = batch_size / n). The noise
 multiplier sigma is planned so that every step of every planned round together
 ends at the target epsilon (RDP accounting, protocols.accountant).
 """
@@ -76,6 +76,7 @@ class DPSGD:
             )  # fmt: skip
         self.accountant = PrivacyAccountant()
         self._reserved_epochs = 0
+        self._optimizer: DPOptimizer | None = None
 
     @property
     def epsilon(self) -> float:
@@ -102,30 +103,40 @@ class DPSGD:
             optimizer, noise_multiplier=self.noise_multiplier, max_grad_norm=self.cfg.clip,
             expected_batch_size=round(self.expected_batch_size), loss_reduction="mean",
         )  # fmt: skip
+        self._optimizer = private_opt
         return private_model, private_opt
 
-    def batches(self, n: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    def batches(
+        self, labels: torch.Tensor, weight: torch.Tensor | None, generator: torch.Generator
+    ) -> Iterator[torch.Tensor]:
+        """Poisson sampling; with class weights, sample i joins with rate q * w_i / max(w) <= q.
+
+        Weighting the loss instead would not survive clipping (every per-sample
+        gradient is cut to norm C whatever its weight); weighting the sampling
+        rates does, and no sample's rate exceeds the accounted q.
+        """
         # no private step runs without having been accounted for first
         if self._reserved_epochs <= 0:
             raise BudgetError(f"{self.who}: training epoch not reserved with the accountant")
         self._reserved_epochs -= 1
-        return self._poisson(n, generator)
+        rates = torch.full(labels.shape, self.sample_rate)
+        if weight is not None:
+            rates = rates * weight[labels] / weight.max()
+        if self._optimizer is not None:
+            self._optimizer.expected_batch_size = max(1, round(float(rates.sum())))
+        return self._poisson(rates, generator)
 
-    def _poisson(self, n: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    def _poisson(self, rates: torch.Tensor, generator: torch.Generator) -> Iterator[torch.Tensor]:
         for _ in range(self.steps_per_epoch):
-            yield torch.nonzero(torch.rand(n, generator=generator) < self.sample_rate).reshape(-1)
+            yield torch.nonzero(torch.rand(rates.shape, generator=generator) < rates).reshape(-1)
 
     def unwrap(self, model: nn.Module) -> None:
         assert isinstance(model, GradSampleModule)
         model.remove_hooks()
+        self._optimizer = None
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-        # mean of per-sample weighted losses, not normalised by the batch's total weight:
-        # each sample's gradient must not depend on who else is in the batch
-        per_sample = F.cross_entropy(logits, labels, reduction="none")
-        if weight is not None:
-            per_sample = per_sample * weight[labels]
-        return per_sample.mean()
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, labels)
 
 
 def privacy_summary(dp: DPSGD) -> dict[str, object]:

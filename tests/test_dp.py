@@ -58,7 +58,7 @@ def test_every_per_sample_gradient_is_clipped_to_c():
     raw, clipped = [], []
     for i in range(8):  # one sample per batch: the accumulated gradient is that sample's clipped gradient
         opt.zero_grad(set_to_none=True)
-        dp.loss(wrapped(x[i : i + 1]), y[i : i + 1], None).backward()
+        dp.loss(wrapped(x[i : i + 1]), y[i : i + 1]).backward()
         raw.append(torch.cat([p.grad_sample.reshape(-1) for p in model.parameters()]).norm())
         opt.clip_and_accumulate()
         clipped.append(torch.cat([p.summed_grad.reshape(-1) for p in model.parameters()]).norm())
@@ -70,7 +70,7 @@ def test_every_per_sample_gradient_is_clipped_to_c():
 def test_training_without_reserving_budget_is_refused():
     dp = DPSGD(DPConfig(epsilon=8), n_samples=100, batch_size=10, planned_epochs=2, who="h0")
     with pytest.raises(BudgetError, match="not reserved"):
-        next(dp.batches(100, torch.Generator()))
+        next(dp.batches(torch.zeros(100, dtype=torch.long), None, torch.Generator()))
     dp.reserve(2)
     assert 7.5 < dp.epsilon <= 8.0
     with pytest.raises(BudgetError, match="h0: privacy budget exhausted"):

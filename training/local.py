@@ -53,10 +53,12 @@ class PrivateTraining(Protocol):
     def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
         """Per-sample gradients, clipping and noise."""
 
-    def batches(self, n: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-        """One epoch of sample indices, Poisson-sampled."""
+    def batches(
+        self, labels: torch.Tensor, weight: torch.Tensor | None, generator: torch.Generator
+    ) -> Iterator[torch.Tensor]:
+        """One epoch of sample indices, Poisson-sampled (class weights act through the sampling rates)."""
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """A loss whose per-sample gradients depend on that sample alone."""
 
     def unwrap(self, model: nn.Module) -> None:
@@ -130,7 +132,7 @@ def _epochs(
         model.train()
         total, seen = 0.0, 0
         if private is not None:
-            batches = private.batches(len(images), g)
+            batches = private.batches(labels, weight, g)
         else:
             batches = _shuffled_batches(len(images), cfg.batch_size, g)
         for idx in batches:
@@ -143,7 +145,7 @@ def _epochs(
                 x = augment(x, g)
             logits = model(x)
             if private is not None:
-                loss = private.loss(logits, labels[idx], weight)
+                loss = private.loss(logits, labels[idx])
             else:
                 loss = F.cross_entropy(logits, labels[idx], weight=weight)
             opt.zero_grad(set_to_none=True)
