@@ -98,6 +98,9 @@ class DPSGD:
     def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
         # Opacus's capture hooks fire on the first layer, whose input needs no gradient
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        for module in model.modules():
+            if isinstance(module, nn.ReLU):  # in-place ops break Opacus's backward hooks (ResNet)
+                module.inplace = False
         private_model = GradSampleModule(model, loss_reduction="mean")
         private_opt = DPOptimizer(
             optimizer, noise_multiplier=self.noise_multiplier, max_grad_norm=self.cfg.clip,

@@ -118,3 +118,17 @@ def test_dp_training_cli_reports_epsilon_per_epoch(tmp_path):
     bad = subprocess.run(cmd[:-6] + ["--model", "cnn", "--dp-epsilon", "5", "--out", str(tmp_path / "x")],
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert bad.returncode == 2 and "BatchNorm2d" in bad.stderr and "cnn_gn" in bad.stderr
+
+
+@pytest.mark.parametrize("name", ["cnn_gn", "resnet18_gn"])
+def test_every_group_norm_model_takes_a_private_step(name):
+    model = build_model(name, 3, seed=0)
+    check_compatible(model, name)
+    dp = DPSGD(DPConfig(epsilon=8), n_samples=40, batch_size=4, planned_epochs=1, who="t")
+    before = [p.detach().clone() for p in model.parameters()]
+    wrapped, opt = dp.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    dp.loss(wrapped(torch.randn(4, 1, 32, 32)), torch.tensor([0, 1, 2, 1])).backward()
+    opt.step()
+    dp.unwrap(wrapped)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert sum(not torch.equal(a, b) for a, b in zip(before, model.parameters())) > 10
