@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plaintext", action="store_true", help="plain FedAvg in the clear, for comparison")
     p.add_argument("--out", type=Path, required=True, help="folder for report.json, model.pt and plots")
     _add_dp_args(p)
+    p.add_argument("--central-dp-noise", type=float, help="distributed central DP: noise multiplier z of the "
+                   "Gaussian noise the aggregators add to the sum of clipped updates inside MPC")  # fmt: skip
+    p.add_argument("--update-clip", type=float, help="with --central-dp-noise: L2 clip of each hospital's update (default 1.0)")
     p.set_defaults(func=commands.simulate)
 
     bench = sub.add_parser("bench", help="protocol benchmarks").add_subparsers(dest="bench", required=True)

@@ -33,3 +33,14 @@ def expand(seed: bytes, n: int) -> torch.Tensor:
 def random_ring(n: int) -> torch.Tensor:
     """``n`` uniformly random int64 ring elements from a fresh OS-seeded stream."""
     return expand(new_seed(), n)
+
+
+def gaussian(n: int, std: float) -> torch.Tensor:
+    """``n`` float64 samples of N(0, std^2) from a fresh OS-seeded ChaCha20 stream (Box-Muller).
+
+    DP noise must come from a CSPRNG too: predictable noise can be subtracted.
+    """
+    bits = random_ring(2 * n).view(2, n)
+    # 53 random bits each -> uniform in (0, 1], never 0 (log(0) is undefined)
+    u1, u2 = ((((b >> 11) & ((1 << 53) - 1)).double() + 1) / 2.0**53 for b in bits)
+    return std * torch.sqrt(-2 * torch.log(u1)) * torch.cos(2 * torch.pi * u2)

@@ -10,7 +10,7 @@ from mpc import crypten_compat, prg
 from mpc.transport import Channel, Listener, PeerError, Traffic, connect
 from protocols.commands import die, next_command
 from protocols.plan import Plan
-from protocols.secure_aggregation import AggregatorState, RevealRefused, average_share
+from protocols.secure_aggregation import AggregatorState, RevealRefused, average_share, noise_share
 
 
 class Aggregator:
@@ -86,6 +86,10 @@ class Aggregator:
                         coord.send("error", {"message": f"{self.name}: {err}"})
                         continue
                     start = time.perf_counter()
+                    noise_std = msg.meta.get("noise_std", 0.0)
+                    if noise_std > 0:
+                        # this aggregator's part of the central-DP noise; no single party knows the total
+                        summed = summed + noise_share(summed.numel(), noise_std, p.aggregators, p.fractional_bits)
                     share = average_share(summed, msg.meta["divisor"], fractional_bits=p.fractional_bits)
                     self.state = None
                     coord.send("share", {"tag": tag, "mpc_s": time.perf_counter() - start}, share)

@@ -81,6 +81,9 @@ class Hospital:
             desc=f"{self.name} round {msg_meta['round']}",
         )  # fmt: skip
         delta = to_vector(model) - global_vector
+        if self.plan.central_dp_noise is not None:
+            # central DP: bounded, equally weighted contributions (sensitivity update_clip)
+            return delta * min(1.0, self.plan.update_clip / float(delta.norm().clamp(min=1e-12))), time.perf_counter() - start
         return delta * len(self.data), time.perf_counter() - start
 
     def _baseline(self, coord: Channel) -> torch.Tensor:
@@ -103,10 +106,12 @@ class Hospital:
     def _setup_privacy(self) -> DPSGD | None:
         """Plan DP-SGD for every local epoch of every round; refuse a plan that cannot meet the budget."""
         dp = self.plan.dp_config()
+        if dp is not None or self.plan.central_dp_noise is not None:
+            # also for central DP: noise on BatchNorm running variances could make them negative
+            check_compatible(build_model(self.plan.model, self.plan.num_classes), self.plan.model)
         if dp is None:
             return None
         assert self.data is not None
-        check_compatible(build_model(self.plan.model, self.plan.num_classes), self.plan.model)
         return DPSGD(
             dp, n_samples=len(self.data), batch_size=self.plan.batch_size,
             planned_epochs=self.plan.rounds * self.plan.local_epochs, who=self.name,

@@ -48,6 +48,11 @@ class Plan:
     dp_delta: float = 1e-5
     dp_clip: float = 1.0
     dp_noise: float | None = None
+    # distributed central DP: each hospital clips its update to L2 norm update_clip (updates
+    # are then averaged with equal weights), and the aggregators add Gaussian noise of total
+    # std central_dp_noise * update_clip to the sum inside MPC, each drawing its own part
+    central_dp_noise: float | None = None
+    update_clip: float = 1.0
     # failure drills, party -> "ACTION:ROUND": "kill:2" (the process dies when round 2
     # starts), "nan:1" / "overflow:1" (a hospital's round-1 update is corrupted)
     drills: dict[str, str] = field(default_factory=dict)
@@ -64,6 +69,8 @@ class Plan:
             raise ValueError(f"need at least 2 aggregation parties, got {self.aggregators}")
         if self.rounds < 1 or self.local_epochs < 1:
             raise ValueError("rounds and local epochs must be at least 1")
+        if self.central_dp_noise is not None and (self.central_dp_noise < 0 or not self.update_clip > 0):
+            raise ValueError("central DP needs central_dp_noise >= 0 and update_clip > 0")
         if not 0 < self.fractional_bits <= 32:
             raise ValueError(f"fractional bits must be in 1..32, got {self.fractional_bits}")
 

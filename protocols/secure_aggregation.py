@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from mpc import crypten_compat, sharing
+from mpc import crypten_compat, prg, sharing
 
 
 class RevealRefused(RuntimeError):
@@ -74,6 +74,17 @@ class AggregatorState:
                 f"contributions (need {self.quorum}); waiting for {', '.join(missing)}"
             )
         return self.total
+
+
+def noise_share(numel: int, total_std: float, n_aggregators: int, fractional_bits: int) -> torch.Tensor:
+    """One aggregator's part of distributed Gaussian noise, encoded in the ring.
+
+    K parts of variance total_std^2 / K sum to noise of variance total_std^2. Each
+    part is rounded to the fixed-point grid (a rounded, not an exact discrete,
+    Gaussian); the accounting (Coordinator) assumes one aggregator knows its own
+    part, so only K-1 parts count as noise.
+    """
+    return sharing.encode(prg.gaussian(numel, total_std / n_aggregators**0.5), fractional_bits)
 
 
 def average_share(summed: torch.Tensor, divisor: int, *, fractional_bits: int) -> torch.Tensor:

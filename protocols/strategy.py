@@ -12,6 +12,7 @@ from typing import Protocol
 
 import torch
 
+from mpc import prg
 from mpc.transport import Channel, Message, PeerError
 from protocols.secure_aggregation import reveal
 
@@ -31,8 +32,11 @@ class Strategy(Protocol):
     def receive(self, hospital: str, msg: Message) -> None:
         """A contribution that arrived at the coordinator itself (plaintext only)."""
 
-    def finish(self, tag: str, divisor: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """The average (sum / divisor) and timings, once every hospital has contributed."""
+    def finish(self, tag: str, divisor: int, noise_std: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+        """The average ((sum + noise) / divisor) and timings, once every hospital has contributed.
+
+        ``noise_std``: Gaussian noise of this total standard deviation is added to the sum
+        (central DP) before the division."""
 
     def discard(self, tag: str) -> None:
         """Drop every contribution of ``tag`` without revealing anything."""
@@ -54,8 +58,10 @@ class PlainFedAvg:
         self.total += msg.tensor
         self.work += time.perf_counter() - start
 
-    def finish(self, tag: str, divisor: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def finish(self, tag: str, divisor: int, noise_std: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
         assert self.total is not None
+        if noise_std > 0:
+            self.total += prg.gaussian(self.total.numel(), noise_std)
         avg = (self.total / divisor).float()
         self.total = None
         return avg, {"aggregation_s": self.work, "reveal_s": 0.0}
@@ -75,7 +81,7 @@ class SecureFedAvg:
     def receive(self, hospital: str, msg: Message) -> None:
         raise PeerError(hospital, "sent its update to the coordinator in a secure run")
 
-    def finish(self, tag: str, divisor: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def finish(self, tag: str, divisor: int, noise_std: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
         sum_s = 0.0
         for name, ch in self.aggregators.items():
             msg = ch.recv()
@@ -86,7 +92,7 @@ class SecureFedAvg:
             sum_s = max(sum_s, msg.meta["sum_s"])
         start = time.perf_counter()
         for ch in self.aggregators.values():
-            ch.send("reveal", {"tag": tag, "divisor": divisor})
+            ch.send("reveal", {"tag": tag, "divisor": divisor, "noise_std": noise_std})
         parts = [ch.expect("share").tensor for ch in self.aggregators.values()]
         avg = reveal(parts, fractional_bits=self.fractional_bits)
         return avg, {"aggregation_s": sum_s, "reveal_s": time.perf_counter() - start}

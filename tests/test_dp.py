@@ -132,3 +132,31 @@ def test_every_group_norm_model_takes_a_private_step(name):
     dp.unwrap(wrapped)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert sum(not torch.equal(a, b) for a, b in zip(before, model.parameters())) > 10
+
+
+def test_csprng_gaussian_has_the_requested_spread():
+    from mpc.prg import gaussian
+
+    x = gaussian(100_000, 2.5)
+    assert abs(float(x.mean())) < 0.05 and float(x.std()) == pytest.approx(2.5, rel=0.02)
+    assert not torch.equal(gaussian(10, 1.0), gaussian(10, 1.0))
+
+
+@pytest.mark.slow
+def test_central_dp_noise_is_added_inside_mpc_with_the_planned_spread(tmp_path):
+    """Same seeds with and without central noise: the global models differ by exactly the noise / N."""
+    common = dict(data="synthetic:240", image_size=32, hospitals=3, aggregators=2, rounds=1, batch_size=32,
+                  model="cnn_gn", timeout_s=60, update_clip=0.5)  # fmt: skip
+    quiet = simulate(Plan(**common, central_dp_noise=0.0), tmp_path / "quiet")
+    noisy = simulate(Plan(**common, central_dp_noise=2.0), tmp_path / "noisy")
+    a = Checkpoint.load(tmp_path / "quiet" / "model.pt").state_dict
+    b = Checkpoint.load(tmp_path / "noisy" / "model.pt").state_dict
+    diff = torch.cat([(b[k] - a[k]).reshape(-1) for k in a if a[k].is_floating_point()])
+    assert float(diff.std()) == pytest.approx(2.0 * 0.5 / 3, rel=0.05)
+    assert abs(float(diff.mean())) < 0.01
+    cdp = noisy["rounds"][0]["central_dp"]
+    assert cdp["effective_noise_multiplier"] == pytest.approx(2.0 / 2**0.5)
+    ref = PrivacyAccountant()
+    ref.step(2.0 / 2**0.5, 1.0, 1)
+    assert cdp["epsilon"] == pytest.approx(ref.epsilon(1e-5))
+    assert quiet["rounds"][0]["central_dp"]["epsilon"] is None
