@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Any
 
@@ -153,4 +154,72 @@ def bench_secure_aggregation(args: argparse.Namespace) -> dict[str, Any] | None:
         f"secure {result['secure_s']:.3f} s, plaintext all-reduce {result['plaintext_s']:.3f} s, "
         f"ratio {result['ratio']:.2f}, max error {result['max_abs_err']:.2e}"
     )
+    return None
+
+
+def infer(args: argparse.Namespace) -> dict[str, Any] | None:
+    import torch
+
+    from imaging.images import read_image
+    from mpc.inference import run_inference
+    from training.checkpoint import Checkpoint
+
+    ckpt = Checkpoint.load(args.model)
+    prep = ckpt.preprocessing
+    images = prep(torch.stack([read_image(p, prep.image_size) for p in args.image]))
+    result = run_inference(str(args.model), images, timeout_s=args.timeout)
+    probs = torch.softmax(result["logits"], dim=1)
+    predictions = [
+        {"image": str(p), "prediction": ckpt.classes[int(pr.argmax())],
+         "probabilities": dict(zip(ckpt.classes, map(float, pr))), "logits": lg.tolist()}
+        for p, pr, lg in zip(args.image, probs, result["logits"])
+    ]  # fmt: skip
+    out = {"predictions": predictions, **{k: result[k] for k in ("online_s", "offline_s", "rounds", "bytes")}}
+    if args.json:
+        return out
+    for pred in predictions:
+        probs_text = "  ".join(f"{c} {v:.3f}" for c, v in pred["probabilities"].items())
+        _log(f"{pred['image']}: {pred['prediction']}  ({probs_text})")
+    _log(f"online {result['online_s']:.2f} s, offline {result['offline_s']:.2f} s, "
+         f"{result['rounds']} rounds, {result['bytes'] / 1e6:.1f} MB")  # fmt: skip
+    return None
+
+
+def bench_inference(args: argparse.Namespace) -> dict[str, Any] | None:
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from imaging.transforms import Preprocessing
+    from models import build_model
+    from mpc.inference import run_inference
+    from training.checkpoint import Checkpoint
+
+    model = build_model(args.model, 3, seed=args.seed).eval()
+    g = torch.Generator().manual_seed(args.seed)
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so folding is really exercised
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    x = torch.randn(args.batch, 1, args.image_size, args.image_size, generator=g)
+    with tempfile.TemporaryDirectory(prefix="medmpc-bench-") as tmp:
+        path = Path(tmp) / "model.pt"
+        Checkpoint(args.model, ("normal", "bacterial", "viral"), Preprocessing(args.image_size, 0.5, 0.25),
+                   model.state_dict()).save(path)  # fmt: skip
+        result = run_inference(str(path), x, timeout_s=args.timeout)
+    with torch.no_grad():
+        plain = model(x)
+    out = {
+        "model": args.model, "image_size": args.image_size, "batch": args.batch,
+        **{k: result[k] for k in ("online_s", "offline_s", "rounds", "bytes")},
+        "max_abs_err": float((result["logits"] - plain).abs().max()),
+        "argmax_agree": bool((result["logits"].argmax(1) == plain.argmax(1)).all()),
+    }  # fmt: skip
+    if args.json:
+        return out
+    _log(json.dumps(out, indent=2))
     return None

@@ -95,6 +95,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=commands.bench_secure_aggregation)
 
+    p = sub.add_parser("infer", help="encrypted prediction: secret-shared model on a secret-shared image")
+    p.add_argument("--model", type=Path, required=True, help="checkpoint (model.pt)")
+    p.add_argument("--image", type=Path, required=True, nargs="+", help="image file(s); several form one batch")
+    p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.set_defaults(func=commands.infer)
+
+    p = bench.add_parser("inference", help="encrypted inference of a random model against plaintext")
+    p.add_argument("--model", default="resnet18", help="architecture from the registry")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.set_defaults(func=commands.bench_inference)
+
     p = sub.add_parser("selfcheck", help="secret-shared arithmetic across real party processes")
     p.add_argument("--parties", type=int, default=2)
     p.add_argument("--timeout", type=float, default=60.0, help="seconds before a silent party is an error")

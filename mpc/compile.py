@@ -1,0 +1,167 @@
+"""Compile a PyTorch model into a program that runs on CrypTen shares, without ONNX.
+
+The model is traced with ``torch.fx`` (after the model owner folds BatchNorm into
+the preceding convolution), and every node is mapped to one CrypTen operation.
+Supported: Conv2d, Linear, ReLU, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d,
+Flatten, residual add, and BatchNorm directly after a convolution (folded).
+Anything else is an error naming the layer. Every party compiles the same
+architecture; only the model owner's copy has the real weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+
+class UnsupportedLayer(ValueError):
+    """A layer the encrypted executor cannot run; the message names it."""
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` (eval mode) with every BatchNorm after a Conv2d folded into it."""
+    gm = fx.symbolic_trace(copy.deepcopy(model).eval())
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(modules[node.target], nn.modules.batchnorm._BatchNorm):
+            continue
+        prev = node.args[0]
+        if not (isinstance(prev, fx.Node) and prev.op == "call_module" and isinstance(modules[prev.target], nn.Conv2d)):
+            raise UnsupportedLayer(f"layer {node.target!r} (BatchNorm) does not follow a Conv2d and cannot be folded")
+        if len(prev.users) != 1:
+            raise UnsupportedLayer(f"conv {prev.target!r} feeds more than its BatchNorm {node.target!r}")
+        conv, bn = modules[prev.target], modules[node.target]
+        scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+        bias = conv.bias.detach() if conv.bias is not None else torch.zeros(conv.out_channels)
+        fused = nn.Conv2d(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+            conv.dilation, conv.groups, bias=True,
+        )  # fmt: skip
+        fused.weight.data = conv.weight.detach() * scale.reshape(-1, 1, 1, 1)
+        fused.bias.data = (bias - bn.running_mean) * scale + bn.bias.detach()
+        parent, _, name = prev.target.rpartition(".")
+        setattr(gm.get_submodule(parent) if parent else gm, name, fused)
+        node.replace_all_uses_with(prev)
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm
+
+
+@dataclass
+class Step:
+    """One node of the compiled program: ``out = fn(*inputs)``."""
+
+    name: str
+    fn: Callable[..., Any]
+    inputs: list[str]
+
+
+@dataclass
+class Program:
+    steps: list[Step]
+    input_name: str
+    output_name: str
+    parameters: dict[str, torch.Tensor]  # plaintext on the model owner, zeros of the same shape elsewhere
+
+    def run(self, x: Any, encrypted_params: dict[str, Any]) -> Any:
+        values: dict[str, Any] = {self.input_name: x}
+        for step in self.steps:
+            values[step.name] = step.fn(*[values[i] for i in step.inputs], params=encrypted_params)
+        return values[self.output_name]
+
+
+def _conv(mod: nn.Conv2d, key: str) -> Callable[..., Any]:
+    kwargs = {"stride": mod.stride, "padding": mod.padding, "dilation": mod.dilation, "groups": mod.groups}
+    if isinstance(mod.padding, str):
+        raise UnsupportedLayer(f"conv {key!r} uses string padding {mod.padding!r}")
+
+    def fn(x: Any, params: dict[str, Any]) -> Any:
+        out = x.conv2d(params[f"{key}.weight"], **kwargs)
+        if f"{key}.bias" in params:
+            out = out + params[f"{key}.bias"].reshape(1, -1, 1, 1)
+        return out
+
+    return fn
+
+
+def _linear(key: str, has_bias: bool) -> Callable[..., Any]:
+    def fn(x: Any, params: dict[str, Any]) -> Any:
+        out = x.matmul(params[f"{key}.weight"].t())
+        return out + params[f"{key}.bias"] if has_bias else out
+
+    return fn
+
+
+def _module_step(key: str, mod: nn.Module) -> Callable[..., Any]:
+    if isinstance(mod, nn.Conv2d):
+        return _conv(mod, key)
+    if isinstance(mod, nn.Linear):
+        return _linear(key, mod.bias is not None)
+    if isinstance(mod, nn.ReLU):
+        return lambda x, params: x.relu()
+    if isinstance(mod, nn.MaxPool2d):
+        k, s, p = mod.kernel_size, mod.stride, mod.padding
+        return lambda x, params: x.max_pool2d(k, padding=p, stride=s)
+    if isinstance(mod, nn.AvgPool2d):
+        k, s, p = mod.kernel_size, mod.stride, mod.padding
+        return lambda x, params: x.avg_pool2d(k, stride=s, padding=p)
+    if isinstance(mod, nn.AdaptiveAvgPool2d):
+        size = mod.output_size if isinstance(mod.output_size, tuple) else (mod.output_size, mod.output_size)
+        if None in size:
+            raise UnsupportedLayer(f"layer {key!r}: AdaptiveAvgPool2d with output size {mod.output_size}")
+        return lambda x, params: x.adaptive_avg_pool2d(size)
+    if isinstance(mod, nn.Flatten):
+        start = mod.start_dim
+        return lambda x, params: x.flatten(start)
+    if isinstance(mod, nn.Identity):
+        return lambda x, params: x
+    raise UnsupportedLayer(
+        f"layer {key!r} ({type(mod).__name__}) is not supported by the encrypted executor; supported: "
+        "Conv2d, Linear, ReLU, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Flatten, BatchNorm after Conv2d"
+    )
+
+
+def _function_step(node: fx.Node) -> Callable[..., Any]:
+    target = node.target
+    if target in (torch.relu, torch.nn.functional.relu):
+        return lambda x, params: x.relu()
+    if target in (operator.add, torch.add):
+        return lambda a, b, params: a + b
+    if target is torch.flatten:
+        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+        return lambda x, params: x.flatten(start)
+    raise UnsupportedLayer(f"operation {getattr(target, '__name__', target)!r} (node {node.name}) is not supported")
+
+
+def compile_model(model: nn.Module) -> Program:
+    """Fold BatchNorm, trace, and map every node to a CrypTen operation."""
+    gm = fold_batchnorm(model)
+    modules = dict(gm.named_modules())
+    steps: list[Step] = []
+    input_name = output_name = ""
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            if input_name:
+                raise UnsupportedLayer("models with more than one input are not supported")
+            input_name = node.name
+        elif node.op == "output":
+            output_name = node.args[0].name
+        elif node.op == "call_module":
+            fn = _module_step(node.target, modules[node.target])
+            steps.append(Step(node.name, fn, [a.name for a in node.args if isinstance(a, fx.Node)]))
+        elif node.op == "call_function":
+            fn = _function_step(node)
+            steps.append(Step(node.name, fn, [a.name for a in node.args if isinstance(a, fx.Node)]))
+        else:
+            raise UnsupportedLayer(f"node {node.name} ({node.op} {node.target}) is not supported")
+    params = {k: v.detach().clone() for k, v in gm.state_dict().items() if k.endswith((".weight", ".bias"))}
+    return Program(steps, input_name, output_name, params)

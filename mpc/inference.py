@@ -1,0 +1,90 @@
+"""Encrypted inference: the secret-shared model on the secret-shared image.
+
+Parties (each its own process, see mpc.launch): the model owner (rank 0) shares
+the BatchNorm-folded weights, the data owner (rank 1) shares the preprocessed
+images, and the dealer (TTP) supplies Beaver triples and other correlated
+randomness. Only the data owner receives the logits.
+
+Offline/online split: a first pass on a dummy input of the same shape records
+which correlated randomness the model needs, and the dealer produces all of it
+into a cache before the real image is used; the online pass (image in,
+prediction out) then takes everything from that cache.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from models import build_model
+from mpc import crypten_compat
+from mpc.compile import compile_model
+
+MODEL_OWNER, DATA_OWNER = 0, 1
+
+
+def _traffic(crypten: Any) -> dict[str, float]:
+    stats = crypten.communicator.get().get_communication_stats()
+    return {"rounds": int(stats["rounds"]), "bytes": int(stats["bytes"])}
+
+
+def encrypted_forward(
+    *, rank: int, world_size: int, model_name: str, num_classes: int, shape: list[int],
+    checkpoint: str | None = None, images: str | None = None,
+) -> dict[str, Any] | None:  # fmt: skip
+    """The job every party runs. The model owner reads only ``checkpoint``, the data owner
+    only ``images`` (a saved float tensor of preprocessed images of ``shape``)."""
+    crypten = crypten_compat.import_crypten()
+    crypten.cfg.communicator.verbose = True  # count rounds and bytes
+    if rank == MODEL_OWNER:
+        from training.checkpoint import Checkpoint
+
+        model = Checkpoint.load(checkpoint).build()
+    else:
+        model = build_model(model_name, num_classes)  # the public architecture; its weights are never used
+    program = compile_model(model)
+    weights = {
+        k: crypten_compat.encrypt(v if rank == MODEL_OWNER else torch.zeros_like(v), src=MODEL_OWNER)
+        for k, v in sorted(program.parameters.items())
+    }
+    provider = crypten.mpc.get_default_provider()
+    start = time.perf_counter()
+    provider.trace(True)
+    program.run(crypten_compat.encrypt(torch.zeros(shape), src=DATA_OWNER), weights)
+    provider.trace(False)
+    provider.fill_cache()
+    offline_s = time.perf_counter() - start
+
+    x = torch.load(images, weights_only=True) if rank == DATA_OWNER else torch.zeros(shape)
+    crypten.communicator.get().reset_communication_stats()
+    start = time.perf_counter()
+    logits = program.run(crypten_compat.encrypt(x, src=DATA_OWNER), weights).get_plain_text(dst=DATA_OWNER)
+    online_s = time.perf_counter() - start
+    traffic = _traffic(crypten)
+    if rank != DATA_OWNER:
+        return None  # the model owner learns nothing about the result
+    return {"logits": logits, "online_s": online_s, "offline_s": offline_s, **traffic}
+
+
+def run_inference(checkpoint: str, images: torch.Tensor, *, timeout_s: float = 600.0) -> dict[str, Any]:
+    """Run model owner, data owner and dealer as local processes on preprocessed ``images``."""
+    import tempfile
+    from pathlib import Path
+
+    from mpc.launch import run_crypten_job
+    from training.checkpoint import Checkpoint
+
+    ckpt = Checkpoint.load(checkpoint)
+    with tempfile.TemporaryDirectory(prefix="medmpc-infer-") as tmp:
+        image_file = Path(tmp) / "images.pt"
+        torch.save(images.float().contiguous(), image_file)
+        results = run_crypten_job(
+            "mpc.inference:encrypted_forward", world_size=2, timeout_s=timeout_s,
+            args={"model_name": ckpt.model_name, "num_classes": len(ckpt.classes), "shape": list(images.shape),
+                  "checkpoint": str(checkpoint), "images": str(image_file)},
+        )  # fmt: skip
+    if results[MODEL_OWNER] is not None:
+        raise RuntimeError("the model owner received a result; it must learn nothing")
+    return results[DATA_OWNER]

@@ -1,0 +1,91 @@
+"""Encrypted inference: BatchNorm folding, the fx compiler, and the three-party engine."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from imaging.dataset import load_dataset
+from imaging.transforms import Preprocessing
+from models import build_model
+from mpc.compile import UnsupportedLayer, compile_model, fold_batchnorm
+from mpc.inference import run_inference
+from training.checkpoint import Checkpoint
+from training.local import TrainConfig, train
+
+
+def _random_bn_stats(model: nn.Module) -> nn.Module:
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g))
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.3)
+                m.weight.copy_(torch.randn(m.num_features, generator=g))
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnet18"])
+def test_folding_batchnorm_keeps_outputs(name):
+    model = _random_bn_stats(build_model(name, 3, seed=0))
+    folded = fold_batchnorm(model)
+    x = torch.randn(2, 1, 64, 64)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert torch.allclose(folded(x), model(x), atol=1e-4)
+    program = compile_model(model)
+    assert all(k.endswith((".weight", ".bias")) for k in program.parameters)
+
+
+def test_unsupported_layers_are_named():
+    with pytest.raises(UnsupportedLayer, match=r"layer '1' \(GroupNorm\)"):
+        compile_model(build_model("cnn_gn", 3))
+    with pytest.raises(UnsupportedLayer, match="Sigmoid"):
+        compile_model(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Sigmoid()))
+    with pytest.raises(UnsupportedLayer, match="does not follow a Conv2d"):
+        compile_model(nn.Sequential(nn.Flatten(), nn.BatchNorm1d(4)))
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(tmp_path_factory):
+    data = load_dataset("synthetic:300", image_size=32, seed=0)
+    prep = Preprocessing.fit(data.images)
+    model = build_model("cnn", 3, seed=0)
+    train(model, data.images, data.labels, prep, TrainConfig(epochs=2), num_classes=3)
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    Checkpoint("cnn", data.classes, prep, model.state_dict()).save(path)
+    return path
+
+
+@pytest.mark.slow
+def test_encrypted_logits_match_plaintext_for_a_batch_of_real_images(trained_checkpoint, chest_xray):
+    ckpt = Checkpoint.load(trained_checkpoint)
+    images = load_dataset(str(chest_xray / "val"), image_size=32, split="val").images[:6]
+    x = ckpt.preprocessing(images)
+    result = run_inference(str(trained_checkpoint), x, timeout_s=120)  # raises if the model owner got a result
+    plain = ckpt.build()(x).detach()
+    assert result["logits"].shape == (6, 3)
+    assert float((result["logits"] - plain).abs().max()) < 0.05
+    assert torch.equal(result["logits"].argmax(1), plain.argmax(1))
+    assert result["online_s"] > 0 and result["offline_s"] > 0 and result["rounds"] > 10 and result["bytes"] > 0
+
+
+@pytest.mark.slow
+def test_infer_and_bench_commands(trained_checkpoint, chest_xray):
+    image = next((chest_xray / "val" / "NORMAL").iterdir())
+    proc = subprocess.run([sys.executable, "-m", "cli.main", "infer", "--model", str(trained_checkpoint),
+                           "--image", str(image), "--json"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    pred = out["predictions"][0]
+    assert pred["prediction"] in ("normal", "bacterial", "viral")
+    assert sum(pred["probabilities"].values()) == pytest.approx(1, abs=1e-4)
+    for key in ("online_s", "offline_s", "rounds", "bytes"):
+        assert out[key] > 0
+    proc = subprocess.run([sys.executable, "-m", "cli.main", "bench", "inference", "--model", "resnet18",
+                           "--image-size", "32", "--json"], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    bench = json.loads(proc.stdout)
+    assert bench["argmax_agree"] is True and bench["max_abs_err"] < 0.05
