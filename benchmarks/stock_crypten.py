@@ -1,0 +1,67 @@
+"""Stock CrypTen 0.4.1 inference, as the baseline for our encrypted engine.
+
+Only the patches it needs to run on torch 2.14: the import stub (mpc.crypten_compat),
+ONNX export with ``dynamo=False``, and an ``Identity`` module for the ONNX op of that
+name. Then ``crypten.nn.from_pytorch`` and its ``TTP`` provider, as a user of stock
+CrypTen would run it. Both parties build the same (seeded) model, because
+``load_from_party`` + ``from_pytorch`` desynchronises the parties' random streams.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any
+
+import torch
+
+from mpc import crypten_compat
+
+
+def _patch_stock(crypten: Any) -> None:
+    if getattr(torch.onnx.export, "_medmpc_stock_patch", False):
+        return
+    export = functools.partial(torch.onnx.export, dynamo=False)
+    export._medmpc_stock_patch = True  # type: ignore[attr-defined]
+    torch.onnx.export = export
+
+    class Identity(crypten.nn.Module):
+        def forward(self, x: Any) -> Any:
+            return x
+
+        @staticmethod
+        def from_onnx(attributes: Any = None) -> Identity:
+            return Identity()
+
+    crypten.nn.module.Identity = Identity
+
+
+def random_model_and_input(model_name: str, image_size: int, batch: int, seed: int) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The benchmark's model (random weights, non-trivial BatchNorm statistics) and input."""
+    from models import build_model
+
+    model = build_model(model_name, 3, seed=seed).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model, torch.randn(batch, 1, image_size, image_size, generator=g)
+
+
+def stock_forward(*, rank: int, world_size: int, model_name: str, image_size: int, batch: int, seed: int) -> dict[str, Any]:
+    crypten = crypten_compat.import_crypten()
+    _patch_stock(crypten)
+    crypten.cfg.communicator.verbose = True
+    model, x = random_model_and_input(model_name, image_size, batch, seed)
+    encrypted_model = crypten.nn.from_pytorch(model, torch.zeros_like(x)).encrypt(src=0)
+    encrypted_model.eval()
+    crypten.communicator.get().reset_communication_stats()
+    start = time.perf_counter()
+    logits = encrypted_model(crypten.cryptensor(x if rank == 1 else torch.zeros_like(x), src=1)).get_plain_text()
+    online_s = time.perf_counter() - start
+    stats = crypten.communicator.get().get_communication_stats()
+    return {"logits": logits, "online_s": online_s, "rounds": int(stats["rounds"]), "bytes": int(stats["bytes"])}

@@ -1,0 +1,59 @@
+"""Our encrypted engine against stock CrypTen 0.4.1 on the same model, input and machine.
+
+ResNet-18 (random weights, non-trivial BatchNorm statistics), two parties plus a
+dealer (TTP) over loopback, one thread per party, both engines in the same run.
+Results go to benchmarks/results/inference.json. Select sizes with -k, e.g.
+
+    .venv/bin/python -m pytest benchmarks/test_inference.py --benchmark-only -k "64-1"
+"""
+
+import json
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.stock_crypten import random_model_and_input
+from imaging.transforms import Preprocessing
+from mpc.inference import run_inference
+from mpc.launch import run_crypten_job
+from training.checkpoint import Checkpoint
+
+RESULTS = Path(__file__).parent / "results" / "inference.json"
+
+
+def _ours(model: torch.nn.Module, x: torch.Tensor) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.pt"
+        Checkpoint("resnet18", ("normal", "bacterial", "viral"), Preprocessing(x.shape[-1], 0.5, 0.25),
+                   model.state_dict()).save(path)  # fmt: skip
+        return run_inference(str(path), x, timeout_s=3600)
+
+
+def _stock(size: int, batch: int) -> dict:
+    args = {"model_name": "resnet18", "image_size": size, "batch": batch, "seed": 0}
+    return run_crypten_job("benchmarks.stock_crypten:stock_forward", world_size=2, args=args, timeout_s=3600)[1]
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("size", [64, 128, 224])
+def test_encrypted_resnet18_vs_stock_crypten(benchmark, size, batch):
+    model, x = random_model_and_input("resnet18", size, batch, 0)
+    plain = model(x).detach()
+    ours = benchmark.pedantic(_ours, args=(model, x), rounds=1, iterations=1)
+    stock = _stock(size, batch)
+    result = {
+        "ours_online_s": ours["online_s"], "ours_offline_s": ours["offline_s"],
+        "ours_rounds": ours["rounds"], "ours_bytes": ours["bytes"],
+        "ours_max_abs_err": float((ours["logits"] - plain).abs().max()),
+        "stock_online_s": stock["online_s"], "stock_rounds": stock["rounds"], "stock_bytes": stock["bytes"],
+        "stock_max_abs_err": float((stock["logits"] - plain).abs().max()),
+        "speedup_online": stock["online_s"] / ours["online_s"],
+    }  # fmt: skip
+    assert result["ours_max_abs_err"] < 0.05
+    benchmark.extra_info.update(result)
+    RESULTS.parent.mkdir(exist_ok=True)
+    table = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    table[f"resnet18 {size}px batch {batch}"] = result
+    RESULTS.write_text(json.dumps(table, indent=2))
