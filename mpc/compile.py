@@ -56,6 +56,38 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return gm
 
 
+def _is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules[node.target], nn.ReLU)
+    return node.op == "call_function" and node.target in (torch.relu, torch.nn.functional.relu)
+
+
+def relu_after_maxpool(gm: fx.GraphModule) -> fx.GraphModule:
+    """Rewrite ``maxpool(relu(x))`` as ``relu(maxpool(x))``: equal (both are monotone), and the
+    secure comparisons of the ReLU then run on the pooled, 4x smaller tensor."""
+    modules = dict(gm.named_modules())
+    for relu in list(gm.graph.nodes):
+        if not _is_relu(relu, modules) or len(relu.users) != 1:
+            continue
+        pool = next(iter(relu.users))
+        if not (pool.op == "call_module" and isinstance(modules[pool.target], nn.MaxPool2d)):
+            continue
+        pool_users = list(pool.users)
+        pool.args = (relu.args[0], *pool.args[1:])
+        relu.args = (pool, *relu.args[1:])
+        pool.append(relu)  # keep the graph in execution order
+        for user in pool_users:
+            user.replace_input_with(pool, relu)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def prepare(model: nn.Module) -> fx.GraphModule:
+    """What the model owner does before sharing: fold BatchNorm, move ReLU after max-pooling."""
+    return relu_after_maxpool(fold_batchnorm(model))
+
+
 @dataclass
 class Step:
     """One node of the compiled program: ``out = fn(*inputs)``."""
@@ -143,8 +175,8 @@ def _function_step(node: fx.Node) -> Callable[..., Any]:
 
 
 def compile_model(model: nn.Module) -> Program:
-    """Fold BatchNorm, trace, and map every node to a CrypTen operation."""
-    gm = fold_batchnorm(model)
+    """Prepare (fold BatchNorm, reorder ReLU/max-pool), trace, and map every node to a CrypTen operation."""
+    gm = prepare(model)
     modules = dict(gm.named_modules())
     steps: list[Step] = []
     input_name = output_name = ""

@@ -89,3 +89,14 @@ def test_infer_and_bench_commands(trained_checkpoint, chest_xray):
     assert proc.returncode == 0, proc.stderr[-2000:]
     bench = json.loads(proc.stdout)
     assert bench["argmax_agree"] is True and bench["max_abs_err"] < 0.05
+
+
+def test_relu_moves_after_maxpool_without_changing_outputs():
+    from mpc.compile import prepare
+
+    model = _random_bn_stats(build_model("resnet18", 3, seed=0))
+    prepared = prepare(model)
+    x = torch.randn(2, 1, 64, 64)
+    assert torch.allclose(prepared(x), model(x), atol=1e-4)
+    order = [n.target for n in prepared.graph.nodes if n.op == "call_module"][:3]
+    assert order == ["conv1", "maxpool", "relu"]
