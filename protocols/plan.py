@@ -10,10 +10,12 @@ import json
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mpc.sharing import DEFAULT_FRACTIONAL_BITS
-from protocols.dp import DPConfig
+
+if TYPE_CHECKING:
+    from protocols.dp import DPConfig
 
 
 @dataclass
@@ -77,6 +79,8 @@ class Plan:
     def dp_config(self) -> DPConfig | None:
         if self.dp_epsilon is None:
             return None
+        from protocols.dp import DPConfig  # Opacus is only needed where DP is used
+
         return DPConfig(self.dp_epsilon, self.dp_delta, self.dp_clip, self.dp_noise)
 
     def drill(self, party: str, round_: int) -> str | None:
