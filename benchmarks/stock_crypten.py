@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from mpc import crypten_compat
+from mpc.inference import random_model_and_input
 
 
 def _patch_stock(crypten: Any) -> None:
@@ -34,22 +35,6 @@ def _patch_stock(crypten: Any) -> None:
             return Identity()
 
     crypten.nn.module.Identity = Identity
-
-
-def random_model_and_input(model_name: str, image_size: int, batch: int, seed: int) -> tuple[torch.nn.Module, torch.Tensor]:
-    """The benchmark's model (random weights, non-trivial BatchNorm statistics) and input."""
-    from models import build_model
-
-    model = build_model(model_name, 3, seed=seed).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return model, torch.randn(batch, 1, image_size, image_size, generator=g)
 
 
 def stock_forward(*, rank: int, world_size: int, model_name: str, image_size: int, batch: int, seed: int) -> dict[str, Any]:

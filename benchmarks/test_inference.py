@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.stock_crypten import random_model_and_input
 from imaging.transforms import Preprocessing
-from mpc.inference import run_inference
+from mpc.inference import random_model_and_input, run_inference
 from mpc.launch import run_crypten_job
 from training.checkpoint import Checkpoint
 

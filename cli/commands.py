@@ -192,20 +192,10 @@ def bench_inference(args: argparse.Namespace) -> dict[str, Any] | None:
     import torch
 
     from imaging.transforms import Preprocessing
-    from models import build_model
-    from mpc.inference import run_inference
+    from mpc.inference import random_model_and_input, run_inference
     from training.checkpoint import Checkpoint
 
-    model = build_model(args.model, 3, seed=args.seed).eval()
-    g = torch.Generator().manual_seed(args.seed)
-    with torch.no_grad():  # non-trivial BatchNorm statistics, so folding is really exercised
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    x = torch.randn(args.batch, 1, args.image_size, args.image_size, generator=g)
+    model, x = random_model_and_input(args.model, args.image_size, args.batch, args.seed)
     with tempfile.TemporaryDirectory(prefix="medmpc-bench-") as tmp:
         path = Path(tmp) / "model.pt"
         Checkpoint(args.model, ("normal", "bacterial", "viral"), Preprocessing(args.image_size, 0.5, 0.25),
