@@ -93,13 +93,18 @@ def run_inference(checkpoint: str, images: torch.Tensor, *, timeout_s: float = 6
 def random_model_and_input(model_name: str, image_size: int, batch: int, seed: int) -> tuple[torch.nn.Module, torch.Tensor]:
     """A benchmark model (random weights, non-trivial BatchNorm statistics, so that folding is
     really exercised) and a random input batch, the same on every party for the same seed."""
-    model = build_model(model_name, 3, seed=seed).eval()
     g = torch.Generator().manual_seed(seed)
+    model = randomise_batchnorm(build_model(model_name, 3, seed=seed), g)
+    return model, torch.randn(batch, 1, image_size, image_size, generator=g)
+
+
+def randomise_batchnorm(model: torch.nn.Module, generator: torch.Generator) -> torch.nn.Module:
+    """Give every BatchNorm non-trivial statistics and affine terms; returns the model in eval mode."""
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return model, torch.randn(batch, 1, image_size, image_size, generator=g)
+                m.running_mean.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
+    return model.eval()

@@ -75,12 +75,12 @@ def _failure(first: str, procs: dict[str, tuple[subprocess.Popen[bytes], Path]],
     def status(name: str) -> str:
         code = procs[name][0].returncode
         how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
-        return f"{name} {how}; last output:\n{_tail(procs[name][1])}"
+        return f"{how}; last output:\n{_tail(procs[name][1])}"
 
     others = [n for n in sorted(running) if procs[n][0].poll() not in (None, 0)]
-    message = status(first).split(" ", 1)[1]
+    message = status(first)
     if others:
-        message += "\nalso failed: " + "\n".join(status(n) for n in others)
+        message += "\nalso failed: " + "\n".join(f"{n} {status(n)}" for n in others)
     return PartyError(first, message)
 
 

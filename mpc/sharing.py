@@ -58,10 +58,6 @@ class Shares:
     masked: torch.Tensor
     seeds: list[bytes]
 
-    @property
-    def n_parties(self) -> int:
-        return 1 + len(self.seeds)
-
 
 @dataclass
 class Mask:

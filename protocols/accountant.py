@@ -2,8 +2,8 @@
 
 The RDP analysis itself is Opacus's (``opacus.accountants.analysis.rdp``); this
 class keeps one hospital's history of (noise multiplier, sample rate, steps)
-across every local step of every round, and can be stored and restored as a
-plain dict (in reports and checkpoints).
+across every local step of every round, and can be saved and restored as a
+plain dict.
 """
 
 from __future__ import annotations

@@ -12,20 +12,13 @@ from imaging.dataset import load_dataset
 from imaging.transforms import Preprocessing
 from models import build_model
 from mpc.compile import UnsupportedLayer, compile_model, fold_batchnorm
-from mpc.inference import run_inference
+from mpc.inference import randomise_batchnorm, run_inference
 from training.checkpoint import Checkpoint
 from training.local import TrainConfig, train
 
 
 def _random_bn_stats(model: nn.Module) -> nn.Module:
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g))
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.3)
-                m.weight.copy_(torch.randn(m.num_features, generator=g))
-    return model.eval()
+    return randomise_batchnorm(model, torch.Generator().manual_seed(1))
 
 
 @pytest.mark.parametrize("name", ["cnn", "resnet18"])

@@ -15,9 +15,9 @@ from imaging.dataset import ImageSet
 from imaging.splits import stratified_split
 from imaging.transforms import Preprocessing
 from models import build_model
-from training import plots
 from protocols.accountant import BudgetError
 from protocols.dp import DPSGD, DPConfig, check_compatible, privacy_summary
+from training import plots
 from training.checkpoint import Checkpoint
 from training.local import TrainConfig, predict, train
 from training.metrics import classification_metrics
@@ -67,7 +67,7 @@ def train_centralised(
     private = None
     if dp is not None:
         check_compatible(model, model_name)
-        private = DPSGD(dp, n_samples=len(train_set), batch_size=cfg.batch_size, planned_epochs=cfg.epochs, who="training")
+        private = DPSGD(dp, n_samples=len(train_set), batch_size=cfg.batch_size, planned_epochs=cfg.epochs, who="centralised training")
         log(f"DP-SGD: noise multiplier {private.noise_multiplier:.3f}, clip {dp.clip}, sample rate {private.sample_rate:.4f}")
         private.reserve(1)  # refuses to start if a single epoch would exceed the budget
 

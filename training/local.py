@@ -58,9 +58,6 @@ class PrivateTraining(Protocol):
     ) -> Iterator[torch.Tensor]:
         """One epoch of sample indices, Poisson-sampled (class weights act through the sampling rates)."""
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """A loss whose per-sample gradients depend on that sample alone."""
-
     def unwrap(self, model: nn.Module) -> None:
         """Detach what ``wrap`` attached to the model."""
 
@@ -143,11 +140,9 @@ def _epochs(
             x = prep(images[idx])
             if augment is not None:
                 x = augment(x, g)
-            logits = model(x)
-            if private is not None:
-                loss = private.loss(logits, labels[idx])
-            else:
-                loss = F.cross_entropy(logits, labels[idx], weight=weight)
+            # DP-SGD weights classes through its sampling rates: a loss weight would be
+            # undone by per-sample clipping, and would tie each sample's gradient to its batch
+            loss = F.cross_entropy(model(x), labels[idx], weight=None if private is not None else weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
