@@ -37,16 +37,27 @@ def _patch_stock(crypten: Any) -> None:
     crypten.nn.module.Identity = Identity
 
 
-def stock_forward(*, rank: int, world_size: int, model_name: str, image_size: int, batch: int, seed: int) -> dict[str, Any]:
+def stock_forward(
+    *, rank: int, world_size: int, model_name: str, image_size: int, batch: int, seed: int,
+    device: str = "cpu", crypten_cuda_conv: bool = False,
+) -> dict[str, Any]:  # fmt: skip
+    """``crypten_cuda_conv`` puts back CrypTen's own (inexact) CUDA convolution, to show its error."""
     crypten = crypten_compat.import_crypten()
     _patch_stock(crypten)
+    if crypten_cuda_conv:
+        from crypten.cuda import CUDALongTensor
+
+        CUDALongTensor._CUDALongTensor__patched_conv_ops = CUDALongTensor.crypten_conv_ops
     crypten.cfg.communicator.verbose = True
     model, x = random_model_and_input(model_name, image_size, batch, seed)
-    encrypted_model = crypten.nn.from_pytorch(model, torch.zeros_like(x)).encrypt(src=0)
+    encrypted_model = crypten.nn.from_pytorch(model, torch.zeros_like(x)).encrypt(src=0).to(device)
     encrypted_model.eval()
+    x = (x if rank == 1 else torch.zeros_like(x)).to(device)
     crypten.communicator.get().reset_communication_stats()
+    if device != "cpu":
+        torch.cuda.synchronize()
     start = time.perf_counter()
-    logits = encrypted_model(crypten.cryptensor(x if rank == 1 else torch.zeros_like(x), src=1)).get_plain_text()
+    logits = encrypted_model(crypten.cryptensor(x, src=1)).get_plain_text().cpu()
     online_s = time.perf_counter() - start
     stats = crypten.communicator.get().get_communication_stats()
     return {"logits": logits, "online_s": online_s, "rounds": int(stats["rounds"]), "bytes": int(stats["bytes"])}

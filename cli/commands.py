@@ -167,7 +167,7 @@ def infer(args: argparse.Namespace) -> dict[str, Any] | None:
     ckpt = Checkpoint.load(args.model)
     prep = ckpt.preprocessing
     images = prep(torch.stack([read_image(p, prep.image_size) for p in args.image]))
-    result = run_inference(str(args.model), images, timeout_s=args.timeout)
+    result = run_inference(str(args.model), images, timeout_s=args.timeout, device=args.device)
     probs = torch.softmax(result["logits"], dim=1)
     predictions = [
         {"image": str(p), "prediction": ckpt.classes[int(pr.argmax())],
@@ -200,12 +200,12 @@ def bench_inference(args: argparse.Namespace) -> dict[str, Any] | None:
         path = Path(tmp) / "model.pt"
         Checkpoint(args.model, ("normal", "bacterial", "viral"), Preprocessing(args.image_size, 0.5, 0.25),
                    model.state_dict()).save(path)  # fmt: skip
-        result = run_inference(str(path), x, timeout_s=args.timeout)
+        result = run_inference(str(path), x, timeout_s=args.timeout, device=args.device)
     with torch.no_grad():
         plain = model(x)
     out = {
         "model": args.model, "image_size": args.image_size, "batch": args.batch,
-        **{k: result[k] for k in ("online_s", "offline_s", "rounds", "bytes")},
+        **{k: result[k] for k in ("device", "online_s", "offline_s", "rounds", "bytes")},
         "max_abs_err": float((result["logits"] - plain).abs().max()),
         "argmax_agree": bool((result["logits"].argmax(1) == plain.argmax(1)).all()),
     }  # fmt: skip

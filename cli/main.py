@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, required=True, help="checkpoint (model.pt)")
     p.add_argument("--image", type=Path, required=True, nargs="+", help="image file(s); several form one batch")
     p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda: where every party keeps and computes its shares")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=commands.infer)
 
@@ -108,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda: where every party keeps and computes its shares")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=commands.bench_inference)
 

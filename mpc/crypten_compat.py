@@ -17,6 +17,12 @@ CrypTen is unmaintained since 2022. What breaks, and what we do about it:
 * ``torch.load`` defaults to ``weights_only=True``, which breaks ``crypten.load``;
   we do not use ``crypten.save``/``crypten.load`` at all (shares travel through
   our own transport), so nothing here re-enables unpickling.
+* On CUDA, CrypTen convolves int64 shares by splitting them into float64 blocks
+  and picks the block size from the kernel's *spatial* size alone. A 3x3 conv
+  over 64+ channels then sums more than 2^53 in float64 and loses low bits,
+  which the block shifts amplify: ResNet-18 logits came back off by ~1e8 on an
+  H100 while small ops were right. :func:`ring_conv` sizes the blocks from the
+  whole dot-product length and is exact; :func:`import_crypten` installs it.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import contextlib
 import datetime
 import functools
 import importlib.util
+import math
 import sys
 import types
 from collections.abc import Iterator
@@ -52,7 +59,64 @@ def import_crypten() -> types.ModuleType:
     _install_onnx_registration_stub()
     import crypten
 
+    _install_exact_cuda_conv(crypten)
     return crypten
+
+
+_FLOAT64_EXACT_BITS = 53
+
+
+def _blocks_for(dot_length: int) -> int:
+    """Fewest blocks (of ceil(64/nb) bits) whose block products summed ``dot_length``
+    times stay exactly representable in float64."""
+    for nb in (3, 4, 5, 6, 8):
+        bits = math.ceil(64 / nb)
+        if 2 * bits + math.ceil(math.log2(max(dot_length, 1))) <= _FLOAT64_EXACT_BITS:
+            return nb
+    raise ValueError(f"a dot product of {dot_length} terms is too long for exact float64 blocks")
+
+
+def ring_conv(op: str, x: torch.Tensor, w: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """``torch.<op>(x, w)`` on int64 tensors, exact modulo 2^64, computed with float64
+    convolutions (which GPUs have, unlike int64 ones).
+
+    Both operands are cut into ``nb`` non-negative blocks; every pair of blocks whose
+    shift stays below 64 bits is convolved in float64 (one grouped convolution), and
+    the products are shifted back and summed in int64 where overflow wraps.
+    """
+    c_in = w.shape[0] if op.startswith("conv_transpose") else w.shape[1]
+    return _blocked_conv(op, x, w, _blocks_for(c_in * math.prod(w.shape[2:])), *args, **kwargs)
+
+
+def _blocked_conv(op: str, x: torch.Tensor, w: torch.Tensor, nb: int, *args: Any, **kwargs: Any) -> torch.Tensor:
+    groups = kwargs.pop("groups", 1)
+    if groups != 1:
+        raise ValueError(f"ring_conv supports groups=1 only, got groups={groups}")
+    bits = math.ceil(64 / nb)
+    mask = (1 << bits) - 1
+    pairs = [(i, j) for i in range(nb) for j in range(nb) if (i + j) * bits < 64]
+    xb = torch.stack([(x >> (bits * i)) & mask for i in range(nb)]).double()
+    wb = torch.stack([(w >> (bits * j)) & mask for j in range(nb)]).double()
+    # one grouped convolution computes every block pair at once
+    xs = torch.cat([xb[i] for i, _ in pairs], dim=1)
+    ws = torch.cat([wb[j] for _, j in pairs], dim=0)
+    z = getattr(torch, op)(xs, ws, *args, **kwargs, groups=len(pairs))
+    z = z.reshape(z.shape[0], len(pairs), -1, *z.shape[2:]).long()
+    out = torch.zeros_like(z[:, 0])
+    for k, (i, j) in enumerate(pairs):
+        out += z[:, k] << (bits * (i + j))
+    return out
+
+
+def _install_exact_cuda_conv(crypten: types.ModuleType) -> None:
+    from crypten.cuda import CUDALongTensor
+
+    def exact(op: str, x: Any, y: Any, *args: Any, **kwargs: Any) -> Any:
+        return CUDALongTensor(ring_conv(op, x.tensor(), y.tensor(), *args, **kwargs))
+
+    if not hasattr(CUDALongTensor, "crypten_conv_ops"):  # kept for the benchmark that shows the bug
+        CUDALongTensor.crypten_conv_ops = CUDALongTensor._CUDALongTensor__patched_conv_ops
+    CUDALongTensor._CUDALongTensor__patched_conv_ops = staticmethod(exact)
 
 
 @contextlib.contextmanager

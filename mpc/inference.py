@@ -32,10 +32,11 @@ def _traffic(crypten: Any) -> dict[str, float]:
 
 def encrypted_forward(
     *, rank: int, world_size: int, model_name: str, num_classes: int, shape: list[int],
-    checkpoint: str | None = None, images: str | None = None,
+    checkpoint: str | None = None, images: str | None = None, device: str = "cpu",
 ) -> dict[str, Any] | None:  # fmt: skip
     """The job every party runs. The model owner reads only ``checkpoint``, the data owner
-    only ``images`` (a saved float tensor of preprocessed images of ``shape``)."""
+    only ``images`` (a saved float tensor of preprocessed images of ``shape``). With
+    ``device="cuda"`` every share lives and is computed on the GPU."""
     crypten = crypten_compat.import_crypten()
     crypten.cfg.communicator.verbose = True  # count rounds and bytes
     if rank == MODEL_OWNER:
@@ -46,30 +47,42 @@ def encrypted_forward(
         model = build_model(model_name, num_classes)  # the public architecture; its weights are never used
     program = compile_model(model)
     weights = {
-        k: crypten_compat.encrypt(v if rank == MODEL_OWNER else torch.zeros_like(v), src=MODEL_OWNER)
+        k: crypten_compat.encrypt((v if rank == MODEL_OWNER else torch.zeros_like(v)).to(device), src=MODEL_OWNER)
         for k, v in sorted(program.parameters.items())
     }
     provider = crypten.mpc.get_default_provider()
     start = time.perf_counter()
     provider.trace(True)
-    program.run(crypten_compat.encrypt(torch.zeros(shape), src=DATA_OWNER), weights)
+    program.run(crypten_compat.encrypt(torch.zeros(shape, device=device), src=DATA_OWNER), weights)
     provider.trace(False)
     provider.fill_cache()
     offline_s = time.perf_counter() - start
 
     x = torch.load(images, weights_only=True) if rank == DATA_OWNER else torch.zeros(shape)
     crypten.communicator.get().reset_communication_stats()
+    _synchronize(device)
     start = time.perf_counter()
-    logits = program.run(crypten_compat.encrypt(x, src=DATA_OWNER), weights).get_plain_text(dst=DATA_OWNER)
+    x = crypten_compat.encrypt(x.to(device), src=DATA_OWNER)
+    logits = program.run(x, weights).get_plain_text(dst=DATA_OWNER)
+    _synchronize(device)
     online_s = time.perf_counter() - start
     traffic = _traffic(crypten)
     if rank != DATA_OWNER:
         return None  # the model owner learns nothing about the result
-    return {"logits": logits, "online_s": online_s, "offline_s": offline_s, **traffic}
+    return {"logits": logits.cpu(), "online_s": online_s, "offline_s": offline_s, "device": device, **traffic}
 
 
-def run_inference(checkpoint: str, images: torch.Tensor, *, timeout_s: float = 600.0) -> dict[str, Any]:
+def _synchronize(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_inference(
+    checkpoint: str, images: torch.Tensor, *, timeout_s: float = 600.0, device: str = "cpu"
+) -> dict[str, Any]:
     """Run model owner, data owner and dealer as local processes on preprocessed ``images``."""
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} asked for, but this machine has no CUDA GPU")
     import tempfile
     from pathlib import Path
 
@@ -83,7 +96,7 @@ def run_inference(checkpoint: str, images: torch.Tensor, *, timeout_s: float = 6
         results = run_crypten_job(
             "mpc.inference:encrypted_forward", world_size=2, timeout_s=timeout_s,
             args={"model_name": ckpt.model_name, "num_classes": len(ckpt.classes), "shape": list(images.shape),
-                  "checkpoint": str(checkpoint), "images": str(image_file)},
+                  "checkpoint": str(checkpoint), "images": str(image_file), "device": device},
         )  # fmt: skip
     if results[MODEL_OWNER] is not None:
         raise RuntimeError("the model owner received a result; it must learn nothing")

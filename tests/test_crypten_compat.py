@@ -44,3 +44,25 @@ def test_two_party_processes_match_plaintext():
 def test_a_crashing_party_fails_the_run_with_its_name():
     with pytest.raises(PartyError, match="party1"):
         run_crypten_job("mpc.selfcheck:crash_on_rank1", world_size=2, timeout_s=20)
+
+
+@pytest.mark.parametrize(("c_in", "kernel"), [(1, 7), (64, 3), (512, 3)])
+def test_ring_conv_is_exact_modulo_2_64(c_in, kernel):
+    # CrypTen's CUDA conv loses bits once c_in * k * k exceeds 512 (the ~1e8 logit error on H100);
+    # the int64 CPU convolution is the reference, exact with wrap-around.
+    g = torch.Generator().manual_seed(c_in)
+    x = torch.randint(-(2**63), 2**63 - 1, (2, c_in, 9, 9), generator=g)
+    w = torch.randint(-(2**63), 2**63 - 1, (4, c_in, kernel, kernel), generator=g)
+    want = torch.conv2d(x, w, stride=2, padding=kernel // 2)
+    got = crypten_compat.ring_conv("conv2d", x, w, stride=2, padding=kernel // 2)
+    assert torch.equal(got, want)
+
+
+def test_ring_conv_with_crypten_block_choice_is_inexact():
+    # the control: 3 blocks of 22 bits (CrypTen's choice for any 3x3 kernel) over 512 channels
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-(2**63), 2**63 - 1, (1, 512, 5, 5), generator=g)
+    w = torch.randint(-(2**63), 2**63 - 1, (4, 512, 3, 3), generator=g)
+    want = torch.conv2d(x, w, padding=1)
+    assert not torch.equal(crypten_compat._blocked_conv("conv2d", x, w, 3, padding=1), want)
+    assert torch.equal(crypten_compat._blocked_conv("conv2d", x, w, 4, padding=1), want)

@@ -3,6 +3,8 @@
 import json
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from imaging.dataset import load_dataset
 from imaging.transforms import Preprocessing
 from models import build_model
 from mpc.compile import UnsupportedLayer, compile_model, fold_batchnorm
-from mpc.inference import randomise_batchnorm, run_inference
+from mpc.inference import random_model_and_input, randomise_batchnorm, run_inference
 from training.checkpoint import Checkpoint
 from training.local import TrainConfig, train
 
@@ -93,3 +95,20 @@ def test_relu_moves_after_maxpool_without_changing_outputs():
     assert torch.allclose(prepared(x), model(x), atol=1e-4)
     order = [n.target for n in prepared.graph.nodes if n.op == "call_module"][:3]
     assert order == ["conv1", "maxpool", "relu"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_encrypted_resnet18_on_gpu_matches_plaintext():
+    # CrypTen's own CUDA path returned ResNet-18 logits off by ~1e8 (inexact float64 convolutions)
+    model, x = random_model_and_input("resnet18", 64, 2, 0)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.pt"
+        Checkpoint("resnet18", ("normal", "bacterial", "viral"), Preprocessing(64, 0.5, 0.25),
+                   model.state_dict()).save(path)  # fmt: skip
+        result = run_inference(str(path), x, timeout_s=300, device="cuda")
+    with torch.no_grad():
+        plain = model(x)
+    assert result["device"] == "cuda"
+    assert (result["logits"] - plain).abs().max() < 0.05
+    assert torch.equal(result["logits"].argmax(1), plain.argmax(1))
