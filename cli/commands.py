@@ -213,3 +213,74 @@ def bench_inference(args: argparse.Namespace) -> dict[str, Any] | None:
         return out
     _log(json.dumps(out, indent=2))
     return None
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def serve(args: argparse.Namespace) -> None:
+    import signal
+    import time
+
+    from serving import party
+    from serving.launch import LocalService
+
+    ports = [int(p) for p in args.ports.split(",")]
+    if len(ports) != 3:
+        raise ValueError(f"--ports takes three ports (model owner, compute party, dealer), got {args.ports!r}")
+    rendezvous = args.rendezvous or f"tcp://{args.host}:29500"
+    options = {"max_batch": args.max_batch, "share_timeout": args.share_timeout, "request_timeout": args.request_timeout,
+               "peer_timeout": args.peer_timeout, "max_body_mb": args.max_body_mb}  # fmt: skip
+    if args.role != "all":
+        argv = ["--role", args.role, "--rendezvous", rendezvous, "--host", args.host,
+                "--port", str(ports[party.ROLES[args.role]])]  # fmt: skip
+        argv += [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
+        for flag, value in (("--model", args.model), ("--tokens-file", args.tokens_file),
+                            ("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):  # fmt: skip
+            if value is not None:
+                argv += [flag, str(value)]
+        party.main(argv)
+        return
+    if args.model is None:
+        raise ValueError("--model CKPT is needed to serve")
+    if args.tokens_file is None and not party.load_tokens(None):
+        raise ValueError("no client tokens configured: pass --tokens-file FILE or set MEDMPC_TOKENS")
+    service = LocalService(
+        args.model, args.tokens_file, host=args.host, ports=tuple(ports), rendezvous_port=int(rendezvous.rsplit(":", 1)[1]),
+        tls_cert=args.tls_cert, tls_key=args.tls_key, max_batch=args.max_batch, share_timeout_s=args.share_timeout,
+        request_timeout_s=args.request_timeout,
+        peer_timeout_s=args.peer_timeout, max_body_mb=args.max_body_mb, log_dir=args.log_dir,
+    )  # fmt: skip
+    # SIGTERM (systemd, docker stop, timeout) must stop the parties too, as Ctrl-C does
+    signal.signal(signal.SIGTERM, _interrupt)
+    with service:
+        _log(f"serving {args.model}: model owner {service.urls[0]}, compute party {service.urls[1]} "
+             f"(OpenAPI docs at /docs); party logs in {args.log_dir}; Ctrl-C stops")  # fmt: skip
+        try:
+            while True:
+                service.check_alive()
+                time.sleep(1)
+        except KeyboardInterrupt:
+            _log("stopping")
+
+
+def predict(args: argparse.Namespace) -> dict[str, Any] | None:
+    import os
+    from dataclasses import asdict
+
+    from serving.client import PredictionClient
+
+    token = args.token_file.read_text().strip() if args.token_file else os.environ.get("MEDMPC_TOKEN", "")
+    if not token:
+        raise ValueError("no bearer token: pass --token-file FILE or set MEDMPC_TOKEN")
+    servers = [s for s in args.servers.split(",") if s]
+    verify = str(args.ca_cert) if args.ca_cert else True
+    with PredictionClient(servers, token, timeout_s=args.timeout, verify=verify) as client:
+        predictions = client.predict_files(args.image)
+    if args.json:
+        return {"predictions": [asdict(p) for p in predictions]}
+    for pred in predictions:
+        probs_text = "  ".join(f"{c} {v:.3f}" for c, v in pred.probabilities.items())
+        _log(f"{pred.image}: {pred.prediction}  ({probs_text})")
+    return None

@@ -50,7 +50,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def _tail(path: Path, n_chars: int = 2000) -> str:
+def log_tail(path: Path, n_chars: int = 2000) -> str:
     try:
         text = path.read_text(errors="replace")
     except OSError:
@@ -75,7 +75,7 @@ def _failure(first: str, procs: dict[str, tuple[subprocess.Popen[bytes], Path]],
     def status(name: str) -> str:
         code = procs[name][0].returncode
         how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
-        return f"{how}; last output:\n{_tail(procs[name][1])}"
+        return f"{how}; last output:\n{log_tail(procs[name][1])}"
 
     others = [n for n in sorted(running) if procs[n][0].poll() not in (None, 0)]
     message = status(first)

@@ -6,19 +6,7 @@ from scipy import stats
 
 from mpc import prg, sharing
 from protocols.secure_aggregation import AggregatorState, ContributionError, RevealRefused, make_shares
-
-
-def _as_unit(share: torch.Tensor):
-    # top 53 bits as a float in [0, 1)
-    return ((share >> 11) & ((1 << 53) - 1)).double().numpy() / 2.0**53
-
-
-def _looks_uniform(share: torch.Tensor) -> bool:
-    """Every bit position is set about half the time (5 sigma), and the values pass a KS test
-    for uniformity over the ring."""
-    bits = torch.stack([(share >> b) & 1 for b in range(64)], 1).double().mean(0)
-    sigma = 0.5 / share.numel() ** 0.5
-    return bool(((bits - 0.5).abs() < 5 * sigma).all()) and stats.kstest(_as_unit(share), "uniform").pvalue > 1e-4
+from uniformity import as_unit, looks_uniform
 
 
 def test_encode_decode_round_trip_within_fixed_point_error():
@@ -50,8 +38,8 @@ def test_one_aggregators_shares_of_different_updates_are_indistinguishable(party
     big = sharing.encode(torch.full((n,), 1000.0) + torch.randn(n), 16)
     a = sharing.share_of(sharing.split(zeros, 3), party)
     b = sharing.share_of(sharing.split(big, 3), party)
-    assert _looks_uniform(a) and _looks_uniform(b)
-    assert stats.ks_2samp(_as_unit(a), _as_unit(b)).pvalue > 1e-4
+    assert looks_uniform(a) and looks_uniform(b)
+    assert stats.ks_2samp(as_unit(a), as_unit(b)).pvalue > 1e-4
 
 
 def test_the_statistical_check_catches_update_plus_small_noise():
@@ -60,7 +48,7 @@ def test_the_statistical_check_catches_update_plus_small_noise():
     zeros = sharing.encode(torch.zeros(n), 16)
     big = sharing.encode(torch.full((n,), 1000.0), 16)
     noisy = [x + torch.randint(-(2**20), 2**20, (n,)) for x in (zeros, big)]
-    assert not _looks_uniform(noisy[0]) and not _looks_uniform(noisy[1])
+    assert not looks_uniform(noisy[0]) and not looks_uniform(noisy[1])
     # compare low-order bits, where the noise lives
     low = [(x & ((1 << 30) - 1)).double().numpy() for x in noisy]
     assert stats.ks_2samp(*low).pvalue < 1e-6

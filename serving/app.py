@@ -1,0 +1,131 @@
+"""The HTTP front end of one service party (FastAPI; OpenAPI docs at /docs).
+
+Open: ``/health`` (the process answers), ``/ready`` (it can serve), ``/docs``.
+Behind a bearer token: ``/v1/model`` (the public model card) and ``/v1/predict``
+(a share in, this party's share of the logits out). Authentication and the body
+size limit are checked before a request body is read, so a refused request
+touches nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from collections.abc import Awaitable, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+
+from serving.engine import BatchEngine, DuplicateRequest, EngineUnavailable, ShareMismatch
+from serving.logs import log
+from serving.wire import PredictRequest, PredictResponse, WireError, check_request_id, decode_tensor, encode_tensor
+
+
+def _error(status: int, detail: str, **headers: str) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers or None)
+
+
+def health_app(name: str, ready: Callable[[], tuple[bool, str]]) -> FastAPI:
+    """The endpoints every party has, the dealer included."""
+    app = FastAPI(title=f"medmpc {name}", description="medmpc encrypted prediction service party")
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "alive", "party": name}
+
+    @app.get("/ready")
+    def is_ready() -> Response:
+        ok, reason = ready()
+        return JSONResponse({"ready": ok, "party": name, "reason": reason}, status_code=200 if ok else 503)
+
+    return app
+
+
+def compute_app(
+    name: str, engine: BatchEngine, *, tokens: list[str], share_timeout_s: float, request_timeout_s: float,
+    max_body_bytes: int,
+) -> FastAPI:
+    """A compute party's app: health plus the authenticated prediction API. A request waits at most
+    ``share_timeout_s`` for the other party to hold its partner share, and ``request_timeout_s`` in all."""
+    if not tokens:
+        raise ValueError("no client tokens configured: pass --tokens-file FILE or set MEDMPC_TOKENS")
+    secrets = [t.encode() for t in tokens]
+
+    def ready() -> tuple[bool, str]:
+        return engine.ready, engine.failure or ("serving" if engine.ready else "starting")
+
+    app = health_app(name, ready)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, exc: RequestValidationError) -> Response:
+        # FastAPI's default echoes the input back, which fails on binary bodies and would
+        # copy share values into responses; say only where and what is wrong
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        return _error(422, f"not a prediction request ({problems})")
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        if not request.url.path.startswith("/v1/"):
+            return await call_next(request)
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        # compare against every token, so timing does not tell how many matched
+        matches = [hmac.compare_digest(token.encode(), s) for s in secrets]
+        if scheme.lower() != "bearer" or not any(matches):
+            log("refused", party=engine.rank, path=request.url.path, status=401)
+            return _error(401, "missing or invalid bearer token", **{"WWW-Authenticate": "Bearer"})
+        if request.method == "POST":
+            length = request.headers.get("content-length")
+            if length is None:
+                return _error(411, "a Content-Length header is required")
+            if not length.isdigit() or int(length) > max_body_bytes:
+                log("refused", party=engine.rank, path=request.url.path, status=413, bytes=length)
+                return _error(413, f"body of {length} bytes exceeds the limit of {max_body_bytes}")
+        return await call_next(request)
+
+    @app.get("/v1/model")
+    def model_card() -> Response:
+        if engine.card is None:
+            return _error(503, "the model is not loaded yet")
+        return JSONResponse(engine.card.to_dict())
+
+    @app.post("/v1/predict", response_model=PredictResponse)
+    async def predict(req: PredictRequest) -> Response | PredictResponse:
+        start = time.perf_counter()
+
+        def done(status: int, response: Response | PredictResponse, **extra: object) -> Response | PredictResponse:
+            log("request", party=engine.rank, request_id=req.request_id[:64], status=status,
+                ms=round(1000 * (time.perf_counter() - start), 1), **extra)  # fmt: skip
+            return response
+
+        try:
+            check_request_id(req.request_id)
+            if engine.card is None:
+                raise EngineUnavailable("the model is not loaded yet")
+            engine.card.check_input_shape(req.shape)
+            share = decode_tensor(req.share, req.shape, req.dtype, what="share")
+            future = engine.submit(req.request_id, share, share_timeout_s)
+        except WireError as err:
+            return done(422, _error(422, str(err)))
+        except DuplicateRequest as err:
+            return done(409, _error(409, str(err)))
+        except EngineUnavailable as err:
+            return done(503, _error(503, f"service unavailable: {err}"))
+        try:
+            result = await asyncio.wait_for(asyncio.wrap_future(future), request_timeout_s)
+        except (TimeoutError, asyncio.TimeoutError) as err:
+            engine.forget(req.request_id)
+            why = f"{err} within {share_timeout_s:g} s" if str(err) else f"no result within {request_timeout_s:g} s"
+            return done(504, _error(504, f"request {req.request_id}: {why}"))
+        except ShareMismatch as err:
+            return done(409, _error(409, f"request {req.request_id}: {err}"))
+        except EngineUnavailable as err:
+            return done(503, _error(503, f"service unavailable: {err}"))
+        share_out = result.logits_share
+        return done(200, PredictResponse(
+            request_id=req.request_id, party=engine.rank, shape=list(share_out.shape),
+            logits_share=encode_tensor(share_out), batch_images=result.batch_images,
+        ), images=req.shape[0], batch_images=result.batch_images)  # fmt: skip
+
+    return app

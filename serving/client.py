@@ -1,0 +1,126 @@
+"""The client of the prediction service: the only place an image or a result is ever in the clear.
+
+It reads the public model card from both compute parties, preprocesses the image
+exactly as the card says, encodes it in fixed point, splits it into two additive
+shares with the OS-seeded ChaCha20 generator, and sends one share to each party
+under one fresh request id. Each party answers with a share of the logits; the
+client adds them.
+
+    client = PredictionClient(["https://a:8000", "https://b:8001"], token)
+    [prediction] = client.predict_files(["xray.jpeg"])
+"""
+
+from __future__ import annotations
+
+import ssl
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+from imaging.images import read_image
+from imaging.transforms import Preprocessing
+from mpc import sharing
+from serving.wire import ModelCard, decode_tensor, encode_tensor
+
+
+class ServiceError(RuntimeError):
+    """A party refused or failed a request; the message names the party and its reason."""
+
+    def __init__(self, server: str, status: int, detail: str) -> None:
+        super().__init__(f"{server}: HTTP {status}: {detail}")
+        self.server, self.status, self.detail = server, status, detail
+
+
+@dataclass
+class Prediction:
+    image: str
+    prediction: str
+    probabilities: dict[str, float]
+    logits: list[float]
+
+
+class PredictionClient:
+    def __init__(
+        self, servers: Sequence[str], token: str, *, timeout_s: float = 120.0, verify: bool | str = True
+    ) -> None:
+        if len(servers) != 2:
+            raise ValueError(f"the service has two compute parties; got {len(servers)} server URL(s)")
+        self.servers = [s.rstrip("/") for s in servers]
+        headers = {"Authorization": f"Bearer {token}"}
+        if isinstance(verify, str):  # a CA file, e.g. a self-signed deployment's own certificate
+            verify = ssl.create_default_context(cafile=verify)
+        self._http = [httpx.Client(base_url=s, headers=headers, timeout=timeout_s, verify=verify) for s in self.servers]
+        self._card: ModelCard | None = None
+
+    def close(self) -> None:
+        for h in self._http:
+            h.close()
+
+    def __enter__(self) -> PredictionClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, party: int, method: str, path: str, **kw: Any) -> dict:
+        try:
+            r = self._http[party].request(method, path, **kw)
+        except httpx.HTTPError as err:
+            raise ServiceError(self.servers[party], 0, f"unreachable: {err}") from err
+        if r.status_code != 200:
+            try:
+                detail = r.json().get("detail", r.text)
+            except ValueError:
+                detail = r.text
+            raise ServiceError(self.servers[party], r.status_code, str(detail))
+        return r.json()
+
+    def card(self) -> ModelCard:
+        """The public model card; both parties must serve the same one."""
+        if self._card is None:
+            cards = [ModelCard.from_dict(self._call(i, "GET", "/v1/model")) for i in range(2)]
+            if cards[0] != cards[1]:
+                raise ValueError(f"the two parties serve different models: {cards[0]} vs {cards[1]}")
+            self._card = cards[0]
+        return self._card
+
+    def preprocess(self, paths: Sequence[str | Path]) -> torch.Tensor:
+        card = self.card()
+        prep = Preprocessing(card.image_size, card.mean, card.std)
+        return prep(torch.stack([read_image(p, card.image_size) for p in paths]))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Encrypted logits of a preprocessed batch ``x`` of shape [n, channels, size, size]."""
+        card = self.card()
+        card.check_input_shape(list(x.shape))
+        encoded = sharing.encode(x.float(), card.fractional_bits)
+        shares = sharing.split(encoded, 2)
+        request_id = uuid.uuid4().hex
+        bodies = [
+            {"request_id": request_id, "shape": list(x.shape), "dtype": "int64",
+             "share": encode_tensor(sharing.share_of(shares, party).view(x.shape))}
+            for party in range(2)
+        ]  # fmt: skip
+        # both at once: each party waits for the other's share before it can compute (threads of
+        # this call only, so concurrent calls never queue one party's request behind another's)
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            futures = [pool.submit(self._call, i, "POST", "/v1/predict", json=bodies[i]) for i in range(2)]
+            answers = [f.result() for f in futures]
+        parts = [decode_tensor(a["logits_share"], a["shape"], a["dtype"], what=f"{self.servers[i]} logits share")
+                 for i, a in enumerate(answers)]  # fmt: skip
+        return sharing.decode(sharing.reconstruct(parts), card.fractional_bits)
+
+    def predict_files(self, paths: Sequence[str | Path]) -> list[Prediction]:
+        classes = self.card().classes
+        logits = self.logits(self.preprocess(paths))
+        probs = torch.softmax(logits, dim=1)
+        return [
+            Prediction(str(p), classes[int(pr.argmax())], dict(zip(classes, map(float, pr))), lg.tolist())
+            for p, pr, lg in zip(paths, probs, logits)
+        ]

@@ -1,0 +1,224 @@
+"""The batching queue each compute party runs beside its HTTP front end.
+
+Requests arrive at both compute parties independently (one share each). The two
+parties' engine threads agree, in lockstep over the CrypTen channel, on which
+request ids both of them hold; those (up to ``max_batch`` images) form one batch
+that both run through the encrypted model in the same order. Per cycle:
+
+1. the leader (model owner, rank 0) offers the ids it holds, with their shapes;
+2. the other party answers with those it holds too (and any whose shapes differ);
+3. both take the same batch, run it, and hand each request its share of the logits,
+   re-randomised with a fresh CSPRNG mask so the returned shares are uniformly random.
+
+A request whose partner share never arrives simply stays unmatched until its
+deadline; it never blocks the others. When idle, the leader still offers (an empty
+list) every ``heartbeat_s`` and both parties ask the dealer for one tiny triple, so
+neither the peer nor the dealer hits its silence timeout.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mpc import crypten_compat, prg
+from mpc.compile import Program
+from serving.logs import log
+from serving.wire import ModelCard
+
+LEADER, FOLLOWER = 0, 1
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine is not (or no longer) running: the peer or the dealer is gone."""
+
+
+class DuplicateRequest(ValueError):
+    pass
+
+
+class ShareMismatch(ValueError):
+    """The two parties received shares of different shapes under one request id."""
+
+
+@dataclass
+class Result:
+    logits_share: torch.Tensor
+    batch_images: int
+
+
+@dataclass
+class _Pending:
+    share: torch.Tensor
+    deadline: float
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+
+
+def _settle(future: concurrent.futures.Future, *, result: Any = None, error: BaseException | None = None) -> None:
+    """Complete a future unless its HTTP request already gave up on it."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass  # cancelled by a timed-out request
+
+
+@dataclass
+class Model:
+    """What a compute party needs to serve: the public card, the compiled program, its weight shares."""
+
+    card: ModelCard
+    program: Program
+    weights: dict[str, Any]
+
+
+class BatchEngine:
+    def __init__(self, *, rank: int, max_batch: int, heartbeat_s: float) -> None:
+        self.rank = rank
+        self.max_batch = max_batch
+        self.heartbeat_s = heartbeat_s
+        self.card: ModelCard | None = None
+        self.failure: str | None = None
+        self._ready = False
+        self._lock = threading.Lock()
+        self._arrived = threading.Event()
+        self._pending: dict[str, _Pending] = {}  # insertion order = arrival order
+
+    # ---- called from the HTTP side -------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self._ready and self.failure is None
+
+    def submit(self, request_id: str, share: torch.Tensor, match_timeout_s: float) -> concurrent.futures.Future:
+        """Queue a share; it fails with TimeoutError unless the other party holds its partner
+        share within ``match_timeout_s``."""
+        if not self.ready:
+            raise EngineUnavailable(self.failure or "the engine is still starting")
+        with self._lock:
+            if request_id in self._pending:
+                raise DuplicateRequest(f"request {request_id!r} is already queued at this party")
+            pending = _Pending(share, time.monotonic() + match_timeout_s)
+            self._pending[request_id] = pending
+        self._arrived.set()
+        return pending.future
+
+    def forget(self, request_id: str) -> None:
+        """Drop a request whose caller gave up (a no-op once it is in a batch)."""
+        with self._lock:
+            self._pending.pop(request_id, None)
+
+    # ---- the engine thread ---------------------------------------------------------
+    def run(self, setup: Callable[[], Model]) -> None:
+        """Thread body: ``setup`` initialises CrypTen and shares the weights; then serve until the
+        process ends or a peer fails."""
+        try:
+            model = setup()
+            self.card = model.card
+            self._ready = True
+            log("engine_ready", party=self.rank, model=model.card.model_name, max_batch=self.max_batch)
+            self._serve(model)
+        except Exception as err:  # the peer or the dealer died, or a timeout: nothing more can be served
+            self.failure = f"{type(err).__name__}: {err}"
+            log("engine_failed", party=self.rank, error=self.failure)
+        finally:
+            self._ready = False
+            with self._lock:
+                pending, self._pending = self._pending, {}
+            for p in pending.values():
+                _settle(p.future, error=EngineUnavailable(self.failure or "the engine stopped"))
+
+    def _serve(self, model: Model) -> None:
+        crypten = crypten_compat.import_crypten()
+        comm = crypten.communicator.get()
+        last_dealer_contact = time.monotonic()
+        retry = False
+        while True:
+            if self.rank == LEADER:
+                self._wait_for_work(retry)
+                with self._lock:
+                    ids = [(rid, list(p.share.shape)) for rid, p in self._pending.items()]
+                keepalive = time.monotonic() - last_dealer_contact > self.heartbeat_s
+                offer = {"ids": ids, "keepalive": keepalive}
+            else:
+                offer = None
+            cycle_start = time.monotonic()
+            offer = comm.broadcast_obj(offer, LEADER)
+            answer = self._match(offer["ids"]) if self.rank == FOLLOWER else None
+            answer = comm.broadcast_obj(answer, FOLLOWER)
+            self._fail(answer["mismatched"], ShareMismatch("the two compute parties received shares of different shapes"))
+            # unmatched at a matching round after its deadline: the partner share never came (time
+            # spent computing other batches does not count against a request)
+            self._expire(before=cycle_start, matched=set(answer["have"]))
+            batch = self._claim(answer["have"], dict((rid, shape) for rid, shape in offer["ids"]))
+            retry = bool(offer["ids"]) and not batch
+            if batch:
+                self._run_batch(model, batch)
+                last_dealer_contact = time.monotonic()
+            elif offer["keepalive"]:
+                size = torch.Size([1])
+                crypten.mpc.get_default_provider().generate_additive_triple(size, size, "mul")
+                last_dealer_contact = time.monotonic()
+
+    def _wait_for_work(self, retry: bool) -> None:
+        # after an offer nobody could match, poll briefly for the partner shares to arrive
+        self._arrived.wait(0.02 if retry else self.heartbeat_s)
+        self._arrived.clear()
+
+    def _expire(self, *, before: float, matched: set[str]) -> None:
+        with self._lock:
+            late = [rid for rid, p in self._pending.items() if p.deadline < before and rid not in matched]
+            expired = [self._pending.pop(rid) for rid in late]
+        for p in expired:
+            _settle(p.future, error=TimeoutError("the other compute party never received its share"))
+
+    def _match(self, offered: list[tuple[str, list[int]]]) -> dict[str, list[str]]:
+        have, mismatched = [], []
+        with self._lock:
+            for rid, shape in offered:
+                if rid in self._pending:
+                    (have if list(self._pending[rid].share.shape) == shape else mismatched).append(rid)
+        return {"have": have, "mismatched": mismatched}
+
+    def _fail(self, ids: list[str], error: Exception) -> None:
+        with self._lock:
+            failed = [self._pending.pop(rid) for rid in ids if rid in self._pending]
+        for p in failed:
+            _settle(p.future, error=error)
+
+    def _claim(self, have: list[str], shapes: dict[str, list[int]]) -> list[tuple[str, _Pending]]:
+        """Both parties take the same prefix of ``have`` (the leader's arrival order)."""
+        batch, images = [], 0
+        for rid in have:
+            n = shapes[rid][0]
+            if images + n > self.max_batch:
+                break
+            batch.append(rid)
+            images += n
+        with self._lock:
+            # a request the caller gave up on in the meantime is still computed (the peer
+            # expects it); its result is simply dropped
+            return [(rid, self._pending.pop(rid, None) or _Pending(torch.zeros(shapes[rid], dtype=torch.int64), 0.0))
+                    for rid in batch]  # fmt: skip
+
+    def _run_batch(self, model: Model, batch: list[tuple[str, _Pending]]) -> None:
+        crypten = crypten_compat.import_crypten()
+        start = time.perf_counter()
+        shares = torch.cat([p.share for _, p in batch])
+        x = crypten.mpc.MPCTensor.from_shares(shares, precision=model.card.fractional_bits)
+        out = model.program.run(x, model.weights)._tensor.share
+        # re-randomise: the leader adds a fresh CSPRNG mask, the follower subtracts it
+        mask = prg.random_ring(out.numel()).view_as(out) if self.rank == LEADER else torch.empty_like(out)
+        mask = crypten.communicator.get().broadcast(mask, LEADER)
+        out = out + mask if self.rank == LEADER else out - mask
+        images = shares.shape[0]
+        for part, (_, p) in zip(out.split([p.share.shape[0] for _, p in batch]), batch):
+            _settle(p.future, result=Result(part.clone(), images))
+        log("batch", party=self.rank, requests=len(batch), images=images, seconds=round(time.perf_counter() - start, 4))

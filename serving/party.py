@@ -1,0 +1,127 @@
+"""One party of the prediction service: ``python -m serving.party --role ROLE ...``.
+
+Roles: ``model-owner`` (CrypTen rank 0, holds the checkpoint), ``compute`` (rank 1,
+holds no weights: it receives the public model card from the model owner and
+builds the same architecture), and ``dealer`` (CrypTen's TTP: correlated
+randomness only). Every party has its own HTTP port; the three reach each other
+through one CrypTen rendezvous address, so one party per machine works as well:
+
+    python -m serving.party --role dealer      --rendezvous tcp://10.0.0.1:29500 --port 8002
+    python -m serving.party --role model-owner --rendezvous tcp://10.0.0.1:29500 --port 8000 --model model.pt
+    python -m serving.party --role compute     --rendezvous tcp://10.0.0.1:29500 --port 8001
+
+The rendezvous host is the model owner's machine. Client tokens come from
+``--tokens-file`` (one per line) or ``MEDMPC_TOKENS`` (comma-separated).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+from models import build_model
+from mpc import crypten_compat
+from mpc.compile import compile_model
+from serving.app import compute_app, health_app
+from serving.engine import LEADER, BatchEngine, Model
+from serving.logs import log
+from serving.wire import ModelCard
+from training.checkpoint import Checkpoint
+
+ROLES = {"model-owner": 0, "compute": 1, "dealer": 2}
+FRACTIONAL_BITS = 16  # CrypTen's fixed-point precision
+
+
+def load_tokens(tokens_file: Path | None) -> list[str]:
+    if tokens_file is not None:
+        lines = tokens_file.read_text().splitlines()
+    else:
+        lines = os.environ.get("MEDMPC_TOKENS", "").split(",")
+    return [t.strip() for t in lines if t.strip()]
+
+
+def _setup(rank: int, ckpt: Checkpoint | None, max_batch: int, timeout_s: float) -> Model:
+    """Join the CrypTen parties, agree on the model card, compile, and share the weights."""
+    crypten = crypten_compat.init_party(timeout_s=timeout_s)
+    if ckpt is not None:
+        prep = ckpt.preprocessing
+        card = ModelCard(ckpt.model_name, ckpt.classes, 1, prep.image_size, prep.mean, prep.std, FRACTIONAL_BITS, max_batch)
+        model = ckpt.build()
+    else:
+        card, model = None, None
+    card = ModelCard.from_dict(crypten.communicator.get().broadcast_obj(card and card.to_dict(), LEADER))
+    if model is None:
+        model = build_model(card.model_name, len(card.classes))  # the public architecture, never its weights
+    program = compile_model(model)
+    weights = {
+        k: crypten_compat.encrypt(v if rank == LEADER else torch.zeros_like(v), src=LEADER)
+        for k, v in sorted(program.parameters.items())
+    }
+    return Model(card, program, weights)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m serving.party", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--role", choices=sorted(ROLES), required=True)
+    p.add_argument("--rendezvous", required=True, help="tcp://HOST:PORT shared by the three parties")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
+    p.add_argument("--port", type=int, required=True, help="HTTP port of this party")
+    p.add_argument("--model", type=Path, help="checkpoint (model owner only)")
+    p.add_argument("--tokens-file", type=Path, help="client bearer tokens, one per line (else $MEDMPC_TOKENS)")
+    p.add_argument("--tls-cert", type=Path, help="TLS certificate (PEM); serve HTTPS")
+    p.add_argument("--tls-key", type=Path, help="TLS private key (PEM)")
+    p.add_argument("--max-batch", type=int, default=8, help="images per encrypted forward pass")
+    p.add_argument("--share-timeout", type=float, default=10.0,
+                   help="seconds a share waits for its partner share to reach the other party")
+    p.add_argument("--request-timeout", type=float, default=60.0, help="seconds a request may wait for its result")
+    p.add_argument("--peer-timeout", type=float, default=120.0, help="seconds before a silent party is an error")
+    p.add_argument("--max-body-mb", type=float, default=16.0, help="largest accepted request body")
+    a = p.parse_args(argv)
+    if (a.tls_cert is None) != (a.tls_key is None):
+        p.error("--tls-cert and --tls-key go together")
+    if a.role == "model-owner" and a.model is None:
+        p.error("the model owner needs --model CKPT")
+    if a.max_batch < 1:
+        p.error("--max-batch must be at least 1")
+
+    rank = ROLES[a.role]
+    ckpt = Checkpoint.load(a.model) if rank == LEADER else None  # a bad checkpoint fails here, before serving
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", RENDEZVOUS=a.rendezvous, DISTRIBUTED_BACKEND="gloo")
+    torch.set_num_threads(max(1, int(os.environ.get("MEDMPC_THREADS", "1"))))
+    if a.role == "dealer":
+        failure: list[str] = []
+
+        def deal() -> None:
+            try:
+                crypten_compat.run_dealer(timeout_s=a.peer_timeout)
+            except Exception as err:  # a party vanished: report it on /ready
+                failure.append(f"{type(err).__name__}: {err}")
+                log("dealer_failed", error=failure[0])
+
+        thread = threading.Thread(target=deal, name="dealer", daemon=True)
+        app = health_app("dealer", lambda: (thread.is_alive(), failure[0] if failure else "dealing"))
+    else:
+        tokens = load_tokens(a.tokens_file)
+        engine = BatchEngine(rank=rank, max_batch=a.max_batch, heartbeat_s=min(5.0, a.peer_timeout / 4))
+        app = compute_app(a.role, engine, tokens=tokens, share_timeout_s=a.share_timeout, request_timeout_s=a.request_timeout,
+                          max_body_bytes=int(a.max_body_mb * 2**20))  # fmt: skip
+        thread = threading.Thread(
+            target=engine.run, args=(lambda: _setup(rank, ckpt, a.max_batch, a.peer_timeout),),
+            name="engine", daemon=True,
+        )  # fmt: skip
+    thread.start()
+    log("listening", role=a.role, host=a.host, port=a.port, tls=a.tls_cert is not None)
+
+    import uvicorn
+
+    uvicorn.run(app, host=a.host, port=a.port, ssl_certfile=a.tls_cert, ssl_keyfile=a.tls_key,
+                log_level="warning", access_log=False)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,333 @@
+"""The prediction service end to end: three real party processes over loopback HTTP."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import ipaddress
+import json
+import os
+import re
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from scipy import stats
+from uniformity import as_unit, looks_uniform
+
+from imaging.dataset import load_dataset
+from imaging.images import DataError, read_image
+from imaging.transforms import Preprocessing
+from models import build_model
+from mpc import sharing
+from serving.client import PredictionClient, ServiceError
+from serving.launch import LocalService
+from training.checkpoint import Checkpoint
+from training.local import TrainConfig, train
+
+pytestmark = pytest.mark.slow
+TOKEN = "test-token-" + uuid.uuid4().hex
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, chest_xray) -> Path:
+    data = load_dataset(str(chest_xray / "train"), image_size=SIZE, seed=0)
+    data = data.subset(torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:400])
+    prep = Preprocessing.fit(data.images)
+    model = build_model("cnn", 3, seed=0)
+    train(model, data.images, data.labels, prep, TrainConfig(epochs=3), num_classes=3)
+    path = tmp_path_factory.mktemp("serve") / "model.pt"
+    Checkpoint("cnn", data.classes, prep, model.state_dict()).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokens_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tokens") / "tokens"
+    path.write_text(f"some-other-client\n{TOKEN}\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def service(checkpoint, tokens_file):
+    with LocalService(checkpoint, tokens_file, share_timeout_s=3, max_body_mb=1, max_batch=8) as svc:
+        yield svc
+
+
+@pytest.fixture(scope="module")
+def val_images(chest_xray) -> list[Path]:
+    return sorted(p for p in (chest_xray / "val").rglob("*") if p.suffix.lower() in (".jpeg", ".jpg", ".png"))
+
+
+def _plaintext(checkpoint: Path, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return Checkpoint.load(checkpoint).build()(x)
+
+
+def test_predictions_equal_the_plaintext_model_for_every_val_image(service, checkpoint, val_images):
+    assert len(val_images) == 16
+    with PredictionClient(service.urls, TOKEN) as client:
+        x = client.preprocess(val_images)
+        # two concurrent requests of 8 images: the service batches whatever is queued
+        with ThreadPoolExecutor(2) as pool:
+            logits = torch.cat(list(pool.map(client.logits, x.split(8))))
+        predictions = client.predict_files(val_images[:2])
+    plain = _plaintext(checkpoint, x)
+    assert (logits - plain).abs().max() < 0.05
+    assert torch.equal(logits.argmax(1), plain.argmax(1))
+    classes = Checkpoint.load(checkpoint).classes
+    assert [p.prediction for p in predictions] == [classes[int(i)] for i in plain[:2].argmax(1)]
+    assert abs(sum(predictions[0].probabilities.values()) - 1) < 1e-5
+
+
+def test_concurrent_single_image_requests_share_encrypted_passes(service, val_images):
+    with PredictionClient(service.urls, TOKEN) as client:
+        x = client.preprocess(val_images[:6])
+        with ThreadPoolExecutor(6) as pool:
+            list(pool.map(client.logits, x.split(1)))
+    batches = [e for e in _events(service, "model-owner") if e["event"] == "batch"]
+    assert max(e["requests"] for e in batches) >= 2
+
+
+def _events(service: LocalService, party: str) -> list[dict]:
+    lines = service.log_file(party).read_text().splitlines()
+    return [json.loads(line) for line in lines if line.startswith("{")]
+
+
+def _body(shape: list[int], request_id: str | None = None, share: torch.Tensor | None = None, dtype: str = "int64") -> dict:
+    share = torch.zeros(shape, dtype=torch.int64) if share is None else share
+    data = base64.b64encode(share.numpy().tobytes()).decode()
+    return {"request_id": request_id or uuid.uuid4().hex, "shape": shape, "dtype": dtype, "share": data}
+
+
+def test_each_bad_input_gets_a_clear_error_and_the_service_keeps_answering(service, val_images, tmp_path):
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    one = [1, 1, SIZE, SIZE]
+    with httpx.Client(headers=auth, timeout=30) as http, PredictionClient(service.urls, TOKEN) as client:
+        x = client.preprocess(val_images[:1])
+        want = client.logits(x)
+
+        def still_works() -> None:
+            assert (client.logits(x) - want).abs().max() < 0.01
+
+        post = lambda i, **kw: http.post(f"{service.urls[i]}/v1/predict", **kw)  # noqa: E731
+
+        # a non-image file: the client refuses it by name before anything is sent ...
+        text = tmp_path / "notes.txt"
+        text.write_text("not an x-ray")
+        with pytest.raises(DataError, match="notes.txt"):
+            client.predict_files([text])
+        # ... and image bytes posted as the body are not a share
+        r = post(0, content=val_images[0].read_bytes(), headers={"content-type": "image/jpeg"})
+        assert r.status_code == 422
+        still_works()
+
+        r = post(0, json=_body([1, 1, 32, 32]))
+        assert r.status_code == 422 and "expected [n, 1, 64, 64]" in r.json()["detail"]
+        r = post(1, json={**_body(one), "dtype": "float32"})
+        assert r.status_code == 422 and "dtype" in r.json()["detail"]
+        r = post(0, json={**_body(one), "share": base64.b64encode(b"\0" * 100).decode()})
+        assert r.status_code == 422 and "needs 32768" in r.json()["detail"]
+        r = post(0, json=_body([9, 1, SIZE, SIZE]))
+        assert r.status_code == 422 and "1 to 8 images" in r.json()["detail"]
+        still_works()
+
+        # a request id known to one party only: each side times out, alone
+        start = time.monotonic()
+        with ThreadPoolExecutor(2) as pool:
+            a, b = pool.map(lambda i: post(i, json=_body(one, request_id=f"only-at-{i}-{uuid.uuid4().hex}")), (0, 1))
+        assert a.status_code == b.status_code == 504
+        assert "never received its share" in a.json()["detail"]
+        assert time.monotonic() - start < 15
+        still_works()
+
+        # a share that never arrives at the second party
+        r = post(0, json=_body(one))
+        assert r.status_code == 504
+        still_works()
+
+        # an oversized body is refused before it is read
+        r = post(0, json=_body([8, 1, SIZE, SIZE]) | {"share": "A" * (2 * 2**20)})
+        assert r.status_code == 413
+        # the same request id twice at one party
+        dup = _body(one)
+        with ThreadPoolExecutor(2) as pool:
+            codes = sorted(r.status_code for r in pool.map(lambda _: post(0, json=dup), range(2)))
+        assert codes == [409, 504]
+        still_works()
+
+
+def test_clients_without_a_valid_token_get_401_and_touch_nothing(service):
+    before = len(_events(service, "compute"))
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"}):
+        r = httpx.post(f"{service.urls[1]}/v1/predict", json=_body([1, 1, SIZE, SIZE]), headers=headers)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        assert httpx.get(f"{service.urls[1]}/v1/model", headers=headers).status_code == 401
+    events = _events(service, "compute")[before:]
+    assert [e["status"] for e in events] == [401] * 6 and all(e["event"] == "refused" for e in events)
+    # the open endpoints stay open
+    assert httpx.get(f"{service.urls[0]}/health").json()["status"] == "alive"
+    assert httpx.get(f"{service.urls[1]}/ready").json()["ready"] is True
+    assert "/v1/predict" in httpx.get(f"{service.urls[0]}/openapi.json").json()["paths"]
+
+
+class RecordingProxy:
+    """A TCP relay in front of one party that keeps every byte the client sent through it."""
+
+    def __init__(self, upstream: str) -> None:
+        host, port = re.match(r"http://([^:]+):(\d+)", upstream).groups()
+        self.upstream = (host, int(port))
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        self.streams: list[bytearray] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            conn, _ = self.server.accept()
+            up = socket.create_connection(self.upstream)
+            sent = bytearray()
+            self.streams.append(sent)
+            threading.Thread(target=self._pump, args=(conn, up, sent), daemon=True).start()
+            threading.Thread(target=self._pump, args=(up, conn, None), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket, record: bytearray | None) -> None:
+        while data := src.recv(65536):
+            if record is not None:
+                record += data
+            dst.sendall(data)
+        dst.shutdown(socket.SHUT_WR)
+
+    def received_shares(self) -> list[torch.Tensor]:
+        shares = []
+        for stream in self.streams:
+            pos = 0
+            while (end := stream.find(b"\r\n\r\n", pos)) >= 0:
+                head = bytes(stream[pos:end])
+                length = re.search(rb"content-length: (\d+)", head, re.I)
+                length = int(length.group(1)) if length else 0
+                if head.startswith(b"POST /v1/predict"):
+                    body = json.loads(stream[end + 4 : end + 4 + length])
+                    shares.append(torch.frombuffer(bytearray(base64.b64decode(body["share"])), dtype=torch.int64))
+                pos = end + 4 + length
+        return shares
+
+
+def test_what_each_party_receives_does_not_depend_on_the_image(service, val_images):
+    proxies = [RecordingProxy(url) for url in service.urls]
+    normal = next(p for p in val_images if "NORMAL" in str(p))
+    pneumonia = next(p for p in val_images if "PNEUMONIA" in str(p))
+    with PredictionClient([p.url for p in proxies], TOKEN) as client:
+        images = client.preprocess([normal, pneumonia])
+        for _ in range(3):
+            for image in images.split(1):
+                client.logits(image)
+    for proxy in proxies:
+        received = proxy.received_shares()
+        assert len(received) == 6
+        a, b = torch.cat(received[0::2]), torch.cat(received[1::2])  # three shares of each image
+        assert looks_uniform(a) and looks_uniform(b)
+        assert stats.ks_2samp(as_unit(a), as_unit(b)).pvalue > 1e-4
+    # the control: the encoded images themselves (what would travel without sharing) fail the test
+    encoded = sharing.encode(images, 16)
+    assert not looks_uniform(encoded[0]) and stats.ks_2samp(as_unit(encoded[0]), as_unit(encoded[1])).pvalue < 1e-6
+
+
+def test_logs_never_hold_shares(service, val_images):
+    with PredictionClient(service.urls, TOKEN) as client:
+        x = client.preprocess(val_images[:1])
+        encoded = sharing.encode(x, 16)
+        client.logits(x)
+    fragments = {base64.b64encode(encoded.numpy().tobytes()[i : i + 48]).decode() for i in (0, 4096, 16384)}
+    for party in ("model-owner", "compute", "dealer"):
+        text = service.log_file(party).read_text()
+        for event in _events(service, party):
+            assert set(event) <= {"ts", "event", "party", "request_id", "status", "ms", "images", "batch_images",
+                                  "requests", "seconds", "model", "max_batch", "role", "host", "port", "tls",
+                                  "path", "bytes", "error"}  # fmt: skip
+        assert not any(f in text for f in fragments)
+        assert not re.search(r"[A-Za-z0-9+/]{200,}", text)  # no base64 blob of any share
+
+
+def test_the_predict_command_prints_the_reconstructed_prediction(service, checkpoint, val_images, tmp_path):
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    out = subprocess.run(
+        [sys.executable, "-m", "cli.main", "predict", "--servers", ",".join(service.urls),
+         "--token-file", str(token), "--json", str(val_images[0])],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    [pred] = json.loads(out.stdout)["predictions"]
+    ckpt = Checkpoint.load(checkpoint)
+    x = ckpt.preprocessing(read_image(val_images[0], SIZE)[None])
+    assert pred["prediction"] == ckpt.classes[int(_plaintext(checkpoint, x).argmax())]
+    env = {k: v for k, v in os.environ.items() if k != "MEDMPC_TOKEN"}
+    bad = subprocess.run([sys.executable, "-m", "cli.main", "predict", "--servers", ",".join(service.urls),
+                          str(val_images[0])], capture_output=True, text=True, timeout=60, env=env)  # fmt: skip
+    assert bad.returncode == 2 and "no bearer token" in bad.stderr
+
+
+def _self_signed(tmp: Path) -> tuple[Path, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    cert_file, key_file = tmp / "cert.pem", tmp / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))  # fmt: skip
+    return cert_file, key_file
+
+
+def test_tls_and_a_killed_party_fails_requests_fast(checkpoint, tokens_file, val_images, tmp_path):
+    cert, key = _self_signed(tmp_path)
+    with LocalService(checkpoint, tokens_file, tls_cert=cert, tls_key=key, peer_timeout_s=30) as svc:
+        assert all(u.startswith("https://") for u in svc.urls)
+        with PredictionClient(svc.urls, TOKEN, verify=str(cert)) as client:
+            [pred] = client.predict_files(val_images[:1])
+            assert pred.prediction in Checkpoint.load(checkpoint).classes
+            with pytest.raises(ServiceError, match="HTTP 0: unreachable"):
+                PredictionClient(svc.urls, TOKEN).card()  # an unverified certificate is refused
+            svc.stop("compute")
+            start = time.monotonic()
+            with pytest.raises(ServiceError) as err:
+                client.predict_files(val_images[:1])
+            assert time.monotonic() - start < 25
+            assert err.value.status in (0, 503, 504)
+        deadline = time.monotonic() + 30
+        ca = ssl.create_default_context(cafile=cert)
+        while httpx.get(f"{svc.urls[0]}/ready", verify=ca).status_code == 200:
+            assert time.monotonic() < deadline, "the model owner still claims to be ready"
+            time.sleep(0.5)
+        assert httpx.get(f"{svc.urls[0]}/ready", verify=ca).json()["reason"]
+
+
+def test_serve_refuses_to_start_without_client_tokens(checkpoint):
+    env = {k: v for k, v in os.environ.items() if k != "MEDMPC_TOKENS"}
+    out = subprocess.run([sys.executable, "-m", "cli.main", "serve", "--model", str(checkpoint)],
+                         capture_output=True, text=True, timeout=60, env=env)  # fmt: skip
+    assert out.returncode == 2 and "no client tokens" in out.stderr
