@@ -1,7 +1,7 @@
 """One DP-SGD training step against one non-private step, same model and batch.
 
-The private step computes per-sample gradients (Opacus hooks), clips each to
-norm C, adds Gaussian noise. Both are timed in this process, alternating, and
+The private step clips every per-sample gradient to norm C (Opacus ghost clipping,
+with our Conv2d norm sampler) and adds Gaussian noise. Both are timed in this process, alternating, and
 the ratio of medians goes into extra_info and benchmarks/results/dp_step.json.
 
     .venv/bin/python -m pytest benchmarks/test_dp_step.py --benchmark-only -s
@@ -38,7 +38,7 @@ def _steps(model_name: str, image_size: int, batch: int):
 
     def private_step():
         private_opt.zero_grad(set_to_none=True)
-        F.cross_entropy(private(x), y).backward()
+        dp.loss(private(x), y).backward()
         private_opt.step()
 
     return plain_step, private_step

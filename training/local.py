@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +57,9 @@ class PrivateTraining(Protocol):
         self, labels: torch.Tensor, weight: torch.Tensor | None, generator: torch.Generator
     ) -> Iterator[torch.Tensor]:
         """One epoch of sample indices, Poisson-sampled (class weights act through the sampling rates)."""
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> Any:
+        """The batch loss, whose ``backward()`` leaves clipped gradients (it may run two passes)."""
 
     def unwrap(self, model: nn.Module) -> None:
         """Detach what ``wrap`` attached to the model."""
@@ -142,7 +145,8 @@ def _epochs(
                 x = augment(x, g)
             # DP-SGD weights classes through its sampling rates: a loss weight would be
             # undone by per-sample clipping, and would tie each sample's gradient to its batch
-            loss = F.cross_entropy(model(x), labels[idx], weight=None if private is not None else weight)
+            logits = model(x)
+            loss = private.loss(logits, labels[idx]) if private is not None else F.cross_entropy(logits, labels[idx], weight=weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
