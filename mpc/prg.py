@@ -8,6 +8,7 @@ their outputs are predictable from a few observed values.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -35,12 +36,36 @@ def random_ring(n: int) -> torch.Tensor:
     return expand(new_seed(), n)
 
 
+def uniform(n: int) -> torch.Tensor:
+    """``n`` float64 samples uniform in (0, 1] (53 random bits each, never 0) from a fresh stream."""
+    return (((random_ring(n) >> 11) & ((1 << 53) - 1)).double() + 1) / 2.0**53
+
+
 def gaussian(n: int, std: float) -> torch.Tensor:
     """``n`` float64 samples of N(0, std^2) from a fresh OS-seeded ChaCha20 stream (Box-Muller).
 
     DP noise must come from a CSPRNG too: predictable noise can be subtracted.
     """
-    bits = random_ring(2 * n).view(2, n)
-    # 53 random bits each -> uniform in (0, 1], never 0 (log(0) is undefined)
-    u1, u2 = ((((b >> 11) & ((1 << 53) - 1)).double() + 1) / 2.0**53 for b in bits)
+    u1, u2 = uniform(2 * n).view(2, n)
     return std * torch.sqrt(-2 * torch.log(u1)) * torch.cos(2 * torch.pi * u2)
+
+
+def discrete_gaussian(n: int, sigma: float) -> torch.Tensor:
+    """``n`` int64 samples of the discrete Gaussian N_Z(0, sigma^2), P(k) ~ exp(-k^2 / (2 sigma^2)).
+
+    Canonne, Kamath and Steinke (2020), Algorithm 3: a discrete Laplace proposal of scale
+    t = floor(sigma) + 1 (the difference of two geometric variables), accepted with
+    probability exp(-(|Y| - sigma^2/t)^2 / (2 sigma^2)); the Bernoulli trials use CSPRNG
+    uniforms in float64 rather than exact rational arithmetic.
+    """
+    if not sigma > 0:
+        raise ValueError(f"sigma must be positive, got {sigma}")
+    t = math.floor(sigma) + 1
+    out = torch.empty(0, dtype=torch.int64)
+    while out.numel() < n:
+        m = 2 * (n - out.numel()) + 16  # more than one round's need: acceptance is above 1/2
+        g1, g2 = torch.floor(-t * torch.log(uniform(2 * m))).view(2, m)  # geometric, P(k) ~ exp(-k/t)
+        y = g1 - g2
+        accept = uniform(m) <= torch.exp(-((y.abs() - sigma**2 / t) ** 2) / (2 * sigma**2))
+        out = torch.cat([out, y[accept].long()])
+    return out[:n]

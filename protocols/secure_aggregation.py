@@ -77,14 +77,14 @@ class AggregatorState:
 
 
 def noise_share(numel: int, total_std: float, n_aggregators: int, fractional_bits: int) -> torch.Tensor:
-    """One aggregator's part of distributed Gaussian noise, encoded in the ring.
+    """One aggregator's part of distributed discrete-Gaussian noise, directly in the ring.
 
-    K parts of variance total_std^2 / K sum to noise of variance total_std^2. Each
-    part is rounded to the fixed-point grid (a rounded, not an exact discrete,
-    Gaussian); the accounting (Coordinator) assumes one aggregator knows its own
+    Each part is a discrete Gaussian on the fixed-point grid (integers in units of
+    2^-f) of variance total_std^2 / K, so the K parts sum to noise of variance
+    total_std^2. The accounting (Coordinator) assumes one aggregator knows its own
     part, so only K-1 parts count as noise.
     """
-    return sharing.encode(prg.gaussian(numel, total_std / n_aggregators**0.5), fractional_bits)
+    return prg.discrete_gaussian(numel, total_std / n_aggregators**0.5 * 2.0**fractional_bits)
 
 
 def average_share(summed: torch.Tensor, divisor: int, *, fractional_bits: int) -> torch.Tensor:

@@ -154,6 +154,34 @@ def test_csprng_gaussian_has_the_requested_spread():
     assert not torch.equal(gaussian(10, 1.0), gaussian(10, 1.0))
 
 
+@pytest.mark.parametrize("sigma", [0.8, 3.0, 40_000.0])
+def test_discrete_gaussian_matches_its_distribution(sigma):
+    from scipy import stats
+
+    from mpc.prg import discrete_gaussian, gaussian
+
+    n = 200_000
+    x = discrete_gaussian(n, sigma)
+    assert x.dtype == torch.int64 and x.numel() == n
+    assert abs(float(x.double().mean())) < 5 * sigma / n**0.5
+    if sigma > 100:  # wide: the variance is sigma^2
+        assert float(x.double().std()) == pytest.approx(sigma, rel=0.01)
+        return
+    # narrow: the probability of each integer is exp(-k^2 / 2 sigma^2) / Z (chi-square test)
+    ks = torch.arange(-int(6 * sigma) - 1, int(6 * sigma) + 2)
+    p = torch.exp(-ks.double() ** 2 / (2 * sigma**2))
+    p /= p.sum()
+    keep = p * n > 5
+
+    def pvalue(sample: torch.Tensor) -> float:
+        observed = torch.stack([(sample == k).sum() for k in ks]).double()[keep]
+        return stats.chisquare(observed, p[keep] * observed.sum() / p[keep].sum()).pvalue
+
+    assert pvalue(x) > 1e-4
+    if sigma < 1:  # the control: a rounded continuous Gaussian is a different distribution
+        assert pvalue(torch.round(gaussian(n, sigma)).long()) < 1e-6
+
+
 @pytest.mark.slow
 def test_central_dp_noise_is_added_inside_mpc_with_the_planned_spread(tmp_path):
     """Same seeds with and without central noise: the global models differ by exactly the noise / N."""
