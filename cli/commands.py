@@ -107,6 +107,7 @@ def selfcheck(args: argparse.Namespace) -> None:
 _PLAN_FLAGS = (
     "hospitals", "aggregators", "rounds", "local_epochs", "partition", "data", "model", "image_size",
     "num_classes", "batch_size", "lr", "fractional_bits", "seed", "timeout_s", "host", "central_dp_noise", "update_clip",
+    "stats_noise",
 )  # fmt: skip
 
 

@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--central-dp-noise", type=float, help="distributed central DP: noise multiplier z of the "
                    "Gaussian noise the aggregators add to the sum of clipped updates inside MPC")  # fmt: skip
     p.add_argument("--update-clip", type=float, help="with --central-dp-noise: L2 clip of each hospital's update (default 1.0)")
+    p.add_argument("--stats-noise", type=float, help="std of the Gaussian noise added inside MPC to each aggregated "
+                   "normalisation statistic and class count (accounted; included in DP-SGD budgets)")  # fmt: skip
     p.set_defaults(func=commands.simulate)
 
     bench = sub.add_parser("bench", help="protocol benchmarks").add_subparsers(dest="bench", required=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from opacus.accountants.analysis import rdp as rdp_analysis
-from opacus.accountants.utils import get_noise_multiplier
 
 # Opacus's default orders, extended upwards: small sample rates and few steps need large orders.
 ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [80, 128, 256, 512, 1024]
@@ -63,8 +62,11 @@ class PrivacyAccountant:
         return cls([(float(s), float(q), int(n)) for s, q, n in d["history"]])
 
 
-def plan_noise_multiplier(*, epsilon: float, delta: float, sample_rate: float, steps: int, who: str) -> float:
-    """The noise multiplier that makes ``steps`` steps at ``sample_rate`` end at ``epsilon``.
+def plan_noise_multiplier(
+    *, epsilon: float, delta: float, sample_rate: float, steps: int, who: str, prior: PrivacyAccountant | None = None
+) -> float:
+    """The noise multiplier that makes ``steps`` steps at ``sample_rate`` end at ``epsilon``,
+    after what ``prior`` already spent (e.g. the noisy statistics release).
 
     Refuses (BudgetError naming ``who``) a plan that cannot meet the budget with a
     noise multiplier below MAX_NOISE_MULTIPLIER (training would be pure noise).
@@ -73,16 +75,19 @@ def plan_noise_multiplier(*, epsilon: float, delta: float, sample_rate: float, s
         raise BudgetError(f"{who}: need epsilon > 0 and 0 < delta < 1, got epsilon={epsilon}, delta={delta}")
     if not 0 < sample_rate <= 1:
         raise BudgetError(f"{who}: sample rate must be in (0, 1], got {sample_rate}")
-    try:
-        sigma = get_noise_multiplier(
-            target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps,
-            accountant="rdp", epsilon_tolerance=0.005, alphas=ORDERS,
-        )  # fmt: skip
-    except ValueError as err:
-        raise BudgetError(f"{who}: cannot reach epsilon={epsilon} at delta={delta} with {steps} steps: {err}") from err
-    if sigma > MAX_NOISE_MULTIPLIER:
+    base = prior or PrivacyAccountant()
+
+    def spent(sigma: float) -> float:
+        return base.epsilon_after(sigma, sample_rate, steps, delta)
+
+    if spent(MAX_NOISE_MULTIPLIER) > epsilon:
+        already = f" (of which {base.epsilon(delta):.2f} spent before training)" if base.history else ""
         raise BudgetError(
             f"{who}: epsilon={epsilon} at delta={delta} over {steps} steps (sample rate {sample_rate:.3g}) "
-            f"needs noise multiplier {sigma:.1f} > {MAX_NOISE_MULTIPLIER}; raise the budget or train fewer steps"
+            f"needs noise multiplier > {MAX_NOISE_MULTIPLIER}{already}; raise the budget or train fewer steps"
         )
-    return float(sigma)
+    lo, hi = 0.0, MAX_NOISE_MULTIPLIER  # epsilon falls as sigma grows: bisect for the smallest that fits
+    while hi - lo > 1e-3 * hi:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if spent(mid) <= epsilon else (mid, hi)
+    return float(hi)

@@ -145,19 +145,22 @@ class Coordinator:
         data, val = self._validation_set()
         classes = data.classes
         n_stats = 3 + len(classes)
-        # Normalisation statistics and class counts, aggregated like updates: no hospital reveals its own.
-        stats, _ = self.aggregate(strategy, tag="stats", numel=n_stats, divisor=1, round_=0, request="stats", meta={})
+        # Normalisation statistics and class counts, aggregated like updates: no hospital reveals its
+        # own; with stats_noise the aggregators add Gaussian noise to each of them inside MPC.
+        stats, _ = self.aggregate(strategy, tag="stats", numel=n_stats, divisor=1, round_=0, request="stats",
+                                  meta={}, noise_std=p.stats_noise or 0.0)  # fmt: skip
         stats = stats.double()
-        n_total = int(round(float(stats[0])))
-        mean = float(stats[1] / n_total)
-        std = float((stats[2] / n_total - mean**2).clamp(min=1e-12).sqrt())
-        counts = stats[3:].round()
+        n_total = max(1, int(round(float(stats[0]))))
+        # noise can push the estimates outside their ranges: clamp them back (post-processing)
+        mean = float((stats[1] / n_total).clamp(1e-6, 1.0))
+        std = float((stats[2] / n_total - mean**2).clamp(min=1e-6).sqrt())
+        counts = stats[3:].round().clamp(min=1)
         prep = Preprocessing(p.image_size, mean, std)
         weight = class_weights(counts)
         report["aggregated_statistics"] = {
             "n_images": n_total, "pixel_mean": mean, "pixel_std": std,
             "class_counts": dict(zip(classes, counts.long().tolist())),
-            "traffic": self.traffic_since_last(),
+            "privacy": _stats_privacy(p), "traffic": self.traffic_since_last(),
         }  # fmt: skip
         report["dataset"] = {"source": data.source, "synthetic": data.is_synthetic, "val": val.class_counts()}
 
@@ -234,6 +237,17 @@ class _CentralDP:
             "epsilon": eps, "delta": self.plan.dp_delta, "noise_multiplier": self.plan.central_dp_noise,
             "effective_noise_multiplier": self.effective, "update_clip": self.plan.update_clip,
         }  # fmt: skip
+
+
+def _stats_privacy(plan: Plan) -> dict[str, float | None] | None:
+    """The statistics release on its own; with DP-SGD, each hospital's epsilon includes it."""
+    z = plan.stats_noise_multiplier()
+    if z is None:
+        return None
+    accountant = PrivacyAccountant()
+    accountant.step(z, 1.0, 1)
+    return {"noise_std": plan.stats_noise, "noise_multiplier": z, "delta": plan.dp_delta,
+            "epsilon": accountant.epsilon(plan.dp_delta)}  # fmt: skip
 
 
 def _epsilons(info: dict[str, Any]) -> dict[str, float]:

@@ -64,21 +64,26 @@ def check_compatible(model: nn.Module, model_name: str) -> None:
 class DPSGD:
     """One data holder's private training across rounds (implements training.local.PrivateTraining)."""
 
-    def __init__(self, cfg: DPConfig, *, n_samples: int, batch_size: int, planned_epochs: int, who: str) -> None:
+    def __init__(
+        self, cfg: DPConfig, *, n_samples: int, batch_size: int, planned_epochs: int, who: str,
+        prior: PrivacyAccountant | None = None,
+    ) -> None:  # fmt: skip
+        """``prior``: what this data holder's data already spent before training (the noisy
+        statistics release); the noise is planned so that both together end at the budget."""
         if n_samples < 1:
             raise ValueError(f"{who}: no training samples")
         self.cfg, self.who = cfg, who
         self.sample_rate = min(1.0, batch_size / n_samples)
         self.steps_per_epoch = math.ceil(n_samples / batch_size)
         self.expected_batch_size = self.sample_rate * n_samples
+        self.accountant = PrivacyAccountant(list(prior.history)) if prior else PrivacyAccountant()
         if cfg.noise_multiplier is not None:
             self.noise_multiplier = cfg.noise_multiplier
         else:
             self.noise_multiplier = plan_noise_multiplier(
                 epsilon=cfg.epsilon, delta=cfg.delta, sample_rate=self.sample_rate,
-                steps=planned_epochs * self.steps_per_epoch, who=who,
+                steps=planned_epochs * self.steps_per_epoch, who=who, prior=self.accountant,
             )  # fmt: skip
-        self.accountant = PrivacyAccountant()
         self._reserved_epochs = 0
         self._optimizer: DPOptimizerFastGradientClipping | None = None
         self._module: BookKeepingModule | None = None

@@ -15,7 +15,7 @@ from models import build_model
 from models.vector import load_vector, to_vector
 from mpc.sharing import EncodingError
 from mpc.transport import Channel, Traffic, connect
-from protocols.accountant import BudgetError
+from protocols.accountant import BudgetError, PrivacyAccountant
 from protocols.commands import die, next_command
 from protocols.dp import DPSGD, check_compatible, privacy_summary
 from protocols.plan import Plan
@@ -112,9 +112,13 @@ class Hospital:
         if dp is None:
             return None
         assert self.data is not None
+        prior = PrivacyAccountant()
+        stats_z = self.plan.stats_noise_multiplier()
+        if stats_z is not None:  # the noisy statistics release touched the same patients first
+            prior.step(stats_z, 1.0, 1)
         return DPSGD(
             dp, n_samples=len(self.data), batch_size=self.plan.batch_size,
-            planned_epochs=self.plan.rounds * self.plan.local_epochs, who=self.name,
+            planned_epochs=self.plan.rounds * self.plan.local_epochs, who=self.name, prior=prior,
         )  # fmt: skip
 
     def run(self) -> None:

@@ -18,6 +18,9 @@ if TYPE_CHECKING:
     from protocols.dp import DPConfig
 
 
+STATS_SENSITIVITY = 2.0
+
+
 @dataclass
 class Plan:
     hospitals: int = 3
@@ -55,6 +58,9 @@ class Plan:
     # std central_dp_noise * update_clip to the sum inside MPC, each drawing its own part
     central_dp_noise: float | None = None
     update_clip: float = 1.0
+    # noise on the aggregated normalisation statistics and class counts: standard deviation
+    # of the Gaussian noise on each of them (added inside MPC like central_dp_noise)
+    stats_noise: float | None = None
     # failure drills, party -> "ACTION:ROUND": "kill:2" (the process dies when round 2
     # starts), "nan:1" / "overflow:1" (a hospital's round-1 update is corrupted)
     drills: dict[str, str] = field(default_factory=dict)
@@ -73,6 +79,8 @@ class Plan:
             raise ValueError("rounds and local epochs must be at least 1")
         if self.central_dp_noise is not None and (self.central_dp_noise < 0 or not self.update_clip > 0):
             raise ValueError("central DP needs central_dp_noise >= 0 and update_clip > 0")
+        if self.stats_noise is not None and not self.stats_noise > 0:
+            raise ValueError(f"stats_noise must be positive, got {self.stats_noise}")
         if not 0 < self.fractional_bits <= 32:
             raise ValueError(f"fractional bits must be in 1..32, got {self.fractional_bits}")
 
@@ -82,6 +90,16 @@ class Plan:
         from protocols.dp import DPConfig  # Opacus is only needed where DP is used
 
         return DPConfig(self.dp_epsilon, self.dp_delta, self.dp_clip, self.dp_noise)
+
+    def stats_noise_multiplier(self) -> float | None:
+        """The statistics release as a Gaussian mechanism: noise over L2 sensitivity. One image
+        moves the count, its pixel-mean and mean-square sums and one class count by at most 1
+        each (sensitivity 2); in a secure run each aggregator knows its own part of the noise, so
+        only K-1 of K parts count."""
+        if self.stats_noise is None:
+            return None
+        known = (self.aggregators - 1) / self.aggregators if self.secure else 1.0
+        return self.stats_noise * known**0.5 / STATS_SENSITIVITY
 
     def drill(self, party: str, round_: int) -> str | None:
         action, _, at = self.drills.get(party, "").partition(":")

@@ -12,7 +12,7 @@ from opacus.accountants import RDPAccountant
 from models import build_model
 from protocols.accountant import ORDERS, BudgetError, PrivacyAccountant, plan_noise_multiplier
 from protocols.dp import DPSGD, DPConfig, DPIncompatibleModel, check_compatible
-from protocols.hospital import hospital_partition
+from protocols.hospital import hospital_partition, local_statistics
 from protocols.plan import Plan
 from protocols.simulate import simulate
 from training.checkpoint import Checkpoint
@@ -200,3 +200,20 @@ def test_central_dp_noise_is_added_inside_mpc_with_the_planned_spread(tmp_path):
     ref.step(2.0 / 2**0.5, 1.0, 1)
     assert cdp["epsilon"] == pytest.approx(ref.epsilon(1e-5))
     assert quiet["rounds"][0]["central_dp"]["epsilon"] is None
+
+
+@pytest.mark.slow
+def test_noisy_statistics_are_released_and_accounted_with_dp_sgd(tmp_path):
+    plan = Plan(data="synthetic:240", image_size=32, hospitals=3, rounds=1, batch_size=32, model="cnn_gn",
+                timeout_s=60, dp_epsilon=8.0, stats_noise=4.0)  # fmt: skip
+    report = simulate(plan, tmp_path)
+    stats = report["aggregated_statistics"]
+    exact = sum(local_statistics(hospital_partition(plan, i)) for i in range(plan.hospitals))
+    assert stats["pixel_mean"] != pytest.approx(float(exact[1] / exact[0]), abs=1e-4)  # noise was added
+    assert stats["pixel_mean"] == pytest.approx(float(exact[1] / exact[0]), abs=0.2)  # but only noise
+    released = stats["privacy"]
+    assert released["noise_multiplier"] == pytest.approx(4.0 * 0.5**0.5 / 2)  # K=2: one part is known
+    # each hospital's budget covers both releases: statistics first, then DP-SGD, ending at 8
+    for h in report["rounds"][0]["privacy"].values():
+        assert released["epsilon"] < h["epsilon"] <= 8.0 * 1.01
+        assert h["steps"] > 1  # the statistics step plus the training steps
