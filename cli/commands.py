@@ -231,7 +231,7 @@ def serve(args: argparse.Namespace) -> None:
     if len(ports) != 3:
         raise ValueError(f"--ports takes three ports (model owner, compute party, dealer), got {args.ports!r}")
     rendezvous = args.rendezvous or f"tcp://{args.host}:29500"
-    options = {"max_batch": args.max_batch, "share_timeout": args.share_timeout, "request_timeout": args.request_timeout,
+    options = {"max_batch": args.max_batch, "max_queue": args.max_queue, "share_timeout": args.share_timeout, "request_timeout": args.request_timeout,
                "peer_timeout": args.peer_timeout, "max_body_mb": args.max_body_mb}  # fmt: skip
     if args.role != "all":
         argv = ["--role", args.role, "--rendezvous", rendezvous, "--host", args.host,
@@ -249,7 +249,7 @@ def serve(args: argparse.Namespace) -> None:
         raise ValueError("no client tokens configured: pass --tokens-file FILE or set MEDMPC_TOKENS")
     service = LocalService(
         args.model, args.tokens_file, host=args.host, ports=tuple(ports), rendezvous_port=int(rendezvous.rsplit(":", 1)[1]),
-        tls_cert=args.tls_cert, tls_key=args.tls_key, max_batch=args.max_batch, share_timeout_s=args.share_timeout,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, max_batch=args.max_batch, max_queue=args.max_queue, share_timeout_s=args.share_timeout,
         request_timeout_s=args.request_timeout,
         peer_timeout_s=args.peer_timeout, max_body_mb=args.max_body_mb, log_dir=args.log_dir,
     )  # fmt: skip

@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", type=Path, help="TLS certificate (PEM): serve HTTPS")
     p.add_argument("--tls-key", type=Path, help="TLS private key (PEM)")
     p.add_argument("--max-batch", type=int, default=8, help="images per encrypted forward pass")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; more get 429")
     p.add_argument("--share-timeout", type=float, default=10.0,
                    help="seconds a share waits for its partner share to reach the other party")
     p.add_argument("--request-timeout", type=float, default=60.0, help="seconds a request may wait for its result")

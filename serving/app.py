@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
-from serving.engine import BatchEngine, DuplicateRequest, EngineUnavailable, ShareMismatch
+from serving.engine import BatchEngine, DuplicateRequest, EngineUnavailable, QueueFull, ShareMismatch
 from serving.logs import log
 from serving.wire import PredictRequest, PredictResponse, WireError, check_request_id, decode_tensor, encode_tensor
 
@@ -110,6 +110,8 @@ def compute_app(
             return done(422, _error(422, str(err)))
         except DuplicateRequest as err:
             return done(409, _error(409, str(err)))
+        except QueueFull as err:
+            return done(429, _error(429, f"busy: {err}; retry later", **{"Retry-After": "1"}))
         except EngineUnavailable as err:
             return done(503, _error(503, f"service unavailable: {err}"))
         try:

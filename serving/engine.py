@@ -43,6 +43,10 @@ class DuplicateRequest(ValueError):
     pass
 
 
+class QueueFull(RuntimeError):
+    """More requests are waiting than the queue holds; the client should retry later."""
+
+
 class ShareMismatch(ValueError):
     """The two parties received shares of different shapes under one request id."""
 
@@ -81,9 +85,10 @@ class Model:
 
 
 class BatchEngine:
-    def __init__(self, *, rank: int, max_batch: int, heartbeat_s: float) -> None:
+    def __init__(self, *, rank: int, max_batch: int, max_queue: int, heartbeat_s: float) -> None:
         self.rank = rank
         self.max_batch = max_batch
+        self.max_queue = max_queue
         self.heartbeat_s = heartbeat_s
         self.card: ModelCard | None = None
         self.failure: str | None = None
@@ -105,6 +110,8 @@ class BatchEngine:
         with self._lock:
             if request_id in self._pending:
                 raise DuplicateRequest(f"request {request_id!r} is already queued at this party")
+            if len(self._pending) >= self.max_queue:
+                raise QueueFull(f"{len(self._pending)} requests are already waiting (the queue holds {self.max_queue})")
             pending = _Pending(share, time.monotonic() + match_timeout_s)
             self._pending[request_id] = pending
         self._arrived.set()

@@ -31,6 +31,7 @@ class LocalService:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     max_batch: int = 8
+    max_queue: int = 64
     share_timeout_s: float = 10.0
     request_timeout_s: float = 60.0
     peer_timeout_s: float = 120.0
@@ -60,7 +61,7 @@ class LocalService:
         rendezvous = f"tcp://{self.host}:{self.rendezvous_port or free_port(self.host)}"
         common = [
             "--rendezvous", rendezvous, "--host", self.host,
-            "--max-batch", str(self.max_batch), "--share-timeout", str(self.share_timeout_s),
+            "--max-batch", str(self.max_batch), "--max-queue", str(self.max_queue), "--share-timeout", str(self.share_timeout_s),
             "--request-timeout", str(self.request_timeout_s),
             "--peer-timeout", str(self.peer_timeout_s), "--max-body-mb", str(self.max_body_mb),
         ]  # fmt: skip

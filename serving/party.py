@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tls-cert", type=Path, help="TLS certificate (PEM); serve HTTPS")
     p.add_argument("--tls-key", type=Path, help="TLS private key (PEM)")
     p.add_argument("--max-batch", type=int, default=8, help="images per encrypted forward pass")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; more get 429")
     p.add_argument("--share-timeout", type=float, default=10.0,
                    help="seconds a share waits for its partner share to reach the other party")
     p.add_argument("--request-timeout", type=float, default=60.0, help="seconds a request may wait for its result")
@@ -86,8 +87,8 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--tls-cert and --tls-key go together")
     if a.role == "model-owner" and a.model is None:
         p.error("the model owner needs --model CKPT")
-    if a.max_batch < 1:
-        p.error("--max-batch must be at least 1")
+    if a.max_batch < 1 or a.max_queue < 1:
+        p.error("--max-batch and --max-queue must be at least 1")
 
     rank = ROLES[a.role]
     ckpt = Checkpoint.load(a.model) if rank == LEADER else None  # a bad checkpoint fails here, before serving
@@ -107,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
         app = health_app("dealer", lambda: (thread.is_alive(), failure[0] if failure else "dealing"))
     else:
         tokens = load_tokens(a.tokens_file)
-        engine = BatchEngine(rank=rank, max_batch=a.max_batch, heartbeat_s=min(5.0, a.peer_timeout / 4))
+        engine = BatchEngine(rank=rank, max_batch=a.max_batch, max_queue=a.max_queue,
+                             heartbeat_s=min(5.0, a.peer_timeout / 4))  # fmt: skip
         app = compute_app(a.role, engine, tokens=tokens, share_timeout_s=a.share_timeout, request_timeout_s=a.request_timeout,
                           max_body_bytes=int(a.max_body_mb * 2**20))  # fmt: skip
         thread = threading.Thread(

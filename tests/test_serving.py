@@ -60,7 +60,7 @@ def tokens_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def service(checkpoint, tokens_file):
-    with LocalService(checkpoint, tokens_file, share_timeout_s=3, max_body_mb=1, max_batch=8) as svc:
+    with LocalService(checkpoint, tokens_file, share_timeout_s=3, max_body_mb=1, max_batch=8, max_queue=8) as svc:
         yield svc
 
 
@@ -154,6 +154,12 @@ def test_each_bad_input_gets_a_clear_error_and_the_service_keeps_answering(servi
         # a share that never arrives at the second party
         r = post(0, json=_body(one))
         assert r.status_code == 504
+        still_works()
+
+        # a full queue: more unmatched shares than it holds are turned away at once
+        with ThreadPoolExecutor(10) as pool:
+            codes = sorted(r.status_code for r in pool.map(lambda _: post(0, json=_body(one)), range(10)))
+        assert codes == [429, 429] + [504] * 8
         still_works()
 
         # an oversized body is refused before it is read
