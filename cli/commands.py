@@ -226,21 +226,17 @@ def serve(args: argparse.Namespace) -> None:
 
     from serving import party
     from serving.launch import LocalService
+    from serving.options import service_argv
 
     ports = [int(p) for p in args.ports.split(",")]
     if len(ports) != 3:
         raise ValueError(f"--ports takes three ports (model owner, compute party, dealer), got {args.ports!r}")
     rendezvous = args.rendezvous or f"tcp://{args.host}:29500"
-    options = {"max_batch": args.max_batch, "max_queue": args.max_queue, "share_timeout": args.share_timeout, "request_timeout": args.request_timeout,
-               "peer_timeout": args.peer_timeout, "max_body_mb": args.max_body_mb}  # fmt: skip
     if args.role != "all":
         argv = ["--role", args.role, "--rendezvous", rendezvous, "--host", args.host,
-                "--port", str(ports[party.ROLES[args.role]])]  # fmt: skip
-        argv += [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
-        for flag, value in (("--model", args.model), ("--tokens-file", args.tokens_file),
-                            ("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):  # fmt: skip
-            if value is not None:
-                argv += [flag, str(value)]
+                "--port", str(ports[party.ROLES[args.role]]), *service_argv(vars(args))]  # fmt: skip
+        if args.model is not None:
+            argv += ["--model", str(args.model)]
         party.main(argv)
         return
     if args.model is None:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from cli import commands
+from serving.options import add_service_options
 
 
 def _add_data_args(p: argparse.ArgumentParser, *, default_size: int | None) -> None:
@@ -112,16 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (and rendezvous host for --role all)")
     p.add_argument("--ports", default="8000,8001,8002", help="HTTP ports of model owner, compute party, dealer")
     p.add_argument("--rendezvous", help="tcp://HOST:PORT the parties meet at (default tcp://HOST:29500)")
-    p.add_argument("--tokens-file", type=Path, help="client bearer tokens, one per line (else $MEDMPC_TOKENS)")
-    p.add_argument("--tls-cert", type=Path, help="TLS certificate (PEM): serve HTTPS")
-    p.add_argument("--tls-key", type=Path, help="TLS private key (PEM)")
-    p.add_argument("--max-batch", type=int, default=8, help="images per encrypted forward pass")
-    p.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; more get 429")
-    p.add_argument("--share-timeout", type=float, default=10.0,
-                   help="seconds a share waits for its partner share to reach the other party")
-    p.add_argument("--request-timeout", type=float, default=60.0, help="seconds a request may wait for its result")
-    p.add_argument("--peer-timeout", type=float, default=120.0, help="seconds before a silent party is an error")
-    p.add_argument("--max-body-mb", type=float, default=16.0, help="largest accepted request body")
+    add_service_options(p)
     p.add_argument("--log-dir", type=Path, default=Path("runs/serve"), help="party logs (JSON lines) for --role all")
     p.set_defaults(func=commands.serve)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 
 from mpc.launch import PartyError, free_port, log_tail
+from serving.options import service_argv
 
 PARTIES = ("model-owner", "compute", "dealer")
 
@@ -59,16 +60,12 @@ class LocalService:
             self._tmp, self._log_dir = None, self.log_dir
             self._log_dir.mkdir(parents=True, exist_ok=True)
         rendezvous = f"tcp://{self.host}:{self.rendezvous_port or free_port(self.host)}"
-        common = [
-            "--rendezvous", rendezvous, "--host", self.host,
-            "--max-batch", str(self.max_batch), "--max-queue", str(self.max_queue), "--share-timeout", str(self.share_timeout_s),
-            "--request-timeout", str(self.request_timeout_s),
-            "--peer-timeout", str(self.peer_timeout_s), "--max-body-mb", str(self.max_body_mb),
-        ]  # fmt: skip
-        if self.tokens_file:
-            common += ["--tokens-file", str(self.tokens_file)]
-        if self.tls_cert:
-            common += ["--tls-cert", str(self.tls_cert), "--tls-key", str(self.tls_key)]
+        common = ["--rendezvous", rendezvous, "--host", self.host, *service_argv({
+            "tokens_file": self.tokens_file, "tls_cert": self.tls_cert, "tls_key": self.tls_key,
+            "max_batch": self.max_batch, "max_queue": self.max_queue, "share_timeout": self.share_timeout_s,
+            "request_timeout": self.request_timeout_s, "peer_timeout": self.peer_timeout_s,
+            "max_body_mb": self.max_body_mb,
+        })]  # fmt: skip
         try:
             for party, port in zip(PARTIES, self._ports):
                 argv = [sys.executable, "-m", "serving.party", "--role", party, "--port", str(port), *common]

@@ -29,6 +29,7 @@ from mpc.compile import compile_model
 from serving.app import compute_app, health_app
 from serving.engine import LEADER, BatchEngine, Model
 from serving.logs import log
+from serving.options import add_service_options
 from serving.wire import ModelCard
 from training.checkpoint import Checkpoint
 
@@ -72,16 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
     p.add_argument("--port", type=int, required=True, help="HTTP port of this party")
     p.add_argument("--model", type=Path, help="checkpoint (model owner only)")
-    p.add_argument("--tokens-file", type=Path, help="client bearer tokens, one per line (else $MEDMPC_TOKENS)")
-    p.add_argument("--tls-cert", type=Path, help="TLS certificate (PEM); serve HTTPS")
-    p.add_argument("--tls-key", type=Path, help="TLS private key (PEM)")
-    p.add_argument("--max-batch", type=int, default=8, help="images per encrypted forward pass")
-    p.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; more get 429")
-    p.add_argument("--share-timeout", type=float, default=10.0,
-                   help="seconds a share waits for its partner share to reach the other party")
-    p.add_argument("--request-timeout", type=float, default=60.0, help="seconds a request may wait for its result")
-    p.add_argument("--peer-timeout", type=float, default=120.0, help="seconds before a silent party is an error")
-    p.add_argument("--max-body-mb", type=float, default=16.0, help="largest accepted request body")
+    add_service_options(p)
     a = p.parse_args(argv)
     if (a.tls_cert is None) != (a.tls_key is None):
         p.error("--tls-cert and --tls-key go together")

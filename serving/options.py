@@ -1,0 +1,35 @@
+"""The options every service party takes, shared by ``python -m serving.party`` and ``medmpc serve``."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from pathlib import Path
+
+# (flag, type, default, help); a None default means "not given"
+_OPTIONS: list[tuple[str, type, object, str]] = [
+    ("--tokens-file", Path, None, "client bearer tokens, one per line (else $MEDMPC_TOKENS)"),
+    ("--tls-cert", Path, None, "TLS certificate (PEM): serve HTTPS"),
+    ("--tls-key", Path, None, "TLS private key (PEM)"),
+    ("--max-batch", int, 8, "images per encrypted forward pass"),
+    ("--max-queue", int, 64, "requests waiting at most; more get 429"),
+    ("--share-timeout", float, 10.0, "seconds a share waits for its partner share to reach the other party"),
+    ("--request-timeout", float, 60.0, "seconds a request may wait for its result"),
+    ("--peer-timeout", float, 120.0, "seconds before a silent party is an error"),
+    ("--max-body-mb", float, 16.0, "largest accepted request body"),
+]
+
+
+def add_service_options(p: argparse.ArgumentParser) -> None:
+    for flag, kind, default, text in _OPTIONS:
+        p.add_argument(flag, type=kind, default=default, help=text)
+
+
+def service_argv(values: Mapping[str, object]) -> list[str]:
+    """Option values (keyed like argparse's names: ``max_batch``) as arguments for a party process."""
+    argv = []
+    for flag, _, _, _ in _OPTIONS:
+        value = values.get(flag[2:].replace("-", "_"))
+        if value is not None:
+            argv += [flag, str(value)]
+    return argv
