@@ -36,18 +36,30 @@ def random_ring(n: int) -> torch.Tensor:
     return expand(new_seed(), n)
 
 
-def uniform(n: int) -> torch.Tensor:
-    """``n`` float64 samples uniform in (0, 1] (53 random bits each, never 0) from a fresh stream."""
-    return (((random_ring(n) >> 11) & ((1 << 53) - 1)).double() + 1) / 2.0**53
+def uniform(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``n`` samples uniform in (0, 1] (never 0) from a fresh stream: 53 random bits each in
+    float64, 24 in float32 (each from a 32-bit word, half the stream)."""
+    if dtype == torch.float32:
+        words = random_ring((n + 1) // 2).view(torch.int32)[:n]
+        # arithmetic shift: top 24 bits as an integer in [-2^23, 2^23), moved to [1, 2^24]
+        return (words >> 8).float().add_(2.0**23 + 1).mul_(2.0**-24)
+    return (random_ring(n) >> 11).double().add_(2.0**52 + 1).mul_(2.0**-53)
 
 
-def gaussian(n: int, std: float) -> torch.Tensor:
-    """``n`` float64 samples of N(0, std^2) from a fresh OS-seeded ChaCha20 stream (Box-Muller).
+def gaussian(n: int, std: float, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``n`` samples of N(0, std^2) from a fresh OS-seeded ChaCha20 stream (Box-Muller, both
+    outputs of each pair). In float32 the tails end at 5.8 sigma (24-bit uniforms).
 
     DP noise must come from a CSPRNG too: predictable noise can be subtracted.
     """
-    u1, u2 = uniform(2 * n).view(2, n)
-    return std * torch.sqrt(-2 * torch.log(u1)) * torch.cos(2 * torch.pi * u2)
+    half = (n + 1) // 2
+    u1, u2 = uniform(2 * half, dtype).view(2, half)
+    radius = u1.log_().mul_(-2).sqrt_().mul_(std)
+    angle = u2.mul_(2 * torch.pi)
+    out = torch.empty(2 * half, dtype=dtype)
+    torch.mul(radius, torch.cos(angle), out=out[:half])
+    torch.mul(radius, angle.sin_(), out=out[half:])
+    return out[:n]
 
 
 def discrete_gaussian(n: int, sigma: float) -> torch.Tensor:

@@ -21,9 +21,11 @@ from dataclasses import dataclass
 
 import torch
 from opacus.optimizers import DPOptimizerFastGradientClipping
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.validators import ModuleValidator
 from torch import nn
 
+from mpc import prg
 from protocols.accountant import BudgetError, PrivacyAccountant, plan_noise_multiplier
 from protocols.bookkeeping import BookKeepingModule, ClippedLoss, clipped_cross_entropy
 
@@ -61,6 +63,23 @@ def check_compatible(model: nn.Module, model_name: str) -> None:
         raise DPIncompatibleModel(f"model {model_name!r} cannot be trained with DP-SGD: {errors[0]}")
 
 
+class CSPRNGNoiseOptimizer(DPOptimizerFastGradientClipping):
+    """Opacus's optimizer with its Gaussian noise drawn from the OS-seeded ChaCha20 stream.
+
+    Opacus draws from torch's default generator, which starts from a fixed seed and which
+    our runs seed from the plan (published in report.json): anyone could regenerate the
+    noise and subtract it from the released model.
+    """
+
+    def add_noise(self) -> None:
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            noise = prg.gaussian(p.summed_grad.numel(), std, p.summed_grad.dtype).view_as(p.summed_grad)
+            p.grad = (p.summed_grad + noise).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+
 class DPSGD:
     """One data holder's private training across rounds (implements training.local.PrivateTraining)."""
 
@@ -85,7 +104,7 @@ class DPSGD:
                 steps=planned_epochs * self.steps_per_epoch, who=who, prior=self.accountant,
             )  # fmt: skip
         self._reserved_epochs = 0
-        self._optimizer: DPOptimizerFastGradientClipping | None = None
+        self._optimizer: CSPRNGNoiseOptimizer | None = None
         self._module: BookKeepingModule | None = None
 
     @property
@@ -110,7 +129,7 @@ class DPSGD:
             if isinstance(module, nn.ReLU):  # an in-place ReLU would overwrite a conv output whose gradient is recorded
                 module.inplace = False
         private_model = BookKeepingModule(model, max_grad_norm=self.cfg.clip)
-        private_opt = DPOptimizerFastGradientClipping(
+        private_opt = CSPRNGNoiseOptimizer(
             optimizer, noise_multiplier=self.noise_multiplier, max_grad_norm=self.cfg.clip,
             expected_batch_size=round(self.expected_batch_size), loss_reduction="mean",
         )  # fmt: skip

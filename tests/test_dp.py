@@ -79,6 +79,25 @@ def test_every_per_sample_gradient_is_clipped_to_c():
     assert clipped.max() <= clip * (1 + 1e-4)
 
 
+def test_dp_noise_comes_from_the_csprng_not_the_seeded_torch_generator():
+    """Two runs from the same public seed must not get the same noise (it could be subtracted)."""
+    x, y = torch.randn(4, 1, 32, 32), torch.tensor([0, 1, 2, 1])
+    steps = []
+    for _ in range(2):
+        torch.manual_seed(0)  # what a run does with its published seed
+        model = build_model("cnn_gn", 3, seed=0)
+        dp = DPSGD(DPConfig(epsilon=8, noise_multiplier=1.0), n_samples=40, batch_size=4, planned_epochs=1, who="t")
+        wrapped, opt = dp.wrap(model, torch.optim.SGD(model.parameters(), lr=1.0))
+        before = [p.detach().clone() for p in model.parameters()]
+        dp.loss(wrapped(x), y).backward()
+        opt.step()
+        dp.unwrap(wrapped)
+        steps.append(torch.cat([(p.detach() - b).reshape(-1) for p, b in zip(model.parameters(), before)]))
+    noise = (steps[0] - steps[1]) * 4 / 2**0.5  # lr 1, expected batch 4, the difference of two draws
+    assert not torch.equal(steps[0], steps[1])
+    assert float(noise.std()) == pytest.approx(1.0, rel=0.05)  # sigma * C = 1
+
+
 def test_training_without_reserving_budget_is_refused():
     dp = DPSGD(DPConfig(epsilon=8), n_samples=100, batch_size=10, planned_epochs=2, who="h0")
     with pytest.raises(BudgetError, match="not reserved"):
