@@ -143,14 +143,14 @@ class DPSGD:
             raise RuntimeError(f"{self.who}: loss() before wrap()")
         return clipped_cross_entropy(self._module, logits, targets)
 
-    def batches(
-        self, labels: torch.Tensor, weight: torch.Tensor | None, generator: torch.Generator
-    ) -> Iterator[torch.Tensor]:
+    def batches(self, labels: torch.Tensor, weight: torch.Tensor | None) -> Iterator[torch.Tensor]:
         """Poisson sampling; with class weights, sample i joins with rate q * w_i / max(w) <= q.
 
         Weighting the loss instead would not survive clipping (every per-sample
         gradient is cut to norm C whatever its weight); weighting the sampling
-        rates does, and no sample's rate exceeds the accounted q.
+        rates does, and no sample's rate exceeds the accounted q. The draws come from
+        the CSPRNG: the accounting's amplification by subsampling assumes nobody knows
+        which samples a step used, and the run's seed is public.
         """
         # no private step runs without having been accounted for first
         if self._reserved_epochs <= 0:
@@ -161,11 +161,11 @@ class DPSGD:
             rates = rates * weight[labels] / weight.max()
         if self._optimizer is not None:
             self._optimizer.expected_batch_size = max(1, round(float(rates.sum())))
-        return self._poisson(rates, generator)
+        return self._poisson(rates)
 
-    def _poisson(self, rates: torch.Tensor, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    def _poisson(self, rates: torch.Tensor) -> Iterator[torch.Tensor]:
         for _ in range(self.steps_per_epoch):
-            yield torch.nonzero(torch.rand(rates.shape, generator=generator) < rates).reshape(-1)
+            yield torch.nonzero(prg.uniform(len(rates)) <= rates).reshape(-1)
 
     def unwrap(self, model: nn.Module) -> None:
         assert isinstance(model, BookKeepingModule)

@@ -98,10 +98,28 @@ def test_dp_noise_comes_from_the_csprng_not_the_seeded_torch_generator():
     assert float(noise.std()) == pytest.approx(1.0, rel=0.05)  # sigma * C = 1
 
 
+def test_poisson_sampling_is_secret_and_has_the_accounted_rates():
+    labels = torch.tensor([0] * 600 + [1] * 400)
+    weight = torch.tensor([1.0, 2.0])  # class 1 at the full rate q, class 0 at q / 2
+    draws = []
+    for _ in range(2):
+        torch.manual_seed(0)  # a public seed must not fix which samples a step uses
+        dp = DPSGD(DPConfig(epsilon=100, noise_multiplier=1.0), n_samples=1000, batch_size=100, planned_epochs=3, who="t")
+        dp.reserve(3)
+        draws.append([b for _ in range(3) for b in dp.batches(labels, weight)])
+    assert any(not torch.equal(a, b) for a, b in zip(*draws))
+    hits = torch.zeros(1000)
+    for batch in draws[0] + draws[1]:
+        hits[batch] += 1
+    steps = len(draws[0]) + len(draws[1])  # 60 steps at q = 0.1
+    assert float(hits[600:].mean()) / steps == pytest.approx(0.1, rel=0.1)
+    assert float(hits[:600].mean()) / steps == pytest.approx(0.05, rel=0.1)
+
+
 def test_training_without_reserving_budget_is_refused():
     dp = DPSGD(DPConfig(epsilon=8), n_samples=100, batch_size=10, planned_epochs=2, who="h0")
     with pytest.raises(BudgetError, match="not reserved"):
-        next(dp.batches(torch.zeros(100, dtype=torch.long), None, torch.Generator()))
+        next(dp.batches(torch.zeros(100, dtype=torch.long), None))
     dp.reserve(2)
     assert 7.5 < dp.epsilon <= 8.0
     with pytest.raises(BudgetError, match="h0: privacy budget exhausted"):

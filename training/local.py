@@ -53,13 +53,11 @@ class PrivateTraining(Protocol):
     def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
         """Per-sample gradients, clipping and noise."""
 
-    def batches(
-        self, labels: torch.Tensor, weight: torch.Tensor | None, generator: torch.Generator
-    ) -> Iterator[torch.Tensor]:
+    def batches(self, labels: torch.Tensor, weight: torch.Tensor | None) -> Iterator[torch.Tensor]:
         """One epoch of sample indices, Poisson-sampled (class weights act through the sampling rates)."""
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> Any:
-        """The batch loss, whose ``backward()`` leaves clipped gradients (it may run two passes)."""
+        """The batch loss, whose ``backward()`` leaves the sum of clipped per-sample gradients."""
 
     def unwrap(self, model: nn.Module) -> None:
         """Detach what ``wrap`` attached to the model."""
@@ -132,7 +130,7 @@ def _epochs(
         model.train()
         total, seen = 0.0, 0
         if private is not None:
-            batches = private.batches(labels, weight, g)
+            batches = private.batches(labels, weight)
         else:
             batches = _shuffled_batches(len(images), cfg.batch_size, g)
         for idx in batches:
