@@ -152,9 +152,9 @@ class Coordinator:
         stats = stats.double()
         n_total = max(1, int(round(float(stats[0]))))
         # noise can push the estimates outside their ranges: clamp them back (post-processing)
-        mean = float((stats[1] / n_total).clamp(1e-6, 1.0))
-        std = float((stats[2] / n_total - mean**2).clamp(min=1e-6).sqrt())
-        counts = stats[3:].round().clamp(min=1)
+        mean = float((stats[1] / n_total).clamp(0.0, 1.0))
+        std = float((stats[2] / n_total - mean**2).clamp(min=1e-12).sqrt())
+        counts = stats[3:].round().clamp(min=0)
         prep = Preprocessing(p.image_size, mean, std)
         weight = class_weights(counts)
         report["aggregated_statistics"] = {
@@ -241,13 +241,11 @@ class _CentralDP:
 
 def _stats_privacy(plan: Plan) -> dict[str, float | None] | None:
     """The statistics release on its own; with DP-SGD, each hospital's epsilon includes it."""
-    z = plan.stats_noise_multiplier()
-    if z is None:
+    release = plan.stats_release()
+    if not release:
         return None
-    accountant = PrivacyAccountant()
-    accountant.step(z, 1.0, 1)
-    return {"noise_std": plan.stats_noise, "noise_multiplier": z, "delta": plan.dp_delta,
-            "epsilon": accountant.epsilon(plan.dp_delta)}  # fmt: skip
+    return {"noise_std": plan.stats_noise, "noise_multiplier": release[0][0], "delta": plan.dp_delta,
+            "epsilon": PrivacyAccountant(release).epsilon(plan.dp_delta)}  # fmt: skip
 
 
 def _epsilons(info: dict[str, Any]) -> dict[str, float]:

@@ -112,10 +112,8 @@ class Hospital:
         if dp is None:
             return None
         assert self.data is not None
-        prior = PrivacyAccountant()
-        stats_z = self.plan.stats_noise_multiplier()
-        if stats_z is not None:  # the noisy statistics release touched the same patients first
-            prior.step(stats_z, 1.0, 1)
+        # the noisy statistics release touched the same patients first
+        prior = PrivacyAccountant(self.plan.stats_release())
         return DPSGD(
             dp, n_samples=len(self.data), batch_size=self.plan.batch_size,
             planned_epochs=self.plan.rounds * self.plan.local_epochs, who=self.name, prior=prior,

@@ -91,15 +91,15 @@ class Plan:
 
         return DPConfig(self.dp_epsilon, self.dp_delta, self.dp_clip, self.dp_noise)
 
-    def stats_noise_multiplier(self) -> float | None:
-        """The statistics release as a Gaussian mechanism: noise over L2 sensitivity. One image
-        moves the count, its pixel-mean and mean-square sums and one class count by at most 1
-        each (sensitivity 2); in a secure run each aggregator knows its own part of the noise, so
-        only K-1 of K parts count."""
+    def stats_release(self) -> list[tuple[float, float, int]]:
+        """The statistics release as accountant history: one Gaussian mechanism (noise multiplier,
+        sample rate 1, one step), or nothing without stats_noise. One image moves the count, its
+        pixel-mean and mean-square sums and one class count by at most 1 each (sensitivity 2);
+        in a secure run each aggregator knows its own part of the noise, so only K-1 of K count."""
         if self.stats_noise is None:
-            return None
+            return []
         known = (self.aggregators - 1) / self.aggregators if self.secure else 1.0
-        return self.stats_noise * known**0.5 / STATS_SENSITIVITY
+        return [(self.stats_noise * known**0.5 / STATS_SENSITIVITY, 1.0, 1)]
 
     def drill(self, party: str, round_: int) -> str | None:
         action, _, at = self.drills.get(party, "").partition(":")
