@@ -159,28 +159,21 @@ def bench_secure_aggregation(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def infer(args: argparse.Namespace) -> dict[str, Any] | None:
-    import torch
+    from dataclasses import asdict
 
-    from imaging.images import read_image
     from mpc.inference import run_inference
     from training.checkpoint import Checkpoint
+    from training.predictions import predictions
 
     ckpt = Checkpoint.load(args.model)
-    prep = ckpt.preprocessing
-    images = prep(torch.stack([read_image(p, prep.image_size) for p in args.image]))
+    images = ckpt.preprocessing.read(args.image)
     result = run_inference(str(args.model), images, timeout_s=args.timeout, device=args.device)
-    probs = torch.softmax(result["logits"], dim=1)
-    predictions = [
-        {"image": str(p), "prediction": ckpt.classes[int(pr.argmax())],
-         "probabilities": dict(zip(ckpt.classes, map(float, pr))), "logits": lg.tolist()}
-        for p, pr, lg in zip(args.image, probs, result["logits"])
-    ]  # fmt: skip
-    out = {"predictions": predictions, **{k: result[k] for k in ("online_s", "offline_s", "rounds", "bytes")}}
+    preds = predictions(args.image, result["logits"], ckpt.classes)
     if args.json:
-        return out
-    for pred in predictions:
-        probs_text = "  ".join(f"{c} {v:.3f}" for c, v in pred["probabilities"].items())
-        _log(f"{pred['image']}: {pred['prediction']}  ({probs_text})")
+        return {"predictions": [asdict(p) for p in preds],
+                **{k: result[k] for k in ("online_s", "offline_s", "rounds", "bytes")}}  # fmt: skip
+    for pred in preds:
+        _log(pred.describe())
     _log(f"online {result['online_s']:.2f} s, offline {result['offline_s']:.2f} s, "
          f"{result['rounds']} rounds, {result['bytes'] / 1e6:.1f} MB")  # fmt: skip
     return None
@@ -278,6 +271,5 @@ def predict(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.json:
         return {"predictions": [asdict(p) for p in predictions]}
     for pred in predictions:
-        probs_text = "  ".join(f"{c} {v:.3f}" for c, v in pred.probabilities.items())
-        _log(f"{pred.image}: {pred.prediction}  ({probs_text})")
+        _log(pred.describe())
     return None

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from imaging.images import read_image
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,10 @@ class Preprocessing:
                 f"images are {tuple(images.shape[-2:])}, the model expects {self.image_size}x{self.image_size}"
             )
         return (images.float() / 255 - self.mean) / self.std
+
+    def read(self, paths: Sequence[str | Path]) -> torch.Tensor:
+        """Image files as model input: greyscale, resized, normalised (a batch)."""
+        return self(torch.stack([read_image(p, self.image_size) for p in paths]))
 
     def to_dict(self) -> dict[str, float | int]:
         return asdict(self)

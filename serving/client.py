@@ -16,17 +16,16 @@ import ssl
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import torch
 
-from imaging.images import read_image
 from imaging.transforms import Preprocessing
 from mpc import sharing
 from serving.wire import ModelCard, decode_tensor, encode_tensor
+from training.predictions import Prediction, predictions
 
 
 class ServiceError(RuntimeError):
@@ -35,14 +34,6 @@ class ServiceError(RuntimeError):
     def __init__(self, server: str, status: int, detail: str) -> None:
         super().__init__(f"{server}: HTTP {status}: {detail}")
         self.server, self.status, self.detail = server, status, detail
-
-
-@dataclass
-class Prediction:
-    image: str
-    prediction: str
-    probabilities: dict[str, float]
-    logits: list[float]
 
 
 class PredictionClient:
@@ -92,8 +83,7 @@ class PredictionClient:
 
     def preprocess(self, paths: Sequence[str | Path]) -> torch.Tensor:
         card = self.card()
-        prep = Preprocessing(card.image_size, card.mean, card.std)
-        return prep(torch.stack([read_image(p, card.image_size) for p in paths]))
+        return Preprocessing(card.image_size, card.mean, card.std).read(paths)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Encrypted logits of a preprocessed batch ``x`` of shape [n, channels, size, size]."""
@@ -117,10 +107,4 @@ class PredictionClient:
         return sharing.decode(sharing.reconstruct(parts), card.fractional_bits)
 
     def predict_files(self, paths: Sequence[str | Path]) -> list[Prediction]:
-        classes = self.card().classes
-        logits = self.logits(self.preprocess(paths))
-        probs = torch.softmax(logits, dim=1)
-        return [
-            Prediction(str(p), classes[int(pr.argmax())], dict(zip(classes, map(float, pr))), lg.tolist())
-            for p, pr, lg in zip(paths, probs, logits)
-        ]
+        return predictions(paths, self.logits(self.preprocess(paths)), self.card().classes)
