@@ -3,7 +3,7 @@
 Starts the three service parties as local processes, then for each concurrency C runs C client threads that each send M single-image
 requests, and reports throughput and latency percentiles:
 
-    .venv/bin/python benchmarks/load_service.py --random-model cnn --image-size 64 \\
+    .venv/bin/python -m benchmarks.load_service --random-model cnn --image-size 64 \\
         --concurrency 1,4,16 --requests 4
 
 Results are printed as JSON lines and merged into benchmarks/results/service_load.json.
@@ -22,14 +22,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from benchmarks import record
 from imaging.transforms import Preprocessing
 from mpc.inference import random_model_and_input
 from serving.client import PredictionClient
 from serving.launch import LocalService
 from training.checkpoint import Checkpoint
-
-RESULTS = Path(__file__).parent / "results" / "service_load.json"
-
 
 def run_load(client: PredictionClient, images: torch.Tensor, concurrency: int, requests: int) -> dict:
     latencies: list[float] = []
@@ -100,10 +98,7 @@ def main() -> None:
                     row = {"service": name, **run_load(client, images, c, a.requests)}
                     print(json.dumps(row), flush=True)
                     rows.append(row)
-    RESULTS.parent.mkdir(exist_ok=True)
-    table = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    table.update({f"{name} C={r['concurrency']}": r for r in rows})
-    RESULTS.write_text(json.dumps(table, indent=2))
+    record("service_load", {f"{name} C={r['concurrency']}": r for r in rows})
 
 
 if __name__ == "__main__":

@@ -7,19 +7,16 @@ the ratio of medians goes into extra_info and benchmarks/results/dp_step.json.
     .venv/bin/python -m pytest benchmarks/test_dp_step.py --benchmark-only -s
 """
 
-import json
 import statistics
 import time
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks import record
 from models import build_model
 from protocols.dp import DPSGD, DPConfig
-
-RESULTS = Path(__file__).parent / "results" / "dp_step.json"
 
 
 def _steps(model_name: str, image_size: int, batch: int):
@@ -61,7 +58,4 @@ def test_dp_step_vs_plain_step(benchmark, model_name, image_size, batch):
         "ratio": statistics.median(private_t) / statistics.median(plain_t), "threads": torch.get_num_threads(),
     }  # fmt: skip
     benchmark.extra_info.update(result)
-    RESULTS.parent.mkdir(exist_ok=True)
-    table = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    table[f"{model_name} {image_size}px batch {batch}"] = result
-    RESULTS.write_text(json.dumps(table, indent=2))
+    record("dp_step", {f"{model_name} {image_size}px batch {batch}": result})

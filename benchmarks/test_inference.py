@@ -7,19 +7,17 @@ Results go to benchmarks/results/inference.json. Select sizes with -k, e.g.
     .venv/bin/python -m pytest benchmarks/test_inference.py --benchmark-only -k "64-1"
 """
 
-import json
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
+from benchmarks import record
 from imaging.transforms import Preprocessing
 from mpc.inference import random_model_and_input, run_inference
 from mpc.launch import run_crypten_job
 from training.checkpoint import Checkpoint
-
-RESULTS = Path(__file__).parent / "results" / "inference.json"
 
 
 def _ours(model: torch.nn.Module, x: torch.Tensor, device: str = "cpu") -> dict:
@@ -33,13 +31,6 @@ def _ours(model: torch.nn.Module, x: torch.Tensor, device: str = "cpu") -> dict:
 def _stock(size: int, batch: int, **options) -> dict:
     args = {"model_name": "resnet18", "image_size": size, "batch": batch, "seed": 0, **options}
     return run_crypten_job("benchmarks.stock_crypten:stock_forward", world_size=2, args=args, timeout_s=3600)[1]
-
-
-def _record(key: str, result: dict) -> None:
-    RESULTS.parent.mkdir(exist_ok=True)
-    table = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    table[key] = result
-    RESULTS.write_text(json.dumps(table, indent=2))
 
 
 @pytest.mark.parametrize("batch", [1, 8])
@@ -59,7 +50,7 @@ def test_encrypted_resnet18_vs_stock_crypten(benchmark, size, batch):
     }  # fmt: skip
     assert result["ours_max_abs_err"] < 0.05
     benchmark.extra_info.update(result)
-    _record(f"resnet18 {size}px batch {batch}", result)
+    record("inference", {f"resnet18 {size}px batch {batch}": result})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -81,4 +72,4 @@ def test_encrypted_resnet18_on_gpu_vs_stock_crypten(benchmark):
     result["speedup_online_vs_stock_cpu"] = runs["stock_cpu"]["online_s"] / runs["ours_cuda"]["online_s"]
     assert result["ours_cuda"]["max_abs_err"] < 0.05
     benchmark.extra_info.update(result)
-    _record(f"resnet18 224px batch 1 gpu ({torch.cuda.get_device_name()})", result)
+    record("inference", {f"resnet18 224px batch 1 gpu ({torch.cuda.get_device_name()})": result})

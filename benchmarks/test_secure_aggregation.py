@@ -13,12 +13,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from benchmarks import record
+
 PARAMS = int(os.environ.get("MEDMPC_BENCH_PARAMS", 11_200_000))
-RESULTS = Path(__file__).parent / "results" / "secure_aggregation.json"
 
 
 def _bench(hospitals: int, aggregators: int) -> dict:
@@ -37,7 +37,4 @@ def test_secure_aggregation_vs_allreduce(benchmark, hospitals, aggregators):
     assert result["max_abs_err"] <= (aggregators + 1) * 2**-16
     benchmark.extra_info.update({k: result[k] for k in ("secure_s", "plaintext_s", "ratio", "offline_s", "max_abs_err")})
     benchmark.extra_info["bytes_per_party"] = result["bytes_per_party"]
-    RESULTS.parent.mkdir(exist_ok=True)
-    table = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    table[f"N={hospitals},K={aggregators}"] = result
-    RESULTS.write_text(json.dumps(table, indent=2))
+    record("secure_aggregation", {f"N={hospitals},K={aggregators}": result})
