@@ -9,7 +9,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-
 from imaging.dataset import ImageSet
 from imaging.splits import stratified_split
 from imaging.transforms import Preprocessing
