@@ -23,7 +23,7 @@ PARAMS = int(os.environ.get("MEDMPC_BENCH_PARAMS", 11_200_000))
 
 def _bench(hospitals: int, aggregators: int) -> dict:
     cmd = [sys.executable, "-m", "cli.main", "bench", "secure-aggregation", "--params", str(PARAMS),
-           "--hospitals", str(hospitals), "--aggregators", str(aggregators), "--repeat", "3", "--json"]  # fmt: skip
+           "--hospitals", str(hospitals), "--aggregators", str(aggregators), "--repeat", "5", "--json"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import socket
 import struct
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,9 +38,19 @@ class Traffic:
     messages_sent: int = 0
     bytes_received: int = 0
     messages_received: int = 0
+    # channels of one process may send or receive from several threads at once
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def count(self, *, sent: int = 0, received: int = 0) -> None:
+        with self._lock:
+            self.bytes_sent += sent
+            self.messages_sent += bool(sent)
+            self.bytes_received += received
+            self.messages_received += bool(received)
 
     def as_dict(self) -> dict[str, int]:
-        return dict(vars(self))
+        with self._lock:
+            return {k: v for k, v in vars(self).items() if not k.startswith("_")}
 
 
 @dataclass
@@ -72,12 +84,10 @@ class Channel:
                 self.sock.sendall(payload)
         except OSError as err:
             raise PeerError(self.peer, f"send failed ({err})") from err
-        self.traffic.bytes_sent += _LEN.size + len(head) + len(payload)
-        self.traffic.messages_sent += 1
+        self.traffic.count(sent=_LEN.size + len(head) + len(payload))
 
-    def _recv_exact(self, n: int, deadline: float) -> bytearray:
-        buf = bytearray(n)
-        view = memoryview(buf)
+    def _recv_exact(self, n: int, deadline: float, into: memoryview | None = None) -> memoryview:
+        view = memoryview(bytearray(n)) if into is None else into
         got = 0
         while got < n:
             left = deadline - time.monotonic()
@@ -93,14 +103,14 @@ class Channel:
             if k == 0:
                 raise PeerError(self.peer, "disconnected (process ended or crashed)")
             got += k
-        return buf
+        return view
 
     def recv(self, timeout_s: float | None = None) -> Message:
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         (n,) = _LEN.unpack(self._recv_exact(_LEN.size, deadline))
         if n > MAX_HEADER:
             raise PeerError(self.peer, f"header of {n} bytes is too large")
-        header = json.loads(self._recv_exact(n, deadline))
+        header = json.loads(bytes(self._recv_exact(n, deadline)))
         tensor = None
         size = _LEN.size + n
         if "dtype" in header:
@@ -110,11 +120,12 @@ class Channel:
             for s in shape:
                 numel *= s
             nbytes = numel * torch.empty(0, dtype=dtype).element_size()
-            raw = self._recv_exact(nbytes, deadline) if nbytes else bytearray()
-            tensor = torch.frombuffer(raw, dtype=dtype).reshape(shape) if nbytes else torch.empty(shape, dtype=dtype)
+            # received straight into the tensor's memory: no zero-filled buffer, no copy
+            tensor = torch.empty(shape, dtype=dtype)
+            if nbytes:
+                self._recv_exact(nbytes, deadline, memoryview(tensor.view(-1).view(torch.uint8).numpy()))
             size += nbytes
-        self.traffic.bytes_received += size
-        self.traffic.messages_received += 1
+        self.traffic.count(received=size)
         if header["kind"] == "error":
             raise PeerError(self.peer, header["meta"].get("message", "reported an error"))
         return Message(header["kind"], header["meta"], tensor)
@@ -127,6 +138,15 @@ class Channel:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def expect_all(channels: list[Channel], kind: str) -> list[Message]:
+    """One ``kind`` message from each channel, received concurrently (large payloads from
+    several peers arrive in parallel instead of one after another)."""
+    if len(channels) == 1:
+        return [channels[0].expect(kind)]
+    with ThreadPoolExecutor(len(channels)) as pool:
+        return list(pool.map(lambda ch: ch.expect(kind), channels))
 
 
 def connect(host: str, port: int, *, me: str, peer: str, traffic: Traffic, timeout_s: float) -> Channel:

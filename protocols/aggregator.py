@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import selectors
 import time
 
-from mpc import crypten_compat, prg
+from mpc import prg
 from mpc.transport import Channel, Listener, PeerError, Traffic, connect
 from protocols.commands import die, next_command
 from protocols.plan import Plan
-from protocols.secure_aggregation import AggregatorState, RevealRefused, average_share, noise_share
+from protocols.secure_aggregation import AggregatorState, RevealRefused, average_share, full_share_holder, noise_share
 
 
 class Aggregator:
@@ -19,9 +18,16 @@ class Aggregator:
         self.traffic = Traffic()
         self.state: AggregatorState | None = None
 
-    def _collect(self, hospitals: dict[str, Channel], tag: str, numel: int) -> dict[str, object]:
-        """Receive one contribution per hospital for ``tag``, in arrival order; report readiness or an abort."""
+    def _collect(self, coord: Channel, hospitals: dict[str, Channel], tag: str, numel: int) -> dict[str, object]:
+        """Receive one contribution per hospital for ``tag``, in arrival order; report readiness or an abort.
+
+        Seeds come first (hospitals send them before training ends) and are expanded as they
+        arrive; "seeded" tells the coordinator when that data-independent part is done."""
         self.state = AggregatorState(tag, self.plan.hospital_names, numel)
+        seeds_due = {
+            h for i, h in enumerate(self.plan.hospital_names)
+            if full_share_holder(i, self.plan.aggregators) != self.index
+        }  # fmt: skip
         work = 0.0
         aborted: dict[str, str] = {}
         deadline = time.monotonic() + self.plan.timeout_s
@@ -39,18 +45,19 @@ class Aggregator:
                     msg = hospitals[name].recv()
                     if msg.meta.get("tag") != tag:
                         raise PeerError(name, f"sent a contribution for {msg.meta.get('tag')!r}, expected {tag!r}")
-                    start = time.perf_counter()
                     if msg.kind == "abort":
                         aborted[name] = msg.meta["reason"]
-                        continue
-                    if msg.kind == "seed":
-                        share = prg.expand(bytes(msg.tensor.numpy()), numel)
+                    elif msg.kind == "seed":  # offline: not counted as aggregation work
+                        self.state.add(name, prg.expand(bytes(msg.tensor.numpy()), numel))
+                        seeds_due.discard(name)
+                        if not seeds_due:
+                            coord.send("seeded", {"tag": tag})
                     elif msg.kind == "share":
-                        share = msg.tensor
+                        start = time.perf_counter()
+                        self.state.add(name, msg.tensor)
+                        work += time.perf_counter() - start
                     else:
                         raise PeerError(name, f"unexpected message {msg.kind!r}")
-                    self.state.add(name, share)
-                    work += time.perf_counter() - start
         if aborted:
             self.state = None  # discard every share of this aggregation
             return {"kind": "aborted", "reasons": aborted}
@@ -63,15 +70,13 @@ class Aggregator:
         coord = connect(*p.coordinator_address(), me=self.name, peer="coordinator", traffic=self.traffic, timeout_s=p.timeout_s)
         hospitals = listener.accept(set(p.hospital_names), traffic=self.traffic, timeout_s=p.timeout_s)
         hospitals = {h: hospitals[h] for h in p.hospital_names}
-        os.environ.update(p.mpc_env(self.index))
-        crypten = crypten_compat.init_party(timeout_s=p.timeout_s)
         try:
             while (msg := next_command(coord, self.traffic)) is not None:
                 tag = msg.meta["tag"]
                 if msg.kind == "collect":
                     if p.drill(self.name, msg.meta.get("round", -1)) == "kill":
                         die()
-                    result = self._collect(hospitals, tag, msg.meta["numel"])
+                    result = self._collect(coord, hospitals, tag, msg.meta["numel"])
                     kind = result.pop("kind")
                     coord.send(kind, {"tag": tag, **result})
                 elif msg.kind == "discard":
@@ -96,5 +101,4 @@ class Aggregator:
                 else:
                     raise PeerError("coordinator", f"unexpected message {msg.kind!r}")
         finally:
-            crypten.uninit()
             listener.close()

@@ -54,6 +54,7 @@ def run_bench(coord: Coordinator, strategy: Any, repeat: int) -> dict[str, Any]:
             coord.channels[h].send("prepare", {"tag": tag, "numel": p.bench_params})
         for h in names:
             coord.channels[h].expect("prepared")
+        strategy.wait_offline(tag)
         offline.append(time.perf_counter() - offline_start)
         start = time.perf_counter()
         avg, _ = coord.aggregate(

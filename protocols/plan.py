@@ -47,7 +47,6 @@ class Plan:
     bind: str = ""
     coordinator_port: int = 0
     aggregator_ports: list[int] = field(default_factory=list)
-    mpc_port: int = 0  # torch.distributed rendezvous of the aggregators, on aggregator 0
     # DP-SGD at every hospital when dp_epsilon is set (protocols.dp)
     dp_epsilon: float | None = None
     dp_delta: float = 1e-5
@@ -111,13 +110,6 @@ class Plan:
     def aggregator_address(self, j: int) -> tuple[str, int]:
         hosts = self.aggregator_hosts or [self.host] * self.aggregators
         return hosts[j], self.aggregator_ports[j]
-
-    def mpc_env(self, rank: int) -> dict[str, str]:
-        """CrypTen's variables for aggregator ``rank`` (the dealer is rank K)."""
-        return {
-            "RANK": str(rank), "WORLD_SIZE": str(self.aggregators), "DISTRIBUTED_BACKEND": "gloo",
-            "RENDEZVOUS": f"tcp://{self.aggregator_address(0)[0]}:{self.mpc_port}",
-        }  # fmt: skip
 
     @property
     def hospital_names(self) -> list[str]:

@@ -6,7 +6,6 @@ plan with reachable addresses and ports, then start on each machine::
     python -m protocols.roles coordinator --plan plan.json --out results/
     python -m protocols.roles aggregator --index J --plan plan.json
     python -m protocols.roles hospital --index I --plan plan.json
-    python -m protocols.roles dealer --plan plan.json
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ from protocols.strategy import RoundAborted
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m protocols.roles", description=__doc__)
-    p.add_argument("role", choices=("coordinator", "hospital", "aggregator", "dealer"))
+    p.add_argument("role", choices=("coordinator", "hospital", "aggregator"))
     p.add_argument("--plan", type=Path, required=True)
     p.add_argument("--index", type=int, default=0)
     p.add_argument("--out", type=Path, help="coordinator: where results go")
@@ -46,15 +45,10 @@ def main(argv: list[str] | None = None) -> int:
             from protocols.hospital import Hospital
 
             Hospital(plan, a.index).run()
-        elif a.role == "aggregator":
+        else:
             from protocols.aggregator import Aggregator
 
             Aggregator(plan, a.index).run()
-        else:
-            from mpc import crypten_compat
-
-            os.environ.update(plan.mpc_env(plan.aggregators))
-            crypten_compat.run_dealer(timeout_s=plan.timeout_s)
     except (PeerError, RoundAborted, BudgetError, DPIncompatibleModel, DataError) as err:
         print(f"{a.role}{a.index if a.role in ('hospital', 'aggregator') else ''}: {err}", file=sys.stderr)
         return 3

@@ -3,17 +3,17 @@
 Hospital h encodes its weighted update ``x_h`` in fixed point and splits it into
 K additive shares (mpc.sharing). Aggregator j adds the shares it received from
 every hospital into one CrypTen ``ArithmeticSharedTensor`` (its share of
-``sum_h x_h``), divides by the public total weight inside MPC, and hands its
-share of the average to the coordinator, who alone reconstructs it. An
-aggregator refuses to take part in a reveal until every expected hospital
-(or, if configured, a quorum of at least 2) has contributed.
+``sum_h x_h``), divides it by the public total weight inside MPC (locally:
+mpc.division), and hands its share of the average to the coordinator, who alone
+reconstructs it. An aggregator refuses to take part in a reveal until every
+expected hospital (or, if configured, a quorum of at least 2) has contributed.
 """
 
 from __future__ import annotations
 
 import torch
 
-from mpc import crypten_compat, prg, sharing
+from mpc import crypten_compat, division, prg, sharing
 
 
 class RevealRefused(RuntimeError):
@@ -22,6 +22,12 @@ class RevealRefused(RuntimeError):
 
 class ContributionError(ValueError):
     """A hospital's contribution is unusable (wrong shape, duplicate, unknown sender)."""
+
+
+def full_share_holder(hospital_index: int, n_aggregators: int) -> int:
+    """The aggregator that receives hospital ``hospital_index``'s full (masked) share; the
+    others receive seeds. Rotating it spreads the heavy traffic over the aggregators."""
+    return hospital_index % n_aggregators
 
 
 def make_shares(
@@ -34,7 +40,8 @@ def make_shares(
     """
     flat = update.reshape(-1)
     sharing.check_encodable(flat, n_summands=n_hospitals, fractional_bits=fractional_bits, name=hospital)
-    return sharing.apply_mask(sharing.encode(flat, fractional_bits), mask)
+    # the mask is used once: share 0 is written over it
+    return sharing.Shares(sharing.encode(flat, fractional_bits, minus=mask.total), mask.seeds)
 
 
 class AggregatorState:
@@ -88,21 +95,18 @@ def noise_share(numel: int, total_std: float, n_aggregators: int, fractional_bit
 
 
 def average_share(summed: torch.Tensor, divisor: int, *, fractional_bits: int) -> torch.Tensor:
-    """Inside MPC (all aggregators call this together): share of ``sum / divisor``.
+    """Inside MPC, each aggregator on its own: its share of ``sum / divisor``.
 
-    The shares are held as a CrypTen ArithmeticSharedTensor; dividing by a public
-    integer is CrypTen's truncation protocol (local for 2 parties, dealer-assisted
-    for more).
+    The share is held as a CrypTen ArithmeticSharedTensor (same ring, same
+    fixed-point scale); the division is the communication-free protocol of
+    mpc.division, whose wrap-around correction happens in :func:`reveal`.
     """
-    if divisor < 1:
-        raise ValueError(f"divisor must be a positive integer, got {divisor}")
     crypten = crypten_compat.import_crypten()
     shared = crypten.mpc.primitives.ArithmeticSharedTensor.from_shares(summed, precision=fractional_bits)
-    if divisor > 1:
-        shared = shared.div(divisor)
+    shared.share = division.divide_share(shared.share, divisor)
     return shared.share
 
 
-def reveal(parts: list[torch.Tensor], *, fractional_bits: int) -> torch.Tensor:
-    """Coordinator side: reconstruct the average from every aggregator's share."""
-    return sharing.decode(sharing.reconstruct(parts), fractional_bits)
+def reveal(parts: list[torch.Tensor], divisor: int, *, fractional_bits: int) -> torch.Tensor:
+    """Coordinator side: reconstruct the average from every aggregator's divided share."""
+    return division.reconstruct_quotient(parts, divisor, scale=2.0**-fractional_bits)

@@ -16,7 +16,6 @@ def with_free_ports(plan: Plan) -> Plan:
     """Fill in any port left at 0 with a free one on ``plan.host``."""
     values = json.loads(plan.to_json())
     values["coordinator_port"] = plan.coordinator_port or free_port(plan.host)
-    values["mpc_port"] = plan.mpc_port or free_port(plan.host)
     if plan.bench_params:
         values["baseline_port"] = plan.baseline_port or free_port(plan.host)
     if plan.secure and len(plan.aggregator_ports) != plan.aggregators:
@@ -33,8 +32,6 @@ def role_processes(plan_file: Path, plan: Plan, out: Path) -> list[PartyProcess]
     procs += [role(f"hospital{i}", "hospital", "--index", str(i)) for i in range(plan.hospitals)]
     if plan.secure:
         procs += [role(f"aggregator{j}", "aggregator", "--index", str(j)) for j in range(plan.aggregators)]
-        # CrypTen's TTP provider: serves correlated randomness (division for K > 2 parties)
-        procs.append(role("dealer", "dealer"))
     return procs
 
 

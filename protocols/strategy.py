@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 
 from mpc import prg
-from mpc.transport import Channel, Message, PeerError
+from mpc.transport import Channel, Message, PeerError, expect_all
 from protocols.secure_aggregation import reveal
 
 
@@ -81,10 +81,20 @@ class SecureFedAvg:
     def receive(self, hospital: str, msg: Message) -> None:
         raise PeerError(hospital, "sent its update to the coordinator in a secure run")
 
+    def wait_offline(self, tag: str) -> None:
+        """Block until every aggregator has expanded its seeds for ``tag`` (the offline part)."""
+        for ch in self.aggregators.values():
+            ch.expect("seeded")
+
+    def _status(self, ch: Channel) -> Message:
+        """The aggregator's next report on its collection, past a "seeded" nobody waited for."""
+        msg = ch.recv()
+        return ch.recv() if msg.kind == "seeded" else msg
+
     def finish(self, tag: str, divisor: int, noise_std: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
         sum_s = 0.0
         for name, ch in self.aggregators.items():
-            msg = ch.recv()
+            msg = self._status(ch)
             if msg.kind == "aborted":
                 raise RoundAborted(f"{tag}: {name} reports refused contributions: {msg.meta['reasons']}")
             if msg.kind != "ready":
@@ -93,14 +103,14 @@ class SecureFedAvg:
         start = time.perf_counter()
         for ch in self.aggregators.values():
             ch.send("reveal", {"tag": tag, "divisor": divisor, "noise_std": noise_std})
-        parts = [ch.expect("share").tensor for ch in self.aggregators.values()]
-        avg = reveal(parts, fractional_bits=self.fractional_bits)
+        parts = [msg.tensor for msg in expect_all(list(self.aggregators.values()), "share")]
+        avg = reveal(parts, divisor, fractional_bits=self.fractional_bits)
         return avg, {"aggregation_s": sum_s, "reveal_s": time.perf_counter() - start}
 
     def discard(self, tag: str) -> None:
         # wait until every aggregator has finished collecting, then have all drop their shares
         for name, ch in self.aggregators.items():
-            msg = ch.recv()
+            msg = self._status(ch)
             if msg.kind not in ("ready", "aborted"):
                 raise PeerError(name, f"expected 'ready' or 'aborted' for {tag}, got {msg.kind!r}")
         for ch in self.aggregators.values():

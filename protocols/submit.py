@@ -13,7 +13,7 @@ import torch
 
 from mpc.sharing import EncodingError, Mask, new_mask
 from mpc.transport import Channel
-from protocols.secure_aggregation import make_shares
+from protocols.secure_aggregation import full_share_holder, make_shares
 
 
 class Submitter(Protocol):
@@ -29,14 +29,14 @@ class Submitter(Protocol):
 
 
 class SecureSubmitter:
-    """Share 0 (the full masked vector) goes to aggregator ``index mod K``, so the
-    hospitals spread the heavy traffic over all aggregators; the others get seeds.
-    The seeds and their mask are made in :meth:`prepare`, before the update exists."""
+    """Share 0 (the full masked vector) goes to one aggregator (``full_share_holder``),
+    the others get seeds. The seeds and their mask are made in :meth:`prepare`,
+    before the update exists."""
 
     def __init__(
         self, name: str, index: int, aggregators: list[Channel], *, n_hospitals: int, fractional_bits: int
     ) -> None:
-        k = index % len(aggregators)
+        k = full_share_holder(index, len(aggregators))
         self.name, self.aggregators = name, aggregators[k:] + aggregators[:k]
         self.n_hospitals, self.fractional_bits = n_hospitals, fractional_bits
         self.masks: dict[str, Mask] = {}

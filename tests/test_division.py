@@ -1,0 +1,78 @@
+"""Dividing shared sums by a public integer: every party locally, the wrap corrected at reveal."""
+
+import numpy as np
+import pytest
+import torch
+
+from mpc import division, prg, sharing
+from protocols.secure_aggregation import average_share, make_shares, reveal
+
+
+def _shares(x: torch.Tensor, k: int) -> list[torch.Tensor]:
+    s = sharing.split(x, k)
+    return [sharing.share_of(s, j) for j in range(k)]
+
+
+def _quotient_error(x: torch.Tensor, k: int, d: int) -> np.ndarray:
+    """Revealed quotient minus the exact x / d, in units of the last place."""
+    got = division.reconstruct_quotient([division.divide_share(p, d) for p in _shares(x, k)], d)
+    # exact rational comparison: got - x/d = (got * d - x) / d, in Python integers
+    return np.array([(int(g) * d - int(v)) / d for g, v in zip(got[:20_000], x[:20_000])])
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+@pytest.mark.parametrize("d", [1, 2, 3, 10, 4_217, 1 << 28])
+def test_quotient_is_within_k_over_2_plus_1_units_for_any_sum_the_guard_admits(k, d):
+    n = 20_000
+    x = torch.randint(-(2**62) + 1, 2**62, (n,))
+    x[:6] = torch.tensor([0, 1, -1, 2**62 - 1, -(2**62) + 1, d])
+    err = _quotient_error(x, k, d)
+    assert np.abs(err).max() <= k / 2 + 1
+    if d == 1:
+        assert not err.any()  # nothing to divide: exact
+
+
+def test_two_party_local_truncation_without_the_correction_fails_on_large_sums():
+    """Control: CrypTen's two-party division (each party divides, no correction) is off by
+    about 2^64/d on a fraction |x|/2^64 of the elements; ours is not."""
+    n, d = 20_000, 3
+    x = torch.randint(2**61, 2**62, (n,))
+    parts = [p.div(d, rounding_mode="trunc") for p in _shares(x, 2)]
+    naive = sharing.reconstruct(parts)
+    wrong = ((naive - x.div(d, rounding_mode="floor")).abs() > 4).float().mean()
+    assert 0.05 < wrong < 0.5
+    assert np.abs(_quotient_error(x, 2, d)).max() <= 2
+
+
+def test_inconsistent_shares_and_bad_divisors_are_errors():
+    with pytest.raises(ValueError, match="do not reconstruct a sum below 2\\^62"):
+        division.reconstruct_quotient([prg.random_ring(10_000) for _ in range(3)], 10)
+    for d in (0, -3, (1 << 28) + 1):
+        with pytest.raises(ValueError, match="divisor"):
+            division.divide_share(torch.zeros(3, dtype=torch.int64), d)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_secure_average_matches_the_plaintext_average(k):
+    updates = [torch.randn(30_000) * s for s in (0.01, 1.0, 300.0)]
+    summed = [torch.zeros(30_000, dtype=torch.int64) for _ in range(k)]
+    for i, u in enumerate(updates):
+        mask = sharing.new_mask(k, u.numel())
+        shares = make_shares(u, mask, hospital=f"hospital{i}", n_hospitals=3, fractional_bits=16)
+        for j in range(k):
+            summed[j] += sharing.share_of(shares, j)
+    parts = [average_share(s, 3, fractional_bits=16) for s in summed]
+    avg = reveal(parts, 3, fractional_bits=16)
+    expected = torch.stack(updates).double().mean(0)
+    assert avg.dtype == torch.float32
+    # encoding (half a unit) + division (k/2 + 1 units) + float32 decoding
+    assert ((avg.double() - expected).abs() <= (k / 2 + 1.5) * 2**-16 + expected.abs() * 2**-23).all()
+
+
+def test_encoding_over_a_mask_equals_encoding_then_masking():
+    x = torch.randn(200_001) * 40
+    mask = sharing.new_mask(3, x.numel())
+    expected = sharing.apply_mask(sharing.encode(x, 16), mask).masked
+    assert torch.equal(sharing.encode(x, 16, minus=mask.total.clone()), expected)
+    with pytest.raises(ValueError, match="mask has 5"):
+        sharing.encode(x, 16, minus=torch.zeros(5, dtype=torch.int64))
