@@ -101,7 +101,7 @@ def selfcheck(args: argparse.Namespace) -> None:
     worst = max(float((r[k] - want[k]).abs().max()) for r in results for k in want)
     if worst > 1e-3:
         raise RuntimeError(f"secret-shared results differ from plaintext by {worst:.2e}")
-    _log(f"{args.parties} parties + dealer: sum, product and ReLU match plaintext (max error {worst:.1e})")
+    _log(f"{args.parties} parties + dealer: sum, product, ReLU and max-pooling match plaintext (max error {worst:.1e})")
 
 
 _PLAN_FLAGS = (

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from mpc import crypten_compat
+from mpc.compile import max_pool2d
 
 
 def private_input(rank: int, size: int, seed: int) -> torch.Tensor:
@@ -29,18 +30,31 @@ def arithmetic(*, rank: int, world_size: int, size: int = 16, seed: int = 0) -> 
     for s in shared[1:]:
         total = total + s
     x, y = shared[0], shared[1]
+    image = _as_image(x - y)
     return {
         "input": mine,
         "sum": total.get_plain_text(),
         "product": (x * y).get_plain_text(),
         "relu": (x - y).relu().get_plain_text(),
+        "maxpool": torch.cat([max_pool2d(image, *config).get_plain_text().flatten() for config in POOLS]),
     }
+
+
+# (kernel, stride, padding): ResNet's stem pooling, and a non-square overlapping one
+POOLS = [((3, 3), (2, 2), (1, 1)), ((2, 3), (1, 2), (0, 1))]
+
+
+def _as_image(v: Any) -> Any:
+    """A vector as one single-channel image 4 rows high."""
+    return v[: 4 * (v.size(0) // 4)].reshape(1, 1, 4, -1)
 
 
 def expected(world_size: int, size: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
     inputs = [private_input(r, size, seed) for r in range(world_size)]
     x, y = inputs[0], inputs[1]
-    return {"sum": sum(inputs), "product": x * y, "relu": torch.relu(x - y)}
+    image = _as_image(x - y)
+    pools = torch.cat([torch.nn.functional.max_pool2d(image, k, s, p).flatten() for k, s, p in POOLS])
+    return {"sum": sum(inputs), "product": x * y, "relu": torch.relu(x - y), "maxpool": pools}
 
 
 def crash_on_rank1(*, rank: int, world_size: int) -> None:
