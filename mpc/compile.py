@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from mpc import crypten_compat
+from mpc import comparison, crypten_compat
 
 
 class UnsupportedLayer(ValueError):
@@ -141,7 +141,7 @@ def _module_step(key: str, mod: nn.Module) -> Callable[..., Any]:
     if isinstance(mod, nn.Linear):
         return _linear(key, mod.bias is not None)
     if isinstance(mod, nn.ReLU):
-        return lambda x, params: x.relu()
+        return lambda x, params: comparison.relu(x)
     if isinstance(mod, nn.MaxPool2d):
         if mod.dilation not in (1, (1, 1)) or mod.ceil_mode:
             raise UnsupportedLayer(f"layer {key!r}: MaxPool2d with dilation or ceil_mode")
@@ -180,7 +180,7 @@ def max_pool2d(x: Any, kernel: tuple[int, int], stride: tuple[int, int], padding
     CrypTen's max_pool2d also computes the one-hot argmax of every window (pairwise, k^2 (k^2-1)
     comparisons for a k x k window, for the backward pass) and was 73 % of ResNet-18's online
     bytes at 224 px. Here a 3x3, stride-2 window costs 2 comparisons per column-pass output and
-    2 per output, each ``max(a, b) = b + relu(a - b)``, batched level by level.
+    2 per output, each ``max(a, b) = b + relu(a - b)`` (mpc.comparison), batched level by level.
     """
     if any(padding):
         x = x.pad((padding[1], padding[1], padding[0], padding[0]), value=_POOL_PAD)
@@ -198,7 +198,7 @@ def _window_max(x: Any, dim: int, k: int, s: int) -> Any:
     while len(views) > 1:  # a tree: one batched comparison per level
         half = len(views) // 2
         a, b = crypten.stack(views[:half]), crypten.stack(views[half : 2 * half])
-        pairs = b + (a - b).relu()
+        pairs = b + comparison.relu(a - b)
         views = [pairs[i] for i in range(half)] + views[2 * half :]
     return views[0]
 
@@ -206,7 +206,7 @@ def _window_max(x: Any, dim: int, k: int, s: int) -> Any:
 def _function_step(node: fx.Node) -> Callable[..., Any]:
     target = node.target
     if target in (torch.relu, torch.nn.functional.relu):
-        return lambda x, params: x.relu()
+        return lambda x, params: comparison.relu(x)
     if target in (operator.add, torch.add):
         return lambda a, b, params: a + b
     if target is torch.flatten:

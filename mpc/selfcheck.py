@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from mpc import crypten_compat
+from mpc import comparison, crypten_compat
 from mpc.compile import max_pool2d
 
 
@@ -35,10 +35,14 @@ def arithmetic(*, rank: int, world_size: int, size: int = 16, seed: int = 0) -> 
         "input": mine,
         "sum": total.get_plain_text(),
         "product": (x * y).get_plain_text(),
-        "relu": (x - y).relu().get_plain_text(),
+        "relu": comparison.relu(x - y).get_plain_text(),
+        # large magnitudes exercise the top bits of the 40-bit comparison ring
+        "relu_wide": (comparison.relu((x - y) * WIDE) / WIDE).get_plain_text(),
         "maxpool": torch.cat([max_pool2d(image, *config).get_plain_text().flatten() for config in POOLS]),
     }
 
+
+WIDE = 2**18  # an integer: scaling by it is exact on shares
 
 # (kernel, stride, padding): ResNet's stem pooling, and a non-square overlapping one
 POOLS = [((3, 3), (2, 2), (1, 1)), ((2, 3), (1, 2), (0, 1))]
@@ -54,7 +58,10 @@ def expected(world_size: int, size: int = 16, seed: int = 0) -> dict[str, torch.
     x, y = inputs[0], inputs[1]
     image = _as_image(x - y)
     pools = torch.cat([torch.nn.functional.max_pool2d(image, k, s, p).flatten() for k, s, p in POOLS])
-    return {"sum": sum(inputs), "product": x * y, "relu": torch.relu(x - y), "maxpool": pools}
+    return {
+        "sum": sum(inputs), "product": x * y, "relu": torch.relu(x - y),
+        "relu_wide": torch.relu(x - y), "maxpool": pools,
+    }  # fmt: skip
 
 
 def crash_on_rank1(*, rank: int, world_size: int) -> None:

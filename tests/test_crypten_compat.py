@@ -35,9 +35,10 @@ def test_two_party_processes_match_plaintext():
     for rank, got in enumerate(results):
         # each party only ever held its own input in the clear
         assert torch.equal(got["input"], selfcheck.private_input(rank, 36, 3))
-        for key in ("sum", "product", "relu", "maxpool"):  # maxpool: our separable max-pooling
+        for key in ("sum", "product", "relu", "relu_wide", "maxpool"):  # ours: mpc.comparison, max_pool2d
             assert got[key].shape == want[key].shape and torch.allclose(got[key], want[key], atol=1e-3), key
     assert (want["relu"] == 0).any() and (want["relu"] > 0).any()  # ReLU was really exercised
+    assert want["relu"].max() * selfcheck.WIDE > 2**20  # and relu_wide the comparison ring's high bits
 
 
 @pytest.mark.slow

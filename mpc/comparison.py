@@ -1,0 +1,102 @@
+"""ReLU's secure comparison for two parties: the sign bit on a 40-bit sub-ring, bit-sliced.
+
+CrypTen finds the sign of a shared ``x = x0 + x1`` by converting both shares to
+binary and adding them with a full 64-bit parallel-prefix adder: 6 levels of
+Beaver ANDs, each opening two 64-bit words per element and party. Three
+observations make it several times cheaper:
+
+* **Smaller ring.** For ``|x| < 2^(L-1)`` (fixed-point units) the sign of ``x`` is
+  bit L-1 of ``(x0 + x1) mod 2^L``, and reducing a share mod 2^L is local. With
+  L = 40 and 16 fractional bits that covers ``|x| < 2^23`` (8.4 million), far
+  beyond any activation here (max-pooling pads with -2^20).
+* **Only one carry.** The sign is ``a_{L-1} ^ b_{L-1} ^ c``, where ``c`` is the
+  carry into bit L-1: a prefix *reduction* over bits 0..L-2 of (generate,
+  propagate) pairs, halving the groups at each of ceil(log2(L-1)) levels.
+* **Bit slicing.** Bit j of 64 elements travels in one int64 word, so an AND
+  opens 2 bits per element and party instead of 2 words.
+
+Party 0's share gives the bits ``a_j``, party 1's the ``b_j``. The propagate bits
+``a_j ^ b_j`` are then XOR-shared for free; the generate bits ``a_j & b_j`` take one
+Beaver AND. Every AND uses a binary triple from the dealer (CrypTen's provider,
+so the offline pass caches them like all other randomness); the sign bit becomes
+arithmetic with CrypTen's B2A and multiplies ``x`` as in CrypTen's ReLU.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from mpc import crypten_compat
+
+RING_BITS = 40
+
+
+def relu(x: Any) -> Any:
+    """ReLU of a CrypTen MPCTensor; two CPU parties use the bit-sliced sign test, others CrypTen's."""
+    crypten = crypten_compat.import_crypten()
+    share = x._tensor.share
+    if crypten.communicator.get().get_world_size() != 2 or share.is_cuda:
+        return x.relu()
+    return x * (1 - _ltz(x))
+
+
+def _ltz(x: Any) -> Any:
+    """``[x < 0]`` as an arithmetic MPCTensor (scale 1)."""
+    crypten = crypten_compat.import_crypten()
+    from crypten.mpc.primitives import beaver
+    from crypten.mpc.primitives.binary import BinarySharedTensor
+
+    share = x._tensor.share
+    sign = _sign_share(share, crypten.communicator.get().get_rank())
+    arithmetic = beaver.B2A_single_bit(BinarySharedTensor.from_shares(sign))
+    result = crypten.mpc.MPCTensor.from_shares(arithmetic.share, precision=0)
+    return result
+
+
+def _and(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """XOR-shares of ``x & y`` from XOR-shares of ``x`` and ``y`` (one Beaver AND, batched)."""
+    from crypten.mpc.primitives.binary import BinarySharedTensor
+
+    return (BinarySharedTensor.from_shares(x) & BinarySharedTensor.from_shares(y)).share
+
+
+def _sign_share(share: torch.Tensor, rank: int) -> torch.Tensor:
+    """This party's XOR-share (int64 0/1, ``share``'s shape) of the sign bits of the shared values."""
+    bits = RING_BITS
+    planes = bit_planes(share, bits)
+    zero = torch.zeros_like(planes[: bits - 1])
+    own = planes[: bits - 1]
+    generate = _and(own if rank == 0 else zero, zero if rank == 0 else own)
+    propagate = own  # a_j ^ b_j: party 0 holds a_j, party 1 holds b_j
+    while generate.shape[0] > 1:  # combine neighbouring bit groups, low group first
+        m = generate.shape[0] // 2
+        lo, hi = slice(0, 2 * m, 2), slice(1, 2 * m, 2)
+        # (G, P) = (G_hi ^ (P_hi & G_lo), P_hi & P_lo): G_hi and P_hi & G_lo never both hold
+        both = _and(torch.cat([propagate[hi], propagate[hi]]), torch.cat([generate[lo], propagate[lo]]))
+        odd = slice(2 * m, None)
+        generate = torch.cat([generate[hi] ^ both[:m], generate[odd]])
+        propagate = torch.cat([both[m:], propagate[odd]])
+    sign_plane = planes[bits - 1] ^ generate[0]
+    return unpack_bits(sign_plane, share.numel()).reshape(share.shape)
+
+
+def bit_planes(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """``(bits, ceil(n / 64))`` int64: row j holds bit j of every value, 64 values per word."""
+    flat = values.reshape(-1).numpy()
+    padded = np.zeros(-(-flat.size // 64) * 64, dtype=np.int64)
+    padded[: flat.size] = flat
+    octets = padded.view(np.uint8).reshape(-1, 8)  # little-endian: octet k holds bits 8k..8k+7
+    planes = np.empty((bits, padded.size // 64), dtype=np.int64)
+    for j in range(bits):
+        bit = (octets[:, j // 8] >> (j % 8)) & 1
+        planes[j] = np.packbits(bit, bitorder="little").view(np.int64)
+    return torch.from_numpy(planes)
+
+
+def unpack_bits(plane: torch.Tensor, n: int) -> torch.Tensor:
+    """The first ``n`` bits of a packed plane, one int64 0/1 per value."""
+    bits = np.unpackbits(plane.contiguous().numpy().view(np.uint8), bitorder="little")[:n]
+    return torch.from_numpy(bits.astype(np.int64))
