@@ -112,19 +112,94 @@ class Program:
             values[step.name] = step.fn(*[values[i] for i in step.inputs], params=encrypted_params)
         return values[self.output_name]
 
+    @property
+    def prepared_runs(self) -> int:
+        """How many convolutions ran online on masks prepared offline."""
+        return sum(s.fn.prepared_runs for s in self.steps if isinstance(s.fn, Conv))
 
-def _conv(mod: nn.Conv2d, key: str) -> Callable[..., Any]:
-    kwargs = {"stride": mod.stride, "padding": mod.padding, "dilation": mod.dilation, "groups": mod.groups}
-    if isinstance(mod.padding, str):
-        raise UnsupportedLayer(f"conv {key!r} uses string padding {mod.padding!r}")
+    def trace(self, x: Any, encrypted_params: dict[str, Any]) -> None:
+        """Offline, on a placeholder input of the real shape: CrypTen's provider records the
+        randomness every step will need, and each convolution prepares its input mask."""
+        crypten = crypten_compat.import_crypten()
+        provider = crypten.mpc.get_default_provider()
+        convs = [s.fn for s in self.steps if isinstance(s.fn, Conv)] if not x._tensor.share.is_cuda else []
+        for conv in convs:
+            conv.recording = True
+        provider.trace(True)
+        try:
+            self.run(x, encrypted_params)
+        finally:
+            provider.trace(False)
+            for conv in convs:
+                conv.recording = False
+        provider.fill_cache()
+        pending = [p for conv in convs for p in conv.prepare(encrypted_params[f"{conv.key}.weight"])]
+        if pending:  # every weight mask opened in one round
+            opened = crypten.communicator.get().all_reduce([masked for masked, _ in pending], batched=True)
+            for delta, (_, keep) in zip(opened, pending):
+                keep(delta)
 
-    def fn(x: Any, params: dict[str, Any]) -> Any:
-        out = x.conv2d(params[f"{key}.weight"], **kwargs)
-        if f"{key}.bias" in params:
-            out = out + params[f"{key}.bias"].reshape(1, -1, 1, 1)
+
+class Conv:
+    """A convolution on shares whose input mask can be prepared before the input exists.
+
+    Beaver's protocol opens ``eps = x - a`` and ``delta = W - b`` and computes
+    ``c + eps*b + a*delta + eps*delta``. With the weights fixed, everything but ``eps``
+    is known before the image: offline, the parties open ``delta`` and keep shares of
+    ``a*W = c + a*delta``; online they open ``eps`` only and compute one local product,
+    ``eps*W + a*W`` (CrypTen: two openings, including the weights, and three products).
+    Without prepared masks (or on CUDA) it is CrypTen's convolution.
+    """
+
+    def __init__(self, mod: nn.Conv2d, key: str) -> None:
+        if isinstance(mod.padding, str):
+            raise UnsupportedLayer(f"conv {key!r} uses string padding {mod.padding!r}")
+        self.key = key
+        self.kwargs = {"stride": mod.stride, "padding": mod.padding, "dilation": mod.dilation, "groups": mod.groups}
+        self.recording = False
+        self.shapes: list[torch.Size] = []  # input shapes seen while recording
+        self.masks: list[tuple[torch.Size, torch.Tensor, torch.Tensor]] = []  # (shape, a, a*W), each used once
+        self.prepared_runs = 0
+
+    def __call__(self, x: Any, params: dict[str, Any]) -> Any:
+        weight = params[f"{self.key}.weight"]
+        if self.recording:  # shape only: a placeholder, so that no randomness is spent
+            self.shapes.append(x.size())
+            shape = torch.nn.functional.conv2d(torch.zeros(x.size()), torch.zeros(weight.size()), **self.kwargs).shape
+            out = crypten_compat.encrypt(torch.zeros(shape), src=0)
+        elif self.masks and self.masks[0][0] == x.size():
+            out = self._online(x, weight)
+        else:
+            out = x.conv2d(weight, **self.kwargs)
+        if f"{self.key}.bias" in params:
+            out = out + params[f"{self.key}.bias"].reshape(1, -1, 1, 1)
         return out
 
-    return fn
+    def prepare(self, weight: Any) -> list[tuple[Any, Callable[[torch.Tensor], None]]]:
+        """Offline: draw a triple per recorded shape; returns the ``W - b`` to open, each with
+        what to do with the opened value (the caller opens them all in one round)."""
+        crypten = crypten_compat.import_crypten()
+        provider = crypten.mpc.get_default_provider()
+        pending = []
+        for shape in self.shapes:
+            a, b, c = provider.generate_additive_triple(shape, weight.size(), "conv2d", **self.kwargs)
+
+            def keep(delta: torch.Tensor, shape: torch.Size = shape, a: Any = a, c: Any = c) -> None:
+                aw = c.share + torch.conv2d(a.share, delta, **self.kwargs)  # shares of a*W
+                self.masks.append((shape, a.share, aw))
+
+            pending.append((weight._tensor.share - b.share, keep))
+        self.shapes = []
+        return pending
+
+    def _online(self, x: Any, weight: Any) -> Any:
+        crypten = crypten_compat.import_crypten()
+        _, a, aw = self.masks.pop(0)
+        self.prepared_runs += 1
+        eps = crypten.communicator.get().all_reduce(x._tensor.share - a)
+        product = torch.conv2d(eps, weight._tensor.share, **self.kwargs) + aw  # scale 2^2f
+        out = crypten.mpc.MPCTensor.from_shares(product, precision=x.encoder._precision_bits)
+        return out.div(x.encoder.scale)  # CrypTen's truncation, as after its own products
 
 
 def _linear(key: str, has_bias: bool) -> Callable[..., Any]:
@@ -137,7 +212,7 @@ def _linear(key: str, has_bias: bool) -> Callable[..., Any]:
 
 def _module_step(key: str, mod: nn.Module) -> Callable[..., Any]:
     if isinstance(mod, nn.Conv2d):
-        return _conv(mod, key)
+        return Conv(mod, key)
     if isinstance(mod, nn.Linear):
         return _linear(key, mod.bias is not None)
     if isinstance(mod, nn.ReLU):

@@ -7,8 +7,9 @@ randomness. Only the data owner receives the logits.
 
 Offline/online split: a first pass on a dummy input of the same shape records
 which correlated randomness the model needs, and the dealer produces all of it
-into a cache before the real image is used; the online pass (image in,
-prediction out) then takes everything from that cache.
+into a cache before the real image is used; the convolutions also open their
+weight masks then (mpc.compile.Conv). The online pass (image in, prediction
+out) takes everything from that cache.
 """
 
 from __future__ import annotations
@@ -50,12 +51,8 @@ def encrypted_forward(
         k: crypten_compat.encrypt((v if rank == MODEL_OWNER else torch.zeros_like(v)).to(device), src=MODEL_OWNER)
         for k, v in sorted(program.parameters.items())
     }
-    provider = crypten.mpc.get_default_provider()
     start = time.perf_counter()
-    provider.trace(True)
-    program.run(crypten_compat.encrypt(torch.zeros(shape, device=device), src=DATA_OWNER), weights)
-    provider.trace(False)
-    provider.fill_cache()
+    program.trace(crypten_compat.encrypt(torch.zeros(shape, device=device), src=DATA_OWNER), weights)
     offline_s = time.perf_counter() - start
 
     x = torch.load(images, weights_only=True) if rank == DATA_OWNER else torch.zeros(shape)
@@ -69,7 +66,10 @@ def encrypted_forward(
     traffic = _traffic(crypten)
     if rank != DATA_OWNER:
         return None  # the model owner learns nothing about the result
-    return {"logits": logits.cpu(), "online_s": online_s, "offline_s": offline_s, "device": device, **traffic}
+    return {
+        "logits": logits.cpu(), "online_s": online_s, "offline_s": offline_s, "device": device,
+        "prepared_convs": program.prepared_runs, **traffic,
+    }  # fmt: skip
 
 
 def _synchronize(device: str) -> None:

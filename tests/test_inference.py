@@ -65,6 +65,9 @@ def test_encrypted_logits_match_plaintext_for_a_batch_of_real_images(trained_che
     assert float((result["logits"] - plain).abs().max()) < 0.05
     assert torch.equal(result["logits"].argmax(1), plain.argmax(1))
     assert result["online_s"] > 0 and result["offline_s"] > 0 and result["rounds"] > 10 and result["bytes"] > 0
+    # every convolution ran online on the input mask prepared offline (mpc.compile.Conv)
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in ckpt.build().modules())
+    assert convs > 0 and result["prepared_convs"] == convs
 
 
 @pytest.mark.slow
