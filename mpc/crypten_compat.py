@@ -78,8 +78,8 @@ def _install_two_product_beaver(crypten: types.ModuleType) -> None:
         return
 
     def protocol(op: str, x: Any, y: Any, *args: Any, **kwargs: Any) -> Any:
-        if crypten.cfg.mpc.active_security or x.device != y.device:
-            return original(op, x, y, *args, **kwargs)  # its checks and errors
+        if crypten.cfg.mpc.active_security or x.device != y.device or x.share.is_cuda:
+            return original(op, x, y, *args, **kwargs)  # its checks and errors; the GPU path as measured
         provider = crypten.mpc.get_default_provider()
         a, b, c = provider.generate_additive_triple(x.size(), y.size(), op, device=x.device, *args, **kwargs)
         with IgnoreEncodings([a, b, x, y]):
