@@ -52,8 +52,7 @@ def _ltz(x: Any) -> Any:
     share = x._tensor.share
     sign = _sign_share(share, crypten.communicator.get().get_rank())
     arithmetic = beaver.B2A_single_bit(BinarySharedTensor.from_shares(sign))
-    result = crypten.mpc.MPCTensor.from_shares(arithmetic.share, precision=0)
-    return result
+    return crypten.mpc.MPCTensor.from_shares(arithmetic.share, precision=0)
 
 
 def _and(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
