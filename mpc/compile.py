@@ -11,6 +11,7 @@ architecture; only the model owner's copy has the real weights.
 from __future__ import annotations
 
 import copy
+import functools
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -183,14 +184,13 @@ class Conv:
         pending = []
         for shape in self.shapes:
             a, b, c = provider.generate_additive_triple(shape, weight.size(), "conv2d", **self.kwargs)
-
-            def keep(delta: torch.Tensor, shape: torch.Size = shape, a: Any = a, c: Any = c) -> None:
-                aw = c.share + torch.conv2d(a.share, delta, **self.kwargs)  # shares of a*W
-                self.masks.append((shape, a.share, aw))
-
-            pending.append((weight._tensor.share - b.share, keep))
+            pending.append((weight._tensor.share - b.share, functools.partial(self._keep, shape, a.share, c.share)))
         self.shapes = []
         return pending
+
+    def _keep(self, shape: torch.Size, a: torch.Tensor, c: torch.Tensor, delta: torch.Tensor) -> None:
+        """With the opened ``delta = W - b``: store ``a`` and this party's share of ``a*W = c + a*delta``."""
+        self.masks.append((shape, a, c + torch.conv2d(a, delta, **self.kwargs)))
 
     def _online(self, x: Any, weight: Any) -> Any:
         crypten = crypten_compat.import_crypten()
