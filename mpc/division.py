@@ -20,11 +20,14 @@ beyond what the protocol reveals anyway.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 
 MAX_DIVISOR = 1 << 28  # keeps the top-bits estimate of m within 1/16 of the truth
 _CHUNK = 1 << 16
+_PIECE = 1 << 18  # 2 MiB of int64: the division is one pass, so a piece per send is enough
 
 
 def check_divisor(divisor: int) -> None:
@@ -34,11 +37,28 @@ def check_divisor(divisor: int) -> None:
 
 def divide_share(share: torch.Tensor, divisor: int) -> torch.Tensor:
     """One party's step: its share floor-divided by ``divisor`` (int64)."""
-    check_divisor(divisor)
-    if divisor == 1:
-        return share
-    # NumPy's integer division is 2-3x faster than torch's on this path
-    return torch.from_numpy(np.floor_divide(share.numpy(), divisor))
+    out = share.reshape(-1).clone()
+    for _ in divide_pieces(out, divisor):
+        pass
+    return out.view(share.shape)
+
+
+def divide_pieces(share: torch.Tensor, divisor: int) -> Iterator[torch.Tensor]:
+    """:func:`divide_share` in place over ``share`` (flat, contiguous), yielding each piece
+    as soon as it is divided, so that it can be sent while the next one is computed."""
+    check_divisor(divisor)  # here, not in the generator, which would only run at the first piece
+    if not share.is_contiguous() or share.dim() != 1:
+        raise ValueError("divide_pieces needs a flat contiguous share")
+    return _divide_pieces(share, divisor)
+
+
+def _divide_pieces(share: torch.Tensor, divisor: int) -> Iterator[torch.Tensor]:
+    values = share.numpy()
+    for start in range(0, values.size, _PIECE):
+        piece = values[start : start + _PIECE]
+        if divisor > 1:  # NumPy's integer division is 2-3x faster than torch's on this path
+            np.floor_divide(piece, divisor, out=piece)
+        yield share[start : start + _PIECE]
 
 
 def _wrap(v: int) -> int:
@@ -46,40 +66,65 @@ def _wrap(v: int) -> int:
     return ((v + (1 << 63)) % (1 << 64)) - (1 << 63)
 
 
-def reconstruct_quotient(parts: list[torch.Tensor], divisor: int, *, scale: float | None = None) -> torch.Tensor:
-    """The reconstructing party's step: ``sum / divisor`` from every party's divided share.
+class QuotientDecoder:
+    """The reconstructing party's step, range by range: ``sum / divisor`` from every party's
+    divided share, within ``K/2 + 1`` units of the last place of the true quotient for any
+    ``|sum| < 2^62``. With ``scale``, the quotient times ``scale`` in float32 (fixed-point
+    decoding in the same pass). Ranges can be decoded as the shares arrive."""
 
-    Within ``K/2 + 1`` units of the last place of the true quotient, for any ``|sum| < 2^62``.
-    With ``scale``, returns the quotient times ``scale`` in float32 (fixed-point decoding,
-    done in the same pass). Raises ValueError where the shares cannot come from such a sum.
-    """
-    check_divisor(divisor)
-    arrays = [p.reshape(-1).numpy() for p in parts]
-    out = np.empty(arrays[0].size, dtype=np.int64 if scale is None else np.float32)
-    # round(j * 2^64 / d) for every j the top bits can name: |j| < K, or |j| <= d/2 + 1 if
-    # that is smaller; the floor parts sum to [0, K), so the error is centred by K // 2
-    bound = min(len(parts), divisor // 2 + 1)
-    table = np.array(
-        [_wrap(((j << 64) + divisor // 2) // divisor - len(parts) // 2) for j in range(-bound, bound + 1)],
-        dtype=np.int64,
-    )
-    with np.errstate(over="ignore"):  # ring arithmetic: wrap-around is intended
-        for start in range(0, out.size, _CHUNK):  # chunk by chunk: every pass runs in cache
-            s = arrays[0][start : start + _CHUNK].copy()
-            for a in arrays[1:]:
-                s += a[start : start + _CHUNK]
-            if divisor > 1:
-                # m mod d = round(sum * d / 2^64), read from the top 32 bits
-                m = ((s >> 32) * divisor + (1 << 31)) >> 32
-                try:
-                    s -= table[m + bound]
-                except IndexError:  # no correction fits
-                    raise ValueError(
-                        f"shares do not reconstruct a sum below 2^62 (near element {start}): "
-                        "inconsistent shares, or a sum that overflowed the ring"
-                    ) from None
-            if scale is None:
-                out[start : start + _CHUNK] = s
-            else:
-                np.multiply(s, scale, out=out[start : start + _CHUNK], casting="unsafe")
-    return torch.from_numpy(out)
+    def __init__(self, n_parts: int, divisor: int, *, scale: float | None = None) -> None:
+        check_divisor(divisor)
+        self.n_parts, self.divisor, self.scale = n_parts, divisor, scale
+        # round(j * 2^64 / d) for every j the top bits can name: |j| < K, or |j| <= d/2 + 1 if
+        # that is smaller; the floor parts sum to [0, K), so the error is centred by K // 2
+        self.bound = min(n_parts, divisor // 2 + 1)
+        self.table = np.array(
+            [_wrap(((j << 64) + divisor // 2) // divisor - n_parts // 2) for j in range(-self.bound, self.bound + 1)],
+            dtype=np.int64,
+        )
+        self._sum = np.empty(_CHUNK, dtype=np.int64)
+        self._wraps = np.empty(_CHUNK, dtype=np.int64)
+
+    def empty(self, numel: int) -> torch.Tensor:
+        return torch.empty(numel, dtype=torch.int64 if self.scale is None else torch.float32)
+
+    def decode(self, parts: list[torch.Tensor], out: torch.Tensor, start: int, end: int) -> None:
+        """Elements ``start:end`` of ``out`` from the same elements of every (flat) part.
+
+        Raises ValueError where the shares cannot come from a sum below 2^62."""
+        arrays = [p.numpy() for p in parts]
+        dest = out.numpy()
+        with np.errstate(over="ignore"):  # ring arithmetic: wrap-around is intended
+            for lo in range(start, end, _CHUNK):  # chunk by chunk: every pass runs in cache
+                hi = min(lo + _CHUNK, end)
+                s, m = self._sum[: hi - lo], self._wraps[: hi - lo]
+                np.copyto(s, arrays[0][lo:hi])
+                for a in arrays[1:]:
+                    s += a[lo:hi]
+                if self.divisor > 1:
+                    # m mod d = round(sum * d / 2^64), read from the top 32 bits, offset by the
+                    # table's centre (a multiple of 2^32 added before the shift)
+                    np.right_shift(s, 32, out=m)
+                    m *= self.divisor
+                    m += (1 << 31) + (self.bound << 32)
+                    m >>= 32
+                    try:
+                        s -= self.table.take(m)  # bounds-checked: an index outside means no correction fits
+                    except IndexError:
+                        raise ValueError(
+                            f"shares do not reconstruct a sum below 2^62 (near element {lo}): "
+                            "inconsistent shares, or a sum that overflowed the ring"
+                        ) from None
+                if self.scale is None:
+                    dest[lo:hi] = s
+                else:
+                    np.multiply(s, self.scale, out=dest[lo:hi], casting="unsafe")
+
+
+def reconstruct_quotient(parts: list[torch.Tensor], divisor: int, *, scale: float | None = None) -> torch.Tensor:
+    """:class:`QuotientDecoder` over whole vectors."""
+    decoder = QuotientDecoder(len(parts), divisor, scale=scale)
+    flat = [p.reshape(-1) for p in parts]
+    out = decoder.empty(flat[0].numel())
+    decoder.decode(flat, out, 0, out.numel())
+    return out

@@ -10,6 +10,7 @@ is uniformly random and independent of ``x``.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -54,23 +55,39 @@ def encode(
     over ``minus`` (flat), which the caller gives up. That is how a mask is applied: its
     memory is already paged in, and the passes run chunk by chunk in cache (3x faster
     than encoding and masking separately on 11.2M values)."""
-    dtype = torch.float32 if x.dtype == torch.float32 else torch.float64
+    out = torch.empty(x.numel(), dtype=torch.int64) if minus is None else minus
+    for _ in encode_pieces(x, fractional_bits, out=out, subtract=minus is not None):
+        pass
+    return out.reshape(x.shape) if minus is None else out.view(-1)
+
+
+def encode_pieces(
+    x: torch.Tensor, fractional_bits: int, *, out: torch.Tensor, subtract: bool
+) -> Iterator[torch.Tensor]:
+    """:func:`encode` into ``out`` (flat int64; with ``subtract``, the mask to write over),
+    yielding each finished piece of ``out`` as soon as it is encoded, so that it can be
+    sent while the next one is computed."""
     flat = x.reshape(-1)
+    if out.dtype != torch.int64 or out.numel() != flat.numel():
+        raise ValueError(f"mask has {out.numel()} {out.dtype} values, expected {flat.numel()} int64")
+    # checked here, not in the generator, which would only run at the first piece
+    return _encode_pieces(flat, fractional_bits, out.view(-1), subtract)
+
+
+def _encode_pieces(flat: torch.Tensor, fractional_bits: int, out: torch.Tensor, subtract: bool) -> Iterator[torch.Tensor]:
+    dtype = torch.float32 if flat.dtype == torch.float32 else torch.float64
     n = flat.numel()
-    if minus is not None and (minus.dtype != torch.int64 or minus.numel() != n):
-        raise ValueError(f"mask has {minus.numel()} {minus.dtype} values, expected {n} int64")
-    out = torch.empty(n, dtype=torch.int64) if minus is None else minus.view(-1)
     scratch = torch.empty(min(_CHUNK, n), dtype=dtype)
     as_int = torch.empty(scratch.numel(), dtype=torch.int64)
     for start in range(0, n, _CHUNK):
         part = flat[start : start + _CHUNK].to(dtype)
         tmp, dest = scratch[: part.numel()], out[start : start + part.numel()]
         torch.mul(part, 2.0**fractional_bits, out=tmp).round_()
-        if minus is None:
-            dest.copy_(tmp)
-        else:
+        if subtract:
             torch.sub(as_int[: part.numel()].copy_(tmp), dest, out=dest)
-    return out.reshape(x.shape) if minus is None else out
+        else:
+            dest.copy_(tmp)
+        yield dest
 
 
 def decode(x: torch.Tensor, fractional_bits: int = DEFAULT_FRACTIONAL_BITS) -> torch.Tensor:

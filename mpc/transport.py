@@ -9,19 +9,27 @@ instead of a hang.
 from __future__ import annotations
 
 import json
+import math
 import socket
 import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import torch
 
 _LEN = struct.Struct(">Q")
 _DTYPES = {str(t): t for t in (torch.float32, torch.float64, torch.int64, torch.uint8)}
 MAX_HEADER = 1 << 20
+# payloads move in pieces of this size: big enough that a syscall moves a lot, small enough
+# that the next stage finds each piece still in cache
+PIECE_BYTES = 1 << 21
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
 
 
 class PeerError(RuntimeError):
@@ -41,12 +49,13 @@ class Traffic:
     # channels of one process may send or receive from several threads at once
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
-    def count(self, *, sent: int = 0, received: int = 0) -> None:
+    def count(self, *, sent: int = 0, received: int = 0, new_message: bool = True) -> None:
+        """``new_message=False``: more bytes of a message already counted (a streamed payload)."""
         with self._lock:
             self.bytes_sent += sent
-            self.messages_sent += bool(sent)
+            self.messages_sent += new_message and bool(sent)
             self.bytes_received += received
-            self.messages_received += bool(received)
+            self.messages_received += new_message and bool(received)
 
     def as_dict(self) -> dict[str, int]:
         with self._lock:
@@ -60,6 +69,56 @@ class Message:
     tensor: torch.Tensor | None = None
 
 
+@dataclass
+class Incoming:
+    """A received header whose tensor payload (``dtype`` set) has not been read yet."""
+
+    channel: Channel
+    kind: str
+    meta: dict[str, Any]
+    dtype: torch.dtype | None
+    shape: list[int]
+    deadline: float
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape) if self.dtype is not None else 0
+
+    def reject(self, message: str) -> PeerError:
+        """The error for a payload we will not read; the connection is closed, since the
+        unread bytes would be taken for the next message."""
+        self.channel.sock.close()
+        return PeerError(self.channel.peer, message)
+
+    def read(
+        self, *, into: torch.Tensor | None = None, on_piece: Callable[[int, torch.Tensor], None] | None = None
+    ) -> torch.Tensor | None:
+        """The payload, read straight into tensor memory PIECE_BYTES at a time: into ``into``
+        (contiguous, of the announced dtype and size) if given, else into a new tensor, or, with
+        ``on_piece`` and no ``into``, into one reused scratch piece (nothing is returned then).
+        ``on_piece(start, piece)`` is called after each piece with its element offset, while
+        the rest of the payload is still arriving."""
+        if self.dtype is None:
+            return None
+        ch, dtype, numel, size = self.channel, self.dtype, self.numel, _itemsize(self.dtype)
+        if into is not None and (into.dtype != dtype or into.numel() != numel or not into.is_contiguous()):
+            raise self.reject(f"sent {numel} {dtype} values, expected {into.numel()} {into.dtype}")
+        step = max(1, PIECE_BYTES // size)
+        dest = into.view(-1) if into is not None else None
+        if dest is None and on_piece is None:
+            dest = torch.empty(numel, dtype=dtype)
+        scratch = torch.empty(min(step, numel), dtype=dtype) if dest is None else None
+        for start in range(0, numel, step):
+            piece = dest[start : start + step] if dest is not None else scratch[: min(step, numel - start)]
+            ch._recv_exact(piece.numel() * size, self.deadline, memoryview(piece.view(torch.uint8).numpy()))
+            ch.traffic.count(received=piece.numel() * size, new_message=False)
+            if on_piece is not None:
+                on_piece(start, piece)
+        if dest is None:
+            return None
+        return dest.view(self.shape) if into is None else into
+
+
 class Channel:
     """One connection to a named peer."""
 
@@ -68,23 +127,52 @@ class Channel:
         self.sock, self.peer, self.traffic, self.timeout_s = sock, peer, traffic, timeout_s
 
     def send(self, kind: str, meta: dict[str, Any] | None = None, tensor: torch.Tensor | None = None) -> None:
-        header: dict[str, Any] = {"kind": kind, "meta": meta or {}}
-        payload = b""
-        if tensor is not None:
-            t = tensor.detach().cpu().contiguous()
-            if str(t.dtype) not in _DTYPES:
-                raise TypeError(f"cannot send dtype {t.dtype}")
-            header["dtype"], header["shape"] = str(t.dtype), list(t.shape)
-            payload = t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b""
+        if tensor is None:
+            self._send_header({"kind": kind, "meta": meta or {}})
+            return
+        t = tensor.detach().cpu().contiguous()
+        self.send_stream(kind, meta, dtype=t.dtype, shape=list(t.shape), pieces=[t.reshape(-1)] if t.numel() else [])
+
+    def send_stream(
+        self, kind: str, meta: dict[str, Any] | None, *, dtype: torch.dtype, shape: list[int],
+        pieces: Iterable[torch.Tensor],
+    ) -> None:  # fmt: skip
+        """A tensor message whose payload is made while it is sent: the header first, then each
+        piece as ``pieces`` yields it, so the receiver works on the first pieces while the later
+        ones are still being computed. The bytes on the wire are those of :meth:`send`.
+
+        If ``pieces`` fails or yields the wrong amount, the connection is closed: the peer
+        sees a broken message (PeerError), never a short or misaligned one."""
+        if str(dtype) not in _DTYPES:
+            raise TypeError(f"cannot send dtype {dtype}")
+        numel = math.prod(shape)
+        nbytes = numel * _itemsize(dtype)
+        self._send_header({"kind": kind, "meta": meta or {}, "dtype": str(dtype), "shape": list(shape)})
+        sent = 0
+        try:
+            for piece in pieces:
+                if piece.dtype != dtype or sent + piece.numel() > numel:
+                    raise ValueError(f"piece of {piece.numel()} {piece.dtype} values does not fit the announced message")
+                self._sendall(piece.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().data)
+                sent += piece.numel()
+            if sent != numel:
+                raise ValueError(f"announced {numel} values, sent {sent}")
+        except BaseException:
+            self.sock.close()
+            raise
+        self.traffic.count(sent=nbytes, new_message=False)
+
+    def _send_header(self, header: dict[str, Any]) -> None:
         head = json.dumps(header).encode()
+        self._sendall(_LEN.pack(len(head)) + head)
+        self.traffic.count(sent=_LEN.size + len(head))
+
+    def _sendall(self, data: bytes | memoryview) -> None:
         try:
             self.sock.settimeout(self.timeout_s)
-            self.sock.sendall(_LEN.pack(len(head)) + head)
-            if len(payload):
-                self.sock.sendall(payload)
+            self.sock.sendall(data)
         except OSError as err:
             raise PeerError(self.peer, f"send failed ({err})") from err
-        self.traffic.count(sent=_LEN.size + len(head) + len(payload))
 
     def _recv_exact(self, n: int, deadline: float, into: memoryview | None = None) -> memoryview:
         view = memoryview(bytearray(n)) if into is None else into
@@ -105,33 +193,33 @@ class Channel:
             got += k
         return view
 
-    def recv(self, timeout_s: float | None = None) -> Message:
+    def recv(
+        self, timeout_s: float | None = None, *, into: torch.Tensor | None = None,
+        on_piece: Callable[[int, torch.Tensor], None] | None = None,
+    ) -> Message:  # fmt: skip
+        """The next message, payload included (see :meth:`Incoming.read` for ``into``/``on_piece``)."""
+        incoming = self.recv_header(timeout_s)
+        return Message(incoming.kind, incoming.meta, incoming.read(into=into, on_piece=on_piece))
+
+    def recv_header(self, timeout_s: float | None = None) -> Incoming:
+        """The next message's header; its payload, if any, must be read next (``Incoming.read``),
+        within the same deadline. Lets a receiver check who sent what before taking the payload."""
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         (n,) = _LEN.unpack(self._recv_exact(_LEN.size, deadline))
         if n > MAX_HEADER:
             raise PeerError(self.peer, f"header of {n} bytes is too large")
         header = json.loads(bytes(self._recv_exact(n, deadline)))
-        tensor = None
-        size = _LEN.size + n
-        if "dtype" in header:
-            dtype = _DTYPES[header["dtype"]]
-            shape = header["shape"]
-            numel = 1
-            for s in shape:
-                numel *= s
-            nbytes = numel * torch.empty(0, dtype=dtype).element_size()
-            # received straight into the tensor's memory: no zero-filled buffer, no copy
-            tensor = torch.empty(shape, dtype=dtype)
-            if nbytes:
-                self._recv_exact(nbytes, deadline, memoryview(tensor.view(-1).view(torch.uint8).numpy()))
-            size += nbytes
-        self.traffic.count(received=size)
+        self.traffic.count(received=_LEN.size + n)
         if header["kind"] == "error":
             raise PeerError(self.peer, header["meta"].get("message", "reported an error"))
-        return Message(header["kind"], header["meta"], tensor)
+        dtype = _DTYPES[header["dtype"]] if "dtype" in header else None
+        return Incoming(self, header["kind"], header["meta"], dtype, header.get("shape", []), deadline)
 
-    def expect(self, kind: str, timeout_s: float | None = None) -> Message:
-        msg = self.recv(timeout_s)
+    def expect(
+        self, kind: str, timeout_s: float | None = None, *, into: torch.Tensor | None = None,
+        on_piece: Callable[[int, torch.Tensor], None] | None = None,
+    ) -> Message:  # fmt: skip
+        msg = self.recv(timeout_s, into=into, on_piece=on_piece)
         if msg.kind != kind:
             raise PeerError(self.peer, f"expected a {kind!r} message, got {msg.kind!r}")
         return msg
@@ -140,13 +228,44 @@ class Channel:
         self.sock.close()
 
 
-def expect_all(channels: list[Channel], kind: str) -> list[Message]:
-    """One ``kind`` message from each channel, received concurrently (large payloads from
-    several peers arrive in parallel instead of one after another)."""
-    if len(channels) == 1:
-        return [channels[0].expect(kind)]
+def gather(
+    channels: list[Channel], kind: str, into: list[torch.Tensor], on_ready: Callable[[int, int], None]
+) -> list[Message]:
+    """One ``kind`` tensor message from each channel, received concurrently, channel j's payload
+    into ``into[j]`` (all of one size). ``on_ready(start, end)`` runs in the calling thread for
+    each range of elements that every payload has reached, so the caller works on the first
+    elements while the rest are still arriving."""
+    numel = into[0].numel()
+    progress = [0] * len(channels)
+    failures: list[BaseException] = []
+    changed = threading.Condition()
+
+    def receive(j: int) -> Message:
+        def advanced(start: int, piece: torch.Tensor) -> None:
+            with changed:
+                progress[j] = start + piece.numel()
+                changed.notify()
+
+        try:
+            return channels[j].expect(kind, into=into[j], on_piece=advanced)
+        except BaseException as err:
+            with changed:
+                failures.append(err)
+                changed.notify()
+            raise
+
     with ThreadPoolExecutor(len(channels)) as pool:
-        return list(pool.map(lambda ch: ch.expect(kind), channels))
+        futures = [pool.submit(receive, j) for j in range(len(channels))]
+        done = 0
+        while done < numel:
+            with changed:
+                changed.wait_for(lambda: failures or min(progress) > done)
+                if failures:
+                    raise failures[0]
+                ready = min(progress)
+            on_ready(done, ready)
+            done = ready
+        return [f.result() for f in futures]
 
 
 def connect(host: str, port: int, *, me: str, peer: str, traffic: Traffic, timeout_s: float) -> Channel:

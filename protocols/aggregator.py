@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-import selectors
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
 
 from mpc import prg
 from mpc.transport import Channel, Listener, PeerError, Traffic, connect
 from protocols.commands import die, next_command
 from protocols.plan import Plan
-from protocols.secure_aggregation import AggregatorState, RevealRefused, average_share, full_share_holder, noise_share
+from protocols.secure_aggregation import (
+    AggregatorState, ContributionError, RevealRefused, average_share, full_share_holder, noise_share,
+)  # fmt: skip
 
 
 class Aggregator:
@@ -19,49 +24,61 @@ class Aggregator:
         self.state: AggregatorState | None = None
 
     def _collect(self, coord: Channel, hospitals: dict[str, Channel], tag: str, numel: int) -> dict[str, object]:
-        """Receive one contribution per hospital for ``tag``, in arrival order; report readiness or an abort.
+        """Receive one contribution per hospital for ``tag``, all at once; report readiness or an abort.
 
-        Seeds come first (hospitals send them before training ends) and are expanded as they
-        arrive; "seeded" tells the coordinator when that data-independent part is done."""
-        self.state = AggregatorState(tag, self.plan.hospital_names, numel)
+        Each hospital's message is read by its own thread, a share piece by piece into the
+        running sum. Seeds come first (hospitals send them before training ends) and are
+        expanded as they arrive; "seeded" tells the coordinator when that data-independent
+        part is done."""
+        state = self.state = AggregatorState(tag, self.plan.hospital_names, numel)
         seeds_due = {
             h for i, h in enumerate(self.plan.hospital_names)
             if full_share_holder(i, self.plan.aggregators) != self.index
         }  # fmt: skip
-        work = 0.0
-        aborted: dict[str, str] = {}
+        seeds_lock = threading.Lock()
         deadline = time.monotonic() + self.plan.timeout_s
-        with selectors.DefaultSelector() as sel:
-            for name, ch in hospitals.items():
-                sel.register(ch.sock, selectors.EVENT_READ, name)
-            while sel.get_map():
-                ready = sel.select(timeout=max(0.0, deadline - time.monotonic()))
-                if not ready:
-                    waiting = ", ".join(key.data for key in sel.get_map().values())
-                    raise PeerError(waiting, f"no contribution to {tag} within {self.plan.timeout_s:.0f} s")
-                for key, _ in ready:
-                    name = key.data
-                    sel.unregister(key.fileobj)
-                    msg = hospitals[name].recv()
-                    if msg.meta.get("tag") != tag:
-                        raise PeerError(name, f"sent a contribution for {msg.meta.get('tag')!r}, expected {tag!r}")
-                    if msg.kind == "abort":
-                        aborted[name] = msg.meta["reason"]
-                    elif msg.kind == "seed":  # offline: not counted as aggregation work
-                        self.state.add(name, prg.expand(bytes(msg.tensor.numpy()), numel))
-                        seeds_due.discard(name)
-                        if not seeds_due:
-                            coord.send("seeded", {"tag": tag})
-                    elif msg.kind == "share":
-                        start = time.perf_counter()
-                        self.state.add(name, msg.tensor)
-                        work += time.perf_counter() - start
-                    else:
-                        raise PeerError(name, f"unexpected message {msg.kind!r}")
+
+        def receive(name: str) -> tuple[str, str | float]:
+            """("abort", reason), ("share", seconds spent adding) or ("seed", 0.0)."""
+            incoming = hospitals[name].recv_header(timeout_s=max(0.0, deadline - time.monotonic()))
+            if incoming.meta.get("tag") != tag:
+                raise incoming.reject(f"sent a contribution for {incoming.meta.get('tag')!r}, expected {tag!r}")
+            if incoming.kind == "abort":
+                return "abort", incoming.meta["reason"]
+            if incoming.kind == "seed":  # offline: not counted as aggregation work
+                seed = incoming.read()
+                assert seed is not None
+                state.add(name, prg.expand(bytes(seed.numpy()), numel))
+                with seeds_lock:
+                    seeds_due.discard(name)
+                    if not seeds_due:
+                        coord.send("seeded", {"tag": tag})
+                return "seed", 0.0
+            if incoming.kind != "share":
+                raise incoming.reject(f"unexpected message {incoming.kind!r}")
+            try:
+                state.admit(name, incoming.dtype, incoming.numel)
+            except ContributionError as err:
+                raise incoming.reject(str(err)) from None
+            work = 0.0
+
+            def add(start: int, piece: torch.Tensor) -> None:
+                nonlocal work
+                began = time.perf_counter()
+                state.add_piece(start, piece)
+                work += time.perf_counter() - began
+
+            incoming.read(on_piece=add)
+            state.complete(name)
+            return "share", work
+
+        with ThreadPoolExecutor(len(hospitals)) as pool:
+            results = dict(zip(hospitals, pool.map(receive, hospitals)))
+        aborted = {name: reason for name, (kind, reason) in results.items() if kind == "abort"}
         if aborted:
             self.state = None  # discard every share of this aggregation
             return {"kind": "aborted", "reasons": aborted}
-        return {"kind": "ready", "sum_s": work}
+        return {"kind": "ready", "sum_s": sum(float(v) for kind, v in results.values() if kind == "share")}
 
     def run(self) -> None:
         p = self.plan
@@ -90,14 +107,14 @@ class Aggregator:
                     except RevealRefused as err:
                         coord.send("error", {"message": f"{self.name}: {err}"})
                         continue
-                    start = time.perf_counter()
                     noise_std = msg.meta.get("noise_std", 0.0)
                     if noise_std > 0:
                         # this aggregator's part of the central-DP noise; no single party knows the total
-                        summed = summed + noise_share(summed.numel(), noise_std, p.aggregators, p.fractional_bits)
-                    share = average_share(summed, msg.meta["divisor"], fractional_bits=p.fractional_bits)
+                        summed += noise_share(summed.numel(), noise_std, p.aggregators, p.fractional_bits)
                     self.state = None
-                    coord.send("share", {"tag": tag, "mpc_s": time.perf_counter() - start}, share)
+                    # divided while sent, over the summed share's memory
+                    pieces = average_share(summed, msg.meta["divisor"], fractional_bits=p.fractional_bits)
+                    coord.send_stream("share", {"tag": tag}, dtype=torch.int64, shape=[summed.numel()], pieces=pieces)
                 else:
                     raise PeerError("coordinator", f"unexpected message {msg.kind!r}")
         finally:

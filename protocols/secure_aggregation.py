@@ -11,6 +11,9 @@ expected hospital (or, if configured, a quorum of at least 2) has contributed.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+
 import torch
 
 from mpc import crypten_compat, division, prg, sharing
@@ -30,22 +33,25 @@ def full_share_holder(hospital_index: int, n_aggregators: int) -> int:
     return hospital_index % n_aggregators
 
 
-def make_shares(
+def masked_share(
     update: torch.Tensor, mask: sharing.Mask, *, hospital: str, n_hospitals: int, fractional_bits: int
-) -> sharing.Shares:
-    """Validate, encode and mask one hospital's weighted update.
+) -> Iterator[torch.Tensor]:
+    """Validate one hospital's weighted update, then encode and mask it: share 0, piece by
+    piece (written over the mask, which is used once), so sending starts with the first piece.
 
-    Raises EncodingError naming the hospital for NaN/Inf or overflow risk, before
-    anything that depends on the update leaves the hospital.
+    Raises EncodingError naming the hospital for NaN/Inf or overflow risk, before any piece
+    (anything that depends on the update) exists.
     """
     flat = update.reshape(-1)
     sharing.check_encodable(flat, n_summands=n_hospitals, fractional_bits=fractional_bits, name=hospital)
-    # the mask is used once: share 0 is written over it
-    return sharing.Shares(sharing.encode(flat, fractional_bits, minus=mask.total), mask.seeds)
+    return sharing.encode_pieces(flat, fractional_bits, out=mask.total, subtract=True)
 
 
 class AggregatorState:
-    """The shares one aggregator holds for one aggregation (one tag)."""
+    """The shares one aggregator holds for one aggregation (one tag).
+
+    Contributions may arrive concurrently, each piece by piece: :meth:`admit` checks the
+    sender and size before any piece is added, :meth:`complete` counts it once all are in."""
 
     def __init__(self, tag: str, expected: list[str], numel: int, *, quorum: int | None = None) -> None:
         if quorum is not None and not 2 <= quorum <= len(expected):
@@ -54,19 +60,35 @@ class AggregatorState:
         self.quorum = len(expected) if quorum is None else quorum
         self.total = torch.zeros(numel, dtype=torch.int64)
         self.contributors: list[str] = []
+        self._arriving: set[str] = set()
+        self._lock = threading.Lock()
+
+    def admit(self, hospital: str, dtype: torch.dtype | None, numel: int) -> None:
+        with self._lock:
+            if hospital not in self.expected:
+                raise ContributionError(f"{self.tag}: share from unexpected sender {hospital!r}")
+            if hospital in self.contributors or hospital in self._arriving:
+                raise ContributionError(f"{self.tag}: second share from {hospital}")
+            if dtype != torch.int64 or numel != self.numel:
+                raise ContributionError(
+                    f"{self.tag}: share from {hospital} has {numel} {dtype} values, expected {self.numel} int64"
+                )
+            self._arriving.add(hospital)
+
+    def add_piece(self, start: int, piece: torch.Tensor) -> None:
+        with self._lock:  # the add releases the GIL: other contributions keep arriving meanwhile
+            self.total[start : start + piece.numel()].add_(piece)
+
+    def complete(self, hospital: str) -> None:
+        with self._lock:
+            self._arriving.remove(hospital)
+            self.contributors.append(hospital)
 
     def add(self, hospital: str, share: torch.Tensor) -> None:
-        if hospital not in self.expected:
-            raise ContributionError(f"{self.tag}: share from unexpected sender {hospital!r}")
-        if hospital in self.contributors:
-            raise ContributionError(f"{self.tag}: second share from {hospital}")
-        if share.dtype != torch.int64 or share.numel() != self.numel:
-            raise ContributionError(
-                f"{self.tag}: share from {hospital} has {share.numel()} {share.dtype} values, "
-                f"expected {self.numel} int64"
-            )
-        self.total.add_(share.reshape(-1))
-        self.contributors.append(hospital)
+        """A whole contribution at once."""
+        self.admit(hospital, share.dtype, share.numel())
+        self.add_piece(0, share.reshape(-1))
+        self.complete(hospital)
 
     @property
     def ready(self) -> bool:
@@ -94,8 +116,9 @@ def noise_share(numel: int, total_std: float, n_aggregators: int, fractional_bit
     return prg.discrete_gaussian(numel, total_std / n_aggregators**0.5 * 2.0**fractional_bits)
 
 
-def average_share(summed: torch.Tensor, divisor: int, *, fractional_bits: int) -> torch.Tensor:
-    """Inside MPC, each aggregator on its own: its share of ``sum / divisor``.
+def average_share(summed: torch.Tensor, divisor: int, *, fractional_bits: int) -> Iterator[torch.Tensor]:
+    """Inside MPC, each aggregator on its own: its share of ``sum / divisor``, piece by piece,
+    written over ``summed`` (so each piece can be sent while the next is divided).
 
     The share is held as a CrypTen ArithmeticSharedTensor (same ring, same
     fixed-point scale); the division is the communication-free protocol of
@@ -103,10 +126,10 @@ def average_share(summed: torch.Tensor, divisor: int, *, fractional_bits: int) -
     """
     crypten = crypten_compat.import_crypten()
     shared = crypten.mpc.primitives.ArithmeticSharedTensor.from_shares(summed, precision=fractional_bits)
-    shared.share = division.divide_share(shared.share, divisor)
-    return shared.share
+    return division.divide_pieces(shared.share, divisor)
 
 
-def reveal(parts: list[torch.Tensor], divisor: int, *, fractional_bits: int) -> torch.Tensor:
-    """Coordinator side: reconstruct the average from every aggregator's divided share."""
-    return division.reconstruct_quotient(parts, divisor, scale=2.0**-fractional_bits)
+def reveal_decoder(n_aggregators: int, divisor: int, *, fractional_bits: int) -> division.QuotientDecoder:
+    """Coordinator side: reconstructs the average from every aggregator's divided share,
+    range by range as the shares arrive."""
+    return division.QuotientDecoder(n_aggregators, divisor, scale=2.0**-fractional_bits)

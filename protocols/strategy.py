@@ -13,8 +13,8 @@ from typing import Protocol
 import torch
 
 from mpc import prg
-from mpc.transport import Channel, Message, PeerError, expect_all
-from protocols.secure_aggregation import reveal
+from mpc.transport import Channel, Message, PeerError, gather
+from protocols.secure_aggregation import reveal_decoder
 
 
 class RoundAborted(RuntimeError):
@@ -73,8 +73,11 @@ class PlainFedAvg:
 class SecureFedAvg:
     def __init__(self, aggregators: dict[str, Channel], fractional_bits: int) -> None:
         self.aggregators, self.fractional_bits = aggregators, fractional_bits
+        self._numel = 0
+        self._parts: list[torch.Tensor] | None = None
 
     def begin(self, tag: str, numel: int, round_: int) -> None:
+        self._numel = numel
         for ch in self.aggregators.values():
             ch.send("collect", {"tag": tag, "numel": numel, "round": round_})
 
@@ -103,9 +106,23 @@ class SecureFedAvg:
         start = time.perf_counter()
         for ch in self.aggregators.values():
             ch.send("reveal", {"tag": tag, "divisor": divisor, "noise_std": noise_std})
-        parts = [msg.tensor for msg in expect_all(list(self.aggregators.values()), "share")]
-        avg = reveal(parts, divisor, fractional_bits=self.fractional_bits)
+        avg = self._reveal(divisor)
         return avg, {"aggregation_s": sum_s, "reveal_s": time.perf_counter() - start}
+
+    def _reveal(self, divisor: int) -> torch.Tensor:
+        """Receive every aggregator's share of the average and reconstruct it, range by range
+        as the shares arrive."""
+        decoder = reveal_decoder(len(self.aggregators), divisor, fractional_bits=self.fractional_bits)
+        numel = self._numel
+        if self._parts is None or self._parts[0].numel() != numel:
+            # kept for the next aggregation: fresh memory is slow to touch the first time
+            self._parts = [torch.empty(numel, dtype=torch.int64) for _ in self.aggregators]
+        avg = decoder.empty(numel)
+        gather(
+            list(self.aggregators.values()), "share", self._parts,
+            lambda lo, hi: decoder.decode(self._parts, avg, lo, hi),
+        )  # fmt: skip
+        return avg
 
     def discard(self, tag: str) -> None:
         # wait until every aggregator has finished collecting, then have all drop their shares

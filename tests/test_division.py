@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mpc import division, prg, sharing
-from protocols.secure_aggregation import average_share, make_shares, reveal
+from protocols.secure_aggregation import average_share, masked_share, reveal_decoder
 
 
 def _shares(x: torch.Tensor, k: int) -> list[torch.Tensor]:
@@ -58,11 +58,15 @@ def test_secure_average_matches_the_plaintext_average(k):
     summed = [torch.zeros(30_000, dtype=torch.int64) for _ in range(k)]
     for i, u in enumerate(updates):
         mask = sharing.new_mask(k, u.numel())
-        shares = make_shares(u, mask, hospital=f"hospital{i}", n_hospitals=3, fractional_bits=16)
+        pieces = masked_share(u, mask, hospital=f"hospital{i}", n_hospitals=3, fractional_bits=16)
+        shares = sharing.Shares(torch.cat(list(pieces)), mask.seeds)
         for j in range(k):
             summed[j] += sharing.share_of(shares, j)
-    parts = [average_share(s, 3, fractional_bits=16) for s in summed]
-    avg = reveal(parts, 3, fractional_bits=16)
+    parts = [torch.cat(list(average_share(s, 3, fractional_bits=16))) for s in summed]
+    decoder = reveal_decoder(k, 3, fractional_bits=16)
+    avg = decoder.empty(30_000)
+    for lo in range(0, 30_000, 7_000):  # range by range, as the coordinator decodes while receiving
+        decoder.decode(parts, avg, lo, min(lo + 7_000, 30_000))
     expected = torch.stack(updates).double().mean(0)
     assert avg.dtype == torch.float32
     # encoding (half a unit) + division (k/2 + 1 units) + float32 decoding

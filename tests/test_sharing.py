@@ -5,7 +5,7 @@ import torch
 from scipy import stats
 
 from mpc import prg, sharing
-from protocols.secure_aggregation import AggregatorState, ContributionError, RevealRefused, make_shares
+from protocols.secure_aggregation import AggregatorState, ContributionError, RevealRefused, masked_share
 from uniformity import as_unit, looks_uniform
 
 
@@ -59,9 +59,9 @@ def test_guards_name_the_hospital():
     for bad, what in ((torch.tensor([1.0, float("nan"), 0]), "NaN/Inf"), (torch.tensor([1.0, float("inf"), 0]), "NaN/Inf"),
                       (torch.tensor([1.0, 2.0**46, 0]), "overflow")):  # fmt: skip
         with pytest.raises(sharing.EncodingError, match=f"hospital7.*{what}|hospital7: .*{what}"):
-            make_shares(bad, mask, hospital="hospital7", n_hospitals=3, fractional_bits=16)
+            masked_share(bad, mask, hospital="hospital7", n_hospitals=3, fractional_bits=16)
     # the limit is N * max|x| * 2^f < 2^62
-    make_shares(torch.tensor([2.0**44]), sharing.new_mask(2, 1), hospital="h", n_hospitals=3, fractional_bits=16)
+    masked_share(torch.tensor([2.0**44]), sharing.new_mask(2, 1), hospital="h", n_hospitals=3, fractional_bits=16)
 
 
 def test_reveal_is_refused_until_every_hospital_contributed():
@@ -79,3 +79,17 @@ def test_reveal_is_refused_until_every_hospital_contributed():
         state.add("hospital1", torch.ones(5, dtype=torch.int64))
     state.add("hospital1", torch.full((4,), 5, dtype=torch.int64))
     assert state.summed_share().tolist() == [7, 7, 7, 7]
+
+
+def test_a_share_still_arriving_piece_by_piece_does_not_count():
+    state = AggregatorState("round1", ["hospital0", "hospital1"], 4)
+    state.add("hospital1", torch.ones(4, dtype=torch.int64))
+    state.admit("hospital0", torch.int64, 4)
+    state.add_piece(0, torch.full((2,), 3, dtype=torch.int64))
+    with pytest.raises(RevealRefused, match="1 of 2.*hospital0"):
+        state.summed_share()
+    with pytest.raises(ContributionError, match="second share"):
+        state.admit("hospital0", torch.int64, 4)
+    state.add_piece(2, torch.full((2,), 3, dtype=torch.int64))
+    state.complete("hospital0")
+    assert state.summed_share().tolist() == [4, 4, 4, 4]
