@@ -35,6 +35,6 @@ def test_secure_aggregation_vs_allreduce(benchmark, hospitals, aggregators):
     result = benchmark.pedantic(_bench, args=(hospitals, aggregators), rounds=1, iterations=1)
     # encoding rounds to half a unit of 2^-16; the division truncates by up to K-1 more units
     assert result["max_abs_err"] <= (aggregators + 1) * 2**-16
-    benchmark.extra_info.update({k: result[k] for k in ("secure_s", "plaintext_s", "ratio", "offline_s", "max_abs_err")})
+    benchmark.extra_info.update({k: result[k] for k in ("secure_s", "plaintext_s", "ratio", "offline_s", "phases_s", "max_abs_err")})
     benchmark.extra_info["bytes_per_party"] = result["bytes_per_party"]
     record("secure_aggregation", {f"N={hospitals},K={aggregators}": result})

@@ -1,20 +1,28 @@
-"""The aggregation-party role: holds one additive share of every update, never an update."""
+"""The aggregation-party role: holds one additive share of every update, never an update.
+
+Aggregator 0, the collector, receives every hospital's masked update and hands its share
+of the average over only once every hospital has contributed. Every other aggregator
+receives one seed per hospital; its share is the sum of those hospitals' masks, known
+before any update exists, so it hands it over as soon as the seeds are in (offline).
+"""
 
 from __future__ import annotations
 
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, TypeVar
 
 import torch
 
 from mpc import prg
-from mpc.transport import Channel, Listener, PeerError, Traffic, connect
+from mpc.transport import Channel, Incoming, Listener, PeerError, Traffic, connect
 from protocols.commands import die, next_command
 from protocols.plan import Plan
 from protocols.secure_aggregation import (
-    AggregatorState, ContributionError, RevealRefused, average_share, full_share_holder, noise_share,
+    COLLECTOR, AggregatorState, ContributionError, RevealRefused, average_share, noise_share,
 )  # fmt: skip
+
+T = TypeVar("T")
 
 
 class Aggregator:
@@ -23,37 +31,31 @@ class Aggregator:
         self.traffic = Traffic()
         self.state: AggregatorState | None = None
 
-    def _collect(self, coord: Channel, hospitals: dict[str, Channel], tag: str, numel: int) -> dict[str, object]:
-        """Receive one contribution per hospital for ``tag``, all at once; report readiness or an abort.
-
-        Each hospital's message is read by its own thread, a share piece by piece into the
-        running sum. Seeds come first (hospitals send them before training ends) and are
-        expanded as they arrive; "seeded" tells the coordinator when that data-independent
-        part is done."""
-        state = self.state = AggregatorState(tag, self.plan.hospital_names, numel)
-        seeds_due = {
-            h for i, h in enumerate(self.plan.hospital_names)
-            if full_share_holder(i, self.plan.aggregators) != self.index
-        }  # fmt: skip
-        seeds_lock = threading.Lock()
+    def _from_each_hospital(
+        self, hospitals: dict[str, Channel], tag: str, take: Callable[[str, Incoming], T]
+    ) -> dict[str, T]:
+        """One message about ``tag`` from every hospital, all at once: each is read by its own
+        thread and handed to ``take`` (which reads the payload, if any)."""
         deadline = time.monotonic() + self.plan.timeout_s
 
-        def receive(name: str) -> tuple[str, str | float]:
-            """("abort", reason), ("share", seconds spent adding) or ("seed", 0.0)."""
+        def receive(name: str) -> T:
             incoming = hospitals[name].recv_header(timeout_s=max(0.0, deadline - time.monotonic()))
             if incoming.meta.get("tag") != tag:
                 raise incoming.reject(f"sent a contribution for {incoming.meta.get('tag')!r}, expected {tag!r}")
+            return take(name, incoming)
+
+        with ThreadPoolExecutor(len(hospitals)) as pool:
+            return dict(zip(hospitals, pool.map(receive, hospitals)))
+
+    def _collect(self, hospitals: dict[str, Channel], tag: str, numel: int) -> dict[str, object]:
+        """The collector: every hospital's masked update (or its abort), each added piece by
+        piece into the running sum as it arrives; reports readiness or the aborts."""
+        state = self.state = AggregatorState(tag, self.plan.hospital_names, numel)
+
+        def take(name: str, incoming: Incoming) -> tuple[str, str | float]:
+            """("abort", reason) or ("share", seconds spent adding)."""
             if incoming.kind == "abort":
                 return "abort", incoming.meta["reason"]
-            if incoming.kind == "seed":  # offline: not counted as aggregation work
-                seed = incoming.read()
-                assert seed is not None
-                state.add(name, prg.expand(bytes(seed.numpy()), numel))
-                with seeds_lock:
-                    seeds_due.discard(name)
-                    if not seeds_due:
-                        coord.send("seeded", {"tag": tag})
-                return "seed", 0.0
             if incoming.kind != "share":
                 raise incoming.reject(f"unexpected message {incoming.kind!r}")
             try:
@@ -72,13 +74,39 @@ class Aggregator:
             state.complete(name)
             return "share", work
 
-        with ThreadPoolExecutor(len(hospitals)) as pool:
-            results = dict(zip(hospitals, pool.map(receive, hospitals)))
+        results = self._from_each_hospital(hospitals, tag, take)
         aborted = {name: reason for name, (kind, reason) in results.items() if kind == "abort"}
         if aborted:
             self.state = None  # discard every share of this aggregation
             return {"kind": "aborted", "reasons": aborted}
-        return {"kind": "ready", "sum_s": sum(float(v) for kind, v in results.values() if kind == "share")}
+        return {"kind": "ready", "sum_s": sum(float(seconds) for _, seconds in results.values())}
+
+    def _hand_over_masks(self, coord: Channel, hospitals: dict[str, Channel], meta: dict[str, Any]) -> None:
+        """Any other aggregator: its share is the sum of the hospitals' masks for this
+        aggregation (expanded from their seeds); divided, it goes straight to the coordinator."""
+        tag, numel = meta["tag"], meta["numel"]
+        state = AggregatorState(tag, self.plan.hospital_names, numel)
+
+        def take(name: str, incoming: Incoming) -> None:
+            if incoming.kind != "seed":
+                raise incoming.reject(f"unexpected message {incoming.kind!r}")
+            seed = incoming.read()
+            assert seed is not None
+            state.add(name, prg.expand(bytes(seed.numpy()), numel))
+
+        self._from_each_hospital(hospitals, tag, take)
+        self._send_average(coord, tag, state.summed_share(), meta)
+
+    def _send_average(self, coord: Channel, tag: str, summed: torch.Tensor, meta: dict[str, Any]) -> None:
+        """``meta``: the coordinator's "collect" request, which names the divisor and the noise."""
+        p = self.plan
+        noise_std = meta.get("noise_std", 0.0)
+        if noise_std > 0:
+            # this aggregator's part of the central-DP noise; no single party knows the total
+            summed += noise_share(summed.numel(), noise_std, p.aggregators, p.fractional_bits)
+        # divided while sent, over the summed share's memory
+        pieces = average_share(summed, meta["divisor"], fractional_bits=p.fractional_bits)
+        coord.send_stream("share", {"tag": tag}, dtype=torch.int64, shape=[summed.numel()], pieces=pieces)
 
     def run(self) -> None:
         p = self.plan
@@ -87,13 +115,18 @@ class Aggregator:
         coord = connect(*p.coordinator_address(), me=self.name, peer="coordinator", traffic=self.traffic, timeout_s=p.timeout_s)
         hospitals = listener.accept(set(p.hospital_names), traffic=self.traffic, timeout_s=p.timeout_s)
         hospitals = {h: hospitals[h] for h in p.hospital_names}
+        request: dict[str, Any] = {}  # the collection in progress
         try:
             while (msg := next_command(coord, self.traffic)) is not None:
                 tag = msg.meta["tag"]
                 if msg.kind == "collect":
                     if p.drill(self.name, msg.meta.get("round", -1)) == "kill":
                         die()
-                    result = self._collect(coord, hospitals, tag, msg.meta["numel"])
+                    if self.index != COLLECTOR:
+                        self._hand_over_masks(coord, hospitals, msg.meta)
+                        continue
+                    request = msg.meta
+                    result = self._collect(hospitals, tag, msg.meta["numel"])
                     kind = result.pop("kind")
                     coord.send(kind, {"tag": tag, **result})
                 elif msg.kind == "discard":
@@ -107,14 +140,8 @@ class Aggregator:
                     except RevealRefused as err:
                         coord.send("error", {"message": f"{self.name}: {err}"})
                         continue
-                    noise_std = msg.meta.get("noise_std", 0.0)
-                    if noise_std > 0:
-                        # this aggregator's part of the central-DP noise; no single party knows the total
-                        summed += noise_share(summed.numel(), noise_std, p.aggregators, p.fractional_bits)
                     self.state = None
-                    # divided while sent, over the summed share's memory
-                    pieces = average_share(summed, msg.meta["divisor"], fractional_bits=p.fractional_bits)
-                    coord.send_stream("share", {"tag": tag}, dtype=torch.int64, shape=[summed.numel()], pieces=pieces)
+                    self._send_average(coord, tag, summed, request)
                 else:
                     raise PeerError("coordinator", f"unexpected message {msg.kind!r}")
         finally:

@@ -15,6 +15,7 @@ import torch
 
 from protocols.coordinator import Coordinator
 from protocols.plan import Plan
+from protocols.strategy import Aggregation
 
 
 def bench_update(plan: Plan, index: int) -> torch.Tensor:
@@ -40,28 +41,28 @@ def run_bench(coord: Coordinator, strategy: Any, repeat: int) -> dict[str, Any]:
     expected = torch.stack([bench_update(p, i) for i in range(p.hospitals)]).double().mean(0).float()
     coord.traffic_since_last()
     secure, plain, offline, errors = [], [], [], []
+    phases: dict[str, list[float]] = {"sharing": [], "reveal": []}
     traffic: dict[str, dict[str, int]] = {}
     for rep in range(repeat):
         for h in names:
             coord.channels[h].send("baseline")
         plain.append(max(coord.channels[h].expect("baseline_done").meta["seconds"] for h in names))
         coord.traffic_since_last()  # the secure traffic below is counted on its own
-        tag = f"bench{rep}"
-        # offline: masks and seeds do not depend on the updates
+        job = Aggregation(f"bench{rep}", p.bench_params, round=0, divisor=p.hospitals)
+        # offline: masks, seeds and the shares made of them do not depend on the updates
         offline_start = time.perf_counter()
-        strategy.begin(tag, p.bench_params, 0)
+        strategy.begin(job)
         for h in names:
-            coord.channels[h].send("prepare", {"tag": tag, "numel": p.bench_params})
+            coord.channels[h].send("prepare", {"tag": job.tag, "numel": p.bench_params})
         for h in names:
             coord.channels[h].expect("prepared")
-        strategy.wait_offline(tag)
+        strategy.wait_offline()
         offline.append(time.perf_counter() - offline_start)
         start = time.perf_counter()
-        avg, _ = coord.aggregate(
-            strategy, tag=tag, numel=p.bench_params, divisor=p.hospitals, round_=0,
-            request="bench", meta={}, begun=True,
-        )  # fmt: skip
+        avg, info = coord.aggregate(strategy, job, request="bench", meta={}, begun=True)
         secure.append(time.perf_counter() - start)
+        phases["sharing"].append(info["sharing_s"])
+        phases["reveal"].append(info["reveal_s"])
         errors.append(float((avg - expected).abs().max()))
         traffic = coord.traffic_since_last()
     secure_s, plaintext_s = statistics.median(secure), statistics.median(plain)
@@ -70,6 +71,7 @@ def run_bench(coord: Coordinator, strategy: Any, repeat: int) -> dict[str, Any]:
         "fractional_bits": p.fractional_bits, "repeat": repeat,
         "secure_s": secure_s, "plaintext_s": plaintext_s, "ratio": secure_s / plaintext_s,
         "secure_runs_s": secure, "plaintext_runs_s": plain, "offline_s": statistics.median(offline),
+        "phases_s": {name: statistics.median(v) for name, v in phases.items()},
         "bytes_per_party": {party: t["bytes_sent"] for party, t in traffic.items()},
         "max_abs_err": max(errors),
     }  # fmt: skip

@@ -18,7 +18,7 @@ from models.vector import load_vector, to_vector
 from mpc.transport import Channel, Listener, PeerError, Traffic
 from protocols.accountant import PrivacyAccountant
 from protocols.plan import Plan
-from protocols.strategy import BudgetExhausted, PlainFedAvg, RoundAborted, SecureFedAvg, Strategy
+from protocols.strategy import Aggregation, BudgetExhausted, PlainFedAvg, RoundAborted, SecureFedAvg, Strategy
 from training.centralised import write_json
 from training.checkpoint import Checkpoint
 from training.local import class_weights, predict
@@ -36,16 +36,16 @@ class Coordinator:
 
     # -- one aggregation -------------------------------------------------
     def aggregate(
-        self, strategy: Strategy, *, tag: str, numel: int, divisor: int, round_: int,
-        request: str, meta: dict[str, Any], tensor: torch.Tensor | None = None, begun: bool = False,
-        noise_std: float = 0.0,
+        self, strategy: Strategy, job: Aggregation, *, request: str, meta: dict[str, Any],
+        tensor: torch.Tensor | None = None, begun: bool = False,
     ) -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
-        """Ask every hospital to contribute to ``tag``; return the revealed average and timings.
+        """Ask every hospital to contribute to ``job``; return the revealed average and timings.
 
         ``begun``: the caller already called ``strategy.begin`` (to let hospitals prepare first).
         """
+        tag = job.tag
         if not begun:
-            strategy.begin(tag, numel, round_)
+            strategy.begin(job)
         hospitals = {h: self.channels[h] for h in self.plan.hospital_names}
         for ch in hospitals.values():
             ch.send(request, {"tag": tag, **meta}, tensor)
@@ -70,12 +70,12 @@ class Coordinator:
             else:
                 raise PeerError(name, f"unexpected message {msg.kind!r}")
         if aborted or exhausted:
-            strategy.discard(tag)
+            strategy.discard()
             reasons = "; ".join((aborted | exhausted).values())  # each reason names its hospital
             if aborted:
                 raise RoundAborted(f"{tag} aborted, nothing revealed; refused: {reasons}")
             raise BudgetExhausted(f"{tag} not run, nothing revealed: {reasons}")
-        avg, timings = strategy.finish(tag, divisor, noise_std)
+        avg, timings = strategy.finish()
         info = {"local_training_s": train_s, "sharing_s": share_s, **timings}
         return avg, info | ({"privacy": privacy} if privacy else {})
 
@@ -147,8 +147,8 @@ class Coordinator:
         n_stats = 3 + len(classes)
         # Normalisation statistics and class counts, aggregated like updates: no hospital reveals its
         # own; with stats_noise the aggregators add Gaussian noise to each of them inside MPC.
-        stats, _ = self.aggregate(strategy, tag="stats", numel=n_stats, divisor=1, round_=0, request="stats",
-                                  meta={}, noise_std=p.stats_noise or 0.0)  # fmt: skip
+        job = Aggregation("stats", n_stats, round=0, divisor=1, noise_std=p.stats_noise or 0.0)
+        stats, _ = self.aggregate(strategy, job, request="stats", meta={})
         stats = stats.double()
         n_total = max(1, int(round(float(stats[0]))))
         # noise can push the estimates outside their ranges: clamp them back (post-processing)
@@ -174,10 +174,8 @@ class Coordinator:
         for r in bar:
             start = time.perf_counter()
             meta = {"round": r, "mean": mean, "std": std, "class_weight": weight.tolist()}
-            avg, timings = self.aggregate(
-                strategy, tag=f"round{r}", numel=global_vec.numel(), divisor=divisor, round_=r,
-                request="train", meta=meta, tensor=global_vec, noise_std=central.noise_std if central else 0.0,
-            )  # fmt: skip
+            job = Aggregation(f"round{r}", global_vec.numel(), r, divisor, central.noise_std if central else 0.0)
+            avg, timings = self.aggregate(strategy, job, request="train", meta=meta, tensor=global_vec)
             if central:
                 timings["central_dp"] = central.spend_round()
             global_vec = global_vec + avg

@@ -61,7 +61,7 @@ class Hospital:
             connect(*p.aggregator_address(j), me=self.name, peer=agg, traffic=self.traffic, timeout_s=p.timeout_s)
             for j, agg in enumerate(p.aggregator_names)
         ]
-        return coord, SecureSubmitter(self.name, self.index, aggs, n_hospitals=p.hospitals, fractional_bits=p.fractional_bits)
+        return coord, SecureSubmitter(self.name, aggs, n_hospitals=p.hospitals, fractional_bits=p.fractional_bits)
 
     def _local_update(self, msg_meta: dict[str, Any], global_vector: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Train from the global model; return the sample-weighted delta and the training time."""

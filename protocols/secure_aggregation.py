@@ -1,12 +1,18 @@
 """Secure aggregation math: what a hospital sends, what an aggregator holds, what is revealed.
 
 Hospital h encodes its weighted update ``x_h`` in fixed point and splits it into
-K additive shares (mpc.sharing). Aggregator j adds the shares it received from
-every hospital into one CrypTen ``ArithmeticSharedTensor`` (its share of
-``sum_h x_h``), divides it by the public total weight inside MPC (locally:
-mpc.division), and hands its share of the average to the coordinator, who alone
-reconstructs it. An aggregator refuses to take part in a reveal until every
-expected hospital (or, if configured, a quorum of at least 2) has contributed.
+K additive shares (mpc.sharing): share 0, the update minus K-1 ChaCha20 masks, goes
+to the collector (aggregator 0), and aggregator j >= 1 receives the seed of mask j.
+Each aggregator adds the shares it holds into one CrypTen ``ArithmeticSharedTensor``
+(its share of ``sum_h x_h``), divides it by the public total weight inside MPC
+(locally: mpc.division), and hands its share of the average to the coordinator,
+who alone reconstructs it.
+
+The shares of aggregators 1..K-1 are sums of masks of several hospitals: they exist
+before any update does and are handed over as soon as the seeds are in (offline).
+The collector's share is the only one that depends on the updates, and the collector
+refuses to hand it over until every expected hospital (or, if configured, a quorum of
+at least 2) has contributed: before that the average cannot be reconstructed.
 """
 
 from __future__ import annotations
@@ -27,10 +33,13 @@ class ContributionError(ValueError):
     """A hospital's contribution is unusable (wrong shape, duplicate, unknown sender)."""
 
 
-def full_share_holder(hospital_index: int, n_aggregators: int) -> int:
-    """The aggregator that receives hospital ``hospital_index``'s full (masked) share; the
-    others receive seeds. Rotating it spreads the heavy traffic over the aggregators."""
-    return hospital_index % n_aggregators
+# The aggregator that receives every hospital's masked update (share 0). Why one for all
+# hospitals: the other aggregators' shares are then each a sum over all hospitals' masks,
+# which reveals nothing about any one hospital, so they can go to the coordinator before
+# the updates exist. With the masked updates spread over several aggregators, a share of
+# the sum would hold single hospitals' masks, and the coordinator together with one
+# aggregator could unmask those hospitals.
+COLLECTOR = 0
 
 
 def masked_share(

@@ -8,13 +8,15 @@ averaging in the clear, kept for comparison runs.
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from mpc import prg
 from mpc.transport import Channel, Message, PeerError, gather
-from protocols.secure_aggregation import reveal_decoder
+from protocols.secure_aggregation import COLLECTOR, reveal_decoder
 
 
 class RoundAborted(RuntimeError):
@@ -25,30 +27,42 @@ class BudgetExhausted(RoundAborted):
     """A hospital's privacy budget is spent: the run stops cleanly with the last global model."""
 
 
+@dataclass(frozen=True)
+class Aggregation:
+    """One aggregation: the average of every hospital's ``numel`` values, ``(sum + noise) / divisor``.
+
+    ``noise_std``: Gaussian noise of this total standard deviation is added to the sum
+    (central DP) before the division."""
+
+    tag: str
+    numel: int
+    round: int
+    divisor: int
+    noise_std: float = 0.0
+
+
 class Strategy(Protocol):
-    def begin(self, tag: str, numel: int, round_: int) -> None:
+    def begin(self, job: Aggregation) -> None:
         """Prepare for one aggregation before hospitals are asked to contribute."""
 
     def receive(self, hospital: str, msg: Message) -> None:
         """A contribution that arrived at the coordinator itself (plaintext only)."""
 
-    def finish(self, tag: str, divisor: int, noise_std: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
-        """The average ((sum + noise) / divisor) and timings, once every hospital has contributed.
+    def finish(self) -> tuple[torch.Tensor, dict[str, float]]:
+        """The average and timings, once every hospital has contributed."""
 
-        ``noise_std``: Gaussian noise of this total standard deviation is added to the sum
-        (central DP) before the division."""
-
-    def discard(self, tag: str) -> None:
-        """Drop every contribution of ``tag`` without revealing anything."""
+    def discard(self) -> None:
+        """Drop every contribution without revealing anything."""
 
 
 class PlainFedAvg:
     def __init__(self) -> None:
+        self.job: Aggregation | None = None
         self.total: torch.Tensor | None = None
         self.work = 0.0
 
-    def begin(self, tag: str, numel: int, round_: int) -> None:
-        self.total, self.work = torch.zeros(numel, dtype=torch.float64), 0.0
+    def begin(self, job: Aggregation) -> None:
+        self.job, self.total, self.work = job, torch.zeros(job.numel, dtype=torch.float64), 0.0
 
     def receive(self, hospital: str, msg: Message) -> None:
         assert self.total is not None and msg.tensor is not None
@@ -58,77 +72,90 @@ class PlainFedAvg:
         self.total += msg.tensor
         self.work += time.perf_counter() - start
 
-    def finish(self, tag: str, divisor: int, noise_std: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
-        assert self.total is not None
-        if noise_std > 0:
-            self.total += prg.gaussian(self.total.numel(), noise_std)
-        avg = (self.total / divisor).float()
+    def finish(self) -> tuple[torch.Tensor, dict[str, float]]:
+        assert self.total is not None and self.job is not None
+        if self.job.noise_std > 0:
+            self.total += prg.gaussian(self.total.numel(), self.job.noise_std)
+        avg = (self.total / self.job.divisor).float()
         self.total = None
         return avg, {"aggregation_s": self.work, "reveal_s": 0.0}
 
-    def discard(self, tag: str) -> None:
+    def discard(self) -> None:
         self.total = None
 
 
 class SecureFedAvg:
+    """The coordinator's side of secure aggregation (protocols.secure_aggregation).
+
+    The other aggregators' shares of the average are data-independent: they are received
+    in the background from :meth:`begin` on, while the hospitals train. The collector's
+    share comes once every hospital has contributed and is decoded range by range as it
+    arrives."""
+
     def __init__(self, aggregators: dict[str, Channel], fractional_bits: int) -> None:
         self.aggregators, self.fractional_bits = aggregators, fractional_bits
-        self._numel = 0
-        self._parts: list[torch.Tensor] | None = None
+        names = list(aggregators)
+        self.collector_name = names[COLLECTOR]
+        self.collector = aggregators[self.collector_name]
+        self.holders = [ch for name, ch in aggregators.items() if name != self.collector_name]
+        self.job: Aggregation | None = None
+        self._offline: Future[torch.Tensor] | None = None
+        self._pool = ThreadPoolExecutor(1)
+        # kept from one aggregation to the next: fresh memory is slow to touch the first time
+        self._buffers: list[torch.Tensor] = []
 
-    def begin(self, tag: str, numel: int, round_: int) -> None:
-        self._numel = numel
+    def _buffer(self, i: int, numel: int) -> torch.Tensor:
+        while len(self._buffers) <= i:
+            self._buffers.append(torch.empty(0, dtype=torch.int64))
+        if self._buffers[i].numel() != numel:
+            self._buffers[i] = torch.empty(numel, dtype=torch.int64)
+        return self._buffers[i]
+
+    def begin(self, job: Aggregation) -> None:
+        self.job = job
         for ch in self.aggregators.values():
-            ch.send("collect", {"tag": tag, "numel": numel, "round": round_})
+            ch.send("collect", {"tag": job.tag, "numel": job.numel, "round": job.round,
+                                "divisor": job.divisor, "noise_std": job.noise_std})  # fmt: skip
+        self._offline = self._pool.submit(self._receive_offline, job.numel)
+
+    def _receive_offline(self, numel: int) -> torch.Tensor:
+        """The sum of the K-1 data-independent shares of the average (wrapping int64)."""
+        parts = [self._buffer(i, numel) for i in range(1, len(self.aggregators))]
+        gather(self.holders, "share", parts, lambda lo, hi: None)
+        for part in parts[1:]:
+            parts[0].add_(part)
+        return parts[0]
 
     def receive(self, hospital: str, msg: Message) -> None:
         raise PeerError(hospital, "sent its update to the coordinator in a secure run")
 
-    def wait_offline(self, tag: str) -> None:
-        """Block until every aggregator has expanded its seeds for ``tag`` (the offline part)."""
-        for ch in self.aggregators.values():
-            ch.expect("seeded")
+    def wait_offline(self) -> None:
+        """Block until every data-independent share is in (the offline part)."""
+        assert self._offline is not None
+        self._offline.result()
 
-    def _status(self, ch: Channel) -> Message:
-        """The aggregator's next report on its collection, past a "seeded" nobody waited for."""
-        msg = ch.recv()
-        return ch.recv() if msg.kind == "seeded" else msg
-
-    def finish(self, tag: str, divisor: int, noise_std: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
-        sum_s = 0.0
-        for name, ch in self.aggregators.items():
-            msg = self._status(ch)
-            if msg.kind == "aborted":
-                raise RoundAborted(f"{tag}: {name} reports refused contributions: {msg.meta['reasons']}")
-            if msg.kind != "ready":
-                raise PeerError(name, f"expected 'ready', got {msg.kind!r}")
-            sum_s = max(sum_s, msg.meta["sum_s"])
+    def finish(self) -> tuple[torch.Tensor, dict[str, float]]:
+        assert self.job is not None and self._offline is not None
+        msg = self.collector.recv()  # its report on the collection
+        if msg.kind == "aborted":
+            self._offline.result()
+            raise RoundAborted(f"{self.job.tag}: {self.collector_name} reports refused contributions: {msg.meta['reasons']}")
+        if msg.kind != "ready":
+            raise PeerError(self.collector_name, f"expected 'ready', got {msg.kind!r}")
+        offline = self._offline.result()
         start = time.perf_counter()
-        for ch in self.aggregators.values():
-            ch.send("reveal", {"tag": tag, "divisor": divisor, "noise_std": noise_std})
-        avg = self._reveal(divisor)
-        return avg, {"aggregation_s": sum_s, "reveal_s": time.perf_counter() - start}
+        self.collector.send("reveal", {"tag": self.job.tag})
+        decoder = reveal_decoder(len(self.aggregators), self.job.divisor, fractional_bits=self.fractional_bits)
+        online = self._buffer(0, self.job.numel)
+        avg = decoder.empty(self.job.numel)
+        gather([self.collector], "share", [online], lambda lo, hi: decoder.decode([offline, online], avg, lo, hi))
+        return avg, {"aggregation_s": msg.meta["sum_s"], "reveal_s": time.perf_counter() - start}
 
-    def _reveal(self, divisor: int) -> torch.Tensor:
-        """Receive every aggregator's share of the average and reconstruct it, range by range
-        as the shares arrive."""
-        decoder = reveal_decoder(len(self.aggregators), divisor, fractional_bits=self.fractional_bits)
-        numel = self._numel
-        if self._parts is None or self._parts[0].numel() != numel:
-            # kept for the next aggregation: fresh memory is slow to touch the first time
-            self._parts = [torch.empty(numel, dtype=torch.int64) for _ in self.aggregators]
-        avg = decoder.empty(numel)
-        gather(
-            list(self.aggregators.values()), "share", self._parts,
-            lambda lo, hi: decoder.decode(self._parts, avg, lo, hi),
-        )  # fmt: skip
-        return avg
-
-    def discard(self, tag: str) -> None:
-        # wait until every aggregator has finished collecting, then have all drop their shares
-        for name, ch in self.aggregators.items():
-            msg = self._status(ch)
-            if msg.kind not in ("ready", "aborted"):
-                raise PeerError(name, f"expected 'ready' or 'aborted' for {tag}, got {msg.kind!r}")
-        for ch in self.aggregators.values():
-            ch.send("discard", {"tag": tag})
+    def discard(self) -> None:
+        assert self.job is not None and self._offline is not None
+        # wait until the collector has finished collecting, then have it drop its shares
+        msg = self.collector.recv()  # its report on the collection
+        if msg.kind not in ("ready", "aborted"):
+            raise PeerError(self.collector_name, f"expected 'ready' or 'aborted' for {self.job.tag}, got {msg.kind!r}")
+        self._offline.result()  # data-independent: dropped unused
+        self.collector.send("discard", {"tag": self.job.tag})

@@ -13,7 +13,7 @@ import torch
 
 from mpc.sharing import EncodingError, Mask, new_mask
 from mpc.transport import Channel
-from protocols.secure_aggregation import full_share_holder, masked_share
+from protocols.secure_aggregation import COLLECTOR, masked_share
 
 
 class Submitter(Protocol):
@@ -29,21 +29,19 @@ class Submitter(Protocol):
 
 
 class SecureSubmitter:
-    """Share 0 (the full masked vector) goes to one aggregator (``full_share_holder``),
-    the others get seeds. The seeds and their mask are made in :meth:`prepare`,
-    before the update exists."""
+    """Share 0 (the full masked vector) goes to the collector, the other aggregators get
+    seeds. The seeds and their mask are made in :meth:`prepare`, before the update exists."""
 
-    def __init__(
-        self, name: str, index: int, aggregators: list[Channel], *, n_hospitals: int, fractional_bits: int
-    ) -> None:
-        k = full_share_holder(index, len(aggregators))
-        self.name, self.aggregators = name, aggregators[k:] + aggregators[:k]
+    def __init__(self, name: str, aggregators: list[Channel], *, n_hospitals: int, fractional_bits: int) -> None:
+        self.name, self.aggregators = name, aggregators
+        self.collector = aggregators[COLLECTOR]
         self.n_hospitals, self.fractional_bits = n_hospitals, fractional_bits
         self.masks: dict[str, Mask] = {}
 
     def prepare(self, tag: str, numel: int) -> None:
         mask = new_mask(len(self.aggregators), numel)
-        for ch, seed in zip(self.aggregators[1:], mask.seeds):
+        holders = [ch for ch in self.aggregators if ch is not self.collector]
+        for ch, seed in zip(holders, mask.seeds):
             ch.send("seed", {"tag": tag, "numel": numel}, torch.frombuffer(bytearray(seed), dtype=torch.uint8))
         self.masks[tag] = mask
 
@@ -61,13 +59,13 @@ class SecureSubmitter:
             raise
         checked = time.perf_counter()
         # encoded while sent: the aggregator adds the first pieces while the later ones are made
-        self.aggregators[0].send_stream("share", {"tag": tag}, dtype=torch.int64, shape=[update.numel()], pieces=pieces)
+        self.collector.send_stream("share", {"tag": tag}, dtype=torch.int64, shape=[update.numel()], pieces=pieces)
         return {"share_s": checked - start, "send_s": time.perf_counter() - checked}
 
     def abort(self, tag: str, reason: str) -> None:
         # the other aggregators hold only data-independent seeds for this tag
         self.masks.pop(tag, None)
-        self.aggregators[0].send("abort", {"tag": tag, "hospital": self.name, "reason": reason})
+        self.collector.send("abort", {"tag": tag, "hospital": self.name, "reason": reason})
 
 
 class PlainSubmitter:

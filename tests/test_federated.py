@@ -47,10 +47,11 @@ def test_random_updates_average_within_fixed_point_error(tmp_path):
     assert sent["coordinator"] < 2000
 
 
-def test_killed_aggregator_ends_the_round_with_a_clear_error(tmp_path):
-    plan = Plan(**TINY, aggregators=2, drills={"aggregator1": "kill:1"})
+@pytest.mark.parametrize("victim", ["aggregator0", "aggregator1"])  # the collector, a seed holder
+def test_killed_aggregator_ends_the_round_with_a_clear_error(tmp_path, victim):
+    plan = Plan(**TINY, aggregators=2, drills={victim: "kill:1"})
     start = time.monotonic()
-    with pytest.raises(PartyError, match="aggregator1"):
+    with pytest.raises(PartyError, match=victim):
         simulate(plan, tmp_path, deadline_s=120)
     assert time.monotonic() - start < plan.timeout_s + 30
     assert not (tmp_path / "model.pt").exists()

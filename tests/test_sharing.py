@@ -93,3 +93,21 @@ def test_a_share_still_arriving_piece_by_piece_does_not_count():
     state.add_piece(2, torch.full((2,), 3, dtype=torch.int64))
     state.complete("hospital0")
     assert state.summed_share().tolist() == [4, 4, 4, 4]
+
+
+def test_the_coordinator_and_the_collector_together_learn_only_the_sum():
+    """What the coordinator receives ahead of time from aggregator 1 is the sum of every
+    hospital's mask: with the collector's masked updates it unmasks the sum, and no single
+    update (control: an individual mask would unmask one)."""
+    n = 50_000
+    updates = [torch.full((n,), 1000.0) + torch.randn(n), torch.zeros(n), torch.randn(n) * 5]
+    masks = [sharing.new_mask(2, n) for _ in updates]
+    masked = [torch.cat([p.clone() for p in masked_share(x, m, hospital=f"hospital{i}", n_hospitals=3,
+                                                          fractional_bits=16)])
+              for i, (x, m) in enumerate(zip(updates, masks))]  # fmt: skip
+    offline = sum(prg.expand(m.seeds[0], n) for m in masks)  # aggregator 1's share of the sum
+    assert torch.equal(sum(masked) + offline, sum(sharing.encode(x, 16) for x in updates))
+    attempts = [masked[0] + offline, masked[1] + offline]  # unmasking hospital 0, or hospital 1
+    assert looks_uniform(attempts[0]) and looks_uniform(attempts[1])
+    assert stats.ks_2samp(as_unit(attempts[0]), as_unit(attempts[1])).pvalue > 1e-4
+    assert torch.equal(masked[0] + prg.expand(masks[0].seeds[0], n), sharing.encode(updates[0], 16))
