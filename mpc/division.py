@@ -98,8 +98,11 @@ class QuotientDecoder:
             for lo in range(start, end, _CHUNK):  # chunk by chunk: every pass runs in cache
                 hi = min(lo + _CHUNK, end)
                 s, m = self._sum[: hi - lo], self._wraps[: hi - lo]
-                np.copyto(s, arrays[0][lo:hi])
-                for a in arrays[1:]:
+                if len(arrays) == 1:
+                    np.copyto(s, arrays[0][lo:hi])
+                else:
+                    np.add(arrays[0][lo:hi], arrays[1][lo:hi], out=s)
+                for a in arrays[2:]:
                     s += a[lo:hi]
                 if self.divisor > 1:
                     # m mod d = round(sum * d / 2^64), read from the top 32 bits, offset by the
