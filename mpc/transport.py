@@ -14,9 +14,10 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -259,7 +260,7 @@ def gather(
         done = 0
         while done < numel:
             with changed:
-                changed.wait_for(lambda: failures or min(progress) > done)
+                changed.wait_for(lambda done=done: failures or min(progress) > done)
                 if failures:
                     raise failures[0]
                 ready = min(progress)

@@ -9,8 +9,9 @@ before any update exists, so it hands it over as soon as the seeds are in (offli
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import torch
 

@@ -101,15 +101,15 @@ class SecureFedAvg:
         self.job: Aggregation | None = None
         self._offline: Future[torch.Tensor] | None = None
         self._pool = ThreadPoolExecutor(1)
-        # kept from one aggregation to the next: fresh memory is slow to touch the first time
-        self._buffers: list[torch.Tensor] = []
+        # receive buffers (0: the collector's share, 1..: the others'), kept from one aggregation
+        # to the next: fresh memory is slow to touch the first time
+        self._buffers: dict[int, torch.Tensor] = {}
 
     def _buffer(self, i: int, numel: int) -> torch.Tensor:
-        while len(self._buffers) <= i:
-            self._buffers.append(torch.empty(0, dtype=torch.int64))
-        if self._buffers[i].numel() != numel:
-            self._buffers[i] = torch.empty(numel, dtype=torch.int64)
-        return self._buffers[i]
+        buf = self._buffers.get(i)
+        if buf is None or buf.numel() != numel:
+            buf = self._buffers[i] = torch.empty(numel, dtype=torch.int64)
+        return buf
 
     def begin(self, job: Aggregation) -> None:
         self.job = job

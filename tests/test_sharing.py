@@ -3,10 +3,10 @@
 import pytest
 import torch
 from scipy import stats
+from uniformity import as_unit, looks_uniform
 
 from mpc import prg, sharing
 from protocols.secure_aggregation import AggregatorState, ContributionError, RevealRefused, masked_share
-from uniformity import as_unit, looks_uniform
 
 
 def test_encode_decode_round_trip_within_fixed_point_error():

@@ -1,5 +1,6 @@
 """The framed transport over real sockets: streamed payloads, rejected payloads, concurrent gathers."""
 
+import itertools
 import socket
 import threading
 
@@ -81,7 +82,7 @@ def test_gather_hands_out_ranges_every_payload_has_reached():
     for s in senders:
         s.join()
     assert [m.kind for m in msgs] == ["share"] * 3
-    assert ranges[0][0] == 0 and ranges[-1][1] == n and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert ranges[0][0] == 0 and ranges[-1][1] == n and all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
     assert torch.equal(total, xs[0] + xs[1] + xs[2])
 
 
