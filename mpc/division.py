@@ -35,17 +35,10 @@ def check_divisor(divisor: int) -> None:
         raise ValueError(f"divisor must be an integer in [1, 2^28], got {divisor}")
 
 
-def divide_share(share: torch.Tensor, divisor: int) -> torch.Tensor:
-    """One party's step: its share floor-divided by ``divisor`` (int64)."""
-    out = share.reshape(-1).clone()
-    for _ in divide_pieces(out, divisor):
-        pass
-    return out.view(share.shape)
-
-
 def divide_pieces(share: torch.Tensor, divisor: int) -> Iterator[torch.Tensor]:
-    """:func:`divide_share` in place over ``share`` (flat, contiguous), yielding each piece
-    as soon as it is divided, so that it can be sent while the next one is computed."""
+    """One party's step: its share floor-divided by ``divisor``, in place over ``share`` (flat,
+    contiguous int64), yielding each piece as soon as it is divided, so that it can be sent
+    while the next one is computed."""
     check_divisor(divisor)  # here, not in the generator, which would only run at the first piece
     if not share.is_contiguous() or share.dim() != 1:
         raise ValueError("divide_pieces needs a flat contiguous share")
@@ -122,12 +115,3 @@ class QuotientDecoder:
                     dest[lo:hi] = s
                 else:
                     np.multiply(s, self.scale, out=dest[lo:hi], casting="unsafe")
-
-
-def reconstruct_quotient(parts: list[torch.Tensor], divisor: int, *, scale: float | None = None) -> torch.Tensor:
-    """:class:`QuotientDecoder` over whole vectors."""
-    decoder = QuotientDecoder(len(parts), divisor, scale=scale)
-    flat = [p.reshape(-1) for p in parts]
-    out = decoder.empty(flat[0].numel())
-    decoder.decode(flat, out, 0, out.numel())
-    return out
