@@ -29,10 +29,6 @@ MAX_HEADER = 1 << 20
 PIECE_BYTES = 1 << 21
 
 
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty(0, dtype=dtype).element_size()
-
-
 class PeerError(RuntimeError):
     """A peer disconnected, stalled past the timeout, or broke the protocol."""
 
@@ -101,7 +97,7 @@ class Incoming:
         the rest of the payload is still arriving."""
         if self.dtype is None:
             return None
-        ch, dtype, numel, size = self.channel, self.dtype, self.numel, _itemsize(self.dtype)
+        ch, dtype, numel, size = self.channel, self.dtype, self.numel, self.dtype.itemsize
         if into is not None and (into.dtype != dtype or into.numel() != numel or not into.is_contiguous()):
             raise self.reject(f"sent {numel} {dtype} values, expected {into.numel()} {into.dtype}")
         step = max(1, PIECE_BYTES // size)
@@ -147,7 +143,7 @@ class Channel:
         if str(dtype) not in _DTYPES:
             raise TypeError(f"cannot send dtype {dtype}")
         numel = math.prod(shape)
-        nbytes = numel * _itemsize(dtype)
+        nbytes = numel * dtype.itemsize
         self._send_header({"kind": kind, "meta": meta or {}, "dtype": str(dtype), "shape": list(shape)})
         sent = 0
         try:

@@ -54,7 +54,7 @@ class Aggregator:
         state = self.state = AggregatorState(tag, self.plan.hospital_names, numel)
 
         def take(name: str, incoming: Incoming) -> tuple[str, str | float]:
-            """("abort", reason) or ("share", seconds spent adding)."""
+            """("abort", reason) or ("share", seconds in add_piece, waits for its lock included)."""
             if incoming.kind == "abort":
                 return "abort", incoming.meta["reason"]
             if incoming.kind != "share":

@@ -69,7 +69,6 @@ class AggregatorState:
         self.tag, self.expected, self.numel = tag, list(expected), numel
         self.quorum = len(expected) if quorum is None else quorum
         self.total = torch.zeros(numel, dtype=torch.int64)
-        self._total_np = self.total.numpy()
         self.contributors: list[str] = []
         self._arriving: set[str] = set()
         self._lock = threading.Lock()
@@ -87,7 +86,7 @@ class AggregatorState:
             self._arriving.add(hospital)
 
     def add_piece(self, start: int, piece: torch.Tensor) -> None:
-        dest = self._total_np[start : start + piece.numel()]
+        dest = self.total.numpy()[start : start + piece.numel()]
         with self._lock:  # the add releases the GIL: other contributions keep arriving meanwhile
             np.add(dest, piece.numpy(), out=dest)  # NumPy's int64 add is ~1.5x torch's here
 
