@@ -20,14 +20,12 @@ beyond what the protocol reveals anyway.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import torch
 
+from mpc import kernels
+
 MAX_DIVISOR = 1 << 28  # keeps the top-bits estimate of m within 1/16 of the truth
-_CHUNK = 1 << 16
-_PIECE = 1 << 18  # 2 MiB of int64: the division is one pass, so a piece per send is enough
 
 
 def check_divisor(divisor: int) -> None:
@@ -35,23 +33,11 @@ def check_divisor(divisor: int) -> None:
         raise ValueError(f"divisor must be an integer in [1, 2^28], got {divisor}")
 
 
-def divide_pieces(share: torch.Tensor, divisor: int) -> Iterator[torch.Tensor]:
-    """One party's step: its share floor-divided by ``divisor``, in place over ``share`` (flat,
-    contiguous int64), yielding each piece as soon as it is divided, so that it can be sent
-    while the next one is computed."""
-    check_divisor(divisor)  # here, not in the generator, which would only run at the first piece
-    if not share.is_contiguous() or share.dim() != 1:
-        raise ValueError("divide_pieces needs a flat contiguous share")
-    return _divide_pieces(share, divisor)
-
-
-def _divide_pieces(share: torch.Tensor, divisor: int) -> Iterator[torch.Tensor]:
-    values = share.numpy()
-    for start in range(0, values.size, _PIECE):
-        piece = values[start : start + _PIECE]
-        if divisor > 1:  # NumPy's integer division is 2-3x faster than torch's on this path
-            np.floor_divide(piece, divisor, out=piece)
-        yield share[start : start + _PIECE]
+def divide_in_place(values: np.ndarray, divisor: int) -> None:
+    """One party's step on (a range of) its int64 share: floor-divided by ``divisor``."""
+    check_divisor(divisor)
+    if divisor > 1:  # NumPy's integer division (libdivide) is 2-3x faster than torch's or a loop's
+        np.floor_divide(values, divisor, out=values)
 
 
 def _wrap(v: int) -> int:
@@ -75,8 +61,9 @@ class QuotientDecoder:
             [_wrap(((j << 64) + divisor // 2) // divisor - n_parts // 2) for j in range(-self.bound, self.bound + 1)],
             dtype=np.int64,
         )
-        self._sum = np.empty(_CHUNK, dtype=np.int64)
-        self._wraps = np.empty(_CHUNK, dtype=np.int64)
+        # m mod d = round(sum * d / 2^64), read from the sum's top 32 bits; adding this offset
+        # before the final shift rounds, and moves the table's centre to index 0
+        self.offset = (1 << 31) + (self.bound << 32)
 
     def empty(self, numel: int) -> torch.Tensor:
         return torch.empty(numel, dtype=torch.int64 if self.scale is None else torch.float32)
@@ -85,33 +72,13 @@ class QuotientDecoder:
         """Elements ``start:end`` of ``out`` from the same elements of every (flat) part.
 
         Raises ValueError where the shares cannot come from a sum below 2^62."""
-        arrays = [p.numpy() for p in parts]
-        dest = out.numpy()
-        with np.errstate(over="ignore"):  # ring arithmetic: wrap-around is intended
-            for lo in range(start, end, _CHUNK):  # chunk by chunk: every pass runs in cache
-                hi = min(lo + _CHUNK, end)
-                s, m = self._sum[: hi - lo], self._wraps[: hi - lo]
-                if len(arrays) == 1:
-                    np.copyto(s, arrays[0][lo:hi])
-                else:
-                    np.add(arrays[0][lo:hi], arrays[1][lo:hi], out=s)
-                for a in arrays[2:]:
-                    s += a[lo:hi]
-                if self.divisor > 1:
-                    # m mod d = round(sum * d / 2^64), read from the top 32 bits, offset by the
-                    # table's centre (a multiple of 2^32 added before the shift)
-                    np.right_shift(s, 32, out=m)
-                    m *= self.divisor
-                    m += (1 << 31) + (self.bound << 32)
-                    m >>= 32
-                    try:
-                        s -= self.table.take(m)  # bounds-checked: an index outside means no correction fits
-                    except IndexError:
-                        raise ValueError(
-                            f"shares do not reconstruct a sum below 2^62 (near element {lo}): "
-                            "inconsistent shares, or a sum that overflowed the ring"
-                        ) from None
-                if self.scale is None:
-                    dest[lo:hi] = s
-                else:
-                    np.multiply(s, self.scale, out=dest[lo:hi], casting="unsafe")
+        arrays = tuple(p.numpy() for p in parts)
+        if self.scale is None:
+            bad = kernels.decode_quotients(arrays, start, end, self.divisor, self.offset, self.table, out.numpy())
+        else:
+            bad = kernels.decode_scaled(arrays, start, end, self.divisor, self.offset, self.table, self.scale, out.numpy())
+        if bad >= 0:
+            raise ValueError(
+                f"shares do not reconstruct a sum below 2^62 (element {bad}): "
+                "inconsistent shares, or a sum that overflowed the ring"
+            )

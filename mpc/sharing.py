@@ -13,10 +13,9 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from mpc import prg
+from mpc import kernels, prg
 
 DEFAULT_FRACTIONAL_BITS = 16
 OVERFLOW_BITS = 62  # sums must stay below 2^62 in magnitude to decode unambiguously
@@ -47,8 +46,7 @@ def check_encodable(x: torch.Tensor, *, n_summands: int, fractional_bits: int, n
 
 
 def encode(x: torch.Tensor, fractional_bits: int = DEFAULT_FRACTIONAL_BITS) -> torch.Tensor:
-    """``round(x * 2^f)`` as int64. For float32 input this stays in float32: scaling
-    by a power of two and rounding to an integer are both exact there."""
+    """``round(x * 2^f)`` as int64 (half to even; scaling by a power of two is exact)."""
     out = torch.empty(x.numel(), dtype=torch.int64)
     for _ in encode_pieces(x, fractional_bits, out=out, subtract=False):
         pass
@@ -62,8 +60,7 @@ def encode_pieces(
     as it is encoded, so that it can be sent while the next one is computed.
 
     With ``subtract``: ``round(x * 2^f) - out``, written over ``out``. That is how a mask is
-    applied: its memory is already paged in, and the passes run piece by piece in cache
-    (3x faster than encoding and masking separately on 11.2M values)."""
+    applied: its memory is already paged in, and encoding and masking are one pass."""
     flat = x.detach().cpu().reshape(-1)
     if out.dtype != torch.int64 or out.numel() != flat.numel():
         raise ValueError(f"mask has {out.numel()} {out.dtype} values, expected {flat.numel()} int64")
@@ -74,24 +71,11 @@ def encode_pieces(
 def _encode_pieces(flat: torch.Tensor, fractional_bits: int, out: torch.Tensor, subtract: bool) -> Iterator[torch.Tensor]:
     if flat.dtype not in (torch.float32, torch.float64):
         flat = flat.to(torch.float64)  # other dtypes (bfloat16 among them) have no exact NumPy view
-    dtype = np.float32 if flat.dtype == torch.float32 else np.float64
-    n = flat.numel()
-    dest_all = out.numpy()
-    scratch = np.empty(min(_CHUNK, n), dtype=dtype)
-    as_int = np.empty(scratch.size, dtype=np.int64)
-    # NumPy: a third faster than the same passes in torch, whose per-call overhead shows at this size
-    with np.errstate(over="ignore"):  # ring arithmetic: wrap-around is intended
-        for start in range(0, n, _CHUNK):
-            part = flat[start : start + _CHUNK].numpy()
-            tmp, ints, dest = scratch[: part.size], as_int[: part.size], dest_all[start : start + part.size]
-            np.multiply(part, 2.0**fractional_bits, out=tmp)
-            np.rint(tmp, out=tmp)  # half to even, as torch.round
-            if subtract:
-                ints[...] = tmp
-                np.subtract(ints, dest, out=dest)
-            else:
-                dest[...] = tmp
-            yield out[start : start + part.size]
+    values, dest = flat.numpy(), out.numpy()
+    for start in range(0, values.size, _CHUNK):
+        end = min(start + _CHUNK, values.size)
+        kernels.encode_into(values[start:end], 2.0**fractional_bits, dest[start:end], subtract)
+        yield out[start:end]
 
 
 def decode(x: torch.Tensor, fractional_bits: int = DEFAULT_FRACTIONAL_BITS) -> torch.Tensor:

@@ -20,7 +20,7 @@ from mpc.transport import Channel, Incoming, Listener, PeerError, Traffic, conne
 from protocols.commands import die, next_command
 from protocols.plan import Plan
 from protocols.secure_aggregation import (
-    COLLECTOR, AggregatorState, ContributionError, RevealRefused, average_share, noise_share,
+    COLLECTOR, AggregatorState, ContributionError, RevealRefused, noise_share,
 )  # fmt: skip
 
 T = TypeVar("T")
@@ -48,10 +48,21 @@ class Aggregator:
         with ThreadPoolExecutor(len(hospitals)) as pool:
             return dict(zip(hospitals, pool.map(receive, hospitals)))
 
-    def _collect(self, hospitals: dict[str, Channel], tag: str, numel: int) -> dict[str, object]:
+    def _state(self, meta: dict[str, Any]) -> AggregatorState:
+        """This aggregator's state for the coordinator's "collect" request ``meta``, which names
+        the divisor and the DP noise; the sum starts from this aggregator's part of the noise."""
+        p = self.plan
+        noise_std = meta.get("noise_std", 0.0)
+        # this aggregator's part of the central-DP noise; no single party knows the total
+        start = noise_share(meta["numel"], noise_std, p.aggregators, p.fractional_bits) if noise_std > 0 else None
+        return AggregatorState(meta["tag"], p.hospital_names, meta["numel"], divisor=meta["divisor"],
+                               fractional_bits=p.fractional_bits, start=start)  # fmt: skip
+
+    def _collect(self, hospitals: dict[str, Channel], meta: dict[str, Any]) -> dict[str, object]:
         """The collector: every hospital's masked update (or its abort), each added piece by
         piece into the running sum as it arrives; reports readiness or the aborts."""
-        state = self.state = AggregatorState(tag, self.plan.hospital_names, numel)
+        state = self.state = self._state(meta)
+        tag = state.tag
 
         def take(name: str, incoming: Incoming) -> tuple[str, str | float]:
             """("abort", reason) or ("share", seconds in add_piece, waits for its lock included)."""
@@ -85,29 +96,21 @@ class Aggregator:
     def _hand_over_masks(self, coord: Channel, hospitals: dict[str, Channel], meta: dict[str, Any]) -> None:
         """Any other aggregator: its share is the sum of the hospitals' masks for this
         aggregation (expanded from their seeds); divided, it goes straight to the coordinator."""
-        tag, numel = meta["tag"], meta["numel"]
-        state = AggregatorState(tag, self.plan.hospital_names, numel)
+        state = self._state(meta)
 
         def take(name: str, incoming: Incoming) -> None:
             if incoming.kind != "seed":
                 raise incoming.reject(f"unexpected message {incoming.kind!r}")
             seed = incoming.read()
             assert seed is not None
-            state.add(name, prg.expand(bytes(seed.numpy()), numel))
+            state.add(name, prg.expand(bytes(seed.numpy()), state.numel))
 
-        self._from_each_hospital(hospitals, tag, take)
-        self._send_average(coord, tag, state.summed_share(), meta)
+        self._from_each_hospital(hospitals, state.tag, take)
+        self._send_average(coord, state)
 
-    def _send_average(self, coord: Channel, tag: str, summed: torch.Tensor, meta: dict[str, Any]) -> None:
-        """``meta``: the coordinator's "collect" request, which names the divisor and the noise."""
-        p = self.plan
-        noise_std = meta.get("noise_std", 0.0)
-        if noise_std > 0:
-            # this aggregator's part of the central-DP noise; no single party knows the total
-            summed += noise_share(summed.numel(), noise_std, p.aggregators, p.fractional_bits)
-        # divided while sent, over the summed share's memory
-        pieces = average_share(summed, meta["divisor"], fractional_bits=p.fractional_bits)
-        coord.send_stream("share", {"tag": tag}, dtype=torch.int64, shape=[summed.numel()], pieces=pieces)
+    def _send_average(self, coord: Channel, state: AggregatorState) -> None:
+        coord.send_stream("share", {"tag": state.tag}, dtype=torch.int64, shape=[state.numel],
+                          pieces=state.average_share())  # fmt: skip
 
     def run(self) -> None:
         p = self.plan
@@ -116,7 +119,6 @@ class Aggregator:
         coord = connect(*p.coordinator_address(), me=self.name, peer="coordinator", traffic=self.traffic, timeout_s=p.timeout_s)
         hospitals = listener.accept(set(p.hospital_names), traffic=self.traffic, timeout_s=p.timeout_s)
         hospitals = {h: hospitals[h] for h in p.hospital_names}
-        request: dict[str, Any] = {}  # the collection in progress
         try:
             while (msg := next_command(coord, self.traffic)) is not None:
                 tag = msg.meta["tag"]
@@ -126,8 +128,7 @@ class Aggregator:
                     if self.index != COLLECTOR:
                         self._hand_over_masks(coord, hospitals, msg.meta)
                         continue
-                    request = msg.meta
-                    result = self._collect(hospitals, tag, msg.meta["numel"])
+                    result = self._collect(hospitals, msg.meta)
                     kind = result.pop("kind")
                     coord.send(kind, {"tag": tag, **result})
                 elif msg.kind == "discard":
@@ -137,12 +138,11 @@ class Aggregator:
                         coord.send("error", {"message": f"{self.name}: nothing collected for {tag!r}"})
                         continue
                     try:
-                        summed = self.state.summed_share()
+                        self._send_average(coord, self.state)  # refused before anything is sent
                     except RevealRefused as err:
                         coord.send("error", {"message": f"{self.name}: {err}"})
                         continue
                     self.state = None
-                    self._send_average(coord, tag, summed, request)
                 else:
                     raise PeerError("coordinator", f"unexpected message {msg.kind!r}")
         finally:

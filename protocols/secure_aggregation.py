@@ -5,8 +5,8 @@ K additive shares (mpc.sharing): share 0, the update minus K-1 ChaCha20 masks, g
 to the collector (aggregator 0), and aggregator j >= 1 receives the seed of mask j.
 Each aggregator adds the shares it holds into one CrypTen ``ArithmeticSharedTensor``
 (its share of ``sum_h x_h``), divides it by the public total weight inside MPC
-(locally: mpc.division), and hands its share of the average to the coordinator,
-who alone reconstructs it.
+(locally: mpc.division; the wrap-around correction happens at reveal), and hands its
+share of the average to the coordinator, who alone reconstructs it.
 
 The shares of aggregators 1..K-1 are sums of masks of several hospitals: they exist
 before any update does and are handed over as soon as the seeds are in (offline).
@@ -58,20 +58,40 @@ def masked_share(
 
 
 class AggregatorState:
-    """The shares one aggregator holds for one aggregation (one tag).
+    """The shares one aggregator holds for one aggregation (one tag), summed, and its share of
+    the average: the sum divided by the public ``divisor`` inside MPC (mpc.division: each
+    aggregator divides its own share, no communication).
 
     Contributions may arrive concurrently, each piece by piece: :meth:`admit` checks the
-    sender and size before any piece is added, :meth:`complete` counts it once all are in."""
+    sender and size before any piece is added, :meth:`complete` counts it once all are in.
+    Each block of the sum is divided as soon as every expected hospital's piece of it is in
+    (its sum is final then), while the rest is still arriving: the share is ready to send
+    when the reveal comes. ``start``: what the sum starts from (this aggregator's part of
+    the DP noise), else zeros. The share is held as a CrypTen ArithmeticSharedTensor (same
+    ring, same fixed-point scale)."""
 
-    def __init__(self, tag: str, expected: list[str], numel: int, *, quorum: int | None = None) -> None:
+    BLOCK = 1 << 18  # elements: 2 MiB, the transport's piece
+
+    def __init__(
+        self, tag: str, expected: list[str], numel: int, *, divisor: int = 1, fractional_bits: int = 16,
+        start: torch.Tensor | None = None, quorum: int | None = None,
+    ) -> None:  # fmt: skip
         if quorum is not None and not 2 <= quorum <= len(expected):
             raise ValueError(f"quorum must be between 2 and {len(expected)} hospitals, got {quorum}")
-        self.tag, self.expected, self.numel = tag, list(expected), numel
+        division.check_divisor(divisor)
+        if start is not None and (start.dtype != torch.int64 or start.shape != (numel,) or not start.is_contiguous()):
+            raise ValueError(f"the sum must start from {numel} contiguous int64 values")
+        self.tag, self.expected, self.numel, self.divisor = tag, list(expected), numel, divisor
         self.quorum = len(expected) if quorum is None else quorum
-        self.total = torch.zeros(numel, dtype=torch.int64)
+        total = torch.zeros(numel, dtype=torch.int64) if start is None else start
+        crypten = crypten_compat.import_crypten()
+        self.shared = crypten.mpc.primitives.ArithmeticSharedTensor.from_shares(total, precision=fractional_bits)
         self.contributors: list[str] = []
         self._arriving: set[str] = set()
         self._lock = threading.Lock()
+        n_blocks = -(-numel // self.BLOCK)
+        self._filled = np.zeros(n_blocks, dtype=np.int64)  # values added to each block, all hospitals
+        self._divided = np.zeros(n_blocks, dtype=bool)
 
     def admit(self, hospital: str, dtype: torch.dtype | None, numel: int) -> None:
         with self._lock:
@@ -86,9 +106,22 @@ class AggregatorState:
             self._arriving.add(hospital)
 
     def add_piece(self, start: int, piece: torch.Tensor) -> None:
-        dest = self.total.numpy()[start : start + piece.numel()]
+        end = start + piece.numel()
+        dest = self.shared.share.numpy()[start:end]
+        final = []
         with self._lock:  # the add releases the GIL: other contributions keep arriving meanwhile
             np.add(dest, piece.numpy(), out=dest)  # NumPy's int64 add is ~1.5x torch's here
+            for b in range(start // self.BLOCK, -(-end // self.BLOCK)):
+                lo, hi = b * self.BLOCK, min((b + 1) * self.BLOCK, self.numel)
+                self._filled[b] += min(hi, end) - max(lo, start)
+                if self._filled[b] == len(self.expected) * (hi - lo):
+                    final.append(b)
+        for b in final:  # no other piece touches a final block: divided outside the lock
+            self._divide(b)
+
+    def _divide(self, block: int) -> None:
+        division.divide_in_place(self.shared.share.numpy()[block * self.BLOCK : (block + 1) * self.BLOCK], self.divisor)
+        self._divided[block] = True
 
     def complete(self, hospital: str) -> None:
         with self._lock:
@@ -105,15 +138,23 @@ class AggregatorState:
     def ready(self) -> bool:
         return len(self.contributors) >= self.quorum
 
-    def summed_share(self) -> torch.Tensor:
-        """This aggregator's share of the sum; refused until enough hospitals contributed."""
+    def average_share(self) -> Iterator[torch.Tensor]:
+        """This aggregator's share of ``sum / divisor``, block by block (written over the sum);
+        refused until enough hospitals contributed. Call it once every contribution has ended
+        (a block short of an absent hospital's piece is divided here)."""
         if not self.ready:
             missing = [h for h in self.expected if h not in self.contributors]
             raise RevealRefused(
                 f"{self.tag}: refusing to reveal with {len(self.contributors)} of {len(self.expected)} "
                 f"contributions (need {self.quorum}); waiting for {', '.join(missing)}"
             )
-        return self.total
+        return self._blocks()
+
+    def _blocks(self) -> Iterator[torch.Tensor]:
+        for b in range(len(self._divided)):
+            if not self._divided[b]:
+                self._divide(b)
+            yield self.shared.share[b * self.BLOCK : (b + 1) * self.BLOCK]
 
 
 def noise_share(numel: int, total_std: float, n_aggregators: int, fractional_bits: int) -> torch.Tensor:
@@ -125,19 +166,6 @@ def noise_share(numel: int, total_std: float, n_aggregators: int, fractional_bit
     part, so only K-1 parts count as noise.
     """
     return prg.discrete_gaussian(numel, total_std / n_aggregators**0.5 * 2.0**fractional_bits)
-
-
-def average_share(summed: torch.Tensor, divisor: int, *, fractional_bits: int) -> Iterator[torch.Tensor]:
-    """Inside MPC, each aggregator on its own: its share of ``sum / divisor``, piece by piece,
-    written over ``summed`` (so each piece can be sent while the next is divided).
-
-    The share is held as a CrypTen ArithmeticSharedTensor (same ring, same
-    fixed-point scale); the division is the communication-free protocol of
-    mpc.division, whose wrap-around correction happens in :func:`reveal`.
-    """
-    crypten = crypten_compat.import_crypten()
-    shared = crypten.mpc.primitives.ArithmeticSharedTensor.from_shares(summed, precision=fractional_bits)
-    return division.divide_pieces(shared.share, divisor)
 
 
 def reveal_decoder(n_aggregators: int, divisor: int, *, fractional_bits: int) -> division.QuotientDecoder:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mpc import division, prg, sharing
-from protocols.secure_aggregation import average_share, masked_share, reveal_decoder
+from protocols.secure_aggregation import AggregatorState, masked_share, reveal_decoder
 
 
 def _shares(x: torch.Tensor, k: int) -> list[torch.Tensor]:
@@ -14,8 +14,7 @@ def _shares(x: torch.Tensor, k: int) -> list[torch.Tensor]:
 
 
 def _divided(share: torch.Tensor, d: int) -> torch.Tensor:
-    for _ in division.divide_pieces(share, d):  # in place
-        pass
+    division.divide_in_place(share.numpy(), d)
     return share
 
 
@@ -62,30 +61,66 @@ def test_inconsistent_shares_and_bad_divisors_are_errors():
         _reveal([prg.random_ring(10_000) for _ in range(3)], 10)
     for d in (0, -3, (1 << 28) + 1):
         with pytest.raises(ValueError, match="divisor"):
-            division.divide_pieces(torch.zeros(3, dtype=torch.int64), d)
+            division.divide_in_place(np.zeros(3, dtype=np.int64), d)
         with pytest.raises(ValueError, match="divisor"):
             division.QuotientDecoder(2, d)
 
 
 @pytest.mark.parametrize("k", [2, 3])
 def test_secure_average_matches_the_plaintext_average(k):
-    updates = [torch.randn(30_000) * s for s in (0.01, 1.0, 300.0)]
-    summed = [torch.zeros(30_000, dtype=torch.int64) for _ in range(k)]
-    for i, u in enumerate(updates):
+    n = 30_000
+    names = ["hospital0", "hospital1", "hospital2"]
+    updates = [torch.randn(n) * s for s in (0.01, 1.0, 300.0)]
+    states = [AggregatorState("r", names, n, divisor=3) for _ in range(k)]
+    for name, u in zip(names, updates):
         mask = sharing.new_mask(k, u.numel())
-        pieces = masked_share(u, mask, hospital=f"hospital{i}", n_hospitals=3, fractional_bits=16)
+        pieces = masked_share(u, mask, hospital=name, n_hospitals=3, fractional_bits=16)
         shares = sharing.Shares(torch.cat(list(pieces)), mask.seeds)
-        for j in range(k):
-            summed[j] += sharing.share_of(shares, j)
-    parts = [torch.cat(list(average_share(s, 3, fractional_bits=16))) for s in summed]
+        for j, state in enumerate(states):
+            state.add(name, sharing.share_of(shares, j))
+    parts = [torch.cat(list(state.average_share())) for state in states]
     decoder = reveal_decoder(k, 3, fractional_bits=16)
-    avg = decoder.empty(30_000)
-    for lo in range(0, 30_000, 7_000):  # range by range, as the coordinator decodes while receiving
-        decoder.decode(parts, avg, lo, min(lo + 7_000, 30_000))
+    avg = decoder.empty(n)
+    for lo in range(0, n, 7_000):  # range by range, as the coordinator decodes while receiving
+        decoder.decode(parts, avg, lo, min(lo + 7_000, n))
     expected = torch.stack(updates).double().mean(0)
     assert avg.dtype == torch.float32
     # encoding (half a unit) + division (k/2 + 1 units) + float32 decoding
     assert ((avg.double() - expected).abs() <= (k / 2 + 1.5) * 2**-16 + expected.abs() * 2**-23).all()
+
+
+def test_each_block_is_divided_once_every_hospital_added_its_piece_of_it():
+    """The aggregator divides blocks of its sum while other blocks are still arriving; a block
+    is final (and divided) only when every expected hospital's piece of it is in."""
+    block, d = AggregatorState.BLOCK, 7
+    n = 2 * block + 1_000  # three blocks, the last one short
+    names = ["hospital0", "hospital1"]
+    shares = [prg.random_ring(n) for _ in names]
+    start = prg.random_ring(n)  # e.g. this aggregator's part of the noise
+    state = AggregatorState("r", names, n, divisor=d, start=start.clone())
+    for name in names:
+        state.admit(name, torch.int64, n)
+    cuts = [0, 100_000, block + 5, n]  # pieces that straddle block boundaries
+    for lo, hi in zip(cuts, cuts[1:]):
+        state.add_piece(lo, shares[0][lo:hi])
+    state.add_piece(0, shares[1][: block + 5])  # first block complete, second not
+    total = start + shares[0] + shares[1]
+    held = state.shared.share
+    assert torch.equal(held[:block], total[:block].div(d, rounding_mode="floor"))
+    assert torch.equal(held[block : block + 5], total[block : block + 5])  # not final: not divided
+    state.add_piece(block + 5, shares[1][block + 5 :])
+    for name in names:
+        state.complete(name)
+    assert torch.equal(torch.cat(list(state.average_share())), total.div(d, rounding_mode="floor"))
+
+
+def test_with_a_quorum_the_blocks_an_absent_hospital_never_reached_are_divided_at_reveal():
+    n = AggregatorState.BLOCK + 10
+    state = AggregatorState("r", ["hospital0", "hospital1", "hospital2"], n, divisor=3, quorum=2)
+    a, b = prg.random_ring(n), prg.random_ring(n)
+    state.add("hospital0", a)
+    state.add("hospital2", b)
+    assert torch.equal(torch.cat(list(state.average_share())), (a + b).div(3, rounding_mode="floor"))
 
 
 def test_encoding_over_a_mask_equals_encoding_then_masking():

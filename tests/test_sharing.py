@@ -70,7 +70,7 @@ def test_reveal_is_refused_until_every_hospital_contributed():
     state.add("hospital0", torch.ones(4, dtype=torch.int64))
     state.add("hospital2", torch.ones(4, dtype=torch.int64))
     with pytest.raises(RevealRefused, match="2 of 3.*hospital1"):
-        state.summed_share()
+        state.average_share()
     with pytest.raises(ContributionError, match="second share"):
         state.add("hospital0", torch.ones(4, dtype=torch.int64))
     with pytest.raises(ContributionError, match="unexpected sender"):
@@ -78,7 +78,7 @@ def test_reveal_is_refused_until_every_hospital_contributed():
     with pytest.raises(ContributionError, match="expected 4 int64"):
         state.add("hospital1", torch.ones(5, dtype=torch.int64))
     state.add("hospital1", torch.full((4,), 5, dtype=torch.int64))
-    assert state.summed_share().tolist() == [7, 7, 7, 7]
+    assert torch.cat(list(state.average_share())).tolist() == [7, 7, 7, 7]
 
 
 def test_a_share_still_arriving_piece_by_piece_does_not_count():
@@ -87,12 +87,12 @@ def test_a_share_still_arriving_piece_by_piece_does_not_count():
     state.admit("hospital0", torch.int64, 4)
     state.add_piece(0, torch.full((2,), 3, dtype=torch.int64))
     with pytest.raises(RevealRefused, match="1 of 2.*hospital0"):
-        state.summed_share()
+        state.average_share()
     with pytest.raises(ContributionError, match="second share"):
         state.admit("hospital0", torch.int64, 4)
     state.add_piece(2, torch.full((2,), 3, dtype=torch.int64))
     state.complete("hospital0")
-    assert state.summed_share().tolist() == [4, 4, 4, 4]
+    assert torch.cat(list(state.average_share())).tolist() == [4, 4, 4, 4]
 
 
 def test_the_coordinator_and_the_collector_together_learn_only_the_sum():
