@@ -26,8 +26,8 @@ def expand(seed: bytes, n: int) -> torch.Tensor:
     """``n`` uniformly random int64 ring elements from a 32-byte seed (deterministic)."""
     if len(seed) != SEED_BYTES:
         raise ValueError(f"seed must be {SEED_BYTES} bytes, got {len(seed)}")
-    out = bytearray(8 * n)
-    Cipher(algorithms.ChaCha20(seed, _NONCE), mode=None).encryptor().update_into(bytes(8 * n), out)
+    out = bytearray(8 * n)  # zeros, encrypted in place: the keystream itself, with no second buffer
+    Cipher(algorithms.ChaCha20(seed, _NONCE), mode=None).encryptor().update_into(out, out)
     return torch.frombuffer(out, dtype=torch.int64) if n else torch.empty(0, dtype=torch.int64)
 
 

@@ -31,6 +31,15 @@ def test_seed_expansion_is_deterministic_and_seeds_are_fresh():
         prg.expand(b"short", 4)
 
 
+def test_seed_expansion_is_the_chacha20_keystream():
+    """RFC 7539, appendix A.1, test vector 1 (all-zero key, nonce and counter)."""
+    expected = (
+        "76b8e0ada0f13d90405d6ae55386bd28bdd219b8a08ded1aa836efcc8b770dc7"
+        "da41597c5157488d7724e03fb8d84a376a43b8f41518a11cc387b669b2ee6586"
+    )
+    assert prg.expand(bytes(32), 8).numpy().tobytes().hex() == expected
+
+
 @pytest.mark.parametrize("party", [0, 1, 2])
 def test_one_aggregators_shares_of_different_updates_are_indistinguishable(party):
     n = 50_000
