@@ -15,6 +15,7 @@ from typing import Protocol
 import torch
 
 from mpc import prg
+from mpc.division import QuotientDecoder
 from mpc.transport import Channel, Message, PeerError, gather
 from protocols.secure_aggregation import COLLECTOR, reveal_decoder
 
@@ -99,6 +100,8 @@ class SecureFedAvg:
         self.collector = aggregators[self.collector_name]
         self.holders = [ch for name, ch in aggregators.items() if name != self.collector_name]
         self.job: Aggregation | None = None
+        self._decoder: QuotientDecoder | None = None
+        self._average: torch.Tensor | None = None
         self._offline: Future[torch.Tensor] | None = None
         self._pool = ThreadPoolExecutor(1)
         # receive buffers (0: the collector's share, 1..: the others'), kept from one aggregation
@@ -117,6 +120,10 @@ class SecureFedAvg:
             ch.send("collect", {"tag": job.tag, "numel": job.numel, "round": job.round,
                                 "divisor": job.divisor, "noise_std": job.noise_std})  # fmt: skip
         self._offline = self._pool.submit(self._receive_offline, job.numel)
+        self._decoder = reveal_decoder(len(self.aggregators), job.divisor, fractional_bits=self.fractional_bits)
+        # the average's memory, touched now: decoding into never-touched memory takes 46 ms
+        # instead of 29 ms per 11.2M values here (page faults)
+        self._average = self._decoder.empty(job.numel).zero_()
 
     def _receive_offline(self, numel: int) -> torch.Tensor:
         """The sum of the K-1 data-independent shares of the average (wrapping int64)."""
@@ -145,9 +152,10 @@ class SecureFedAvg:
         offline = self._offline.result()
         start = time.perf_counter()
         self.collector.send("reveal", {"tag": self.job.tag})
-        decoder = reveal_decoder(len(self.aggregators), self.job.divisor, fractional_bits=self.fractional_bits)
+        decoder, avg = self._decoder, self._average
+        assert decoder is not None and avg is not None
+        self._average = None  # handed to the caller
         online = self._buffer(0, self.job.numel)
-        avg = decoder.empty(self.job.numel)
         gather([self.collector], "share", [online], lambda lo, hi: decoder.decode([offline, online], avg, lo, hi))
         return avg, {"aggregation_s": msg.meta["sum_s"], "reveal_s": time.perf_counter() - start}
 
