@@ -134,7 +134,7 @@ class Hospital:
                 coord.send("prepared")
                 continue
             tag = msg.meta["tag"]
-            train_s = 0.0
+            train_s, drill = 0.0, None
             if msg.kind == "stats":
                 assert self.data is not None
                 update = local_statistics(self.data)
@@ -159,7 +159,7 @@ class Hospital:
             else:
                 raise RuntimeError(f"{self.name}: unexpected message {msg.kind!r} from the coordinator")
             try:
-                timings = submitter.submit(tag, update)
+                timings = submitter.submit(tag, update, crash_midway=drill == "crash_sending")
             except EncodingError as err:
                 coord.send("aborted", {"tag": tag, "hospital": self.name, "reason": str(err)})
                 continue  # the update stays here; nothing about it was revealed

@@ -61,7 +61,8 @@ class Plan:
     # of the Gaussian noise on each of them (added inside MPC like central_dp_noise)
     stats_noise: float | None = None
     # failure drills, party -> "ACTION:ROUND": "kill:2" (the process dies when round 2
-    # starts), "nan:1" / "overflow:1" (a hospital's round-1 update is corrupted)
+    # starts), "crash_sending:1" (a hospital dies halfway through sending its round-1 update),
+    # "nan:1" / "overflow:1" (a hospital's round-1 update is corrupted)
     drills: dict[str, str] = field(default_factory=dict)
     # bench mode: hospitals send random updates of this many float32 values, and
     # time a plaintext all-reduce among themselves (rendezvous on baseline_port)

@@ -7,12 +7,14 @@ protocols.strategy; the rest of the hospital does not know which one it uses.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Protocol
 
 import torch
 
 from mpc.sharing import EncodingError, Mask, new_mask
 from mpc.transport import Channel
+from protocols.commands import die
 from protocols.secure_aggregation import COLLECTOR, masked_share
 
 
@@ -20,9 +22,10 @@ class Submitter(Protocol):
     def prepare(self, tag: str, numel: int) -> None:
         """Do the data-independent part of submitting ``tag`` ahead of time."""
 
-    def submit(self, tag: str, update: torch.Tensor) -> dict[str, float]:
+    def submit(self, tag: str, update: torch.Tensor, *, crash_midway: bool = False) -> dict[str, float]:
         """Send ``update`` for aggregation ``tag``; returns timings. Raises EncodingError, having
-        told the receivers to abort, if the update must not be aggregated."""
+        told the receivers to abort, if the update must not be aggregated. ``crash_midway``: a
+        failure drill, the process dies halfway through sending."""
 
     def abort(self, tag: str, reason: str) -> None:
         """Tell the receivers that no contribution to ``tag`` will come."""
@@ -45,7 +48,7 @@ class SecureSubmitter:
             ch.send("seed", {"tag": tag, "numel": numel}, torch.frombuffer(bytearray(seed), dtype=torch.uint8))
         self.masks[tag] = mask
 
-    def submit(self, tag: str, update: torch.Tensor) -> dict[str, float]:
+    def submit(self, tag: str, update: torch.Tensor, *, crash_midway: bool = False) -> dict[str, float]:
         start = time.perf_counter()
         if tag not in self.masks:
             self.prepare(tag, update.numel())
@@ -58,6 +61,8 @@ class SecureSubmitter:
             self.abort(tag, str(err))
             raise
         checked = time.perf_counter()
+        if crash_midway:
+            pieces = _dying_halfway(pieces, update.numel())
         # encoded while sent: the aggregator adds the first pieces while the later ones are made
         self.collector.send_stream("share", {"tag": tag}, dtype=torch.int64, shape=[update.numel()], pieces=pieces)
         return {"share_s": checked - start, "send_s": time.perf_counter() - checked}
@@ -66,6 +71,15 @@ class SecureSubmitter:
         # the other aggregators hold only data-independent seeds for this tag
         self.masks.pop(tag, None)
         self.collector.send("abort", {"tag": tag, "hospital": self.name, "reason": reason})
+
+
+def _dying_halfway(pieces: Iterator[torch.Tensor], numel: int) -> Iterator[torch.Tensor]:
+    sent = 0
+    for piece in pieces:
+        if sent >= numel // 2:
+            die()
+        yield piece
+        sent += piece.numel()
 
 
 class PlainSubmitter:
@@ -80,7 +94,9 @@ class PlainSubmitter:
     def abort(self, tag: str, reason: str) -> None:
         pass  # the coordinator hears it from the hospital directly
 
-    def submit(self, tag: str, update: torch.Tensor) -> dict[str, float]:
+    def submit(self, tag: str, update: torch.Tensor, *, crash_midway: bool = False) -> dict[str, float]:
+        if crash_midway:
+            die()  # the update travels in one message here: the nearest crash is before it
         start = time.perf_counter()
         flat = update.reshape(-1).float()
         if not torch.isfinite(flat).all():

@@ -57,6 +57,17 @@ def test_killed_aggregator_ends_the_round_with_a_clear_error(tmp_path, victim):
     assert not (tmp_path / "model.pt").exists()
 
 
+def test_a_hospital_dying_halfway_through_its_upload_ends_the_round_naming_it(tmp_path):
+    """The collector has added part of the hospital's masked update when the stream breaks:
+    the round fails naming the hospital, and no model comes out of it."""
+    plan = Plan(**TINY, aggregators=2, drills={"hospital1": "crash_sending:1"})
+    start = time.monotonic()
+    with pytest.raises(PartyError, match="hospital1"):
+        simulate(plan, tmp_path, deadline_s=120)
+    assert time.monotonic() - start < plan.timeout_s + 30
+    assert not (tmp_path / "model.pt").exists()
+
+
 @pytest.mark.parametrize("drill,why", [("nan", "NaN/Inf"), ("overflow", "overflow")])
 def test_bad_update_aborts_the_round_naming_the_hospital(tmp_path, drill, why):
     plan = Plan(**TINY, aggregators=2, drills={"hospital1": f"{drill}:1"})
