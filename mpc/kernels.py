@@ -3,8 +3,8 @@
 Why compiled: encoding an update (scale, round, convert, mask) and decoding an average
 (add the shares, estimate the wrap-around, correct it, scale) are each several
 elementwise steps. As NumPy calls, every step is its own pass over memory; one loop does
-them all in one pass: on 11.2M values here, encoding and masking 19 -> 11 ms, decoding
-52 -> 21 ms. ``nogil``: the parties run these from threads that also read sockets.
+them all in one pass: on 11.2M values here, encoding and masking 19 -> 12 ms, decoding
+52 -> 21-29 ms. ``nogil``: the parties run these from threads that also read sockets.
 ``cache``: compiled once per machine (into ``__pycache__``), not in every party process.
 
 Integer arithmetic here wraps around 2^64, as the ring needs (Numba, like NumPy, does
