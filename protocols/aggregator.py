@@ -65,7 +65,8 @@ class Aggregator:
         tag = state.tag
 
         def take(name: str, incoming: Incoming) -> tuple[str, str | float]:
-            """("abort", reason) or ("share", seconds in add_piece, waits for its lock included)."""
+            """("abort", reason) or ("share", seconds in add_piece: adds, divisions of the blocks
+            it completed, and waits for the state's lock)."""
             if incoming.kind == "abort":
                 return "abort", incoming.meta["reason"]
             if incoming.kind != "share":

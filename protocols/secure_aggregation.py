@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from mpc import crypten_compat, division, prg, sharing
+from mpc.transport import PIECE_BYTES
 
 
 class RevealRefused(RuntimeError):
@@ -70,7 +71,7 @@ class AggregatorState:
     the DP noise), else zeros. The share is held as a CrypTen ArithmeticSharedTensor (same
     ring, same fixed-point scale)."""
 
-    BLOCK = 1 << 18  # elements: 2 MiB, the transport's piece
+    BLOCK = PIECE_BYTES // torch.int64.itemsize  # one transport piece: a block completes as a piece lands
 
     def __init__(
         self, tag: str, expected: list[str], numel: int, *, divisor: int = 1, fractional_bits: int = 16,
