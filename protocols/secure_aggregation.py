@@ -11,8 +11,11 @@ share of the average to the coordinator, who alone reconstructs it.
 The shares of aggregators 1..K-1 are sums of masks of several hospitals: they exist
 before any update does and are handed over as soon as the seeds are in (offline).
 The collector's share is the only one that depends on the updates, and the collector
-refuses to hand it over until every expected hospital (or, if configured, a quorum of
-at least 2) has contributed: before that the average cannot be reconstructed.
+refuses to hand it over until every expected hospital has contributed: before that the
+average cannot be reconstructed. There is no quorum (an average of fewer hospitals): the
+other aggregators' shares, handed over offline, hold every expected hospital's masks, so
+leaving one out would need its masks revealed, and a late masked update would then be
+in the clear at the collector.
 """
 
 from __future__ import annotations
@@ -75,24 +78,19 @@ class AggregatorState:
 
     def __init__(
         self, tag: str, expected: list[str], numel: int, *, divisor: int = 1, fractional_bits: int = 16,
-        start: torch.Tensor | None = None, quorum: int | None = None,
+        start: torch.Tensor | None = None,
     ) -> None:  # fmt: skip
-        if quorum is not None and not 2 <= quorum <= len(expected):
-            raise ValueError(f"quorum must be between 2 and {len(expected)} hospitals, got {quorum}")
         division.check_divisor(divisor)
         if start is not None and (start.dtype != torch.int64 or start.shape != (numel,) or not start.is_contiguous()):
             raise ValueError(f"the sum must start from {numel} contiguous int64 values")
         self.tag, self.expected, self.numel, self.divisor = tag, list(expected), numel, divisor
-        self.quorum = len(expected) if quorum is None else quorum
         total = torch.zeros(numel, dtype=torch.int64) if start is None else start
         crypten = crypten_compat.import_crypten()
         self.shared = crypten.mpc.primitives.ArithmeticSharedTensor.from_shares(total, precision=fractional_bits)
         self.contributors: list[str] = []
         self._arriving: set[str] = set()
         self._lock = threading.Lock()
-        n_blocks = -(-numel // self.BLOCK)
-        self._filled = np.zeros(n_blocks, dtype=np.int64)  # values added to each block, all hospitals
-        self._divided = np.zeros(n_blocks, dtype=bool)
+        self._filled = np.zeros(-(-numel // self.BLOCK), dtype=np.int64)  # values added to each block, all hospitals
 
     def admit(self, hospital: str, dtype: torch.dtype | None, numel: int) -> None:
         with self._lock:
@@ -118,11 +116,7 @@ class AggregatorState:
                 if self._filled[b] == len(self.expected) * (hi - lo):
                     final.append(b)
         for b in final:  # no other piece touches a final block: divided outside the lock
-            self._divide(b)
-
-    def _divide(self, block: int) -> None:
-        division.divide_in_place(self.shared.share.numpy()[block * self.BLOCK : (block + 1) * self.BLOCK], self.divisor)
-        self._divided[block] = True
+            division.divide_in_place(self.shared.share.numpy()[b * self.BLOCK : (b + 1) * self.BLOCK], self.divisor)
 
     def complete(self, hospital: str) -> None:
         with self._lock:
@@ -137,25 +131,19 @@ class AggregatorState:
 
     @property
     def ready(self) -> bool:
-        return len(self.contributors) >= self.quorum
+        return len(self.contributors) == len(self.expected)
 
     def average_share(self) -> Iterator[torch.Tensor]:
-        """This aggregator's share of ``sum / divisor``, block by block (written over the sum);
-        refused until enough hospitals contributed. Call it once every contribution has ended
-        (a block short of an absent hospital's piece is divided here)."""
+        """This aggregator's share of ``sum / divisor`` (every block divided by now), block by
+        block; refused until every expected hospital contributed."""
         if not self.ready:
             missing = [h for h in self.expected if h not in self.contributors]
             raise RevealRefused(
                 f"{self.tag}: refusing to reveal with {len(self.contributors)} of {len(self.expected)} "
-                f"contributions (need {self.quorum}); waiting for {', '.join(missing)}"
+                f"contributions; waiting for {', '.join(missing)}"
             )
-        return self._blocks()
-
-    def _blocks(self) -> Iterator[torch.Tensor]:
-        for b in range(len(self._divided)):
-            if not self._divided[b]:
-                self._divide(b)
-            yield self.shared.share[b * self.BLOCK : (b + 1) * self.BLOCK]
+        share = self.shared.share
+        return (share[lo : lo + self.BLOCK] for lo in range(0, self.numel, self.BLOCK))
 
 
 def noise_share(numel: int, total_std: float, n_aggregators: int, fractional_bits: int) -> torch.Tensor:
