@@ -32,12 +32,27 @@ def confusion_matrix_png(metrics: dict[str, Any], path: Path, title: str) -> Non
 
 def curves_png(series: dict[str, list[float]], path: Path, *, xlabel: str, title: str) -> None:
     """One panel per named series (e.g. loss, accuracy) against epoch or round."""
-    fig, axes = plt.subplots(1, len(series), figsize=(4 * len(series), 3.2), squeeze=False)
-    for ax, (name, ys) in zip(axes[0], series.items()):
-        ax.plot(range(1, len(ys) + 1), ys, marker="o", markersize=3)
+    panels = {name: {"": (list(range(1, len(ys) + 1)), ys)} for name, ys in series.items()}
+    lines_png(panels, path, xlabel=xlabel, title=title)
+
+
+def lines_png(
+    panels: dict[str, dict[str, tuple[list[float], list[float]]]], path: Path, *, xlabel: str, title: str,
+    references: dict[str, dict[str, float]] | None = None,
+) -> None:  # fmt: skip
+    """One panel per name (its y label), each with labelled lines ``label: (xs, ys)`` and,
+    from ``references``, labelled horizontal lines (e.g. a target)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    for ax, (name, lines) in zip(axes[0], panels.items()):
+        for label, (xs, ys) in lines.items():
+            ax.plot(xs, ys, marker="o", markersize=3, label=label or None)
+        for label, y in (references or {}).get(name, {}).items():
+            ax.axhline(y, color="grey", linestyle="--", linewidth=1, label=label)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
+        if any(lines) or (references or {}).get(name):
+            ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
