@@ -4,8 +4,7 @@ Each case runs ``medmpc bench secure-aggregation --json`` (every party its own
 process); the protocol times it reports (medians of --repeat runs, measured
 inside the processes) go into pytest-benchmark's extra_info and into
 ``benchmarks/results/secure_aggregation.json``, plotted in ``secure_aggregation.png``.
-Set MEDMPC_BENCH_PARAMS to
-change the update size (default: ResNet-18, 11.2M values).
+Set MEDMPC_BENCH_PARAMS to change the update size (default: ResNet-18, 11.2M values).
 
     .venv/bin/python -m pytest benchmarks/test_secure_aggregation.py --benchmark-only -s
 """

@@ -46,12 +46,13 @@ def lines_png(
     for ax, (name, lines) in zip(axes[0], panels.items()):
         for label, (xs, ys) in lines.items():
             ax.plot(xs, ys, marker="o", markersize=3, label=label or None)
-        for label, y in (references or {}).get(name, {}).items():
+        marks = (references or {}).get(name, {})
+        for label, y in marks.items():
             ax.axhline(y, color="grey", linestyle="--", linewidth=1, label=label)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
-        if any(lines) or (references or {}).get(name):
+        if any(lines) or marks:  # a lone unlabelled line needs no legend
             ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
