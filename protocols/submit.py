@@ -12,6 +12,7 @@ from typing import Protocol
 
 import torch
 
+from mpc import kernels
 from mpc.sharing import EncodingError, Mask, new_mask
 from mpc.transport import Channel
 from protocols.commands import die
@@ -40,6 +41,7 @@ class SecureSubmitter:
         self.collector = aggregators[COLLECTOR]
         self.n_hospitals, self.fractional_bits = n_hospitals, fractional_bits
         self.masks: dict[str, Mask] = {}
+        kernels.warm_up()
 
     def prepare(self, tag: str, numel: int) -> None:
         mask = new_mask(len(self.aggregators), numel)

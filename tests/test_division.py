@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mpc import division, prg, sharing
+from mpc import division, kernels, prg, sharing
 from protocols.secure_aggregation import AggregatorState, masked_share, reveal_decoder
 
 
@@ -125,3 +125,16 @@ def test_encoding_over_a_mask_equals_encoding_then_masking():
     assert len(pieces) > 1 and torch.equal(torch.cat(pieces), expected) and torch.equal(over, expected)
     with pytest.raises(ValueError, match="mask has 5"):
         sharing.encode_pieces(x, 16, out=torch.zeros(5, dtype=torch.int64), subtract=True)
+
+
+def test_warm_up_compiles_what_encoding_and_decoding_then_use():
+    kernels.warm_up()
+    compiled = [len(k.signatures) for k in (kernels.encode_into, kernels.decode_scaled)]
+    sharing.encode(torch.randn(10), 16)  # model updates
+    sharing.encode(torch.randn(10, dtype=torch.float64), 16)  # statistics
+    decoder = reveal_decoder(2, 3, fractional_bits=16)
+    parts = sharing.split(sharing.encode(torch.randn(10), 16), 2)
+    out = decoder.empty(10)
+    decoder.decode([parts.masked, sharing.share_of(parts, 1)], out, 0, 10)
+    # nothing new was compiled: the first aggregation finds its loops loaded
+    assert [len(k.signatures) for k in (kernels.encode_into, kernels.decode_scaled)] == compiled
