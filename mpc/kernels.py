@@ -73,9 +73,10 @@ def decode_scaled(
 
 
 def warm_up() -> None:
-    """Run every loop a party uses once, on one element. The first call in a process loads
-    Numba's runtime and the cached code (about 0.4 s here): done at start-up, that is not
-    paid inside the first aggregation."""
+    """Run each loop that hospitals and the coordinator use once, on one element (each loop
+    after the first costs about 3 ms, so both roles simply load all). The first call in a
+    process loads Numba's runtime and the cached code (about 0.4 s here): done at start-up,
+    that is not paid inside the first aggregation."""
     ring = np.zeros(1, dtype=np.int64)
     for dtype in (np.float32, np.float64):  # model updates, statistics
         encode_into(np.zeros(1, dtype=dtype), 1.0, ring, True)
