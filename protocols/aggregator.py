@@ -66,7 +66,7 @@ class Aggregator:
 
         def take(name: str, incoming: Incoming) -> tuple[str, str | float]:
             """("abort", reason) or ("share", seconds in add_piece: adds, divisions of the blocks
-            it completed, and waits for the state's lock)."""
+            it completed, and waits for their locks)."""
             if incoming.kind == "abort":
                 return "abort", incoming.meta["reason"]
             if incoming.kind != "share":

@@ -1,6 +1,7 @@
 """Dividing shared sums by a public integer: every party locally, the wrap corrected at reveal."""
 
 import itertools
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -114,6 +115,29 @@ def test_each_block_is_divided_once_every_hospital_added_its_piece_of_it():
     for name in names:
         state.complete(name)
     assert torch.equal(torch.cat(list(state.average_share())), total.div(d, rounding_mode="floor"))
+
+
+def test_hospitals_adding_the_same_blocks_at_once_lose_nothing():
+    """The collector adds every hospital's pieces from its own thread; each block has its own
+    lock, and a block is divided exactly once, after its last piece, whatever the order."""
+    block, d, n_hospitals = AggregatorState.BLOCK, 3, 6
+    n = 4 * block + 17
+    names = [f"hospital{i}" for i in range(n_hospitals)]
+    shares = [prg.random_ring(n) for _ in names]
+    state = AggregatorState("r", names, n, divisor=d)
+    for name in names:
+        state.admit(name, torch.int64, n)
+    starts = list(range(0, n, block))
+
+    def contribute(i: int) -> None:
+        for lo in starts if i % 2 else reversed(starts):  # every block is added to by several at once
+            state.add_piece(lo, shares[i][lo : lo + block])
+        state.complete(names[i])
+
+    with ThreadPoolExecutor(n_hospitals) as pool:
+        list(pool.map(contribute, range(n_hospitals)))
+    expected = torch.stack(shares).sum(0).div(d, rounding_mode="floor")
+    assert torch.equal(torch.cat(list(state.average_share())), expected)
 
 
 def test_encoding_over_a_mask_equals_encoding_then_masking():
