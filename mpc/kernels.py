@@ -30,7 +30,7 @@ def encode_into(x: np.ndarray, scale: float, out: np.ndarray, subtract: bool) ->
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _corrected_sum(parts, i, divisor, offset, table):  # type: ignore[no-untyped-def]
+def _corrected_sum(parts, i, divisor, shift, offset, table):  # type: ignore[no-untyped-def]
     """Element ``i`` of the parts' sum, less the wrap-around correction that mpc.division
     reads from the sum's top 32 bits; ``(value, False)`` where no table entry fits."""
     s = parts[0][i]
@@ -38,7 +38,7 @@ def _corrected_sum(parts, i, divisor, offset, table):  # type: ignore[no-untyped
         s += parts[p][i]
     if divisor == 1:
         return s, True
-    m = ((s >> 32) * divisor + offset) >> 32
+    m = ((s >> 32) * divisor + offset) >> shift
     if m < 0 or m >= table.size:
         return s, False
     return s - table[m], True
@@ -46,12 +46,13 @@ def _corrected_sum(parts, i, divisor, offset, table):  # type: ignore[no-untyped
 
 @numba.njit(cache=True, nogil=True)
 def decode_quotients(
-    parts: tuple[np.ndarray, ...], lo: int, hi: int, divisor: int, offset: int, table: np.ndarray, out: np.ndarray
-) -> int:
+    parts: tuple[np.ndarray, ...], lo: int, hi: int, divisor: int, shift: int, offset: int, table: np.ndarray,
+    out: np.ndarray,
+) -> int:  # fmt: skip
     """``out[lo:hi]`` (int64): the corrected sum of ``parts`` (mpc.division.QuotientDecoder).
     Returns -1, or the first element that no correction fits."""
     for i in range(lo, hi):
-        v, ok = _corrected_sum(parts, i, divisor, offset, table)
+        v, ok = _corrected_sum(parts, i, divisor, shift, offset, table)
         if not ok:
             return i
         out[i] = v
@@ -60,12 +61,12 @@ def decode_quotients(
 
 @numba.njit(cache=True, nogil=True)
 def decode_scaled(
-    parts: tuple[np.ndarray, ...], lo: int, hi: int, divisor: int, offset: int, table: np.ndarray,
+    parts: tuple[np.ndarray, ...], lo: int, hi: int, divisor: int, shift: int, offset: int, table: np.ndarray,
     scale: float, out: np.ndarray,
 ) -> int:  # fmt: skip
     """As :func:`decode_quotients`, each value times ``scale`` into a float ``out``."""
     for i in range(lo, hi):
-        v, ok = _corrected_sum(parts, i, divisor, offset, table)
+        v, ok = _corrected_sum(parts, i, divisor, shift, offset, table)
         if not ok:
             return i
         out[i] = v * scale
@@ -80,4 +81,4 @@ def warm_up() -> None:
     ring = np.zeros(1, dtype=np.int64)
     for dtype in (np.float32, np.float64):  # model updates, statistics
         encode_into(np.zeros(1, dtype=dtype), 1.0, ring, True)
-    decode_scaled((ring, ring), 0, 1, 1, 0, ring, 1.0, np.zeros(1, dtype=np.float32))
+    decode_scaled((ring, ring), 0, 1, 1, 32, 0, ring, 1.0, np.zeros(1, dtype=np.float32))

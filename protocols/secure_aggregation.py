@@ -64,7 +64,8 @@ def masked_share(
 class AggregatorState:
     """The shares one aggregator holds for one aggregation (one tag), summed, and its share of
     the average: the sum divided by the public ``divisor`` inside MPC (mpc.division: each
-    aggregator divides its own share, no communication).
+    aggregator divides its own share, no communication; the quotient keeps the extra
+    fractional bits that ``divisor`` and the number of aggregators allow).
 
     Contributions may arrive concurrently, each piece by piece: :meth:`admit` checks the
     sender and size before any piece is added, :meth:`complete` counts it once all are in.
@@ -77,10 +78,10 @@ class AggregatorState:
     BLOCK = PIECE_BYTES // torch.int64.itemsize  # one transport piece: a block completes as a piece lands
 
     def __init__(
-        self, tag: str, expected: list[str], numel: int, *, divisor: int = 1, fractional_bits: int = 16,
-        start: torch.Tensor | None = None,
+        self, tag: str, expected: list[str], numel: int, *, n_aggregators: int, divisor: int = 1,
+        fractional_bits: int = 16, start: torch.Tensor | None = None,
     ) -> None:  # fmt: skip
-        division.check_divisor(divisor)
+        self.extra = division.extra_bits(divisor, n_aggregators)
         if start is not None and (start.dtype != torch.int64 or start.shape != (numel,) or not start.is_contiguous()):
             raise ValueError(f"the sum must start from {numel} contiguous int64 values")
         self.tag, self.expected, self.numel, self.divisor = tag, list(expected), numel, divisor
@@ -121,7 +122,7 @@ class AggregatorState:
                 self._filled[b] += hi - lo
                 final = self._filled[b] == len(self.expected) * (block_hi - block_lo)
             if final:  # no other piece touches a final block: divided outside the lock
-                division.divide_in_place(share[block_lo:block_hi], self.divisor)
+                division.divide_in_place(share[block_lo:block_hi], self.divisor, self.extra)
 
     def complete(self, hospital: str) -> None:
         with self._lock:
@@ -139,7 +140,7 @@ class AggregatorState:
         return len(self.contributors) == len(self.expected)
 
     def average_share(self) -> Iterator[torch.Tensor]:
-        """This aggregator's share of ``sum / divisor`` (every block divided by now), block by
+        """This aggregator's share of ``sum * 2^extra / divisor`` (every block divided by now), block by
         block; refused until every expected hospital contributed."""
         if not self.ready:
             missing = [h for h in self.expected if h not in self.contributors]
@@ -164,5 +165,7 @@ def noise_share(numel: int, total_std: float, n_aggregators: int, fractional_bit
 
 def reveal_decoder(n_aggregators: int, divisor: int, *, fractional_bits: int) -> division.QuotientDecoder:
     """Coordinator side: reconstructs the average from every aggregator's divided share,
-    range by range as the shares arrive."""
-    return division.QuotientDecoder(n_aggregators, divisor, scale=2.0**-fractional_bits)
+    range by range as the shares arrive (with the quotient's extra bits, as the aggregators
+    derive them from the same public values)."""
+    extra = division.extra_bits(divisor, n_aggregators)
+    return division.QuotientDecoder(n_aggregators, divisor, extra=extra, scale=2.0 ** -(fractional_bits + extra))

@@ -16,35 +16,44 @@ def _shares(x: torch.Tensor, k: int) -> list[torch.Tensor]:
     return [sharing.share_of(s, j) for j in range(k)]
 
 
-def _divided(share: torch.Tensor, d: int) -> torch.Tensor:
-    division.divide_in_place(share.numpy(), d)
+def _divided(share: torch.Tensor, d: int, extra: int = 0) -> torch.Tensor:
+    division.divide_in_place(share.numpy(), d, extra)
     return share
 
 
-def _reveal(parts: list[torch.Tensor], d: int) -> torch.Tensor:
-    decoder = division.QuotientDecoder(len(parts), d)
+def _reveal(parts: list[torch.Tensor], d: int, extra: int = 0) -> torch.Tensor:
+    decoder = division.QuotientDecoder(len(parts), d, extra=extra)
     out = decoder.empty(parts[0].numel())
     decoder.decode(parts, out, 0, out.numel())
     return out
 
 
-def _quotient_error(x: torch.Tensor, k: int, d: int) -> np.ndarray:
-    """Revealed quotient minus the exact x / d, in units of the last place."""
-    got = _reveal([_divided(p, d) for p in _shares(x, k)], d)
-    # exact rational comparison: got - x/d = (got * d - x) / d, in Python integers
-    return np.array([(int(g) * d - int(v)) / d for g, v in zip(got[:20_000], x[:20_000])])
+def _quotient_error(x: torch.Tensor, k: int, d: int, extra: int = 0) -> np.ndarray:
+    """Revealed quotient minus the exact x * 2^extra / d, in units of the last place."""
+    got = _reveal([_divided(p, d, extra) for p in _shares(x, k)], d, extra)
+    # exact rational comparison: got - x 2^e / d = (got * d - x 2^e) / d, in Python integers
+    return np.array([(int(g) * d - (int(v) << extra)) / d for g, v in zip(got[:20_000], x[:20_000])])
 
 
 @pytest.mark.parametrize("k", [2, 3, 5])
-@pytest.mark.parametrize("d", [1, 2, 3, 10, 4_217, 1 << 28])
-def test_quotient_is_within_k_over_2_plus_1_units_for_any_sum_the_guard_admits(k, d):
+@pytest.mark.parametrize("d", [1, 2, 3, 10, 40, 4_217, 1 << 28])
+@pytest.mark.parametrize("with_extra", [False, True])
+def test_quotient_is_within_k_over_2_plus_1_units_for_any_sum_the_guard_admits(k, d, with_extra):
     n = 20_000
+    extra = division.extra_bits(d, k) if with_extra else 0
     x = torch.randint(-(2**62) + 1, 2**62, (n,))
     x[:6] = torch.tensor([0, 1, -1, 2**62 - 1, -(2**62) + 1, d])
-    err = _quotient_error(x, k, d)
+    err = _quotient_error(x, k, d, extra)
     assert np.abs(err).max() <= k / 2 + 1
     if d == 1:
         assert not err.any()  # nothing to divide: exact
+
+
+def test_the_quotient_gains_every_bit_the_divisor_allows():
+    assert [division.extra_bits(d, 2) for d in (1, 7, 8, 15, 16, 3_900, 1 << 28)] == [0, 0, 0, 0, 1, 8, 25]
+    assert division.extra_bits(3_900, 3) == 8 and division.extra_bits(3_900, 5) == 7
+    with pytest.raises(ValueError, match="too many"):
+        division.QuotientDecoder(2, 3_900, extra=9)
 
 
 def test_two_party_local_truncation_without_the_correction_fails_on_large_sums():
@@ -74,7 +83,7 @@ def test_secure_average_matches_the_plaintext_average(k):
     n = 30_000
     names = ["hospital0", "hospital1", "hospital2"]
     updates = [torch.randn(n) * s for s in (0.01, 1.0, 300.0)]
-    states = [AggregatorState("r", names, n, divisor=3) for _ in range(k)]
+    states = [AggregatorState("r", names, n, n_aggregators=k, divisor=3) for _ in range(k)]
     for name, u in zip(names, updates):
         mask = sharing.new_mask(k, u.numel())
         pieces = masked_share(u, mask, hospital=name, n_hospitals=3, fractional_bits=16)
@@ -92,6 +101,31 @@ def test_secure_average_matches_the_plaintext_average(k):
     assert ((avg.double() - expected).abs() <= (k / 2 + 1.5) * 2**-16 + expected.abs() * 2**-23).all()
 
 
+def test_a_weighted_average_comes_out_near_float32_precision():
+    """Hospitals weight their updates by their sample counts; dividing by the total (3900)
+    keeps 8 extra fractional bits, so the average is 2^8 times finer than the 2^-16 grid of the
+    sum (the plain division's error, up to 2 units of 2^-16, would fail this bound)."""
+    n, k, counts = 30_000, 2, (1_000, 1_300, 1_600)
+    names = [f"hospital{i}" for i in range(3)]
+    weighted = [c * torch.randn(n) * 1e-3 for c in counts]
+    divisor = sum(counts)
+    states = [AggregatorState("r", names, n, n_aggregators=k, divisor=divisor) for _ in range(k)]
+    for name, x in zip(names, weighted):
+        mask = sharing.new_mask(k, n)
+        shares = sharing.Shares(torch.cat(list(masked_share(x, mask, hospital=name, n_hospitals=3, fractional_bits=16))), mask.seeds)
+        for j, state in enumerate(states):
+            state.add(name, sharing.share_of(shares, j))
+    decoder = reveal_decoder(k, divisor, fractional_bits=16)
+    avg = decoder.empty(n)
+    decoder.decode([torch.cat(list(state.average_share())) for state in states], avg, 0, n)
+    expected = torch.stack(weighted).double().sum(0) / divisor
+    # encoding (half a unit of 2^-16 per hospital, divided by the total), division (k/2 + 1
+    # units of 2^-24), float32
+    bound = 3 * 0.5 * 2**-16 / divisor + (k / 2 + 1) * 2**-24 + expected.abs() * 2**-23
+    assert decoder.extra == 8 and bound.max() < 2**-21
+    assert ((avg.double() - expected).abs() <= bound).all()
+
+
 def test_each_block_is_divided_once_every_hospital_added_its_piece_of_it():
     """The aggregator divides blocks of its sum while other blocks are still arriving; a block
     is final (and divided) only when every expected hospital's piece of it is in."""
@@ -100,7 +134,7 @@ def test_each_block_is_divided_once_every_hospital_added_its_piece_of_it():
     names = ["hospital0", "hospital1"]
     shares = [prg.random_ring(n) for _ in names]
     start = prg.random_ring(n)  # e.g. this aggregator's part of the noise
-    state = AggregatorState("r", names, n, divisor=d, start=start.clone())
+    state = AggregatorState("r", names, n, n_aggregators=2, divisor=d, start=start.clone())
     for name in names:
         state.admit(name, torch.int64, n)
     cuts = [0, 100_000, block + 5, n]  # pieces that straddle block boundaries
@@ -124,7 +158,7 @@ def test_hospitals_adding_the_same_blocks_at_once_lose_nothing():
     n = 4 * block + 17
     names = [f"hospital{i}" for i in range(n_hospitals)]
     shares = [prg.random_ring(n) for _ in names]
-    state = AggregatorState("r", names, n, divisor=d)
+    state = AggregatorState("r", names, n, n_aggregators=2, divisor=d)
     for name in names:
         state.admit(name, torch.int64, n)
     starts = list(range(0, n, block))

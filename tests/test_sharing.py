@@ -75,7 +75,7 @@ def test_guards_name_the_hospital():
 
 def test_reveal_is_refused_until_every_hospital_contributed():
     names = ["hospital0", "hospital1", "hospital2"]
-    state = AggregatorState("round1", names, 4)
+    state = AggregatorState("round1", names, 4, n_aggregators=2)
     state.add("hospital0", torch.ones(4, dtype=torch.int64))
     state.add("hospital2", torch.ones(4, dtype=torch.int64))
     with pytest.raises(RevealRefused, match="2 of 3.*hospital1"):
@@ -91,7 +91,7 @@ def test_reveal_is_refused_until_every_hospital_contributed():
 
 
 def test_a_share_still_arriving_piece_by_piece_does_not_count():
-    state = AggregatorState("round1", ["hospital0", "hospital1"], 4)
+    state = AggregatorState("round1", ["hospital0", "hospital1"], 4, n_aggregators=2)
     state.add("hospital1", torch.ones(4, dtype=torch.int64))
     state.admit("hospital0", torch.int64, 4)
     state.add_piece(0, torch.full((2,), 3, dtype=torch.int64))
