@@ -81,16 +81,17 @@ class QuotientDecoder:
 
     def __init__(self, n_parts: int, divisor: int, *, extra: int = 0, scale: float | None = None) -> None:
         check_divisor(divisor)
-        if extra and extra > extra_bits(divisor, n_parts):
+        if not 0 <= extra <= extra_bits(divisor, n_parts):
             raise ValueError(f"{extra} extra bits are too many for divisor {divisor} among {n_parts} parties")
         self.n_parts, self.divisor, self.extra, self.scale = n_parts, divisor, extra, scale
         # round(j * 2^(64+e) / d) for every j the top bits can name: |j| < K, or |j| <= d/2 + 1 if
         # that is smaller (e = 0 only); the floor parts sum to [0, K), so the error is centred by K // 2
         self.bound = n_parts if extra else min(n_parts, divisor // 2 + 1)
         self.table = np.array(
-            [_wrap(((j << (64 + extra)) + divisor // 2) // divisor - n_parts // 2) for j in range(-self.bound, self.bound + 1)],
+            [_wrap(((j << (64 + extra)) + divisor // 2) // divisor - n_parts // 2)
+             for j in range(-self.bound, self.bound + 1)],
             dtype=np.int64,
-        )
+        )  # fmt: skip
         # j = round(sum * d / 2^(64+e)), read from the sum's top 32 bits; adding this offset
         # before the final shift rounds, and moves the table's centre to index 0
         self.shift = 32 + extra
@@ -104,12 +105,11 @@ class QuotientDecoder:
 
         Raises ValueError where the shares cannot come from a sum below 2^62."""
         arrays = tuple(p.numpy() for p in parts)
+        correction = (self.divisor, self.shift, self.offset, self.table)
         if self.scale is None:
-            bad = kernels.decode_quotients(arrays, start, end, self.divisor, self.shift, self.offset, self.table, out.numpy())
+            bad = kernels.decode_quotients(arrays, start, end, *correction, out.numpy())
         else:
-            bad = kernels.decode_scaled(
-                arrays, start, end, self.divisor, self.shift, self.offset, self.table, self.scale, out.numpy()
-            )
+            bad = kernels.decode_scaled(arrays, start, end, *correction, self.scale, out.numpy())
         if bad >= 0:
             raise ValueError(
                 f"shares do not reconstruct a sum below 2^62 (element {bad}): "

@@ -55,8 +55,8 @@ class Aggregator:
         noise_std = meta.get("noise_std", 0.0)
         # this aggregator's part of the central-DP noise; no single party knows the total
         start = noise_share(meta["numel"], noise_std, p.aggregators, p.fractional_bits) if noise_std > 0 else None
-        return AggregatorState(meta["tag"], p.hospital_names, meta["numel"], n_aggregators=p.aggregators, divisor=meta["divisor"],
-                               fractional_bits=p.fractional_bits, start=start)  # fmt: skip
+        return AggregatorState(meta["tag"], p.hospital_names, meta["numel"], n_aggregators=p.aggregators,
+                               divisor=meta["divisor"], fractional_bits=p.fractional_bits, start=start)  # fmt: skip
 
     def _collect(self, hospitals: dict[str, Channel], meta: dict[str, Any]) -> dict[str, object]:
         """The collector: every hospital's masked update (or its abort), each added piece by

@@ -112,7 +112,8 @@ def test_a_weighted_average_comes_out_near_float32_precision():
     states = [AggregatorState("r", names, n, n_aggregators=k, divisor=divisor) for _ in range(k)]
     for name, x in zip(names, weighted):
         mask = sharing.new_mask(k, n)
-        shares = sharing.Shares(torch.cat(list(masked_share(x, mask, hospital=name, n_hospitals=3, fractional_bits=16))), mask.seeds)
+        pieces = masked_share(x, mask, hospital=name, n_hospitals=3, fractional_bits=16)
+        shares = sharing.Shares(torch.cat(list(pieces)), mask.seeds)
         for j, state in enumerate(states):
             state.add(name, sharing.share_of(shares, j))
     decoder = reveal_decoder(k, divisor, fractional_bits=16)
