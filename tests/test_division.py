@@ -78,23 +78,31 @@ def test_inconsistent_shares_and_bad_divisors_are_errors():
             division.QuotientDecoder(2, d)
 
 
-@pytest.mark.parametrize("k", [2, 3])
-def test_secure_average_matches_the_plaintext_average(k):
-    n = 30_000
-    names = ["hospital0", "hospital1", "hospital2"]
-    updates = [torch.randn(n) * s for s in (0.01, 1.0, 300.0)]
-    states = [AggregatorState("r", names, n, n_aggregators=k, divisor=3) for _ in range(k)]
+def _secure_average(updates: list[torch.Tensor], k: int, divisor: int) -> tuple[torch.Tensor, division.QuotientDecoder]:
+    """Every hospital's update shared among ``k`` aggregators, each aggregator's sum divided by
+    ``divisor``, the average reconstructed range by range, as the coordinator decodes while
+    the collector's share arrives."""
+    n = updates[0].numel()
+    names = [f"hospital{i}" for i in range(len(updates))]
+    states = [AggregatorState("r", names, n, n_aggregators=k, divisor=divisor) for _ in range(k)]
     for name, u in zip(names, updates):
-        mask = sharing.new_mask(k, u.numel())
-        pieces = masked_share(u, mask, hospital=name, n_hospitals=3, fractional_bits=16)
+        mask = sharing.new_mask(k, n)
+        pieces = masked_share(u, mask, hospital=name, n_hospitals=len(names), fractional_bits=16)
         shares = sharing.Shares(torch.cat(list(pieces)), mask.seeds)
         for j, state in enumerate(states):
             state.add(name, sharing.share_of(shares, j))
     parts = [torch.cat(list(state.average_share())) for state in states]
-    decoder = reveal_decoder(k, 3, fractional_bits=16)
+    decoder = reveal_decoder(k, divisor, fractional_bits=16)
     avg = decoder.empty(n)
-    for lo in range(0, n, 7_000):  # range by range, as the coordinator decodes while receiving
+    for lo in range(0, n, 7_000):
         decoder.decode(parts, avg, lo, min(lo + 7_000, n))
+    return avg, decoder
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_secure_average_matches_the_plaintext_average(k):
+    updates = [torch.randn(30_000) * s for s in (0.01, 1.0, 300.0)]
+    avg, _ = _secure_average(updates, k, divisor=3)
     expected = torch.stack(updates).double().mean(0)
     assert avg.dtype == torch.float32
     # encoding (half a unit) + division (k/2 + 1 units) + float32 decoding
@@ -105,20 +113,10 @@ def test_a_weighted_average_comes_out_near_float32_precision():
     """Hospitals weight their updates by their sample counts; dividing by the total (3900)
     keeps 8 extra fractional bits, so the average is 2^8 times finer than the 2^-16 grid of the
     sum (the plain division's error, up to 2 units of 2^-16, would fail this bound)."""
-    n, k, counts = 30_000, 2, (1_000, 1_300, 1_600)
-    names = [f"hospital{i}" for i in range(3)]
-    weighted = [c * torch.randn(n) * 1e-3 for c in counts]
+    k, counts = 2, (1_000, 1_300, 1_600)
+    weighted = [c * torch.randn(30_000) * 1e-3 for c in counts]
     divisor = sum(counts)
-    states = [AggregatorState("r", names, n, n_aggregators=k, divisor=divisor) for _ in range(k)]
-    for name, x in zip(names, weighted):
-        mask = sharing.new_mask(k, n)
-        pieces = masked_share(x, mask, hospital=name, n_hospitals=3, fractional_bits=16)
-        shares = sharing.Shares(torch.cat(list(pieces)), mask.seeds)
-        for j, state in enumerate(states):
-            state.add(name, sharing.share_of(shares, j))
-    decoder = reveal_decoder(k, divisor, fractional_bits=16)
-    avg = decoder.empty(n)
-    decoder.decode([torch.cat(list(state.average_share())) for state in states], avg, 0, n)
+    avg, decoder = _secure_average(weighted, k, divisor)
     expected = torch.stack(weighted).double().sum(0) / divisor
     # encoding (half a unit of 2^-16 per hospital, divided by the total), division (k/2 + 1
     # units of 2^-24), float32
