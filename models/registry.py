@@ -61,6 +61,19 @@ def model_names() -> list[str]:
     return sorted(MODELS)
 
 
+def architecture(name: str, num_classes: int) -> nn.Module:
+    """``name``'s layers with every parameter and buffer zero, for weights that come from elsewhere
+    (a checkpoint, or secret shares). Built on the meta device, so no initialisation draws random
+    numbers: an MPC party's process draws none but from its CSPRNG."""
+    with torch.device("meta"):
+        model = build_model(name, num_classes)
+    model = model.to_empty(device="cpu")
+    with torch.no_grad():
+        for tensor in (*model.parameters(), *model.buffers()):
+            tensor.zero_()
+    return model
+
+
 def build_model(name: str, num_classes: int, *, seed: int | None = None) -> nn.Module:
     """Build ``name``; with ``seed`` the initial weights are reproducible."""
     if name not in MODELS:

@@ -43,10 +43,10 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         conv, bn = modules[prev.target], modules[node.target]
         scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
         bias = conv.bias.detach() if conv.bias is not None else torch.zeros(conv.out_channels)
-        fused = nn.Conv2d(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+        fused = torch.nn.utils.skip_init(
+            nn.Conv2d, conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
             conv.dilation, conv.groups, bias=True,
-        )  # fmt: skip
+        )  # fmt: skip  (no initialisation: both tensors are set below, and parties draw only from their CSPRNG)
         fused.weight.data = conv.weight.detach() * scale.reshape(-1, 1, 1, 1)
         fused.bias.data = (bias - bn.running_mean) * scale + bn.bias.detach()
         parent, _, name = prev.target.rpartition(".")

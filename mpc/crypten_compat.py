@@ -23,6 +23,14 @@ CrypTen is unmaintained since 2022. What breaks, and what we do about it:
   which the block shifts amplify: ResNet-18 logits came back off by ~1e8 on an
   H100 while small ops were right. :func:`ring_conv` sizes the blocks from the
   whole dot-product length and is exact; :func:`import_crypten` installs it.
+* Every generator CrypTen draws shares and triples from is a ``torch.Generator``
+  (MT19937 on CPU): the parties' pairwise and local seeds are 64 bits, the
+  dealer's are drawn with ``torch.randint``, and any party that sees 624
+  consecutive words of its peer's stream (the first AND of a two-party comparison
+  opens thousands) predicts every later one. :func:`import_crypten` replaces
+  them all with keyed ChaCha20 streams (mpc.streams): 256-bit keys from
+  ``os.urandom``, exchanged in the same messages CrypTen sends its seeds in, and
+  CrypTen's two sampling functions refuse a ``torch.Generator``.
 * CrypTen's Beaver protocol computes three products per party
   (``eps*b + a*delta + eps*delta``, the last added by party 0 only, yet computed by
   all). By bilinearity ``eps*(b + delta) + a*delta`` is the same with two: a third
@@ -42,6 +50,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+
+from mpc import streams
 
 _SECURE_PROVIDERS = ("TTP",)
 _INSECURE_PROVIDERS = ("TFP",)
@@ -65,7 +75,101 @@ def import_crypten() -> types.ModuleType:
 
     _install_exact_cuda_conv(crypten)
     _install_two_product_beaver(crypten)
+    _install_stream_randomness(crypten)
     return crypten
+
+
+def _as_size(size: Any) -> tuple[int, ...]:
+    return (size,) if isinstance(size, int) else tuple(size)
+
+
+def _drawn(crypten: types.ModuleType, generator: Any, kwargs: dict[str, Any], draw: Any) -> Any:
+    """``draw(stream)`` from ``generator`` (this party's local stream if None), on the asked device."""
+    from crypten.cuda import CUDALongTensor
+
+    device = torch.device(kwargs.get("device") or "cpu")
+    if generator is None:
+        generator = crypten.generators["local"][device]
+    if isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"refusing to draw shares from a torch.Generator ({generator.device}): it is not a CSPRNG; "
+            "CrypTen's generators are ChaCha20 streams once mpc.crypten_compat.import_crypten() ran"
+        )
+    out = draw(generator).to(device)
+    return CUDALongTensor(out) if out.is_cuda else out
+
+
+def _install_stream_randomness(crypten: types.ModuleType) -> None:
+    """Every CrypTen generator a ChaCha20 stream; see the module docstring."""
+    import torch.distributed as dist
+    from crypten.common import rng
+    from crypten.mpc.primitives import arithmetic, binary
+    from crypten.mpc.provider import tfp_provider, ttp_provider
+
+    def generate_random_ring_element(size: Any, ring_size: int = 2**64, generator: Any = None, **kwargs: Any) -> Any:
+        if ring_size != 2**64:
+            raise ValueError(f"only the ring Z/2^64 is supported, got ring_size={ring_size}")
+        return _drawn(crypten, generator, kwargs, lambda s: s.ring(_as_size(size)))
+
+    def generate_kbit_random_tensor(size: Any, bitlength: int | None = None, generator: Any = None, **kwargs: Any) -> Any:
+        return _drawn(crypten, generator, kwargs, lambda s: s.bits(_as_size(size), bitlength or 64))
+
+    for module in (rng, arithmetic, binary, tfp_provider, ttp_provider):  # each bound the names at import
+        for fn in (generate_random_ring_element, generate_kbit_random_tensor):
+            if hasattr(module, fn.__name__):
+                setattr(module, fn.__name__, fn)
+
+    def devices() -> list[torch.device]:
+        if not torch.cuda.is_available():
+            return [torch.device("cpu")]
+        names = ["cpu", "cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+        return [torch.device(n) for n in names]
+
+    def setup_party_streams() -> None:
+        """CrypTen's ``_setup_prng`` with 256-bit keys: "next" shared with the next rank (sent to
+        it), "prev" with the previous one (received), "local" this party's own, "global"
+        rank 0's, broadcast."""
+        comm = crypten.communicator.get()
+        world, rank = comm.get_world_size(), comm.get_rank()
+        next_key, local_key = streams.new_key(), streams.new_key()
+        prev_words = torch.zeros(streams.KEY_BYTES // 8, dtype=torch.int64)
+        if world >= 2:
+            sent = comm.isend(streams.key_to_tensor(next_key), (rank + 1) % world)
+            received = comm.irecv(prev_words, src=(rank - 1) % world)
+            sent.wait()
+            received.wait()
+            prev_key = streams.key_from_tensor(prev_words)
+        else:
+            prev_key = next_key
+        global_key = streams.key_from_tensor(comm.broadcast(streams.key_to_tensor(streams.new_key()), 0))
+        keys = {"prev": prev_key, "next": next_key, "local": local_key, "global": global_key}
+        for name, key in keys.items():
+            crypten.generators[name].clear()  # the dict other modules imported stays the same object
+            crypten.generators[name].update({d: streams.keyed(key, d) for d in devices()})
+
+    def client_streams(self: Any) -> None:
+        """The party's side of the dealer's key: received, then both sides read the same stream."""
+        words = torch.empty(streams.KEY_BYTES // 8, dtype=torch.int64)
+        dist.irecv(tensor=words, src=crypten.communicator.get().get_ttp_rank(), group=self.ttp_group).wait()
+        dist.barrier(group=self.ttp_group)
+        key = streams.key_from_tensor(words)
+        self.generator = streams.keyed(key, "cpu")
+        self.generator_cuda = streams.keyed(key, "cuda") if torch.cuda.is_available() else None
+
+    def dealer_streams(self: Any) -> None:
+        """The dealer's side: a fresh key per party, from the OS (CrypTen: ``torch.randint``)."""
+        keys = [streams.new_key() for _ in range(crypten.communicator.get().get_world_size())]
+        words = [streams.key_to_tensor(k) for k in keys]
+        sent = [dist.isend(tensor=w, dst=i, group=self.ttp_group) for i, w in enumerate(words)]
+        self.generators = [streams.keyed(k, "cpu") for k in keys]
+        self.generators_cuda = [streams.keyed(k, "cuda") if torch.cuda.is_available() else None for k in keys]
+        for request in sent:
+            request.wait()
+        dist.barrier(group=self.ttp_group)
+
+    crypten._setup_prng = setup_party_streams  # crypten.init looks it up at call time
+    ttp_provider.TTPClient._TTPClient__TTPClient._setup_generators = client_streams
+    ttp_provider.TTPServer._setup_generators = dealer_streams
 
 
 def _install_two_product_beaver(crypten: types.ModuleType) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from models import build_model
+from models import architecture, build_model
 from mpc import crypten_compat
 from mpc.compile import compile_model
 
@@ -45,7 +45,7 @@ def encrypted_forward(
 
         model = Checkpoint.load(checkpoint).build()
     else:
-        model = build_model(model_name, num_classes)  # the public architecture; its weights are never used
+        model = architecture(model_name, num_classes)  # the public architecture; its weights are never used
     program = compile_model(model)
     weights = {
         k: crypten_compat.encrypt((v if rank == MODEL_OWNER else torch.zeros_like(v)).to(device), src=MODEL_OWNER)

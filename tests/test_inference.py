@@ -16,7 +16,6 @@ from models import build_model
 from mpc.compile import UnsupportedLayer, compile_model, fold_batchnorm
 from mpc.inference import random_model_and_input, randomise_batchnorm, run_inference
 from training.checkpoint import Checkpoint
-from training.local import TrainConfig, train
 
 
 def _random_bn_stats(model: nn.Module) -> nn.Module:
@@ -41,17 +40,6 @@ def test_unsupported_layers_are_named():
         compile_model(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Sigmoid()))
     with pytest.raises(UnsupportedLayer, match="does not follow a Conv2d"):
         compile_model(nn.Sequential(nn.Flatten(), nn.BatchNorm1d(4)))
-
-
-@pytest.fixture(scope="module")
-def trained_checkpoint(tmp_path_factory):
-    data = load_dataset("synthetic:300", image_size=32, seed=0)
-    prep = Preprocessing.fit(data.images)
-    model = build_model("cnn", 3, seed=0)
-    train(model, data.images, data.labels, prep, TrainConfig(epochs=2), num_classes=3)
-    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    Checkpoint("cnn", data.classes, prep, model.state_dict()).save(path)
-    return path
 
 
 @pytest.mark.slow

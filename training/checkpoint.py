@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from imaging.transforms import Preprocessing
-from models import build_model
+from models import architecture
 
 FORMAT = "medmpc-checkpoint/1"
 
@@ -25,7 +25,7 @@ class Checkpoint:
     info: dict[str, Any] = field(default_factory=dict)
 
     def build(self) -> nn.Module:
-        model = build_model(self.model_name, len(self.classes))
+        model = architecture(self.model_name, len(self.classes))
         model.load_state_dict(self.state_dict)
         return model.eval()
 

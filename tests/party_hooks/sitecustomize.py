@@ -1,0 +1,18 @@
+"""Loaded by every party process a test starts with this folder on PYTHONPATH.
+
+MEDMPC_TEST_FORBID_WEAK_RNG=1: every draw from torch's or NumPy's generators raises
+(rng_guard). MEDMPC_TEST_STREAM=mt19937: CrypTen's generators become MT19937, as stock
+CrypTen's are (the control that shows an attack test can succeed).
+"""
+
+import os
+
+if os.environ.get("MEDMPC_TEST_FORBID_WEAK_RNG") == "1":
+    import rng_guard
+
+    rng_guard.install()
+
+if os.environ.get("MEDMPC_TEST_STREAM") == "mt19937":
+    import weak_stream
+
+    weak_stream.install()

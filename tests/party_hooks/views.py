@@ -1,0 +1,52 @@
+"""Party jobs for the attack tests: an encrypted inference during which a party records its view.
+
+A party's view is what it may legitimately know: every value it helped open (its own
+contribution and the opened result, so the peer's message is their difference, or XOR)
+and its own share of every tensor shared with ``crypten_compat.encrypt``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mpc import crypten_compat, inference
+
+
+def _record_view(view: dict[str, list[Any]]) -> None:
+    crypten = crypten_compat.import_crypten()
+    comm = crypten.communicator.get()
+    all_reduce, encrypt = comm.all_reduce, crypten_compat.encrypt
+
+    def recording_all_reduce(tensors: Any, op: Any = torch.distributed.ReduceOp.SUM, batched: bool = False) -> Any:
+        mine = [t.clone() for t in (tensors if batched else [tensors])]
+        opened = all_reduce(tensors, op=op, batched=batched)
+        view["opened"].append({"xor": op == torch.distributed.ReduceOp.BXOR, "mine": mine,
+                               "opened": [t.clone() for t in (opened if batched else [opened])]})  # fmt: skip
+        return opened
+
+    def recording_encrypt(tensor: torch.Tensor, *, src: int = 0) -> Any:
+        shared = encrypt(tensor, src=src)
+        view["own_shares"].append(shared._tensor.share.clone())
+        return shared
+
+    comm.all_reduce = recording_all_reduce
+    crypten_compat.encrypt = recording_encrypt
+
+
+def recorded_forward(*, rank: int, world_size: int, **kwargs: Any) -> dict[str, Any]:
+    """``mpc.inference.encrypted_forward``, returning this party's view beside its result."""
+    view: dict[str, list[Any]] = {"opened": [], "own_shares": []}
+    _record_view(view)
+    return {"result": inference.encrypted_forward(rank=rank, world_size=world_size, **kwargs), "view": view}
+
+
+def generator_kinds(*, rank: int, world_size: int) -> dict[str, str]:
+    """The class of every generator CrypTen holds in this party after ``crypten.init``."""
+    crypten = crypten_compat.import_crypten()
+    from crypten.mpc.provider.ttp_provider import TTPClient
+
+    kinds = {f"{name}/{device}": type(g).__name__ for name, gens in crypten.generators.items() for device, g in gens.items()}
+    kinds["dealer/cpu"] = type(TTPClient.get().get_generator("cpu")).__name__
+    return kinds

@@ -1,0 +1,197 @@
+"""An honest-but-curious party attacks encrypted inference from its own view (issue 16).
+
+Each party runs the real protocol in its own process and records what it may
+legitimately know (tests/party_hooks/views.py). The attacks:
+
+* The first AND of our two-party comparison has one operand whose share is the
+  constant 0 at one party, so opening it shows the other party a few thousand raw
+  words of that party's dealer stream (rank 1 sees ``b0``, rank 0 sees ``a1``).
+* If the stream is MT19937 (stock CrypTen), 624 outputs give its state, and replaying
+  it yields every later draw: the weight masks of the prepared convolutions
+  (``W = (W - b) + b0 + b1``, rank 1 recovers the weights) and the first convolution's
+  input mask (``x = (x - a) + a0 + a1``, rank 0 recovers the image).
+
+With ChaCha20 streams (mpc.streams) the same attacks must find nothing; the control
+runs the very same protocol with MT19937 streams (tests/party_hooks/weak_stream.py)
+and the attacks must succeed there, each within one fixed-point step.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import mersenne
+import numpy as np
+import pytest
+import torch
+
+from imaging.dataset import load_dataset
+from mpc import prg, streams
+from mpc.compile import compile_model
+from mpc.inference import run_inference
+from mpc.launch import PartyError, run_crypten_job
+from training.checkpoint import Checkpoint
+
+pytestmark = pytest.mark.slow
+HOOKS = Path(__file__).parent / "party_hooks"
+FRACTIONAL_BITS = 16  # CrypTen's fixed-point encoding
+FUTURE = 1 << 23  # 32-bit outputs the attacker replays past those it observed
+PLAUSIBLE = 1 << (FRACTIONAL_BITS + 10)  # |v| < 1024: a weight or a pixel, not a uniformly random ring element
+
+
+def _party_env(mp: pytest.MonkeyPatch, **env: str) -> None:
+    mp.setenv("PYTHONPATH", os.pathsep.join([str(HOOKS), os.environ.get("PYTHONPATH", "")]))
+    for name, value in env.items():
+        mp.setenv(name, value)
+
+
+def _recorded_inference(checkpoint: Path, images: torch.Tensor, **env: str) -> list[dict]:
+    ckpt = Checkpoint.load(checkpoint)
+    with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as mp:
+        _party_env(mp, **env)
+        image_file = Path(tmp) / "images.pt"
+        torch.save(images, image_file)
+        args = {"model_name": ckpt.model_name, "num_classes": len(ckpt.classes), "shape": list(images.shape),
+                "checkpoint": str(checkpoint), "images": str(image_file)}  # fmt: skip
+        return run_crypten_job("views:recorded_forward", world_size=2, args=args, timeout_s=120)
+
+
+@pytest.fixture(scope="module")
+def images(trained_checkpoint, chest_xray) -> torch.Tensor:
+    raw = load_dataset(str(chest_xray / "val"), image_size=32, split="val").images[:2]
+    return Checkpoint.load(trained_checkpoint).preprocessing(raw).float()
+
+
+@pytest.fixture(scope="module")
+def chacha_views(trained_checkpoint, images) -> list[dict]:
+    return _recorded_inference(trained_checkpoint, images)
+
+
+@pytest.fixture(scope="module")
+def mersenne_views(trained_checkpoint, images) -> list[dict]:
+    return _recorded_inference(trained_checkpoint, images, MEDMPC_TEST_STREAM="mt19937")
+
+
+# ---- the attacker's side: nothing but its own view ----------------------------------------
+
+
+def _peer_outputs(view: dict, attacker: int) -> np.ndarray:
+    """32-bit outputs of the peer's dealer stream, as the first AND opens them: rank 0 holds
+    the x operand alone (rank 1 shares it as 0, so its x-mask ``a1`` shows), rank 1 the y one."""
+    first_and = next(r for r in view["opened"] if r["xor"])
+    operand = 1 if attacker == 1 else 0
+    words = (first_and["opened"][operand] ^ first_and["mine"][operand]).numpy().reshape(-1)
+    return mersenne.outputs_of_ring_words(words)
+
+
+def _plausible(values: np.ndarray) -> np.ndarray:
+    return (values + PLAUSIBLE).view(np.uint64) < np.uint64(2 * PLAUSIBLE)
+
+
+def _unmask(known: torch.Tensor, future: np.ndarray) -> torch.Tensor | None:
+    """``known + m`` where ``m`` is the draw, somewhere in ``future``, that makes every element
+    a plausible fixed-point value; None if no offset does."""
+    flat = known.numpy().reshape(-1)
+    offsets = np.arange(future.size - 2 * flat.size)
+    for o in np.nonzero(_plausible(mersenne.ring_words_at(future, offsets) + flat[0]))[0]:
+        value = mersenne.ring_words_at(future, o + 2 * np.arange(flat.size)) + flat
+        if _plausible(value).all():
+            return torch.from_numpy(value).reshape(known.shape).double() / 2**FRACTIONAL_BITS
+    return None
+
+
+def steal_conv_weights(view: dict, weight_shapes: set[torch.Size]) -> dict[torch.Size, torch.Tensor] | None:
+    """Rank 1: the opened ``W - b`` of the prepared convolutions plus ``b0`` from the replayed stream."""
+    outputs = _peer_outputs(view, attacker=1)
+    future = mersenne.replay(outputs, FUTURE)
+    opening = next(r for r in view["opened"] if not r["xor"] and {t.shape for t in r["opened"]} == weight_shapes)
+    own = {s.shape: s for s in view["own_shares"] if s.shape in weight_shapes}  # rank 1's shares of W
+    stolen = {}
+    for opened, mine in zip(opening["opened"], opening["mine"]):
+        # opened - mine = W0 - b0, so W = (opened - mine) + W1 + b0
+        weights = _unmask(opened - mine + own[opened.shape], future)
+        if weights is None:
+            return None
+        stolen[opened.shape] = weights
+    return stolen
+
+
+def steal_image(view: dict, image_shape: torch.Size) -> torch.Tensor | None:
+    """Rank 0: the first convolution's opened ``x - a`` plus ``a0`` (its own) and ``a1`` (replayed)."""
+    future = mersenne.replay(_peer_outputs(view, attacker=0), FUTURE)
+    eps = next(r for r in view["opened"] if not r["xor"] and [t.shape for t in r["opened"]] == [image_shape])
+    x0 = [s for s in view["own_shares"] if s.shape == image_shape][-1]  # the real image, after the placeholder
+    # mine = x0 - a0, so x = eps + a0 + a1 = eps + x0 - mine + a1
+    return _unmask(eps["opened"][0] + x0 - eps["mine"][0], future)
+
+
+def predicts_peer_stream(view: dict, attacker: int) -> bool:
+    """Whether 624 observed outputs predict the rest of what the same opening showed."""
+    outputs = _peer_outputs(view, attacker)
+    rest = outputs[mersenne.STATE_WORDS :]
+    return rest.size > 0 and np.array_equal(mersenne.replay(outputs, rest.size), rest)
+
+
+def _conv_weights(checkpoint: Path) -> dict[torch.Size, torch.Tensor]:
+    params = compile_model(Checkpoint.load(checkpoint).build()).parameters
+    return {v.shape: v for v in params.values() if v.dim() == 4}
+
+
+# ---- the tests ----------------------------------------------------------------------------
+
+
+def test_rank1_predicts_the_model_owners_stream_only_when_it_is_mt19937(chacha_views, mersenne_views):
+    assert predicts_peer_stream(mersenne_views[1]["view"], attacker=1)  # control
+    assert not predicts_peer_stream(chacha_views[1]["view"], attacker=1)
+    assert predicts_peer_stream(mersenne_views[0]["view"], attacker=0)
+    assert not predicts_peer_stream(chacha_views[0]["view"], attacker=0)
+
+
+def test_rank1_recovers_the_weights_only_from_an_mt19937_dealer_stream(trained_checkpoint, chacha_views, mersenne_views):
+    truth = _conv_weights(trained_checkpoint)
+    stolen = steal_conv_weights(mersenne_views[1]["view"], set(truth))
+    assert stolen is not None and set(stolen) == set(truth)  # control: the attack works
+    for shape, weights in truth.items():
+        assert (stolen[shape] - weights.double()).abs().max() <= 2**-FRACTIONAL_BITS
+    assert steal_conv_weights(chacha_views[1]["view"], set(truth)) is None
+
+
+def test_rank0_recovers_the_image_only_from_an_mt19937_dealer_stream(images, chacha_views, mersenne_views):
+    stolen = steal_image(mersenne_views[0]["view"], images.shape)
+    assert stolen is not None  # control: the attack works
+    assert (stolen - images.double()).abs().max() <= 2**-FRACTIONAL_BITS
+    assert steal_image(chacha_views[0]["view"], images.shape) is None
+
+
+def test_both_runs_computed_the_right_logits(trained_checkpoint, images, chacha_views, mersenne_views):
+    # the attacks above ran against working inferences, not against broken ones
+    with torch.no_grad():
+        plain = Checkpoint.load(trained_checkpoint).build()(images)
+    for views in (chacha_views, mersenne_views):
+        assert views[0]["result"] is None
+        assert (views[1]["result"]["logits"] - plain).abs().max() < 0.05
+
+
+def test_every_generator_is_a_chacha20_stream_with_a_256_bit_key():
+    with pytest.MonkeyPatch.context() as mp:
+        _party_env(mp)
+        kinds = run_crypten_job("views:generator_kinds", world_size=2, timeout_s=60)
+    for party in kinds:
+        assert set(party) >= {"prev/cpu", "next/cpu", "local/cpu", "global/cpu", "dealer/cpu"}
+        assert set(party.values()) == {"ChaChaStream"}
+    assert 8 * streams.KEY_BYTES >= 128 and 8 * prg.SEED_BYTES >= 128
+    for short in (bytes(8), bytes(16), bytes(31)):  # CrypTen's seeds were 64 bits
+        with pytest.raises(ValueError, match="256 bits"):
+            streams.ChaChaStream(short)
+
+
+def test_encrypted_inference_draws_nothing_from_torch_or_numpy_generators(trained_checkpoint, images):
+    with pytest.MonkeyPatch.context() as mp:
+        _party_env(mp, MEDMPC_TEST_FORBID_WEAK_RNG="1")
+        result = run_inference(str(trained_checkpoint), images, timeout_s=120)
+        assert result["logits"].shape == (2, 3)
+        mp.setenv("MEDMPC_TEST_STREAM", "mt19937")  # control: the guard catches a torch generator
+        with pytest.raises(PartyError, match="not a CSPRNG"):
+            run_inference(str(trained_checkpoint), images, timeout_s=120)
