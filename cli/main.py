@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="folder for model.pt, report.json and plots")
     _add_dp_args(p)
+    p.add_argument("--stats-noise", type=float, help="with --dp-epsilon: std of the Gaussian noise on the training "
+                   "data's normalisation sums and class counts, accounted in the budget (without it they are "
+                   "exact and not covered by epsilon)")  # fmt: skip
     p.set_defaults(func=commands.train)
 
     p = sub.add_parser("evaluate", help="metrics of a checkpoint on a folder of labelled images")

@@ -65,8 +65,9 @@ class PrivacyAccountant:
 def plan_noise_multiplier(
     *, epsilon: float, delta: float, sample_rate: float, steps: int, who: str, prior: PrivacyAccountant | None = None
 ) -> float:
-    """The noise multiplier that makes ``steps`` steps at ``sample_rate`` end at ``epsilon``,
-    after what ``prior`` already spent (e.g. the noisy statistics release).
+    """The noise multiplier that makes ``steps`` steps at ``sample_rate`` end at ``epsilon`` or just
+    below (never above: budgets are enforced without slack), after what ``prior`` already spent
+    (e.g. the noisy statistics release).
 
     Refuses (BudgetError naming ``who``) a plan that cannot meet the budget with a
     noise multiplier below MAX_NOISE_MULTIPLIER (training would be pure noise).
@@ -86,7 +87,8 @@ def plan_noise_multiplier(
             f"{who}: epsilon={epsilon} at delta={delta} over {steps} steps (sample rate {sample_rate:.3g}) "
             f"needs noise multiplier > {MAX_NOISE_MULTIPLIER}{already}; raise the budget or train fewer steps"
         )
-    lo, hi = 0.0, MAX_NOISE_MULTIPLIER  # epsilon falls as sigma grows: bisect for the smallest that fits
+    # epsilon falls as sigma grows: bisect for the smallest that fits; hi always fits
+    lo, hi = 0.0, MAX_NOISE_MULTIPLIER
     while hi - lo > 1e-3 * hi:
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if spent(mid) <= epsilon else (mid, hi)

@@ -31,6 +31,7 @@ class Aggregator:
         self.plan, self.index, self.name = plan, index, f"aggregator{index}"
         self.traffic = Traffic()
         self.state: AggregatorState | None = None
+        self.collected: set[str] = set()
 
     def _from_each_hospital(
         self, hospitals: dict[str, Channel], tag: str, take: Callable[[str, Incoming], T]
@@ -49,20 +50,35 @@ class Aggregator:
             return dict(zip(hospitals, pool.map(receive, hospitals)))
 
     def _state(self, meta: dict[str, Any]) -> AggregatorState:
-        """This aggregator's state for the coordinator's "collect" request ``meta``, which names
-        the divisor and the DP noise; the sum starts from this aggregator's part of the noise."""
-        p = self.plan
-        noise_std = meta.get("noise_std", 0.0)
-        # this aggregator's part of the central-DP noise; no single party knows the total
-        start = noise_share(meta["numel"], noise_std, p.aggregators, p.fractional_bits) if noise_std > 0 else None
-        return AggregatorState(meta["tag"], p.hospital_names, meta["numel"], n_aggregators=p.aggregators,
-                               divisor=meta["divisor"], fractional_bits=p.fractional_bits, start=start)  # fmt: skip
+        """This aggregator's state for the coordinator's "collect" request ``meta``; the sum starts
+        from this aggregator's part of the noise.
 
-    def _collect(self, hospitals: dict[str, Channel], meta: dict[str, Any]) -> dict[str, object]:
+        The noise and the divisor are the plan's (Plan.aggregation), not the coordinator's: a
+        coordinator asking for less noise would get averages with less noise than the reported
+        epsilon counts. A request naming other values than the plan's, an aggregation the plan does
+        not have, or one already collected (the plan accounts for one release of each), is refused.
+        """
+        p, tag = self.plan, meta["tag"]
+        try:
+            # where the plan weights by sample count, the coordinator's total stands: it only scales the average
+            noise_std, divisor = p.aggregation(tag, n_samples=meta.get("divisor"))
+        except ValueError as err:
+            raise PeerError("coordinator", f"asked for {tag!r}: {err}") from None
+        for key, planned in (("noise_std", noise_std), ("divisor", divisor)):
+            if meta.get(key, planned) != planned:
+                raise PeerError("coordinator", f"asked for {key} {meta[key]} in {tag!r}; the plan says {planned}")
+        if tag in self.collected:
+            raise PeerError("coordinator", f"asked for {tag!r} twice; the plan accounts for one release of each")
+        self.collected.add(tag)
+        # this aggregator's part of the noise; no single party knows the total
+        start = noise_share(meta["numel"], noise_std, p.aggregators, p.fractional_bits) if noise_std > 0 else None
+        return AggregatorState(tag, p.hospital_names, meta["numel"], n_aggregators=p.aggregators,
+                               divisor=divisor, fractional_bits=p.fractional_bits, start=start)  # fmt: skip
+
+    def _collect(self, hospitals: dict[str, Channel], state: AggregatorState) -> dict[str, object]:
         """The collector: every hospital's masked update (or its abort), each added piece by
         piece into the running sum as it arrives; reports readiness or the aborts."""
-        state = self.state = self._state(meta)
-        tag = state.tag
+        self.state, tag = state, state.tag
 
         def take(name: str, incoming: Incoming) -> tuple[str, str | float]:
             """("abort", reason) or ("share", seconds in add_piece: adds, divisions of the blocks
@@ -94,10 +110,9 @@ class Aggregator:
             return {"kind": "aborted", "reasons": aborted}
         return {"kind": "ready", "sum_s": sum(float(seconds) for _, seconds in results.values())}
 
-    def _hand_over_masks(self, coord: Channel, hospitals: dict[str, Channel], meta: dict[str, Any]) -> None:
+    def _hand_over_masks(self, coord: Channel, hospitals: dict[str, Channel], state: AggregatorState) -> None:
         """Any other aggregator: its share is the sum of the hospitals' masks for this
         aggregation (expanded from their seeds); divided, it goes straight to the coordinator."""
-        state = self._state(meta)
 
         def take(name: str, incoming: Incoming) -> None:
             if incoming.kind != "seed":
@@ -126,10 +141,15 @@ class Aggregator:
                 if msg.kind == "collect":
                     if p.drill(self.name, msg.meta.get("round", -1)) == "kill":
                         die()
+                    try:
+                        state = self._state(msg.meta)
+                    except PeerError as err:
+                        coord.send("error", {"message": f"{self.name} refuses: {err}"})
+                        raise
                     if self.index != COLLECTOR:
-                        self._hand_over_masks(coord, hospitals, msg.meta)
+                        self._hand_over_masks(coord, hospitals, state)
                         continue
-                    result = self._collect(hospitals, msg.meta)
+                    result = self._collect(hospitals, state)
                     kind = result.pop("kind")
                     coord.send(kind, {"tag": tag, **result})
                 elif msg.kind == "discard":

@@ -48,7 +48,8 @@ def run_bench(coord: Coordinator, strategy: Any, repeat: int) -> dict[str, Any]:
             coord.channels[h].send("baseline")
         plain.append(max(coord.channels[h].expect("baseline_done").meta["seconds"] for h in names))
         coord.traffic_since_last()  # the secure traffic below is counted on its own
-        job = Aggregation(f"bench{rep}", p.bench_params, round=0, divisor=p.hospitals)
+        noise_std, divisor = p.aggregation(f"bench{rep}")
+        job = Aggregation(f"bench{rep}", p.bench_params, round=0, divisor=divisor, noise_std=noise_std)
         # offline: masks, seeds and the shares made of them do not depend on the updates
         offline_start = time.perf_counter()
         strategy.begin(job)

@@ -18,6 +18,7 @@ from models.vector import load_vector, to_vector
 from mpc.transport import Channel, Listener, PeerError, Traffic
 from protocols.accountant import PrivacyAccountant
 from protocols.plan import Plan
+from protocols.statistics import Statistics, release_privacy
 from protocols.strategy import Aggregation, BudgetExhausted, PlainFedAvg, RoundAborted, SecureFedAvg, Strategy
 from training.centralised import write_json
 from training.checkpoint import Checkpoint
@@ -147,34 +148,30 @@ class Coordinator:
         n_stats = 3 + len(classes)
         # Normalisation statistics and class counts, aggregated like updates: no hospital reveals its
         # own; with stats_noise the aggregators add Gaussian noise to each of them inside MPC.
-        job = Aggregation("stats", n_stats, round=0, divisor=1, noise_std=p.stats_noise or 0.0)
-        stats, _ = self.aggregate(strategy, job, request="stats", meta={})
-        stats = stats.double()
-        n_total = max(1, int(round(float(stats[0]))))
-        # noise can push the estimates outside their ranges: clamp them back (post-processing)
-        mean = float((stats[1] / n_total).clamp(0.0, 1.0))
-        std = float((stats[2] / n_total - mean**2).clamp(min=1e-12).sqrt())
-        counts = stats[3:].round().clamp(min=0)
+        noise_std, divisor = p.aggregation("stats")
+        job = Aggregation("stats", n_stats, round=0, divisor=divisor, noise_std=noise_std)
+        sums, _ = self.aggregate(strategy, job, request="stats", meta={})
+        stats = Statistics.from_sums(sums)
+        mean, std, n_total = stats.pixel_mean, stats.pixel_std, stats.n_images
         prep = Preprocessing(p.image_size, mean, std)
-        weight = class_weights(counts)
-        report["aggregated_statistics"] = {
-            "n_images": n_total, "pixel_mean": mean, "pixel_std": std,
-            "class_counts": dict(zip(classes, counts.long().tolist())),
-            "privacy": _stats_privacy(p), "traffic": self.traffic_since_last(),
+        weight = class_weights(stats.class_counts)
+        report["aggregated_statistics"] = stats.to_dict(classes) | {
+            "privacy": release_privacy(p.stats_release(), noise_std=p.stats_noise, delta=p.dp_delta),
+            "traffic": self.traffic_since_last(),
         }  # fmt: skip
         report["dataset"] = {"source": data.source, "synthetic": data.is_synthetic, "val": val.class_counts()}
 
         model = build_model(p.model, p.num_classes, seed=p.seed)
         global_vec = to_vector(model)
         central = _CentralDP(p) if p.central_dp_noise is not None else None
-        # central DP averages clipped updates with equal weights; otherwise weight by sample count
-        divisor = p.hospitals if central else n_total
         rounds: list[dict[str, Any]] = report.setdefault("rounds", [])
         bar = tqdm(range(1, p.rounds + 1), desc="federated rounds", unit="round")
         for r in bar:
             start = time.perf_counter()
             meta = {"round": r, "mean": mean, "std": std, "class_weight": weight.tolist()}
-            job = Aggregation(f"round{r}", global_vec.numel(), r, divisor, central.noise_std if central else 0.0)
+            # central DP averages clipped updates with equal weights; otherwise weight by sample count
+            noise_std, divisor = p.aggregation(f"round{r}", n_samples=n_total)
+            job = Aggregation(f"round{r}", global_vec.numel(), r, divisor, noise_std)
             avg, timings = self.aggregate(strategy, job, request="train", meta=meta, tensor=global_vec)
             if central:
                 timings["central_dp"] = central.spend_round()
@@ -221,7 +218,7 @@ class _CentralDP:
 
     def __init__(self, plan: Plan) -> None:
         z = float(plan.central_dp_noise or 0.0)
-        self.plan, self.noise_std = plan, z * plan.update_clip
+        self.plan = plan
         k = plan.aggregators
         self.effective = z * ((k - 1) / k) ** 0.5 if plan.secure else z
         self.accountant = PrivacyAccountant()
@@ -235,15 +232,6 @@ class _CentralDP:
             "epsilon": eps, "delta": self.plan.dp_delta, "noise_multiplier": self.plan.central_dp_noise,
             "effective_noise_multiplier": self.effective, "update_clip": self.plan.update_clip,
         }  # fmt: skip
-
-
-def _stats_privacy(plan: Plan) -> dict[str, float | None] | None:
-    """The statistics release on its own; with DP-SGD, each hospital's epsilon includes it."""
-    release = plan.stats_release()
-    if not release:
-        return None
-    return {"noise_std": plan.stats_noise, "noise_multiplier": release[0][0], "delta": plan.dp_delta,
-            "epsilon": PrivacyAccountant(release).epsilon(plan.dp_delta)}  # fmt: skip
 
 
 def _epsilons(info: dict[str, Any]) -> dict[str, float]:

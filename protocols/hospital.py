@@ -14,11 +14,13 @@ from imaging.transforms import Preprocessing
 from models import build_model
 from models.vector import load_vector, to_vector
 from mpc.sharing import EncodingError
-from mpc.transport import Channel, Traffic, connect
+from mpc.transport import Channel, PeerError, Traffic, connect
 from protocols.accountant import BudgetError, PrivacyAccountant
 from protocols.commands import die, next_command
 from protocols.dp import DPSGD, check_compatible, privacy_summary
 from protocols.plan import Plan
+from protocols.secure_aggregation import clip_update
+from protocols.statistics import local_statistics
 from protocols.submit import PlainSubmitter, SecureSubmitter, Submitter
 from training.local import TrainConfig, train
 
@@ -35,14 +37,16 @@ def hospital_partition(plan: Plan, index: int) -> ImageSet:
     return data.subset(train_idx[parts[index]])
 
 
-def local_statistics(data: ImageSet) -> torch.Tensor:
-    """[n, sum of per-image pixel means, sum of per-image mean squares, count per class].
-
-    Every image has the same size, so these sums give the exact pixel mean/std.
-    """
-    x = data.images.double() / 255
-    counts = torch.bincount(data.labels, minlength=len(data.classes)).double()
-    return torch.cat([torch.tensor([len(data), x.mean((1, 2, 3)).sum(), (x**2).mean((1, 2, 3)).sum()]), counts])
+def contribution_tag(kind: str, meta: dict[str, Any]) -> str:
+    """The tag of a "stats" or "train" request, which must be the statistics' or the round's own:
+    the aggregators take the noise from the plan by tag (Plan.aggregation), so an update sent
+    under another aggregation's tag would get that one's noise. Refuses any other, naming the
+    coordinator."""
+    tag = meta["tag"]
+    expected = {"stats": "stats", "train": f"round{meta.get('round')}"}.get(kind, tag)
+    if tag != expected:
+        raise PeerError("coordinator", f"sent a {kind!r} request for {tag!r}; it must be {expected!r}")
+    return tag
 
 
 class Hospital:
@@ -82,8 +86,10 @@ class Hospital:
         )  # fmt: skip
         delta = to_vector(model) - global_vector
         if self.plan.central_dp_noise is not None:
-            # central DP: bounded, equally weighted contributions (sensitivity update_clip)
-            return delta * min(1.0, self.plan.update_clip / float(delta.norm().clamp(min=1e-12))), time.perf_counter() - start
+            # central DP: bounded, equally weighted contributions (sensitivity update_clip, on the
+            # encoded integers: clipped onto the fixed-point grid)
+            clipped = clip_update(delta, clip=self.plan.update_clip, fractional_bits=self.plan.fractional_bits)
+            return clipped, time.perf_counter() - start
         return delta * len(self.data), time.perf_counter() - start
 
     def _baseline(self, coord: Channel) -> torch.Tensor:
@@ -133,7 +139,7 @@ class Hospital:
                 submitter.prepare(msg.meta["tag"], msg.meta["numel"])
                 coord.send("prepared")
                 continue
-            tag = msg.meta["tag"]
+            tag = contribution_tag(msg.kind, msg.meta)
             train_s, drill = 0.0, None
             if msg.kind == "stats":
                 assert self.data is not None

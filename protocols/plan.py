@@ -7,18 +7,17 @@ overrides, and travels to every process as JSON.
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mpc.sharing import DEFAULT_FRACTIONAL_BITS
+from protocols.statistics import release_history
 
 if TYPE_CHECKING:
     from protocols.dp import DPConfig
-
-
-STATS_SENSITIVITY = 2.0
 
 
 @dataclass
@@ -92,14 +91,40 @@ class Plan:
         return DPConfig(self.dp_epsilon, self.dp_delta, self.dp_clip, self.dp_noise)
 
     def stats_release(self) -> list[tuple[float, float, int]]:
-        """The statistics release as accountant history: one Gaussian mechanism (noise multiplier,
-        sample rate 1, one step), or nothing without stats_noise. One image moves the count, its
-        pixel-mean and mean-square sums and one class count by at most 1 each (sensitivity 2);
-        in a secure run each aggregator knows its own part of the noise, so only K-1 of K count."""
-        if self.stats_noise is None:
-            return []
-        known = (self.aggregators - 1) / self.aggregators if self.secure else 1.0
-        return [(self.stats_noise * known**0.5 / STATS_SENSITIVITY, 1.0, 1)]
+        """The statistics release as accountant history (protocols.statistics), or nothing without
+        stats_noise; in a secure run each aggregator knows its own part of the noise, so only K-1
+        of K count."""
+        counted = (self.aggregators - 1) / self.aggregators if self.secure else 1.0
+        return release_history(self.stats_noise, counted=counted)
+
+    def aggregation(self, tag: str, *, n_samples: int | None = None) -> tuple[float, int]:
+        """The total standard deviation of the Gaussian noise added to the sum of aggregation ``tag``,
+        and the divisor of the sum: the coordinator and the aggregators both take them from here,
+        so the aggregators never take the noise (what the accounting counts) from the coordinator.
+
+        * "stats" (the statistics release): noise stats_noise, divisor 1 (the sums themselves);
+        * "round1".."round{rounds}": with central DP, noise central_dp_noise * update_clip and the
+          mean over hospitals of their clipped updates; otherwise no noise, and the divisor is
+          ``n_samples``, the total sample count, which only the statistics reveal (a wrong one
+          scales the average, nothing more);
+        * "bench0", "bench1", ... (bench plans only): no noise, the mean over hospitals.
+
+        Raises ValueError naming the tag for any other aggregation.
+        """
+        if self.bench_params:
+            if re.fullmatch(r"bench(0|[1-9]\d*)", tag):
+                return 0.0, self.hospitals
+            raise ValueError(f"the plan has no aggregation {tag!r}: a bench plan has bench0, bench1, ...")
+        if tag == "stats":
+            return self.stats_noise or 0.0, 1
+        round_ = re.fullmatch(r"round([1-9]\d*)", tag)
+        if round_ is None or int(round_[1]) > self.rounds:
+            raise ValueError(f"the plan has no aggregation {tag!r}: it has stats and round1..round{self.rounds}")
+        if self.central_dp_noise is not None:
+            return self.central_dp_noise * self.update_clip, self.hospitals
+        if n_samples is None:
+            raise ValueError(f"{tag!r} is weighted by sample count: its divisor needs n_samples")
+        return 0.0, n_samples
 
     def drill(self, party: str, round_: int) -> str | None:
         action, _, at = self.drills.get(party, "").partition(":")

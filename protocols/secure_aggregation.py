@@ -20,8 +20,10 @@ in the clear at the collector.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterator
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -45,6 +47,32 @@ class ContributionError(ValueError):
 # the sum would hold single hospitals' masks, and the coordinator together with one
 # aggregator could unmask those hospitals.
 COLLECTOR = 0
+
+
+def clip_update(update: torch.Tensor, *, clip: float, fractional_bits: int) -> torch.Tensor:
+    """``update`` scaled to L2 norm at most ``clip``, then rounded toward zero onto the fixed-point
+    grid (multiples of 2^-f), as float64: its encoding k = x 2^f is then exact, and
+    ||k||_2 <= clip 2^f holds on the integers.
+
+    Central DP's sensitivity is the norm of what is encoded and summed. Rounding to nearest could
+    add up to sqrt(d) 2^-(f+1) to it; toward zero, |k_i| <= |x_i| 2^f for every i. The bound is
+    checked exactly on the integers (float rounding in the scaling could still overshoot by an
+    ulp) and the scale shrunk until it holds; the clipped update moves by less than 2^-f per value.
+    """
+    unit = 2.0**fractional_bits
+    if not 0 < clip * unit < 2.0**31:  # below, a sum of squares that passes fits int64
+        raise ValueError(f"update clip {clip} is out of range at {fractional_bits} fractional bits")
+    x = update.detach().reshape(-1).double()
+    norm = float(x.norm())
+    if not math.isfinite(norm):
+        return x.view(update.shape)  # masked_share refuses it, naming the hospital
+    limit = Fraction(clip * unit) ** 2  # clip * 2^f is exact: a power-of-two scaling
+    scale = min(1.0, clip / max(norm, 1e-300)) * unit
+    while True:
+        k = torch.trunc(x * scale)
+        if int(k.long().square().sum()) <= limit:
+            return k.div_(unit).view(update.shape)
+        scale *= 1 - 2.0**-40
 
 
 def masked_share(

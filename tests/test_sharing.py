@@ -1,12 +1,14 @@
 """Fixed-point encoding, CSPRNG shares, and what one aggregator's share reveals (nothing)."""
 
+from fractions import Fraction
+
 import pytest
 import torch
 from scipy import stats
 from uniformity import as_unit, looks_uniform
 
 from mpc import prg, sharing
-from protocols.secure_aggregation import AggregatorState, ContributionError, RevealRefused, masked_share
+from protocols.secure_aggregation import AggregatorState, ContributionError, RevealRefused, clip_update, masked_share
 
 
 def test_encode_decode_round_trip_within_fixed_point_error():
@@ -120,3 +122,18 @@ def test_the_coordinator_and_the_collector_together_learn_only_the_sum():
     assert looks_uniform(attempts[0]) and looks_uniform(attempts[1])
     assert stats.ks_2samp(as_unit(attempts[0]), as_unit(attempts[1])).pvalue > 1e-4
     assert torch.equal(masked[0] + prg.expand(masks[0].seeds[0], n), sharing.encode(updates[0], 16))
+
+
+def test_a_clipped_update_encodes_within_the_clip_norm_on_the_integers():
+    """Central DP's sensitivity is the norm of what is encoded: rounding each value to the nearest
+    grid step could add up to sqrt(d) 2^-(f+1). Every value here is 1.51 steps, already at the clip:
+    to nearest, each would grow to 2 steps."""
+    f, d = 16, 1000
+    at_clip = torch.full((d,), 1.51 * 2.0**-f)
+    clip = float(at_clip.double().norm())
+    for update in (at_clip, torch.randn(d) * 1e-3, -at_clip.double()):  # at the clip; far above it; float64
+        clipped = clip_update(update, clip=clip, fractional_bits=f)
+        k = sharing.encode(clipped, f)
+        assert int((k * k).sum()) <= Fraction(clip * 2**f) ** 2  # exact, on the integers
+        scaled = update.double() * min(1.0, clip / float(update.double().norm()))
+        assert float((clipped.double() - scaled).abs().max()) <= 2.0**-f  # within one grid step of the clip

@@ -13,11 +13,13 @@ from imaging.dataset import ImageSet
 from imaging.splits import stratified_split
 from imaging.transforms import Preprocessing
 from models import build_model
-from protocols.accountant import BudgetError
+from mpc import prg
+from protocols.accountant import BudgetError, PrivacyAccountant
 from protocols.dp import DPSGD, DPConfig, check_compatible, privacy_summary
+from protocols.statistics import Statistics, local_statistics, release_history, release_privacy
 from training import plots
 from training.checkpoint import Checkpoint
-from training.local import TrainConfig, predict, train
+from training.local import TrainConfig, class_weights, predict, train
 from training.metrics import classification_metrics
 
 
@@ -47,25 +49,42 @@ def train_centralised(
     out: Path,
     val_fraction: float = 0.15,
     dp: DPConfig | None = None,
+    stats_noise: float | None = None,
     log: Any = print,
 ) -> dict[str, Any]:
     """Train on ``data`` minus a stratified validation split; write model.pt, report.json, PNGs.
 
     With ``dp``, DP-SGD; training stops cleanly, keeping the model, once the budget is spent.
+    The pixel mean/std (stored in the checkpoint) and the class counts (class weights, report) come
+    from the training data too: exact unless ``stats_noise`` (DP only) releases them with Gaussian
+    noise of that standard deviation on each sum (protocols.statistics), accounted in the same
+    budget before training. The report's ``privacy`` says what its epsilon covers and what not.
     """
+    if stats_noise is not None and (dp is None or not stats_noise > 0):
+        raise ValueError(f"stats noise {stats_noise}: a noisy statistics release needs DP-SGD (--dp-epsilon, the "
+                         "budget that accounts for it) and a positive noise")  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     train_idx, val_idx = stratified_split(data.labels, val_fraction, seed=cfg.seed)
     train_set, val_set = data.subset(train_idx), data.subset(val_idx)
-    prep = Preprocessing.fit(train_set.images)
+    release, noisy, class_weight = release_history(stats_noise), None, None
+    if stats_noise is None:
+        prep = Preprocessing.fit(train_set.images)
+    else:
+        sums = local_statistics(train_set)
+        noisy = Statistics.from_sums(sums + prg.gaussian(sums.numel(), stats_noise))
+        prep = Preprocessing(train_set.image_size, noisy.pixel_mean, noisy.pixel_std)
+        class_weight = class_weights(noisy.class_counts)  # the sampling rates follow the noisy counts
     model = build_model(model_name, len(data.classes), seed=cfg.seed)
     tag = " [synthetic data]" if data.is_synthetic else ""
-    log(f"data{tag}: {data.source}  train {train_set.class_counts()}  validation {val_set.class_counts()}")
+    counts = f"{noisy.to_dict(data.classes)['class_counts']} (noisy)" if noisy is not None else train_set.class_counts()
+    log(f"data{tag}: {data.source}  train {counts}  validation {val_set.class_counts()}")
 
     history: list[dict[str, Any]] = []
     private = None
     if dp is not None:
         check_compatible(model, model_name)
-        private = DPSGD(dp, n_samples=len(train_set), batch_size=cfg.batch_size, planned_epochs=cfg.epochs, who="centralised training")
+        private = DPSGD(dp, n_samples=len(train_set), batch_size=cfg.batch_size, planned_epochs=cfg.epochs,
+                        who="centralised training", prior=PrivacyAccountant(release))  # fmt: skip
         log(f"DP-SGD: noise multiplier {private.noise_multiplier:.3f}, clip {dp.clip}, sample rate {private.sample_rate:.4f}")
         private.reserve(1)  # refuses to start if a single epoch would exceed the budget
 
@@ -86,7 +105,7 @@ def train_centralised(
     try:
         train(
             model, train_set.images, train_set.labels, prep, cfg, num_classes=len(data.classes),
-            private=private, on_epoch=on_epoch,
+            class_weight=class_weight, private=private, on_epoch=on_epoch,
         )  # fmt: skip
     except BudgetError as err:
         stopped = str(err)
@@ -103,8 +122,16 @@ def train_centralised(
         "history": history,
         "validation": val_metrics,
     }
+    if noisy is not None:  # the exact size and class counts of the training data stay unwritten
+        for key in ("n_images", "class_counts"):
+            del report["dataset"][key]
+        report["dataset"]["statistics"] = noisy.to_dict(data.classes)
+        del report["split"]["train"]
     if private is not None:
-        report["privacy"] = privacy_summary(private) | {"stopped": stopped}
+        report["privacy"] = privacy_summary(private) | {
+            "stopped": stopped, **_coverage(stats_noise),
+            "statistics": release_privacy(release, noise_std=stats_noise, delta=private.cfg.delta),
+        }  # fmt: skip
     Checkpoint(
         model_name, data.classes, prep, model.state_dict(),
         info={"dataset": report["dataset"], "validation": val_metrics, "config": report["config"],
@@ -118,6 +145,28 @@ def train_centralised(
     )  # fmt: skip
     plots.confusion_matrix_png(val_metrics, out / "confusion_matrix.png", f"validation: {title}")
     return report
+
+
+def _coverage(stats_noise: float | None) -> dict[str, list[str]]:
+    """What a DP run's epsilon covers, and what else it writes about the training data."""
+    covers = ["the model: every training step (DP-SGD)"]
+    not_covered = [
+        "the training loss of each epoch (history.train_loss), computed on the training batches without noise",
+        "the validation split, held out and never trained on: its metrics and per-class sizes (a stratified "
+        "split, so they follow the training data's)",
+    ]  # fmt: skip
+    if stats_noise is None:
+        not_covered.append(
+            "the normalisation statistics (pixel mean/std, in the checkpoint's preprocessing) and class counts "
+            "(dataset and split sizes; the class weights that set the sampling rates): exact, from the training "
+            "data; --stats-noise releases them privately"
+        )
+    else:
+        covers.append(
+            f"the normalisation statistics (pixel mean/std) and class counts: Gaussian noise of std {stats_noise} "
+            "on each sum, accounted before training (privacy.statistics)"
+        )
+    return {"covers": covers, "not_covered": not_covered}
 
 
 _CURVE_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "pneumonia_roc_auc")
