@@ -90,7 +90,9 @@ def main() -> None:
         name = f"{card.model_name} {card.preprocessing.image_size}px max_batch {a.max_batch}"
         images = torch.randn(32, 1, card.preprocessing.image_size, card.preprocessing.image_size,
                              generator=torch.Generator().manual_seed(0))  # fmt: skip
-        with LocalService(checkpoint, tokens, max_batch=a.max_batch, request_timeout_s=600, share_timeout_s=60) as svc:
+        # one token carries the whole load here, so it may fill the queue alone
+        with LocalService(checkpoint, tokens, max_batch=a.max_batch, per_client_queue=LocalService.max_queue,
+                          request_timeout_s=600, share_timeout_s=60) as svc:  # fmt: skip
             with PredictionClient(svc.urls, token, timeout_s=600) as client:
                 client.logits(images[:1])  # warm-up
                 rows = []

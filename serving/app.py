@@ -5,11 +5,16 @@ Behind a bearer token: ``/v1/model`` (the public model card) and ``/v1/predict``
 (a share in, this party's share of the logits out). Authentication and the body
 size limit are checked before a request body is read, so a refused request
 touches nothing.
+
+Each token is one client: its requests are queued under ``client_id(token)``, so
+two clients never meet on a request id and each has its own queue quota. Clients
+that share a token share that identity too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import time
 from collections.abc import Awaitable, Callable
@@ -21,6 +26,13 @@ from fastapi.responses import JSONResponse, Response
 from serving.engine import BatchEngine, DuplicateRequest, EngineUnavailable, QueueFull, ShareMismatch
 from serving.logs import log
 from serving.wire import PredictRequest, PredictResponse, WireError, check_request_id, decode_tensor, encode_tensor
+
+
+def client_id(*, token: str) -> str:
+    """The client's name inside the service (queue keys, offers between the parties, logs): the same
+    at both compute parties for one token, and a one-way hash of it, so neither the other party nor a
+    log reader learns the token (tokens must be random; a guessable one could be found from its hash)."""
+    return hashlib.sha256(b"medmpc client id\0" + token.encode()).hexdigest()[:16]
 
 
 def _error(status: int, detail: str, **headers: str) -> JSONResponse:
@@ -52,6 +64,7 @@ def compute_app(
     if not tokens:
         raise ValueError("no client tokens configured: pass --tokens-file FILE or set MEDMPC_TOKENS")
     secrets = [t.encode() for t in tokens]
+    clients = [client_id(token=t) for t in tokens]
 
     def ready() -> tuple[bool, str]:
         return engine.ready, engine.failure or ("serving" if engine.ready else "starting")
@@ -75,6 +88,7 @@ def compute_app(
         if scheme.lower() != "bearer" or not any(matches):
             log("refused", party=engine.rank, path=request.url.path, status=401)
             return _error(401, "missing or invalid bearer token", **{"WWW-Authenticate": "Bearer"})
+        request.state.client = clients[matches.index(True)]
         if request.method == "POST":
             length = request.headers.get("content-length")
             if length is None:
@@ -91,11 +105,12 @@ def compute_app(
         return JSONResponse(engine.card.to_dict())
 
     @app.post("/v1/predict", response_model=PredictResponse)
-    async def predict(req: PredictRequest) -> Response | PredictResponse:
+    async def predict(req: PredictRequest, request: Request) -> Response | PredictResponse:
         start = time.perf_counter()
+        client = request.state.client
 
         def done(status: int, response: Response | PredictResponse, **extra: object) -> Response | PredictResponse:
-            log("request", party=engine.rank, request_id=req.request_id[:64], status=status,
+            log("request", party=engine.rank, client=client, request_id=req.request_id[:64], status=status,
                 ms=round(1000 * (time.perf_counter() - start), 1), **extra)  # fmt: skip
             return response
 
@@ -105,7 +120,7 @@ def compute_app(
                 raise EngineUnavailable("the model is not loaded yet")
             engine.card.check_input_shape(req.shape)
             share = decode_tensor(req.share, req.shape, req.dtype, what="share")
-            future = engine.submit(req.request_id, share, share_timeout_s)
+            future = engine.submit(req.request_id, share, share_timeout_s, client=client)
         except WireError as err:
             return done(422, _error(422, str(err)))
         except DuplicateRequest as err:
@@ -117,7 +132,7 @@ def compute_app(
         try:
             result = await asyncio.wait_for(asyncio.wrap_future(future), request_timeout_s)
         except (TimeoutError, asyncio.TimeoutError) as err:
-            engine.forget(req.request_id)
+            engine.forget(req.request_id, client=client)
             why = f"{err} within {share_timeout_s:g} s" if str(err) else f"no result within {request_timeout_s:g} s"
             return done(504, _error(504, f"request {req.request_id}: {why}"))
         except ShareMismatch as err:

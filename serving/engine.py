@@ -1,11 +1,18 @@
 """The batching queue each compute party runs beside its HTTP front end.
 
-Requests arrive at both compute parties independently (one share each). The two
-parties' engine threads agree, in lockstep over the CrypTen channel, on which
-request ids both of them hold; those (up to ``max_batch`` images) form one batch
-that both run through the encrypted model in the same order. Per cycle:
+Requests arrive at both compute parties independently (one share each). A request
+is known by its key, (client id, request id): the client id is what the front end
+derives from the client's authenticated token (a hash, never the token itself), so
+it is the same at both parties for one client and no other client can claim it;
+two clients may therefore use the same request id without meeting. The two
+parties' engine threads agree, in lockstep over the CrypTen channel, on which keys
+both of them hold; those (up to ``max_batch`` images) form one batch that both run
+through the encrypted model in the same order. Per cycle:
 
-1. the leader (model owner, rank 0) offers the ids it holds, with their shapes;
+1. the leader (model owner, rank 0) offers the keys it holds, with their shapes, in
+   round-robin order across clients (each client's oldest request, then each one's
+   second oldest, ...), so a client with many waiting requests cannot push another
+   client's out of the next batch;
 2. the other party answers with those it holds too (and any whose shapes differ);
 3. both take the same batch, run it, and hand each request its share of the logits,
    re-randomised with a fresh CSPRNG mask so the returned shares are uniformly random.
@@ -14,11 +21,16 @@ A request whose partner share never arrives simply stays unmatched until its
 deadline; it never blocks the others. When idle, the leader still offers (an empty
 list) every ``heartbeat_s`` and both parties ask the dealer for one tiny triple, so
 neither the peer nor the dealer hits its silence timeout.
+
+Admission: at most ``max_queue`` requests wait at a party, and at most
+``per_client_queue`` of them from one client, so one client cannot fill the queue
+and starve the others.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import threading
 import time
 from collections.abc import Callable
@@ -34,6 +46,8 @@ from serving.wire import ModelCard
 
 LEADER, FOLLOWER = 0, 1
 
+Key = tuple[str, str]  # (client id, request id)
+
 
 class EngineUnavailable(RuntimeError):
     """The engine is not (or no longer) running: the peer or the dealer is gone."""
@@ -45,6 +59,10 @@ class DuplicateRequest(ValueError):
 
 class QueueFull(RuntimeError):
     """More requests are waiting than the queue holds; the client should retry later."""
+
+
+class ClientQuotaExceeded(QueueFull):
+    """This client already has as many requests waiting as one client may; others are still admitted."""
 
 
 class ShareMismatch(ValueError):
@@ -85,42 +103,61 @@ class Model:
 
 
 class BatchEngine:
-    def __init__(self, *, rank: int, max_batch: int, max_queue: int, heartbeat_s: float) -> None:
+    """``per_client_queue`` None means a quarter of ``max_queue`` (at least 1)."""
+
+    def __init__(
+        self, *, rank: int, max_batch: int, max_queue: int, heartbeat_s: float, per_client_queue: int | None = None
+    ) -> None:
         self.rank = rank
         self.max_batch = max_batch
         self.max_queue = max_queue
+        self.per_client_queue = max(1, max_queue // 4) if per_client_queue is None else per_client_queue
         self.heartbeat_s = heartbeat_s
         self.card: ModelCard | None = None
         self.failure: str | None = None
         self._ready = False
         self._lock = threading.Lock()
         self._arrived = threading.Event()
-        self._pending: dict[str, _Pending] = {}  # insertion order = arrival order
+        self._pending: dict[Key, _Pending] = {}  # insertion order = arrival order
 
     # ---- called from the HTTP side -------------------------------------------------
     @property
     def ready(self) -> bool:
         return self._ready and self.failure is None
 
-    def submit(self, request_id: str, share: torch.Tensor, match_timeout_s: float) -> concurrent.futures.Future:
-        """Queue a share; it fails with TimeoutError unless the other party holds its partner
-        share within ``match_timeout_s``."""
+    def submit(
+        self, request_id: str, share: torch.Tensor, match_timeout_s: float, *, client: str
+    ) -> concurrent.futures.Future:
+        """Queue a share under (``client``, ``request_id``); it fails with TimeoutError unless the other
+        party holds its partner share within ``match_timeout_s``.
+
+        ``client`` must be derived from the authenticated caller identically at both parties, and must
+        not be the secret it is derived from: it travels to the other party and into logs. A front end
+        without per-client credentials would pass one id for everyone, and all its clients would share
+        one quota and one request-id space (the HTTP app always has tokens: it refuses to start without).
+        """
         if not self.ready:
             raise EngineUnavailable(self.failure or "the engine is still starting")
+        key = (client, request_id)
         with self._lock:
-            if request_id in self._pending:
+            if key in self._pending:
                 raise DuplicateRequest(f"request {request_id!r} is already queued at this party")
+            waiting = sum(c == client for c, _ in self._pending)
+            if waiting >= self.per_client_queue:
+                raise ClientQuotaExceeded(
+                    f"this client already has {waiting} requests waiting (the per-client quota is {self.per_client_queue})"
+                )
             if len(self._pending) >= self.max_queue:
                 raise QueueFull(f"{len(self._pending)} requests are already waiting (the queue holds {self.max_queue})")
             pending = _Pending(share, time.monotonic() + match_timeout_s)
-            self._pending[request_id] = pending
+            self._pending[key] = pending
         self._arrived.set()
         return pending.future
 
-    def forget(self, request_id: str) -> None:
+    def forget(self, request_id: str, *, client: str) -> None:
         """Drop a request whose caller gave up (a no-op once it is in a batch)."""
         with self._lock:
-            self._pending.pop(request_id, None)
+            self._pending.pop((client, request_id), None)
 
     # ---- the engine thread ---------------------------------------------------------
     def run(self, setup: Callable[[], Model]) -> None:
@@ -150,8 +187,7 @@ class BatchEngine:
         while True:
             if self.rank == LEADER:
                 self._wait_for_work(retry)
-                with self._lock:
-                    ids = [(rid, list(p.share.shape)) for rid, p in self._pending.items()]
+                ids = self._offer()
                 keepalive = time.monotonic() - last_dealer_contact > self.heartbeat_s
                 offer = {"ids": ids, "keepalive": keepalive}
             else:
@@ -174,34 +210,44 @@ class BatchEngine:
                 crypten.mpc.get_default_provider().generate_additive_triple(size, size, "mul")
                 last_dealer_contact = time.monotonic()
 
+    def _offer(self) -> list[tuple[Key, list[int]]]:
+        """The waiting keys with their shapes, round-robin across clients: each client's oldest, then
+        each one's second oldest, ...; clients in the order of their oldest waiting request."""
+        with self._lock:
+            by_client: dict[str, list[tuple[Key, list[int]]]] = {}
+            for key, p in self._pending.items():
+                by_client.setdefault(key[0], []).append((key, list(p.share.shape)))
+        rounds = itertools.zip_longest(*by_client.values())
+        return [entry for round_ in rounds for entry in round_ if entry is not None]
+
     def _wait_for_work(self, retry: bool) -> None:
         # after an offer nobody could match, poll briefly for the partner shares to arrive
         self._arrived.wait(0.02 if retry else self.heartbeat_s)
         self._arrived.clear()
 
-    def _expire(self, *, before: float, matched: set[str]) -> None:
+    def _expire(self, *, before: float, matched: set[Key]) -> None:
         with self._lock:
             late = [rid for rid, p in self._pending.items() if p.deadline < before and rid not in matched]
             expired = [self._pending.pop(rid) for rid in late]
         for p in expired:
             _settle(p.future, error=TimeoutError("the other compute party never received its share"))
 
-    def _match(self, offered: list[tuple[str, list[int]]]) -> dict[str, list[str]]:
+    def _match(self, offered: list[tuple[Key, list[int]]]) -> dict[str, list[Key]]:
         have, mismatched = [], []
         with self._lock:
-            for rid, shape in offered:
-                if rid in self._pending:
-                    (have if list(self._pending[rid].share.shape) == shape else mismatched).append(rid)
+            for key, shape in offered:
+                if key in self._pending:
+                    (have if list(self._pending[key].share.shape) == shape else mismatched).append(key)
         return {"have": have, "mismatched": mismatched}
 
-    def _fail(self, ids: list[str], error: Exception) -> None:
+    def _fail(self, ids: list[Key], error: Exception) -> None:
         with self._lock:
             failed = [self._pending.pop(rid) for rid in ids if rid in self._pending]
         for p in failed:
             _settle(p.future, error=error)
 
-    def _claim(self, have: list[str], shapes: dict[str, list[int]]) -> list[tuple[str, _Pending]]:
-        """Both parties take the same prefix of ``have`` (the leader's arrival order)."""
+    def _claim(self, have: list[Key], shapes: dict[Key, list[int]]) -> list[tuple[Key, _Pending]]:
+        """Both parties take the same prefix of ``have`` (the leader's round-robin offer order)."""
         batch, images = [], 0
         for rid in have:
             n = shapes[rid][0]
@@ -215,7 +261,7 @@ class BatchEngine:
             return [(rid, self._pending.pop(rid, None) or _Pending(torch.zeros(shapes[rid], dtype=torch.int64), 0.0))
                     for rid in batch]  # fmt: skip
 
-    def _run_batch(self, model: Model, batch: list[tuple[str, _Pending]]) -> None:
+    def _run_batch(self, model: Model, batch: list[tuple[Key, _Pending]]) -> None:
         crypten = crypten_compat.import_crypten()
         start = time.perf_counter()
         shares = torch.cat([p.share for _, p in batch])

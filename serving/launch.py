@@ -33,6 +33,7 @@ class LocalService:
     tls_key: Path | None = None
     max_batch: int = 8
     max_queue: int = 64
+    per_client_queue: int | None = None  # None: the parties' default (a quarter of max_queue)
     share_timeout_s: float = 10.0
     request_timeout_s: float = 60.0
     peer_timeout_s: float = 120.0
@@ -62,9 +63,9 @@ class LocalService:
         rendezvous = f"tcp://{self.host}:{self.rendezvous_port or free_port(self.host)}"
         common = ["--rendezvous", rendezvous, "--host", self.host, *service_argv({
             "tokens_file": self.tokens_file, "tls_cert": self.tls_cert, "tls_key": self.tls_key,
-            "max_batch": self.max_batch, "max_queue": self.max_queue, "share_timeout": self.share_timeout_s,
-            "request_timeout": self.request_timeout_s, "peer_timeout": self.peer_timeout_s,
-            "max_body_mb": self.max_body_mb,
+            "max_batch": self.max_batch, "max_queue": self.max_queue, "per_client_queue": self.per_client_queue,
+            "share_timeout": self.share_timeout_s, "request_timeout": self.request_timeout_s,
+            "peer_timeout": self.peer_timeout_s, "max_body_mb": self.max_body_mb,
         })]  # fmt: skip
         try:
             for party, port in zip(PARTIES, self._ports):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from models import build_model
+from models import architecture
 from mpc import crypten_compat
 from mpc.compile import compile_model
 from serving.app import compute_app, health_app
@@ -51,13 +51,13 @@ def _setup(rank: int, ckpt: Checkpoint | None, max_batch: int, timeout_s: float)
     if ckpt is not None:
         prep = ckpt.preprocessing
         card = ModelCard(ckpt.model_name, ckpt.classes, 1, prep.image_size, prep.mean, prep.std, FRACTIONAL_BITS, max_batch)
-        model = ckpt.build()
+        program = compile_model(ckpt.build(), input_range=prep.valid_range(), fractional_bits=FRACTIONAL_BITS)
     else:
-        card, model = None, None
+        card, program = None, None
     card = ModelCard.from_dict(crypten.communicator.get().broadcast_obj(card and card.to_dict(), LEADER))
-    if model is None:
-        model = build_model(card.model_name, len(card.classes))  # the public architecture, never its weights
-    program = compile_model(model)
+    if program is None:  # the public architecture, never its weights
+        program = compile_model(architecture(card.model_name, len(card.classes)))
+    program.publish_bounds(src=LEADER)
     weights = {
         k: crypten_compat.encrypt(v if rank == LEADER else torch.zeros_like(v), src=LEADER)
         for k, v in sorted(program.parameters.items())
@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--tls-cert and --tls-key go together")
     if a.role == "model-owner" and a.model is None:
         p.error("the model owner needs --model CKPT")
-    if a.max_batch < 1 or a.max_queue < 1:
-        p.error("--max-batch and --max-queue must be at least 1")
+    if a.max_batch < 1 or a.max_queue < 1 or (a.per_client_queue is not None and a.per_client_queue < 1):
+        p.error("--max-batch, --max-queue and --per-client-queue must be at least 1")
 
     rank = ROLES[a.role]
     ckpt = Checkpoint.load(a.model) if rank == LEADER else None  # a bad checkpoint fails here, before serving
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         app = health_app("dealer", lambda: (thread.is_alive(), failure[0] if failure else "dealing"))
     else:
         tokens = load_tokens(a.tokens_file)
-        engine = BatchEngine(rank=rank, max_batch=a.max_batch, max_queue=a.max_queue,
+        engine = BatchEngine(rank=rank, max_batch=a.max_batch, max_queue=a.max_queue, per_client_queue=a.per_client_queue,
                              heartbeat_s=min(5.0, a.peer_timeout / 4))  # fmt: skip
         app = compute_app(a.role, engine, tokens=tokens, share_timeout_s=a.share_timeout, request_timeout_s=a.request_timeout,
                           max_body_bytes=int(a.max_body_mb * 2**20))  # fmt: skip

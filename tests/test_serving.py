@@ -30,13 +30,18 @@ from imaging.transforms import Preprocessing
 from models import build_model
 from mpc import sharing
 from serving.client import PredictionClient, ServiceError
-from serving.launch import LocalService
+from serving.engine import LEADER, BatchEngine
+from serving.launch import PARTIES, LocalService
+from serving.wire import decode_tensor
 from training.checkpoint import Checkpoint
 from training.local import TrainConfig, train
 
 pytestmark = pytest.mark.slow
 TOKEN = "test-token-" + uuid.uuid4().hex
+OTHER = "other-token-" + uuid.uuid4().hex  # a second and a third client
+THIRD = "third-token-" + uuid.uuid4().hex
 SIZE = 64
+QUEUE, QUOTA = 12, 6  # requests waiting at a party: in all, and from one client
 
 
 @pytest.fixture(scope="module")
@@ -54,13 +59,14 @@ def checkpoint(tmp_path_factory, chest_xray) -> Path:
 @pytest.fixture(scope="module")
 def tokens_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tokens") / "tokens"
-    path.write_text(f"some-other-client\n{TOKEN}\n")
+    path.write_text(f"{OTHER}\n{TOKEN}\n{THIRD}\n")
     return path
 
 
 @pytest.fixture(scope="module")
 def service(checkpoint, tokens_file):
-    with LocalService(checkpoint, tokens_file, share_timeout_s=3, max_body_mb=1, max_batch=8, max_queue=8) as svc:
+    with LocalService(checkpoint, tokens_file, share_timeout_s=3, max_body_mb=1, max_batch=8, max_queue=QUEUE,
+                      per_client_queue=QUOTA) as svc:  # fmt: skip
         yield svc
 
 
@@ -102,6 +108,10 @@ def test_concurrent_single_image_requests_share_encrypted_passes(service, val_im
 def _events(service: LocalService, party: str) -> list[dict]:
     lines = service.log_file(party).read_text().splitlines()
     return [json.loads(line) for line in lines if line.startswith("{")]
+
+
+def _auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
 
 
 def _body(shape: list[int], request_id: str | None = None, share: torch.Tensor | None = None, dtype: str = "int64") -> dict:
@@ -156,10 +166,12 @@ def test_each_bad_input_gets_a_clear_error_and_the_service_keeps_answering(servi
         assert r.status_code == 504
         still_works()
 
-        # a full queue: more unmatched shares than it holds are turned away at once
-        with ThreadPoolExecutor(10) as pool:
-            codes = sorted(r.status_code for r in pool.map(lambda _: post(0, json=_body(one)), range(10)))
-        assert codes == [429, 429] + [504] * 8
+        # a full queue: more unmatched shares than it holds are turned away at once (from three
+        # clients, as one alone may hold only half of it)
+        senders = [TOKEN] * QUOTA + [OTHER] * QUOTA + [THIRD] * 2
+        with ThreadPoolExecutor(len(senders)) as pool:
+            codes = sorted(r.status_code for r in pool.map(lambda t: post(0, json=_body(one), headers=_auth(t)), senders))
+        assert codes == [429, 429] + [504] * QUEUE
         still_works()
 
         # an oversized body is refused before it is read
@@ -185,6 +197,86 @@ def test_clients_without_a_valid_token_get_401_and_touch_nothing(service):
     assert httpx.get(f"{service.urls[0]}/health").json()["status"] == "alive"
     assert httpx.get(f"{service.urls[1]}/ready").json()["ready"] is True
     assert "/v1/predict" in httpx.get(f"{service.urls[0]}/openapi.json").json()["paths"]
+
+
+def _shared_bodies(x: torch.Tensor, request_id: str) -> list[dict]:
+    """What PredictionClient sends each party, under a request id of the caller's choosing."""
+    shares = sharing.split(sharing.encode(x, 16), 2)
+    return [_body(list(x.shape), request_id, sharing.share_of(shares, i).view(x.shape)) for i in range(2)]
+
+
+def _post(service: LocalService, party: int, token: str, body: dict) -> httpx.Response:
+    return httpx.post(f"{service.urls[party]}/v1/predict", json=body, headers=_auth(token), timeout=30)
+
+
+def _reconstruct(answers: list[httpx.Response]) -> torch.Tensor:
+    parts = [decode_tensor(a.json()["logits_share"], a.json()["shape"], "int64", what="logits") for a in answers]
+    return sharing.decode(sharing.reconstruct(parts), 16)
+
+
+def test_two_clients_using_one_request_id_each_get_their_own_prediction(service, checkpoint, val_images):
+    with PredictionClient(service.urls, TOKEN) as client:
+        x = client.preprocess(val_images[:2])
+    request_id = "same-" + uuid.uuid4().hex
+    bodies = {TOKEN: _shared_bodies(x[:1], request_id), OTHER: _shared_bodies(x[1:], request_id)}
+    with ThreadPoolExecutor(4) as pool:
+        # both clients' shares wait at party 0 under the one id before either partner share arrives
+        first = {t: pool.submit(_post, service, 0, t, bodies[t][0]) for t in bodies}
+        time.sleep(0.5)
+        second = {t: pool.submit(_post, service, 1, t, bodies[t][1]) for t in bodies}
+        answers = {t: [first[t].result(), second[t].result()] for t in bodies}
+    for token, want in zip(bodies, _plaintext(checkpoint, x)):
+        assert [a.status_code for a in answers[token]] == [200, 200], [a.text for a in answers[token]]
+        assert (_reconstruct(answers[token])[0] - want).abs().max() < 0.05
+
+
+def test_a_client_over_its_quota_gets_429_and_others_are_still_served(service, checkpoint, val_images):
+    one = [1, 1, SIZE, SIZE]
+    with ThreadPoolExecutor(QUEUE) as pool, PredictionClient(service.urls, TOKEN) as client:
+        x = client.preprocess(val_images[:1])
+        # as many unmatched shares as the whole queue holds, from one client
+        flood = [pool.submit(_post, service, 0, OTHER, _body(one)) for _ in range(QUEUE)]
+        time.sleep(0.5)
+        logits = client.logits(x)
+        answers = [f.result() for f in flood]
+    assert sorted(a.status_code for a in answers) == [429] * (QUEUE - QUOTA) + [504] * QUOTA
+    assert all(f"per-client quota is {QUOTA}" in a.json()["detail"] for a in answers if a.status_code == 429)
+    assert (logits - _plaintext(checkpoint, x)).abs().max() < 0.05
+
+
+def test_offers_take_turns_across_clients():
+    engine = BatchEngine(rank=LEADER, max_batch=8, max_queue=8, per_client_queue=8, heartbeat_s=1.0)
+    engine._ready = True  # no CrypTen: only the queue is under test
+    share = torch.zeros(1, 1, 2, 2, dtype=torch.int64)
+    for client, request_id in [("a", "1"), ("a", "2"), ("a", "3"), ("b", "1"), ("c", "1"), ("b", "2")]:
+        engine.submit(request_id, share, 10.0, client=client)
+    assert [key for key, _ in engine._offer()] == [("a", "1"), ("b", "1"), ("c", "1"), ("a", "2"), ("b", "2"), ("a", "3")]
+
+
+def test_tokens_never_appear_in_logs_or_error_messages(service, val_images):
+    one = [1, 1, SIZE, SIZE]
+    with PredictionClient(service.urls, TOKEN) as client:
+        x = client.preprocess(val_images[:1])
+    served = _shared_bodies(x, uuid.uuid4().hex)
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda i: _post(service, i, TOKEN, served[i]), (0, 1)))
+    # from another client: a quota's worth unmatched (504), then a duplicate (409) and one over the quota (429)
+    dup = _body(one)
+    with ThreadPoolExecutor(QUOTA + 2) as pool:
+        waiting = [pool.submit(_post, service, 0, OTHER, b) for b in [dup] + [_body(one) for _ in range(QUOTA - 1)]]
+        time.sleep(0.5)
+        answers += pool.map(lambda b: _post(service, 0, OTHER, b), [dup, _body(one)])
+        answers += [f.result() for f in waiting]
+    invalid = {**_body(one), "dtype": "float32"}
+    answers += [_post(service, 1, THIRD, invalid), _post(service, 1, TOKEN + "x", _body(one))]
+    assert sorted(a.status_code for a in answers) == [200, 200, 401, 409, 422, 429] + [504] * QUOTA
+    # each client is known by one id, the same at both parties, that is not its token
+    requests = [e for p in ("model-owner", "compute") for e in _events(service, p) if e["event"] == "request"]
+    ids = [{e["client"] for e in requests if e["request_id"] == body["request_id"]} for body in (served[0], dup, invalid)]
+    assert [len(i) for i in ids] == [1, 1, 1] and len(set().union(*ids)) == 3
+    texts = [a.text + str(a.headers) for a in answers] + [service.log_file(p).read_text() for p in PARTIES]
+    for token in (TOKEN, OTHER, THIRD):
+        assert not any(token in text for text in texts)
 
 
 class RecordingProxy:
@@ -259,7 +351,7 @@ def test_logs_never_hold_shares(service, val_images):
     for party in ("model-owner", "compute", "dealer"):
         text = service.log_file(party).read_text()
         for event in _events(service, party):
-            assert set(event) <= {"ts", "event", "party", "request_id", "status", "ms", "images", "batch_images",
+            assert set(event) <= {"ts", "event", "party", "client", "request_id", "status", "ms", "images", "batch_images",
                                   "requests", "seconds", "model", "max_batch", "role", "host", "port", "tls",
                                   "path", "bytes", "error"}  # fmt: skip
         assert not any(f in text for f in fragments)
