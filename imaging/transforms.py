@@ -40,6 +40,10 @@ class Preprocessing:
             )
         return (images.float() / 255 - self.mean) / self.std
 
+    def valid_range(self) -> tuple[float, float]:
+        """The smallest and largest value an input element can take (black and white pixels)."""
+        return (0 - self.mean) / self.std, (1 - self.mean) / self.std
+
     def read(self, paths: Sequence[str | Path]) -> torch.Tensor:
         """Image files as model input: greyscale, resized, normalised (a batch)."""
         return self(torch.stack([read_image(p, self.image_size) for p in paths]))

@@ -1,4 +1,4 @@
-"""ReLU's secure comparison for two parties: the sign bit on a 40-bit sub-ring, bit-sliced.
+"""ReLU's secure comparison for two parties: the sign bit on a sub-ring sized from a proven bound, bit-sliced.
 
 CrypTen finds the sign of a shared ``x = x0 + x1`` by converting both shares to
 binary and adding them with a full 64-bit parallel-prefix adder: 6 levels of
@@ -6,9 +6,11 @@ Beaver ANDs, each opening two 64-bit words per element and party. Three
 observations make it several times cheaper:
 
 * **Smaller ring.** For ``|x| < 2^(L-1)`` (fixed-point units) the sign of ``x`` is
-  bit L-1 of ``(x0 + x1) mod 2^L``, and reducing a share mod 2^L is local. With
-  L = 40 and 16 fractional bits that covers ``|x| < 2^23`` (8.4 million), far
-  beyond any activation here (max-pooling pads with -2^20).
+  bit L-1 of ``(x0 + x1) mod 2^L``, and reducing a share mod 2^L is local. Outside
+  that range the sign is wrong (with L = 40 and 16 fractional bits, 1.2e7 came out
+  positive-as-zero), so each call names its L: mpc.bounds derives it from a proven
+  bound on the compared values, and L = 64 (the default) is exact for every ring
+  element, as a client's unchecked input needs (:func:`clamp`).
 * **Only one carry.** The sign is ``a_{L-1} ^ b_{L-1} ^ c``, where ``c`` is the
   carry into bit L-1: a prefix *reduction* over bits 0..L-2 of (generate,
   propagate) pairs, halving the groups at each of ceil(log2(L-1)) levels.
@@ -31,26 +33,48 @@ import torch
 
 from mpc import crypten_compat
 
-RING_BITS = 40
+FULL_RING = 64
 
 
-def relu(x: Any) -> Any:
-    """ReLU of a CrypTen MPCTensor; two CPU parties use the bit-sliced sign test, others CrypTen's."""
+def relu(x: Any, *, bits: int = FULL_RING) -> Any:
+    """ReLU of a CrypTen MPCTensor whose values (fixed-point units) are known to lie in
+    [-2^(bits-1), 2^(bits-1)); exact for any value with ``bits=64``. Two CPU parties use the
+    bit-sliced sign test, others CrypTen's (always on the full ring)."""
+    if not 2 <= bits <= FULL_RING:
+        raise ValueError(f"comparison ring bits must be in 2..{FULL_RING}, got {bits}")
     crypten = crypten_compat.import_crypten()
     share = x._tensor.share
     if crypten.communicator.get().get_world_size() != 2 or share.is_cuda:
         return x.relu()
-    return x * (1 - _ltz(x))
+    return x * (1 - _ltz(x, bits))
 
 
-def _ltz(x: Any) -> Any:
+def clamp(x: Any, low: float, high: float) -> Any:
+    """``min(max(x, low), high)`` for every ring element ``x`` (its signed value), ``low <= 0 <= high``.
+
+    A client may send shares of anything, so ``x - high`` could wrap around the ring. Split
+    instead: ``p = relu(x)`` and ``n = relu(-x)`` are in [0, 2^63), so ``p - high`` and ``n + low``
+    cannot wrap, and ``x`` clamped is ``min(p, high) - min(n, -low)``. Two batched full-ring
+    comparisons. The one exception is -2^63, whose negation wraps to itself: it gives 0, still
+    inside [low, high].
+    """
+    if not low <= 0 <= high:
+        raise ValueError(f"clamp needs low <= 0 <= high, got [{low}, {high}]")
+    crypten = crypten_compat.import_crypten()
+    parts = relu(crypten.stack([x, -x]))
+    p, n = parts[0], parts[1]
+    excess = relu(crypten.stack([p - high, n + low]))
+    return (p - excess[0]) - (n - excess[1])
+
+
+def _ltz(x: Any, bits: int) -> Any:
     """``[x < 0]`` as an arithmetic MPCTensor (scale 1)."""
     crypten = crypten_compat.import_crypten()
     from crypten.mpc.primitives import beaver
     from crypten.mpc.primitives.binary import BinarySharedTensor
 
     share = x._tensor.share
-    sign = _sign_share(share, crypten.communicator.get().get_rank())
+    sign = _sign_share(share, crypten.communicator.get().get_rank(), bits)
     arithmetic = beaver.B2A_single_bit(BinarySharedTensor.from_shares(sign))
     return crypten.mpc.MPCTensor.from_shares(arithmetic.share, precision=0)
 
@@ -62,9 +86,8 @@ def _and(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (BinarySharedTensor.from_shares(x) & BinarySharedTensor.from_shares(y)).share
 
 
-def _sign_share(share: torch.Tensor, rank: int) -> torch.Tensor:
-    """This party's XOR-share (int64 0/1, ``share``'s shape) of the sign bits of the shared values."""
-    bits = RING_BITS
+def _sign_share(share: torch.Tensor, rank: int, bits: int) -> torch.Tensor:
+    """This party's XOR-share (int64 0/1, ``share``'s shape) of bit ``bits - 1`` of the shared values."""
     planes = bit_planes(share, bits)
     zero = torch.zeros_like(planes[: bits - 1])
     own = planes[: bits - 1]

@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from mpc import comparison, crypten_compat
+from mpc import bounds, comparison, crypten_compat
 
 
 class UnsupportedLayer(ValueError):
@@ -101,13 +101,46 @@ class Step:
 
 
 @dataclass
+class ComparisonSite:
+    """One place the program compares shared values: the ring it compares them on (public), and for
+    max-pooling the padding value, below every value there (used by the model owner, party 0, only)."""
+
+    node: str
+    pools: bool = False  # max-pooling, which compares differences of two values
+    bits: int = comparison.FULL_RING
+    pad: float = -(2.0**20)
+
+
+@dataclass
 class Program:
     steps: list[Step]
     input_name: str
     output_name: str
     parameters: dict[str, torch.Tensor]  # plaintext on the model owner, zeros of the same shape elsewhere
+    sites: list[ComparisonSite]
+    # the input's valid range, clamped to inside MPC before anything else (None: not clamped)
+    input_range: tuple[float, float] | None = None
+    bounds_proven: bool = False  # every comparison's values provably fit its ring
+
+    def publish_bounds(self, *, src: int) -> None:
+        """Party ``src`` (the model owner, who derived them from the weights) tells the others the
+        input range, each comparison's ring and whether the bounds are proven: all public."""
+        crypten = crypten_compat.import_crypten()
+        mine = {"input_range": self.input_range, "bits": [s.bits for s in self.sites], "proven": self.bounds_proven}
+        public = crypten.communicator.get().broadcast_obj(mine, src)
+        if len(public["bits"]) != len(self.sites):
+            raise ValueError(f"party {src} compiled {len(public['bits'])} comparisons, this party {len(self.sites)}")
+        if any(not 2 <= bits <= comparison.FULL_RING for bits in public["bits"]):
+            raise ValueError(f"party {src} sent comparison rings outside 2..64 bits: {public['bits']}")
+        if public["input_range"] is None or not public["input_range"][0] <= 0 <= public["input_range"][1]:
+            raise ValueError(f"party {src} sent no valid input range to clamp to: {public['input_range']}")
+        self.input_range, self.bounds_proven = public["input_range"], public["proven"]
+        for site, bits in zip(self.sites, public["bits"]):
+            site.bits = bits
 
     def run(self, x: Any, encrypted_params: dict[str, Any]) -> Any:
+        if self.input_range is not None:
+            x = comparison.clamp(x, *self.input_range)
         values: dict[str, Any] = {self.input_name: x}
         for step in self.steps:
             values[step.name] = step.fn(*[values[i] for i in step.inputs], params=encrypted_params)
@@ -210,18 +243,18 @@ def _linear(key: str, has_bias: bool) -> Callable[..., Any]:
     return fn
 
 
-def _module_step(key: str, mod: nn.Module) -> Callable[..., Any]:
+def _module_step(key: str, mod: nn.Module, site: ComparisonSite) -> Callable[..., Any]:
     if isinstance(mod, nn.Conv2d):
         return Conv(mod, key)
     if isinstance(mod, nn.Linear):
         return _linear(key, mod.bias is not None)
     if isinstance(mod, nn.ReLU):
-        return lambda x, params: comparison.relu(x)
+        return lambda x, params: comparison.relu(x, bits=site.bits)
     if isinstance(mod, nn.MaxPool2d):
         if mod.dilation not in (1, (1, 1)) or mod.ceil_mode:
             raise UnsupportedLayer(f"layer {key!r}: MaxPool2d with dilation or ceil_mode")
         k, s, p = (_pair(v) for v in (mod.kernel_size, mod.stride or mod.kernel_size, mod.padding))
-        return lambda x, params: max_pool2d(x, k, s, p)
+        return lambda x, params: max_pool2d(x, k, s, p, bits=site.bits, pad=site.pad)
     if isinstance(mod, nn.AvgPool2d):
         k, s, p = mod.kernel_size, mod.stride, mod.padding
         return lambda x, params: x.avg_pool2d(k, stride=s, padding=p)
@@ -245,26 +278,27 @@ def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (v[0], v[1])
 
 
-# below any activation, so padding never wins a window; small enough for exact comparisons
-_POOL_PAD = -(2.0**20)
-
-
-def max_pool2d(x: Any, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int]) -> Any:
+def max_pool2d(
+    x: Any, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+    *, bits: int = comparison.FULL_RING, pad: float = -(2.0**20),
+) -> Any:  # fmt: skip
     """Max pooling on shares, separably: over each window's columns, then over its rows.
 
     CrypTen's max_pool2d also computes the one-hot argmax of every window (pairwise, k^2 (k^2-1)
     comparisons for a k x k window, for the backward pass) and was 73 % of ResNet-18's online
     bytes at 224 px. Here a 3x3, stride-2 window costs 2 comparisons per column-pass output and
     2 per output, each ``max(a, b) = b + relu(a - b)`` (mpc.comparison), batched level by level.
+    Padding takes the value ``pad``, which must lie below every value of ``x``, and every
+    difference of two values must fit the ``bits``-bit comparison ring.
     """
     if x._tensor.share.is_cuda:  # the GPU path keeps CrypTen's, as measured on the H100
         return x.max_pool2d(kernel, padding=padding, stride=stride)
     if any(padding):
-        x = x.pad((padding[1], padding[1], padding[0], padding[0]), value=_POOL_PAD)
-    return _window_max(_window_max(x, 3, kernel[1], stride[1]), 2, kernel[0], stride[0])
+        x = x.pad((padding[1], padding[1], padding[0], padding[0]), value=pad)
+    return _window_max(_window_max(x, 3, kernel[1], stride[1], bits), 2, kernel[0], stride[0], bits)
 
 
-def _window_max(x: Any, dim: int, k: int, s: int) -> Any:
+def _window_max(x: Any, dim: int, k: int, s: int, bits: int) -> Any:
     n = (x.size(dim) - k) // s + 1
     index: list[slice] = [slice(None)] * x.dim()
     views = []
@@ -275,15 +309,15 @@ def _window_max(x: Any, dim: int, k: int, s: int) -> Any:
     while len(views) > 1:  # a tree: one batched comparison per level
         half = len(views) // 2
         a, b = crypten.stack(views[:half]), crypten.stack(views[half : 2 * half])
-        pairs = b + comparison.relu(a - b)
+        pairs = b + comparison.relu(a - b, bits=bits)
         views = [pairs[i] for i in range(half)] + views[2 * half :]
     return views[0]
 
 
-def _function_step(node: fx.Node) -> Callable[..., Any]:
+def _function_step(node: fx.Node, site: ComparisonSite) -> Callable[..., Any]:
     target = node.target
     if target in (torch.relu, torch.nn.functional.relu):
-        return lambda x, params: comparison.relu(x)
+        return lambda x, params: comparison.relu(x, bits=site.bits)
     if target in (operator.add, torch.add):
         return lambda a, b, params: a + b
     if target is torch.flatten:
@@ -292,11 +326,17 @@ def _function_step(node: fx.Node) -> Callable[..., Any]:
     raise UnsupportedLayer(f"operation {getattr(target, '__name__', target)!r} (node {node.name}) is not supported")
 
 
-def compile_model(model: nn.Module) -> Program:
-    """Prepare (fold BatchNorm, reorder ReLU/max-pool), trace, and map every node to a CrypTen operation."""
+def compile_model(model: nn.Module, *, input_range: tuple[float, float] | None = None, fractional_bits: int = 16) -> Program:
+    """Prepare (fold BatchNorm, reorder ReLU/max-pool), trace, and map every node to a CrypTen operation.
+
+    The model owner passes ``input_range`` (the preprocessed input's valid range): every
+    comparison's ring is then sized from the bounds its weights prove (mpc.bounds), for
+    ``fractional_bits`` of fixed point, and shared with the others by :meth:`Program.publish_bounds`.
+    """
     gm = prepare(model)
     modules = dict(gm.named_modules())
     steps: list[Step] = []
+    sites: list[ComparisonSite] = []
     input_name = output_name = ""
     for node in gm.graph.nodes:
         if node.op == "placeholder":
@@ -305,13 +345,39 @@ def compile_model(model: nn.Module) -> Program:
             input_name = node.name
         elif node.op == "output":
             output_name = node.args[0].name
-        elif node.op == "call_module":
-            fn = _module_step(node.target, modules[node.target])
-            steps.append(Step(node.name, fn, [a.name for a in node.args if isinstance(a, fx.Node)]))
-        elif node.op == "call_function":
-            fn = _function_step(node)
+        elif node.op in ("call_module", "call_function"):
+            site = ComparisonSite(node.name, pools=_pools(node, modules))
+            if node.op == "call_module":
+                fn = _module_step(node.target, modules[node.target], site)
+            else:
+                fn = _function_step(node, site)
+            if site.pools or _is_relu(node, modules):
+                sites.append(site)
             steps.append(Step(node.name, fn, [a.name for a in node.args if isinstance(a, fx.Node)]))
         else:
             raise UnsupportedLayer(f"node {node.name} ({node.op} {node.target}) is not supported")
     params = {k: v.detach().clone() for k, v in gm.state_dict().items() if k.endswith((".weight", ".bias"))}
-    return Program(steps, input_name, output_name, params)
+    program = Program(steps, input_name, output_name, params, sites)
+    if input_range is not None:
+        _size_comparisons(program, gm, input_range, fractional_bits)
+    return program
+
+
+def _pools(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    return node.op == "call_module" and isinstance(modules[node.target], nn.MaxPool2d)
+
+
+def _size_comparisons(
+    program: Program, gm: fx.GraphModule, input_range: tuple[float, float], fractional_bits: int
+) -> None:
+    low, high = input_range
+    node_bound = bounds.activation_bounds(gm, max(-low, high))
+    inputs = {n.name: n.args[0].name for n in gm.graph.nodes if n.op in ("call_module", "call_function")}
+    proven = True
+    for site in program.sites:
+        value = node_bound[inputs[site.node]]
+        compared = 2 * value if site.pools else value
+        site.bits = bounds.ring_bits(compared, fractional_bits=fractional_bits)
+        proven &= bounds.fits(compared, fractional_bits=fractional_bits)
+        site.pad = -min(value, 2.0 ** (comparison.FULL_RING - fractional_bits - 3))
+    program.input_range, program.bounds_proven = (float(low), float(high)), proven

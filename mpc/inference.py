@@ -43,10 +43,11 @@ def encrypted_forward(
     if rank == MODEL_OWNER:
         from training.checkpoint import Checkpoint
 
-        model = Checkpoint.load(checkpoint).build()
-    else:
-        model = architecture(model_name, num_classes)  # the public architecture; its weights are never used
-    program = compile_model(model)
+        ckpt = Checkpoint.load(checkpoint)
+        program = compile_model(ckpt.build(), input_range=ckpt.preprocessing.valid_range())
+    else:  # the public architecture; its weights are never used
+        program = compile_model(architecture(model_name, num_classes))
+    program.publish_bounds(src=MODEL_OWNER)
     weights = {
         k: crypten_compat.encrypt((v if rank == MODEL_OWNER else torch.zeros_like(v)).to(device), src=MODEL_OWNER)
         for k, v in sorted(program.parameters.items())
@@ -68,7 +69,8 @@ def encrypted_forward(
         return None  # the model owner learns nothing about the result
     return {
         "logits": logits.cpu(), "online_s": online_s, "offline_s": offline_s, "device": device,
-        "prepared_convs": program.prepared_runs, **traffic,
+        "prepared_convs": program.prepared_runs, "comparison_bits": [site.bits for site in program.sites],
+        "bounds_proven": program.bounds_proven, **traffic,
     }  # fmt: skip
 
 
@@ -105,10 +107,12 @@ def run_inference(
 
 def random_model_and_input(model_name: str, image_size: int, batch: int, seed: int) -> tuple[torch.nn.Module, torch.Tensor]:
     """A benchmark model (random weights, non-trivial BatchNorm statistics, so that folding is
-    really exercised) and a random input batch, the same on every party for the same seed."""
+    really exercised) and a batch of random valid inputs (uniform pixels normalised with
+    mean 0.5, std 0.25: in [-2, 2], as the benchmarks' checkpoints declare), the same on every
+    party for the same seed."""
     g = torch.Generator().manual_seed(seed)
     model = randomise_batchnorm(build_model(model_name, 3, seed=seed), g)
-    return model, torch.randn(batch, 1, image_size, image_size, generator=g)
+    return model, (torch.rand(batch, 1, image_size, image_size, generator=g) - 0.5) / 0.25
 
 
 def randomise_batchnorm(model: torch.nn.Module, generator: torch.Generator) -> torch.nn.Module:

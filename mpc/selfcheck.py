@@ -39,7 +39,54 @@ def arithmetic(*, rank: int, world_size: int, size: int = 16, seed: int = 0) -> 
         # large magnitudes exercise the top bits of the 40-bit comparison ring
         "relu_wide": (comparison.relu((x - y) * WIDE) / WIDE).get_plain_text(),
         "maxpool": torch.cat([max_pool2d(image, *config).get_plain_text().flatten() for config in POOLS]),
-    }
+        **{f"relu_edges_{bits}": _revealed(comparison.relu(_shared(edge_values(bits)), bits=bits))
+           for bits in EDGE_BITS},
+        "clamp": _revealed(comparison.clamp(_shared(CLAMP_VALUES), *CLAMP_RANGE)),
+        # one step past a 40-bit ring's edge, and 1.2e7: signs a 40-bit ring gets wrong (a control)
+        "relu_beyond_40": _revealed(comparison.relu(_shared(BEYOND_40), bits=40)),
+    }  # fmt: skip
+
+
+# comparison rings: below CrypTen's encoding, the smallest the bounds of a small CNN give, the full ring
+EDGE_BITS = (12, 21, 40, 64)
+CLAMP_RANGE = (-2.0, 3.0)
+_UNIT = 2**16  # CrypTen's fixed-point scale
+# ring elements a client could send: both ends of the ring, the value the 40-bit ring used to
+# get wrong (1.2e7), and both edges of the clamp range with their neighbours
+CLAMP_VALUES = torch.tensor(
+    [-(2**63), -(2**63) + 1, 2**63 - 1, -1, 0, 1, 12_000_000 * _UNIT, -12_000_000 * _UNIT,
+     -2 * _UNIT - 1, -2 * _UNIT, 3 * _UNIT, 3 * _UNIT + 1],
+)  # fmt: skip
+
+
+BEYOND_40 = torch.tensor([2**39, 12_000_000 * _UNIT])
+
+
+def edge_values(bits: int) -> torch.Tensor:
+    """The ends of the signed range a ``bits``-bit comparison ring proves correct, and around 0."""
+    top = 2 ** (bits - 1)
+    return torch.tensor([-top, -top + 1, -1, 0, 1, top - 1], dtype=torch.int64)
+
+
+def _shared(ring: torch.Tensor) -> Any:
+    """Party 0's public ring elements, shared with a random sharing of zero (not as 0 and v)."""
+    crypten = crypten_compat.import_crypten()
+    from crypten.mpc.primitives import ArithmeticSharedTensor
+
+    zero = ArithmeticSharedTensor.PRZS(ring.size()).share
+    share = zero + ring if crypten.communicator.get().get_rank() == 0 else zero
+    return crypten.mpc.MPCTensor.from_shares(share, precision=16)
+
+
+def _revealed(x: Any) -> torch.Tensor:
+    return x._tensor.reveal()
+
+
+def mismatch(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest error (float results) or number of differing ring elements (int64 results)."""
+    if want.dtype == torch.int64:
+        return float((got != want).sum())
+    return float((got - want).abs().max())
 
 
 WIDE = 2**18  # an integer: scaling by it is exact on shares
@@ -61,6 +108,8 @@ def expected(world_size: int, size: int = 16, seed: int = 0) -> dict[str, torch.
     return {
         "sum": sum(inputs), "product": x * y, "relu": torch.relu(x - y),
         "relu_wide": torch.relu(x - y), "maxpool": pools,
+        **{f"relu_edges_{bits}": edge_values(bits).clamp(min=0) for bits in EDGE_BITS},
+        "clamp": torch.where(CLAMP_VALUES == -(2**63), 0, CLAMP_VALUES.clamp(*(int(v * _UNIT) for v in CLAMP_RANGE))),
     }  # fmt: skip
 
 

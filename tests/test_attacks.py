@@ -8,8 +8,8 @@ legitimately know (tests/party_hooks/views.py). The attacks:
   words of that party's dealer stream (rank 1 sees ``b0``, rank 0 sees ``a1``).
 * If the stream is MT19937 (stock CrypTen), 624 outputs give its state, and replaying
   it yields every later draw: the weight masks of the prepared convolutions
-  (``W = (W - b) + b0 + b1``, rank 1 recovers the weights) and the first convolution's
-  input mask (``x = (x - a) + a0 + a1``, rank 0 recovers the image).
+  (``W = (W - b) + b0 + b1``, rank 1 recovers the weights) and the mask of the first
+  product on the image (``x = (x - a) + a0 + a1``, rank 0 recovers the image).
 
 With ChaCha20 streams (mpc.streams) the same attacks must find nothing; the control
 runs the very same protocol with MT19937 streams (tests/party_hooks/weak_stream.py)
@@ -119,12 +119,14 @@ def steal_conv_weights(view: dict, weight_shapes: set[torch.Size]) -> dict[torch
 
 
 def steal_image(view: dict, image_shape: torch.Size) -> torch.Tensor | None:
-    """Rank 0: the first convolution's opened ``x - a`` plus ``a0`` (its own) and ``a1`` (replayed)."""
+    """Rank 0: the first product on the image (the input clamp's ``relu([x, -x])``) opens
+    ``[x, -x] - a``; add ``a0`` (its own) and ``a1`` (replayed)."""
     future = mersenne.replay(_peer_outputs(view, attacker=0), FUTURE)
-    eps = next(r for r in view["opened"] if not r["xor"] and [t.shape for t in r["opened"]] == [image_shape])
+    openings = [r for r in view["opened"] if not r["xor"] and r["opened"][0].shape == (2, *image_shape)]
+    online = openings[len(openings) // 2 :]  # the offline pass ran the same steps on a placeholder
     x0 = [s for s in view["own_shares"] if s.shape == image_shape][-1]  # the real image, after the placeholder
-    # mine = x0 - a0, so x = eps + a0 + a1 = eps + x0 - mine + a1
-    return _unmask(eps["opened"][0] + x0 - eps["mine"][0], future)
+    # mine = x0 - a0 (first half), so x = eps + a0 + a1 = eps + x0 - mine + a1
+    return _unmask(online[0]["opened"][0][0] + x0 - online[0]["mine"][0][0], future)
 
 
 def predicts_peer_stream(view: dict, attacker: int) -> bool:
@@ -174,13 +176,21 @@ def test_both_runs_computed_the_right_logits(trained_checkpoint, images, chacha_
         assert (views[1]["result"]["logits"] - plain).abs().max() < 0.05
 
 
-def test_every_generator_is_a_chacha20_stream_with_a_256_bit_key():
+def test_every_generator_is_a_chacha20_stream_with_a_256_bit_key_of_its_own():
     with pytest.MonkeyPatch.context() as mp:
         _party_env(mp)
-        kinds = run_crypten_job("views:generator_kinds", world_size=2, timeout_s=60)
-    for party in kinds:
-        assert set(party) >= {"prev/cpu", "next/cpu", "local/cpu", "global/cpu", "dealer/cpu"}
-        assert set(party.values()) == {"ChaChaStream"}
+        parties = run_crypten_job("views:generator_kinds", world_size=2, timeout_s=60)
+    for party in parties:
+        assert set(party) == {"prev", "next", "local", "global", "dealer"}
+        assert {kind for kind, _ in party.values()} == {"ChaChaStream"}
+    words = [{name: w for name, (_, w) in party.items()} for party in parties]
+    # two parties: each one's "next" stream is the other's "prev"; "global" is common
+    assert words[0]["next"] == words[1]["prev"] and words[1]["next"] == words[0]["prev"]
+    assert words[0]["global"] == words[1]["global"]
+    # and nothing else repeats: no key is reused for another purpose or another party
+    distinct = {words[0][n] for n in ("prev", "next", "local", "global", "dealer")}
+    distinct |= {words[1][n] for n in ("local", "dealer")}
+    assert len(distinct) == 7
     assert 8 * streams.KEY_BYTES >= 128 and 8 * prg.SEED_BYTES >= 128
     for short in (bytes(8), bytes(16), bytes(31)):  # CrypTen's seeds were 64 bits
         with pytest.raises(ValueError, match="256 bits"):
@@ -195,3 +205,23 @@ def test_encrypted_inference_draws_nothing_from_torch_or_numpy_generators(traine
         mp.setenv("MEDMPC_TEST_STREAM", "mt19937")  # control: the guard catches a torch generator
         with pytest.raises(PartyError, match="not a CSPRNG"):
             run_inference(str(trained_checkpoint), images, timeout_s=120)
+
+
+def test_a_service_request_draws_nothing_from_torch_or_numpy_generators(trained_checkpoint, chest_xray, tmp_path):
+    from serving.client import PredictionClient
+    from serving.launch import LocalService
+
+    token = prg.new_seed().hex()
+    tokens = tmp_path / "tokens"
+    tokens.write_text(token + "\n")
+    image = sorted((chest_xray / "val" / "NORMAL").iterdir())[0]
+    with pytest.MonkeyPatch.context() as mp:
+        _party_env(mp, MEDMPC_TEST_FORBID_WEAK_RNG="1")
+        with LocalService(trained_checkpoint, tokens, peer_timeout_s=60) as service:
+            with PredictionClient(service.urls, token) as client:
+                (prediction,) = client.predict_files([image])
+        assert prediction.prediction in Checkpoint.load(trained_checkpoint).classes
+        mp.setenv("MEDMPC_TEST_STREAM", "mt19937")  # control: the guard stops a service on torch generators
+        with pytest.raises(PartyError, match="not a CSPRNG"):
+            with LocalService(trained_checkpoint, tokens, peer_timeout_s=20):
+                pass

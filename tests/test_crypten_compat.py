@@ -37,6 +37,9 @@ def test_two_party_processes_match_plaintext():
         assert torch.equal(got["input"], selfcheck.private_input(rank, 36, 3))
         for key in ("sum", "product", "relu", "relu_wide", "maxpool"):  # ours: mpc.comparison, max_pool2d
             assert got[key].shape == want[key].shape and torch.allclose(got[key], want[key], atol=1e-3), key
+        for key in [f"relu_edges_{bits}" for bits in selfcheck.EDGE_BITS] + ["clamp"]:  # exact, ring elements
+            assert torch.equal(got[key], want[key]), (key, got[key], want[key])
+        assert not torch.equal(got["relu_beyond_40"], selfcheck.BEYOND_40)  # control: past the edge, signs break
     assert (want["relu"] == 0).any() and (want["relu"] > 0).any()  # ReLU was really exercised
     assert want["relu"].max() * selfcheck.WIDE > 2**20  # and relu_wide the comparison ring's high bits
 

@@ -103,3 +103,29 @@ def test_encrypted_resnet18_on_gpu_matches_plaintext():
     assert result["device"] == "cuda"
     assert (result["logits"] - plain).abs().max() < 0.05
     assert torch.equal(result["logits"].argmax(1), plain.argmax(1))
+
+
+def test_proven_bounds_hold_at_the_corners_of_the_input_range(trained_checkpoint):
+    # every pixel black or white: the inputs that drive a first layer hardest
+    from mpc import bounds
+    from mpc.compile import prepare
+
+    ckpt = Checkpoint.load(trained_checkpoint)
+    low, high = ckpt.preprocessing.valid_range()
+    gm = prepare(ckpt.build())
+    bound = bounds.activation_bounds(gm, max(-low, high))
+    corners = torch.where(torch.rand(64, 1, 32, 32, generator=torch.Generator().manual_seed(0)) < 0.5, low, high)
+    seen: dict[str, float] = {}
+
+    class Largest(torch.fx.Interpreter):
+        def run_node(self, n: torch.fx.Node) -> object:
+            out = super().run_node(n)
+            if isinstance(out, torch.Tensor):
+                seen[n.name] = float(out.abs().max())
+            return out
+
+    with torch.no_grad():
+        Largest(gm).run(corners)
+    assert seen and all(seen[name] <= bound[name] * (1 + 1e-6) for name in seen)
+    program = compile_model(ckpt.build(), input_range=(low, high))
+    assert program.bounds_proven and all(site.bits < 40 for site in program.sites)  # the small CNN's rings

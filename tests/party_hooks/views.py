@@ -42,11 +42,12 @@ def recorded_forward(*, rank: int, world_size: int, **kwargs: Any) -> dict[str, 
     return {"result": inference.encrypted_forward(rank=rank, world_size=world_size, **kwargs), "view": view}
 
 
-def generator_kinds(*, rank: int, world_size: int) -> dict[str, str]:
-    """The class of every generator CrypTen holds in this party after ``crypten.init``."""
+def generator_kinds(*, rank: int, world_size: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """The class and first two words of every CPU generator CrypTen holds in this party after
+    ``crypten.init`` (drawing them spends them: this job does nothing else)."""
     crypten = crypten_compat.import_crypten()
     from crypten.mpc.provider.ttp_provider import TTPClient
 
-    kinds = {f"{name}/{device}": type(g).__name__ for name, gens in crypten.generators.items() for device, g in gens.items()}
-    kinds["dealer/cpu"] = type(TTPClient.get().get_generator("cpu")).__name__
-    return kinds
+    gens = {name: gens[torch.device("cpu")] for name, gens in crypten.generators.items()}
+    gens["dealer"] = TTPClient.get().get_generator("cpu")
+    return {name: (type(g).__name__, tuple(g.ring((2,)).tolist())) for name, g in gens.items()}
