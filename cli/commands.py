@@ -124,10 +124,11 @@ def simulate(args: argparse.Namespace) -> None:
         overrides |= {"dp_epsilon": dp.epsilon, "dp_delta": dp.delta, "dp_clip": dp.clip, "dp_noise": dp.noise_multiplier}
     if args.plaintext:
         overrides["secure"] = False
-    plan = load_plan(args.config, overrides)
+    plan = load_plan(args.config, overrides | _transport_overrides(args))
     mode = "secure aggregation" if plan.secure else "PLAINTEXT FedAvg (no protection)"
     _log(f"{mode}: {plan.hospitals} hospitals, {plan.aggregators if plan.secure else 0} aggregators, "
-         f"{plan.rounds} rounds, data {plan.data}{' [synthetic data]' if plan.data.startswith('synthetic') else ''}")  # fmt: skip
+         f"{plan.rounds} rounds, data {plan.data}{' [synthetic data]' if plan.data.startswith('synthetic') else ''}; "
+         f"channels: {plan.transport}")  # fmt: skip
     report = run(plan, args.out)
     if "stopped" in report:
         _log(f"stopped early: {report['stopped']}")
@@ -135,6 +136,13 @@ def simulate(args: argparse.Namespace) -> None:
         _log("final validation:\n" + format_metrics(report["validation"]))
     wrote = [args.out / f for f in ("report.json", "model.pt") if (args.out / f).exists()]
     _log(f"wrote {', '.join(map(str, wrote))}" + (" and plots" if "validation" in report else ""))
+
+
+def _transport_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    if args.plaintext_transport and args.tls_dir:
+        raise SystemExit("--tls-dir and --plaintext-transport exclude each other")
+    chosen = {"plaintext_transport": args.plaintext_transport or None, "tls_dir": args.tls_dir and str(args.tls_dir)}
+    return {k: v for k, v in chosen.items() if v is not None}  # unset: the config file's or the default
 
 
 def bench_secure_aggregation(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -147,6 +155,7 @@ def bench_secure_aggregation(args: argparse.Namespace) -> dict[str, Any] | None:
     plan = Plan(
         hospitals=args.hospitals, aggregators=args.aggregators, bench_params=args.params,
         bench_repeat=args.repeat, fractional_bits=args.fractional_bits, timeout_s=args.timeout,
+        **_transport_overrides(args),
     )  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="medmpc-bench-") as tmp:
         result = run(plan, Path(tmp), deadline_s=args.timeout * (args.repeat + 1))
@@ -155,7 +164,7 @@ def bench_secure_aggregation(args: argparse.Namespace) -> dict[str, Any] | None:
     _log(
         f"{args.params:,} params, {args.hospitals} hospitals, {args.aggregators} aggregators: "
         f"secure {result['secure_s']:.3f} s, plaintext all-reduce {result['plaintext_s']:.3f} s, "
-        f"ratio {result['ratio']:.2f}, max error {result['max_abs_err']:.2e}"
+        f"ratio {result['ratio']:.2f}, max error {result['max_abs_err']:.2e}; channels: {result['transport']}"
     )
     return None
 
@@ -275,3 +284,27 @@ def predict(args: argparse.Namespace) -> dict[str, Any] | None:
     for pred in predictions:
         _log(pred.describe())
     return None
+
+
+def pki_init(args: argparse.Namespace) -> None:
+    from mpc import pki
+
+    parties = ["coordinator", *(f"hospital{i}" for i in range(args.hospitals)),
+               *(f"aggregator{j}" for j in range(args.aggregators))]  # fmt: skip
+    pki.init_federation(args.out, parties, days=args.days)
+    _log(f"federation CA and {len(parties)} party certificates in {args.out}: give each party ca.pem, crl.pem "
+         "and its own PARTY.pem/.key only; keep ca.key offline")  # fmt: skip
+
+
+def pki_issue(args: argparse.Namespace) -> None:
+    from mpc import pki
+
+    pki.issue(args.dir, args.party, days=args.days)
+    _log(f"issued {args.dir / (args.party + '.pem')}")
+
+
+def pki_revoke(args: argparse.Namespace) -> None:
+    from mpc import pki
+
+    pki.revoke(args.dir, args.party)
+    _log(f"revoked {args.party}: copy {args.dir / pki.CRL} to every party")

@@ -19,6 +19,13 @@ def _add_data_args(p: argparse.ArgumentParser, *, default_size: int | None) -> N
         p.add_argument("--classes", type=int, choices=(2, 3), default=3, help="3: normal/bacterial/viral; 2: normal/pneumonia")
 
 
+def _add_transport_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls-dir", type=Path, help="federation folder from `medmpc pki init` (default: an "
+                   "ephemeral CA for this run)")  # fmt: skip
+    p.add_argument("--plaintext-transport", action="store_true", help="no TLS between the parties, to measure "
+                   "the protocol's own cost; NOT secure: every share crosses the network in the clear")  # fmt: skip
+
+
 def _add_dp_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("differential privacy (DP-SGD)")
     g.add_argument("--dp-epsilon", type=float, help="privacy budget; turns on DP-SGD (needs a GroupNorm model)")
@@ -81,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", dest="timeout_s", type=float, help="seconds a party waits for a peer (covers local training)")
     p.add_argument("--host", help="address every role listens on (default 127.0.0.1)")
     p.add_argument("--plaintext", action="store_true", help="plain FedAvg in the clear, for comparison")
+    _add_transport_args(p)
     p.add_argument("--out", type=Path, required=True, help="folder for report.json, model.pt and plots")
     _add_dp_args(p)
     p.add_argument("--central-dp-noise", type=float, help="distributed central DP: noise multiplier z of the "
@@ -99,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fractional-bits", type=int, default=16)
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    _add_transport_args(p)
     p.set_defaults(func=commands.bench_secure_aggregation)
 
     p = sub.add_parser("infer", help="encrypted prediction: secret-shared model on a secret-shared image")
@@ -143,6 +152,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parties", type=int, default=2)
     p.add_argument("--timeout", type=float, default=60.0, help="seconds before a silent party is an error")
     p.set_defaults(func=commands.selfcheck)
+
+    pki = sub.add_parser("pki", help="federation CA and party certificates").add_subparsers(dest="pki", required=True)
+    p = pki.add_parser("init", help="a new CA, its CRL, and a key and certificate for every party")
+    p.add_argument("--out", type=Path, required=True, help="new federation folder (ca.pem, crl.pem, PARTY.pem/.key)")
+    p.add_argument("--hospitals", type=int, default=3)
+    p.add_argument("--aggregators", type=int, default=2)
+    p.add_argument("--days", type=float, default=365.0, help="validity of every certificate")
+    p.set_defaults(func=commands.pki_init)
+    p = pki.add_parser("issue", help="a key and certificate for one more party, e.g. hospital3")
+    p.add_argument("--dir", type=Path, required=True, help="federation folder holding ca.key")
+    p.add_argument("party")
+    p.add_argument("--days", type=float, default=365.0)
+    p.set_defaults(func=commands.pki_issue)
+    p = pki.add_parser("revoke", help="add a party's certificate to the CRL (copy crl.pem to every party)")
+    p.add_argument("--dir", type=Path, required=True, help="federation folder holding ca.key")
+    p.add_argument("party")
+    p.set_defaults(func=commands.pki_revoke)
     return parser
 
 

@@ -1,9 +1,17 @@
-"""Framed messages over plain TCP sockets, with deadlines and traffic counters.
+"""Framed messages over mutually authenticated TLS 1.3 (or plain TCP, for measurements only),
+with deadlines and traffic counters.
 
 A frame is an 8-byte big-endian header length, a JSON header, then an optional
 raw tensor payload whose dtype and shape the header gives. Every receive has a
 deadline, so a dead or silent peer becomes a :class:`PeerError` naming it
-instead of a hang.
+instead of a hang; a malformed frame is a :class:`PeerError` too.
+
+With an :class:`~mpc.pki.Identity` both ends present certificates of the federation CA
+and each checks that the other's names the party it expects, before anything else is
+sent: a listener takes a peer's name from its certificate, never from what it says.
+A listener survives bad connections (no certificate, a wrong one, garbage, a hello
+announcing a payload) and keeps accepting good ones; nothing is allocated from a
+length field before the peer is authenticated and the header checked.
 """
 
 from __future__ import annotations
@@ -11,7 +19,9 @@ from __future__ import annotations
 import json
 import math
 import socket
+import ssl
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -20,6 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from mpc.pki import Identity, peer_name
 
 _LEN = struct.Struct(">Q")
 _DTYPES = {str(t): t for t in (torch.float32, torch.float64, torch.int64, torch.uint8)}
@@ -204,13 +216,20 @@ class Channel:
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         (n,) = _LEN.unpack(self._recv_exact(_LEN.size, deadline))
         if n > MAX_HEADER:
-            raise PeerError(self.peer, f"header of {n} bytes is too large")
-        header = json.loads(bytes(self._recv_exact(n, deadline)))
+            raise PeerError(self.peer, f"header of {n} bytes is too large (at most {MAX_HEADER})")
+        try:
+            header = json.loads(bytes(self._recv_exact(n, deadline)))
+            kind, meta = header["kind"], header["meta"]
+            dtype = _DTYPES[header["dtype"]] if "dtype" in header else None
+            shape = [int(d) for d in header.get("shape", [])]
+            if not isinstance(kind, str) or not isinstance(meta, dict) or any(d < 0 for d in shape):
+                raise ValueError("kind, meta or shape of the wrong type")
+        except (ValueError, KeyError, TypeError) as err:
+            raise PeerError(self.peer, f"sent a malformed frame ({type(err).__name__}: {err})") from None
         self.traffic.count(received=_LEN.size + n)
-        if header["kind"] == "error":
-            raise PeerError(self.peer, header["meta"].get("message", "reported an error"))
-        dtype = _DTYPES[header["dtype"]] if "dtype" in header else None
-        return Incoming(self, header["kind"], header["meta"], dtype, header.get("shape", []), deadline)
+        if kind == "error":
+            raise PeerError(self.peer, str(meta.get("message", "reported an error")))
+        return Incoming(self, kind, meta, dtype, shape, deadline)
 
     def expect(
         self, kind: str, timeout_s: float | None = None, *, into: torch.Tensor | None = None,
@@ -265,8 +284,11 @@ def gather(
         return [f.result() for f in futures]
 
 
-def connect(host: str, port: int, *, me: str, peer: str, traffic: Traffic, timeout_s: float) -> Channel:
-    """Connect (retrying while the peer starts up) and introduce ourselves."""
+def connect(
+    host: str, port: int, *, me: str, peer: str, traffic: Traffic, timeout_s: float, identity: Identity | None,
+) -> Channel:  # fmt: skip
+    """Connect (retrying while the peer starts up), check that the peer's certificate names
+    ``peer`` (with an ``identity``; ``None`` is plain TCP), and introduce ourselves."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -276,15 +298,36 @@ def connect(host: str, port: int, *, me: str, peer: str, traffic: Traffic, timeo
             if time.monotonic() > deadline:
                 raise PeerError(peer, f"cannot connect to {host}:{port} within {timeout_s:.0f} s ({err})") from err
             time.sleep(0.05)
+    if identity is not None:
+        sock = _authenticated(identity.client_context().wrap_socket(sock, do_handshake_on_connect=False), peer,
+                              deadline, expected={peer})  # fmt: skip
     ch = Channel(sock, peer, traffic, timeout_s)
     ch.send("hello", {"from": me})
     return ch
 
 
-class Listener:
-    """Accepts connections from a known set of peers, each introducing itself by name."""
+def _authenticated(sock: ssl.SSLSocket, peer: str, deadline: float, *, expected: set[str]) -> ssl.SSLSocket:
+    """``sock`` after its TLS handshake, if the peer's verified certificate names one of ``expected``."""
+    try:
+        sock.settimeout(max(0.1, deadline - time.monotonic()))
+        sock.do_handshake()
+    except (ssl.SSLError, OSError) as err:
+        sock.close()
+        raise PeerError(peer, f"TLS handshake failed ({err})") from None
+    name = peer_name(sock)
+    if name not in expected:
+        sock.close()
+        raise PeerError(peer, f"presented a certificate for {name!r}, expected {' or '.join(sorted(expected))}")
+    return sock
 
-    def __init__(self, host: str, port: int) -> None:
+
+class Listener:
+    """Accepts connections from a known set of peers: with an ``identity``, each is named by
+    its certificate (and must say the same name in its hello); without, by its hello alone."""
+
+    def __init__(self, host: str, port: int, *, identity: Identity | None) -> None:
+        self.identity = identity
+        self._context = identity.server_context() if identity is not None else None
         self.sock = socket.create_server((host, port), reuse_port=False)
         self.port = int(self.sock.getsockname()[1])
 
@@ -301,15 +344,36 @@ class Listener:
                 sock, _ = self.sock.accept()
             except TimeoutError:
                 continue
-            ch = Channel(sock, "unknown peer", traffic, timeout_s)
-            name = ch.expect("hello").meta.get("from", "")
-            if name not in expected or name in channels:
-                ch.send("error", {"message": f"unexpected peer {name!r}"})
-                ch.close()
+            try:
+                ch = self._introduced(sock, expected - set(channels), traffic, timeout_s, deadline)
+            except PeerError as err:  # one bad connection never stops the listener
+                print(f"listener: refused a connection: {err}", file=sys.stderr)
                 continue
-            ch.peer = name
-            channels[name] = ch
+            channels[ch.peer] = ch
         return channels
+
+    def _introduced(
+        self, sock: socket.socket, expected: set[str], traffic: Traffic, timeout_s: float, deadline: float
+    ) -> Channel:
+        who = "unknown peer"
+        if self._context is not None:
+            tls = self._context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            sock = _authenticated(tls, who, deadline, expected=expected)
+            who = peer_name(sock)
+        ch = Channel(sock, who, traffic, timeout_s)
+        try:
+            hello = ch.recv_header(max(0.1, deadline - time.monotonic()))
+            name = hello.meta.get("from", "")
+            if hello.kind != "hello" or hello.dtype is not None:
+                raise PeerError(who, f"sent {hello.kind!r} with a payload where a hello was due")
+            if name not in expected or (self._context is not None and name != who):
+                ch.send("error", {"message": f"unexpected peer {name!r}"})
+                raise PeerError(who, f"introduced itself as {name!r}, expected one of {sorted(expected)}")
+        except PeerError:
+            ch.close()
+            raise
+        ch.peer = name
+        return ch
 
     def close(self) -> None:
         self.sock.close()

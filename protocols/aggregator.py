@@ -131,8 +131,10 @@ class Aggregator:
     def run(self) -> None:
         p = self.plan
         host, port = p.aggregator_address(self.index)
-        listener = Listener(p.bind or host, port)
-        coord = connect(*p.coordinator_address(), me=self.name, peer="coordinator", traffic=self.traffic, timeout_s=p.timeout_s)
+        identity = p.identity(self.name)
+        listener = Listener(p.bind or host, port, identity=identity)
+        coord = connect(*p.coordinator_address(), me=self.name, peer="coordinator", traffic=self.traffic,
+                        timeout_s=p.timeout_s, identity=identity)  # fmt: skip
         hospitals = listener.accept(set(p.hospital_names), traffic=self.traffic, timeout_s=p.timeout_s)
         hospitals = {h: hospitals[h] for h in p.hospital_names}
         try:

@@ -113,12 +113,13 @@ class Coordinator:
         p = self.plan
         self.out.mkdir(parents=True, exist_ok=True)
         strategy = self.connect_all(listener)
-        report: dict[str, Any] = {"plan": json.loads(p.to_json()), "mode": "secure" if p.secure else "plaintext"}
+        report: dict[str, Any] = {"plan": json.loads(p.to_json()), "mode": "secure" if p.secure else "plaintext",
+                                  "transport": p.transport}
         try:
             if p.bench_params:
                 from protocols.bench import run_bench
 
-                report = run_bench(self, strategy, p.bench_repeat)
+                report = run_bench(self, strategy, p.bench_repeat) | {"transport": p.transport}
                 write_json(report, self.out / "report.json")
                 return report
             self._train(strategy, report)

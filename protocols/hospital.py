@@ -58,13 +58,11 @@ class Hospital:
 
     def _connect(self) -> tuple[Channel, Submitter]:
         p = self.plan
-        coord = connect(*p.coordinator_address(), me=self.name, peer="coordinator", traffic=self.traffic, timeout_s=p.timeout_s)
+        links = {"me": self.name, "traffic": self.traffic, "timeout_s": p.timeout_s, "identity": p.identity(self.name)}
+        coord = connect(*p.coordinator_address(), peer="coordinator", **links)
         if not p.secure:
             return coord, PlainSubmitter(self.name, coord)
-        aggs = [
-            connect(*p.aggregator_address(j), me=self.name, peer=agg, traffic=self.traffic, timeout_s=p.timeout_s)
-            for j, agg in enumerate(p.aggregator_names)
-        ]
+        aggs = [connect(*p.aggregator_address(j), peer=agg, **links) for j, agg in enumerate(p.aggregator_names)]
         return coord, SecureSubmitter(self.name, aggs, n_hospitals=p.hospitals, fractional_bits=p.fractional_bits)
 
     def _local_update(self, msg_meta: dict[str, Any], global_vector: torch.Tensor) -> tuple[torch.Tensor, float]:

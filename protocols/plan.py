@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mpc.pki import Identity, IdentityError
 from mpc.sharing import DEFAULT_FRACTIONAL_BITS
 from protocols.statistics import release_history
 
@@ -46,6 +47,11 @@ class Plan:
     bind: str = ""
     coordinator_port: int = 0
     aggregator_ports: list[int] = field(default_factory=list)
+    # Channels. Every party's key and certificate from one federation CA (`medmpc pki init`);
+    # `simulate` makes an ephemeral one per run. plaintext_transport measures the protocol's
+    # cost without TLS and is never safe: every share crosses the network in the clear.
+    tls_dir: str = ""
+    plaintext_transport: bool = False
     # DP-SGD at every hospital when dp_epsilon is set (protocols.dp)
     dp_epsilon: float | None = None
     dp_delta: float = 1e-5
@@ -125,6 +131,22 @@ class Plan:
         if n_samples is None:
             raise ValueError(f"{tag!r} is weighted by sample count: its divisor needs n_samples")
         return 0.0, n_samples
+
+    def identity(self, party: str) -> Identity | None:
+        """``party``'s TLS credentials, or None on the plaintext transport."""
+        if self.plaintext_transport:
+            return None
+        if not self.tls_dir:
+            raise IdentityError(f"{party}: no TLS credentials: set tls_dir to a federation folder "
+                                "(`medmpc pki init`), or plaintext_transport to measure without TLS")  # fmt: skip
+        return Identity(Path(self.tls_dir), party)
+
+    @property
+    def transport(self) -> str:
+        """What every report says about its channels."""
+        if self.plaintext_transport:
+            return "plaintext TCP (measurement only: every share crossed the network in the clear)"
+        return "TLS 1.3, mutually authenticated (federation CA)"
 
     def drill(self, party: str, round_: int) -> str | None:
         action, _, at = self.drills.get(party, "").partition(":")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from mpc.pki import IdentityError
 from mpc.transport import Listener, PeerError
 from imaging.images import DataError
 from protocols.accountant import BudgetError
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
             from protocols.coordinator import Coordinator
 
             host, port = plan.coordinator_address()
-            Coordinator(plan, a.out).run(Listener(plan.bind or host, port))
+            Coordinator(plan, a.out).run(Listener(plan.bind or host, port, identity=plan.identity("coordinator")))
         elif a.role == "hospital":
             from protocols.hospital import Hospital
 
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             from protocols.aggregator import Aggregator
 
             Aggregator(plan, a.index).run()
-    except (PeerError, RoundAborted, BudgetError, DPIncompatibleModel, DataError) as err:
+    except (PeerError, RoundAborted, BudgetError, DPIncompatibleModel, DataError, IdentityError) as err:
         print(f"{a.role}{a.index if a.role in ('hospital', 'aggregator') else ''}: {err}", file=sys.stderr)
         return 3
     return 0

@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from mpc import pki
 from mpc.launch import PartyProcess, free_port, supervise
 from protocols.plan import Plan
 
@@ -20,6 +21,15 @@ def with_free_ports(plan: Plan) -> Plan:
         values["baseline_port"] = plan.baseline_port or free_port(plan.host)
     if plan.secure and len(plan.aggregator_ports) != plan.aggregators:
         values["aggregator_ports"] = [free_port(plan.host) for _ in range(plan.aggregators)]
+    return Plan(**values)
+
+
+def with_ephemeral_federation(plan: Plan, folder: Path) -> Plan:
+    """A CA for this run only, certificates for every role, and the CA's key never written."""
+    parties = ["coordinator", *plan.hospital_names, *plan.aggregator_names]
+    pki.init_federation(folder, parties, days=7, keep_ca_key=False)
+    values = json.loads(plan.to_json())
+    values["tls_dir"] = str(folder)
     return Plan(**values)
 
 
@@ -44,6 +54,8 @@ def simulate(plan: Plan, out: Path, *, deadline_s: float | None = None) -> dict[
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="medmpc-sim-") as tmp:
+        if not plan.plaintext_transport and not plan.tls_dir:
+            plan = with_ephemeral_federation(plan, Path(tmp) / "pki")
         plan_file = Path(tmp) / "plan.json"
         plan_file.write_text(plan.to_json())
         supervise(

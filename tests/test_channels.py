@@ -1,0 +1,229 @@
+"""Authenticated, encrypted channels between the federation's parties (issue 17).
+
+Real sockets, real TLS 1.3, real certificates from mpc.pki. Each refusal has its control:
+the same listener accepts the legitimate parties right after the bad ones.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import socket
+import struct
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from mpc import pki
+from mpc.transport import Listener, PeerError, Traffic, connect
+
+HOSPITALS = {"hospital0", "hospital1"}
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("pki") / "federation"
+    pki.init_federation(folder, ["aggregator0", "aggregator1", *sorted(HOSPITALS), "hospital2", "hospital3"])
+    pki.revoke(folder, "hospital2")
+    expired = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=10)
+    pki.issue(folder, "hospital3", days=1, not_before=expired)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def stranger(tmp_path_factory) -> Path:
+    """Another CA's federation, with a certificate that also says hospital0."""
+    folder = tmp_path_factory.mktemp("pki") / "other"
+    pki.init_federation(folder, ["hospital0"])
+    return folder
+
+
+def _accept_in_background(listener: Listener, expected: set[str]) -> tuple[threading.Thread, dict]:
+    out: dict = {}
+
+    def run() -> None:
+        try:
+            out["channels"] = listener.accept(expected, traffic=Traffic(), timeout_s=20)
+        except Exception as err:  # surfaced by the test
+            out["error"] = err
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, out
+
+
+def _connect(port: int, me: str, folder: Path | None, peer: str = "aggregator0", **kw) -> object:
+    identity = pki.Identity(folder, me) if folder is not None else None
+    return connect("127.0.0.1", port, me=me, peer=peer, traffic=Traffic(), timeout_s=kw.get("timeout_s", 5),
+                   identity=identity)  # fmt: skip
+
+
+def test_pki_names_party_and_role_in_the_certificate(federation):
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate((federation / "hospital1.pem").read_bytes())
+    assert cert.subject.rfc4514_string() == "CN=hospital1,OU=hospital"
+    assert (federation / "hospital1.key").stat().st_mode & 0o077 == 0  # keys readable by their owner only
+
+
+def test_only_certified_parties_of_the_expected_role_get_in(federation, stranger):
+    listener = Listener("127.0.0.1", 0, identity=pki.Identity(federation, "aggregator0"))
+    thread, out = _accept_in_background(listener, HOSPITALS)
+    refused = {
+        "another CA": lambda: _connect(listener.port, "hospital0", stranger),
+        "wrong role": lambda: _connect(listener.port, "aggregator1", federation),
+        "revoked": lambda: _connect(listener.port, "hospital2", federation),
+        "expired": lambda: _connect(listener.port, "hospital3", federation),
+    }
+    for why, attempt in refused.items():
+        with pytest.raises(PeerError):  # the handshake or the first read fails at the client
+            attempt().recv(timeout_s=5)
+    with socket.create_connection(("127.0.0.1", listener.port)) as plain:  # no certificate, no TLS at all
+        plain.sendall(_raw_frame(json.dumps({"kind": "hello", "meta": {"from": "hospital0"}}).encode()))
+        plain.settimeout(10)
+        try:
+            reply = plain.recv(100)
+        except ConnectionResetError:
+            reply = b""
+        assert reply == b"" or reply[0] == 0x15  # hung up, or a TLS alert: never a message
+
+    # control: the listener is still up and takes the two real hospitals
+    good = [_connect(listener.port, name, federation) for name in sorted(HOSPITALS)]
+    thread.join(30)
+    listener.close()
+    assert "error" not in out, out.get("error")
+    assert set(out["channels"]) == HOSPITALS
+    for channel in good:
+        channel.close()
+
+
+def test_a_client_refuses_a_server_whose_certificate_names_another_party(federation):
+    listener = Listener("127.0.0.1", 0, identity=pki.Identity(federation, "aggregator1"))
+    thread, _ = _accept_in_background(listener, HOSPITALS)
+    with pytest.raises(PeerError, match="certificate for 'aggregator1', expected aggregator0"):
+        _connect(listener.port, "hospital0", federation, peer="aggregator0")
+    _connect(listener.port, "hospital0", federation, peer="aggregator1")  # control: the right name connects
+    _connect(listener.port, "hospital1", federation, peer="aggregator1")
+    thread.join(30)
+    listener.close()
+
+
+def _raw_frame(header: bytes) -> bytes:
+    return struct.pack(">Q", len(header)) + header
+
+
+@pytest.mark.parametrize("frame", [
+    _raw_frame(json.dumps({"kind": "hello", "meta": {"from": "hospital0"}, "dtype": "torch.int64",
+                           "shape": [2**40]}).encode()),  # a 2^40-element hello
+    _raw_frame(b"{not json"),
+    _raw_frame(json.dumps({"kind": "hello"}).encode()),  # no meta
+    struct.pack(">Q", 2**40),  # a header length no one allocates
+    b"\x16\x03\x01garbage",
+], ids=["huge-hello", "bad-json", "no-meta", "huge-header", "garbage"])  # fmt: skip
+def test_a_hostile_stranger_cannot_crash_a_plaintext_listener(frame):
+    listener = Listener("127.0.0.1", 0, identity=None)
+    thread, out = _accept_in_background(listener, HOSPITALS)
+    with socket.create_connection(("127.0.0.1", listener.port)) as hostile:
+        hostile.sendall(frame)
+        hostile.shutdown(socket.SHUT_WR)
+        hostile.settimeout(10)
+        try:
+            while hostile.recv(1 << 16):  # the listener hangs up on it
+                pass
+        except ConnectionResetError:
+            pass
+    good = [_connect(listener.port, name, None) for name in sorted(HOSPITALS)]
+    thread.join(30)
+    listener.close()
+    assert "error" not in out, out.get("error")
+    assert set(out["channels"]) == HOSPITALS  # and it still serves the real parties
+    for channel in good:
+        channel.close()
+
+
+class _RecordingRelay:
+    """A TCP relay between one client and one server that keeps every byte it forwards."""
+
+    def __init__(self, target_port: int) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.seen = bytearray()
+        self._target = target_port
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                self.seen += data
+                dst.sendall(data)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:  # one side hung up: the test is over
+            pass
+
+    def _run(self) -> None:
+        client, _ = self.server.accept()
+        upstream = socket.create_connection(("127.0.0.1", self._target))
+        back = threading.Thread(target=self._pump, args=(upstream, client), daemon=True)
+        back.start()
+        self._pump(client, upstream)
+        back.join(10)
+
+
+def _share_through_relay(federation: Path | None) -> tuple[torch.Tensor, bytes]:
+    share = torch.arange(1000, dtype=torch.int64) * 7919 + 123456789
+    listener = Listener("127.0.0.1", 0, identity=pki.Identity(federation, "aggregator0") if federation else None)
+    relay = _RecordingRelay(listener.port)
+    thread, out = _accept_in_background(listener, {"hospital0"})
+    sender = _connect(relay.port, "hospital0", federation)
+    thread.join(30)
+    sender.send("share", {"tag": "round1"}, share)
+    received = out["channels"]["hospital0"].expect("share", timeout_s=10).tensor
+    sender.close()
+    listener.close()
+    assert torch.equal(received, share)
+    return share, bytes(relay.seen)
+
+
+def test_a_recording_relay_sees_only_tls_records(federation):
+    share, seen = _share_through_relay(federation)
+    records, i = set(), 0
+    while i + 5 <= len(seen):  # TLS record layer: type, version, length, body
+        kind, length = seen[i], int.from_bytes(seen[i + 3 : i + 5], "big")
+        records.add(kind)
+        i += 5 + length
+    assert i == len(seen) and records <= {0x14, 0x15, 0x16, 0x17}  # every byte in a TLS record
+    assert 0x17 in records  # application data, encrypted
+    for needle in (share.numpy().tobytes()[:64], b"round1", b"hospital0\""):
+        assert needle not in seen
+    # control: on the plaintext transport the same relay reads the share and the tag
+    share, seen = _share_through_relay(None)
+    assert share.numpy().tobytes()[:64] in seen and b"round1" in seen
+
+
+def test_no_role_runs_without_credentials_unless_told_to_go_plaintext():
+    from protocols.plan import Plan
+
+    with pytest.raises(pki.IdentityError, match="no TLS credentials"):
+        Plan().identity("hospital0")
+    assert Plan(plaintext_transport=True).identity("hospital0") is None
+    assert "in the clear" in Plan(plaintext_transport=True).transport
+
+
+@pytest.mark.slow
+def test_every_bench_output_says_which_channels_it_used():
+    import subprocess
+    import sys
+
+    def bench(*flags: str) -> dict:
+        proc = subprocess.run([sys.executable, "-m", "cli.main", "bench", "secure-aggregation", "--params", "5000",
+                               "--hospitals", "2", "--repeat", "1", "--json", *flags],
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(proc.stdout)
+
+    secure, plain = bench(), bench("--plaintext-transport")
+    assert secure["transport"].startswith("TLS 1.3") and "in the clear" in plain["transport"]
+    assert secure["max_abs_err"] < 1e-4 and plain["max_abs_err"] < 1e-4
