@@ -20,12 +20,12 @@ from mpc.launch import run_crypten_job
 from training.checkpoint import Checkpoint
 
 
-def _ours(model: torch.nn.Module, x: torch.Tensor, device: str = "cpu") -> dict:
+def _ours(model: torch.nn.Module, x: torch.Tensor, device: str = "cpu", plaintext_transport: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.pt"
         Checkpoint("resnet18", ("normal", "bacterial", "viral"), Preprocessing(x.shape[-1], 0.5, 0.25),
                    model.state_dict()).save(path)  # fmt: skip
-        return run_inference(str(path), x, timeout_s=3600, device=device)
+        return run_inference(str(path), x, timeout_s=3600, device=device, plaintext_transport=plaintext_transport)
 
 
 def _stock(size: int, batch: int, **options) -> dict:
@@ -51,6 +51,25 @@ def test_encrypted_resnet18_vs_stock_crypten(benchmark, size, batch):
     assert result["ours_max_abs_err"] < 0.05
     benchmark.extra_info.update(result)
     record("inference", {f"resnet18 {size}px batch {batch}": result})
+
+
+def test_what_tls_costs_encrypted_resnet18_at_224px(benchmark):
+    """The same inference over the parties' mutually authenticated TLS channels and over plain TCP
+    (measurement only), alternating, three times each."""
+    model, x = random_model_and_input("resnet18", 224, 1, 0)
+    runs: dict[str, list[dict]] = {"tls": [], "plaintext": []}
+    for _ in range(3):
+        runs["tls"].append(_ours(model, x))
+        runs["plaintext"].append(_ours(model, x, plaintext_transport=True))
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    online = {k: sorted(r["online_s"] for r in v) for k, v in runs.items()}
+    result = {
+        "tls_online_s": online["tls"], "plaintext_online_s": online["plaintext"],
+        "tls_overhead_median": online["tls"][1] / online["plaintext"][1] - 1,
+        "bytes": runs["tls"][0]["bytes"], "rounds": runs["tls"][0]["rounds"],
+    }  # fmt: skip
+    benchmark.extra_info.update(result)
+    record("inference", {"resnet18 224px batch 1: TLS against plaintext channels": result})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -235,9 +235,15 @@ def serve(args: argparse.Namespace) -> None:
     ports = [int(p) for p in args.ports.split(",")]
     if len(ports) != 3:
         raise ValueError(f"--ports takes three ports (model owner, compute party, dealer), got {args.ports!r}")
-    rendezvous = args.rendezvous or f"tcp://{args.host}:29500"
+    parties = args.parties or ",".join(f"{args.host}:{29500 + rank}" for rank in range(3))
+    mpc_ports = tuple(int(a.rsplit(":", 1)[1]) for a in parties.split(","))
+    if len(mpc_ports) != 3:
+        raise ValueError(f"--parties takes three HOST:PORT (model owner, compute party, dealer), got {parties!r}")
     if args.role != "all":
-        argv = ["--role", args.role, "--rendezvous", rendezvous, "--host", args.host,
+        if args.mpc_tls_dir is None and not args.plaintext_transport:
+            raise ValueError("one role needs --mpc-tls-dir (from `medmpc pki`), or --plaintext-transport to measure")
+        channels = ["--plaintext-transport"] if args.plaintext_transport else ["--mpc-tls-dir", str(args.mpc_tls_dir)]
+        argv = ["--role", args.role, "--parties", parties, *channels, "--host", args.host,
                 "--port", str(ports[party.ROLES[args.role]]), *service_argv(vars(args))]  # fmt: skip
         if args.model is not None:
             argv += ["--model", str(args.model)]
@@ -248,7 +254,8 @@ def serve(args: argparse.Namespace) -> None:
     if args.tokens_file is None and not party.load_tokens(None):
         raise ValueError("no client tokens configured: pass --tokens-file FILE or set MEDMPC_TOKENS")
     service = LocalService(
-        args.model, args.tokens_file, host=args.host, ports=tuple(ports), rendezvous_port=int(rendezvous.rsplit(":", 1)[1]),
+        args.model, args.tokens_file, host=args.host, ports=tuple(ports), mpc_ports=mpc_ports,
+        plaintext_transport=args.plaintext_transport,
         tls_cert=args.tls_cert, tls_key=args.tls_key, max_batch=args.max_batch, max_queue=args.max_queue, share_timeout_s=args.share_timeout,
         request_timeout_s=args.request_timeout, per_client_queue=args.per_client_queue,
         peer_timeout_s=args.peer_timeout, max_body_mb=args.max_body_mb, log_dir=args.log_dir,
@@ -272,12 +279,16 @@ def predict(args: argparse.Namespace) -> dict[str, Any] | None:
 
     from serving.client import PredictionClient
 
-    token = args.token_file.read_text().strip() if args.token_file else os.environ.get("MEDMPC_TOKEN", "")
+    lines = args.token_file.read_text().split() if args.token_file else [os.environ.get("MEDMPC_TOKEN", "").strip()]
+    if len(lines) > 1:
+        raise ValueError(f"{args.token_file} holds {len(lines)} tokens; a client sends one: keep it alone in the file")
+    token = lines[0] if lines else ""
     if not token:
         raise ValueError("no bearer token: pass --token-file FILE or set MEDMPC_TOKEN")
     servers = [s for s in args.servers.split(",") if s]
     verify = str(args.ca_cert) if args.ca_cert else True
-    with PredictionClient(servers, token, timeout_s=args.timeout, verify=verify) as client:
+    with PredictionClient(servers, token, timeout_s=args.timeout, verify=verify,
+                          allow_plain_http=args.insecure_http) as client:  # fmt: skip
         predictions = client.predict_files(args.image)
     if args.json:
         return {"predictions": [asdict(p) for p in predictions]}

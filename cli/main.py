@@ -122,9 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, help="checkpoint (model.pt); needed by the model owner")
     p.add_argument("--role", choices=("all", "model-owner", "compute", "dealer"), default="all",
                    help="'all' runs the three parties here; one role runs that party alone (one per machine)")
-    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (and rendezvous host for --role all)")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (and the parties' address for --role all)")
     p.add_argument("--ports", default="8000,8001,8002", help="HTTP ports of model owner, compute party, dealer")
-    p.add_argument("--rendezvous", help="tcp://HOST:PORT the parties meet at (default tcp://HOST:29500)")
+    p.add_argument("--parties", help="HOST:PORT of model owner, compute party and dealer for their CrypTen "
+                   "channels (default HOST:29500,HOST:29501,HOST:29502)")  # fmt: skip
+    p.add_argument("--mpc-tls-dir", type=Path, help="one role: the federation folder with ca.pem, crl.pem and "
+                   "its party0/party1/dealer key (--role all makes an ephemeral CA)")  # fmt: skip
+    p.add_argument("--plaintext-transport", action="store_true", help="no TLS between the parties, to measure "
+                   "the protocol's own cost; NOT secure")  # fmt: skip
     add_service_options(p)
     p.add_argument("--log-dir", type=Path, default=Path("runs/serve"), help="party logs (JSON lines) for --role all")
     p.set_defaults(func=commands.serve)
@@ -134,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--servers", required=True, help="URL1,URL2 of the model owner and the compute party")
     p.add_argument("--token-file", type=Path, help="file holding the bearer token (else $MEDMPC_TOKEN)")
     p.add_argument("--ca-cert", type=Path, help="CA certificate (PEM) to verify HTTPS servers with")
+    p.add_argument("--insecure-http", action="store_true", help="allow plain http:// to a host that is not this "
+                   "machine (every share then crosses the network readable)")  # fmt: skip
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=commands.predict)

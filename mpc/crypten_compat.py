@@ -6,9 +6,11 @@ CrypTen is unmaintained since 2022. What breaks, and what we do about it:
   CrypTen only imports it to patch ONNX export, which we never use (models are
   compiled by our own tracer, never through ``crypten.nn.from_pytorch``), so an
   empty stand-in module is enough.
-* ``torch.distributed`` process groups default to a 30-minute timeout, so a dead
-  party would hang the others for half an hour. :func:`init_party` injects our
-  timeout into the process groups CrypTen creates.
+* CrypTen talks through gloo, which has no TLS transport in this torch build, after
+  a TCPStore rendezvous that listens on every interface without authentication
+  (and whose process groups wait 30 minutes for a dead party). :func:`import_crypten`
+  puts mpc.tls_communicator in its place: CrypTen's collectives over our mutually
+  authenticated TLS channels, with our timeouts naming the silent peer.
 * The default provider ``TFP`` lets party 0 generate every Beaver triple in the
   clear. :func:`init_party` defaults to ``TTP`` (a separate dealer process) and
   refuses ``TFP`` unless the caller explicitly asks for the insecure mode.
@@ -39,20 +41,19 @@ CrypTen is unmaintained since 2022. What breaks, and what we do about it:
 
 from __future__ import annotations
 
-import contextlib
-import datetime
 import functools
 import importlib.util
 import math
+import os
 import sys
 import types
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from mpc import streams
 
+_TIMEOUT_ENV = "MEDMPC_PEER_TIMEOUT"  # read by mpc.tls_communicator
 _SECURE_PROVIDERS = ("TTP",)
 _INSECURE_PROVIDERS = ("TFP",)
 
@@ -76,7 +77,18 @@ def import_crypten() -> types.ModuleType:
     _install_exact_cuda_conv(crypten)
     _install_two_product_beaver(crypten)
     _install_stream_randomness(crypten)
+    _install_tls_communicator()
     return crypten
+
+
+def _install_tls_communicator() -> None:
+    from crypten import communicator
+    from crypten.mpc import context
+
+    from mpc import tls_communicator  # defines a subclass of CrypTen's: importable only now
+
+    communicator.DistributedCommunicator = tls_communicator.TLSCommunicator  # looked up at call time
+    context.DistributedCommunicator = tls_communicator.TLSCommunicator
 
 
 def _as_size(size: Any) -> tuple[int, ...]:
@@ -101,7 +113,6 @@ def _drawn(crypten: types.ModuleType, generator: Any, kwargs: dict[str, Any], dr
 
 def _install_stream_randomness(crypten: types.ModuleType) -> None:
     """Every CrypTen generator a ChaCha20 stream; see the module docstring."""
-    import torch.distributed as dist
     from crypten.common import rng
     from crypten.mpc.primitives import arithmetic, binary
     from crypten.mpc.provider import tfp_provider, ttp_provider
@@ -149,23 +160,21 @@ def _install_stream_randomness(crypten: types.ModuleType) -> None:
 
     def client_streams(self: Any) -> None:
         """The party's side of the dealer's key: received, then both sides read the same stream."""
-        words = torch.empty(streams.KEY_BYTES // 8, dtype=torch.int64)
-        dist.irecv(tensor=words, src=crypten.communicator.get().get_ttp_rank(), group=self.ttp_group).wait()
-        dist.barrier(group=self.ttp_group)
-        key = streams.key_from_tensor(words)
+        comm = crypten.communicator.get()
+        key = comm.recv_obj(comm.get_ttp_rank(), self.ttp_group)
+        if not isinstance(key, bytes) or len(key) != streams.KEY_BYTES:
+            raise ValueError(f"the dealer sent no {8 * streams.KEY_BYTES}-bit stream key")
         self.generator = streams.keyed(key, "cpu")
         self.generator_cuda = streams.keyed(key, "cuda") if torch.cuda.is_available() else None
 
     def dealer_streams(self: Any) -> None:
         """The dealer's side: a fresh key per party, from the OS (CrypTen: ``torch.randint``)."""
-        keys = [streams.new_key() for _ in range(crypten.communicator.get().get_world_size())]
-        words = [streams.key_to_tensor(k) for k in keys]
-        sent = [dist.isend(tensor=w, dst=i, group=self.ttp_group) for i, w in enumerate(words)]
+        comm = crypten.communicator.get()
+        keys = [streams.new_key() for _ in range(comm.get_world_size())]
+        for party, key in enumerate(keys):
+            comm.send_obj(key, party, self.ttp_group)
         self.generators = [streams.keyed(k, "cpu") for k in keys]
         self.generators_cuda = [streams.keyed(k, "cuda") if torch.cuda.is_available() else None for k in keys]
-        for request in sent:
-            request.wait()
-        dist.barrier(group=self.ttp_group)
 
     crypten._setup_prng = setup_party_streams  # crypten.init looks it up at call time
     ttp_provider.TTPClient._TTPClient__TTPClient._setup_generators = client_streams
@@ -254,34 +263,6 @@ def _install_exact_cuda_conv(crypten: types.ModuleType) -> None:
     CUDALongTensor._CUDALongTensor__patched_conv_ops = staticmethod(exact)
 
 
-@contextlib.contextmanager
-def _process_group_timeout(timeout_s: float) -> Iterator[None]:
-    """Make every process group created inside the block use ``timeout_s``.
-
-    CrypTen calls ``dist.init_process_group``/``dist.new_group`` without a timeout.
-    """
-    import torch.distributed as dist
-
-    timeout = datetime.timedelta(seconds=timeout_s)
-    originals = {"init_process_group": dist.init_process_group, "new_group": dist.new_group}
-
-    def with_timeout(fn: Any) -> Any:
-        @functools.wraps(fn)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            kwargs.setdefault("timeout", timeout)
-            return fn(*args, **kwargs)
-
-        return wrapper
-
-    for name, fn in originals.items():
-        setattr(dist, name, with_timeout(fn))
-    try:
-        yield
-    finally:
-        for name, fn in originals.items():
-            setattr(dist, name, fn)
-
-
 def configure_provider(provider: str = "TTP", *, allow_insecure: bool = False) -> None:
     """Select CrypTen's correlated-randomness provider before ``init``."""
     provider = provider.upper()
@@ -300,11 +281,12 @@ def configure_provider(provider: str = "TTP", *, allow_insecure: bool = False) -
 def init_party(
     *, timeout_s: float, provider: str = "TTP", allow_insecure: bool = False
 ) -> types.ModuleType:
-    """Initialise CrypTen in this process from RANK/WORLD_SIZE/RENDEZVOUS env vars."""
+    """Initialise CrypTen in this process from the RANK/WORLD_SIZE and mpc.tls_communicator
+    environment variables; a peer silent for ``timeout_s`` is an error naming it."""
     crypten = import_crypten()
     configure_provider(provider, allow_insecure=allow_insecure)
-    with _process_group_timeout(timeout_s):
-        crypten.init()
+    os.environ[_TIMEOUT_ENV] = str(timeout_s)
+    crypten.init()
     return crypten
 
 
@@ -312,8 +294,8 @@ def run_dealer(*, timeout_s: float) -> None:
     """Serve Beaver triples and other correlated randomness until the parties finish."""
     crypten = import_crypten()
     configure_provider("TTP")
-    with _process_group_timeout(timeout_s):
-        crypten.mpc.provider.TTPServer()
+    os.environ[_TIMEOUT_ENV] = str(timeout_s)
+    crypten.mpc.provider.TTPServer()
 
 
 def encrypt(tensor: torch.Tensor, *, src: int = 0) -> Any:

@@ -80,9 +80,11 @@ def _synchronize(device: str) -> None:
 
 
 def run_inference(
-    checkpoint: str, images: torch.Tensor, *, timeout_s: float = 600.0, device: str = "cpu"
+    checkpoint: str, images: torch.Tensor, *, timeout_s: float = 600.0, device: str = "cpu",
+    plaintext_transport: bool = False,
 ) -> dict[str, Any]:
-    """Run model owner, data owner and dealer as local processes on preprocessed ``images``."""
+    """Run model owner, data owner and dealer as local processes on preprocessed ``images``, over
+    mutually authenticated TLS (``plaintext_transport``: without, to measure what TLS costs)."""
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {device!r} asked for, but this machine has no CUDA GPU")
     import tempfile
@@ -96,7 +98,7 @@ def run_inference(
         image_file = Path(tmp) / "images.pt"
         torch.save(images.float().contiguous(), image_file)
         results = run_crypten_job(
-            "mpc.inference:encrypted_forward", world_size=2, timeout_s=timeout_s,
+            "mpc.inference:encrypted_forward", world_size=2, timeout_s=timeout_s, plaintext_transport=plaintext_transport,
             args={"model_name": ckpt.model_name, "num_classes": len(ckpt.classes), "shape": list(images.shape),
                   "checkpoint": str(checkpoint), "images": str(image_file), "device": device},
         )  # fmt: skip

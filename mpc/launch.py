@@ -1,8 +1,9 @@
 """Launch and supervise one OS process per party.
 
 Every party is a plain ``python -m mpc.party`` process that finds the others
-through an explicit rendezvous address (``tcp://host:port``), so the same
-command runs unchanged with parties on different machines. Locally, the
+through explicit addresses (``--parties host:port,...``, one per process) and
+proves who it is with a certificate, so the same command runs unchanged with
+parties on different machines. Locally, the
 supervisor below starts them, collects their results and, when one party dies
 or the run outlives its deadline, stops all of them and names the culprit.
 Nothing here forks a live interpreter (unlike ``crypten.mpc.run_multiprocess``).
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
+
+from mpc import pki
 
 DEFAULT_TIMEOUT_S = 120.0
 
@@ -144,6 +147,19 @@ def supervise(parties: list[PartyProcess], *, timeout_s: float, workdir: Path) -
     return results
 
 
+def party_name(rank: int, world_size: int) -> str:
+    """A CrypTen process's name in the federation's certificates."""
+    return "dealer" if rank == world_size else f"party{rank}"
+
+
+def channel_args(names: list[str], folder: Path, *, plaintext: bool) -> list[str]:
+    """``--mpc-tls-dir`` of a CA made in ``folder`` for these processes only, or ``--plaintext-transport``."""
+    if plaintext:
+        return ["--plaintext-transport"]
+    pki.init_federation(folder, names, days=7, keep_ca_key=False)
+    return ["--mpc-tls-dir", str(folder)]
+
+
 def run_crypten_job(
     job: str,
     *,
@@ -154,7 +170,7 @@ def run_crypten_job(
     allow_insecure: bool = False,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     host: str = "127.0.0.1",
-    port: int | None = None,
+    plaintext_transport: bool = False,
 ) -> list[Any]:
     """Run ``job`` (``"package.module:function"``) on ``world_size`` CrypTen parties.
 
@@ -162,19 +178,23 @@ def run_crypten_job(
     initialised; the return values (tensors, numbers, lists, dicts) come back in
     rank order. With ``dealer`` a separate process serves correlated randomness
     (CrypTen's ``TTP`` provider) and learns nothing about the parties' inputs.
+    The processes talk over mutually authenticated TLS with certificates from a CA made
+    for this run only (its key never written); ``plaintext_transport`` measures without.
     """
     if world_size < 2:
         raise ValueError(f"an MPC job needs at least 2 parties, got world_size={world_size}")
     if dealer != (provider.upper() == "TTP"):
         raise ValueError("the TTP provider needs dealer=True, and only TTP uses a dealer")
-    rendezvous = f"tcp://{host}:{port or free_port(host)}"
+    names = [party_name(rank, world_size) for rank in range(world_size + dealer)]
+    addresses = ",".join(f"{host}:{free_port(host)}" for _ in names)
     with tempfile.TemporaryDirectory(prefix="medmpc-") as tmp:
         workdir = Path(tmp)
         args_file = workdir / "args.json"
         args_file.write_text(json.dumps(args or {}))
         common = [
-            "--job", job, "--world-size", str(world_size), "--rendezvous", rendezvous,
+            "--job", job, "--world-size", str(world_size), "--parties", addresses,
             "--args-file", str(args_file), "--timeout", str(timeout_s), "--provider", provider,
+            *channel_args(names, workdir / "pki", plaintext=plaintext_transport),
         ]  # fmt: skip
         if allow_insecure:
             common.append("--allow-insecure")

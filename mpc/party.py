@@ -2,9 +2,11 @@
 
 Run it by hand on each machine to spread the parties over a network::
 
-    RANK is given by --rank; every party uses the same --rendezvous tcp://HOST:PORT,
-    where HOST is reachable by all and PORT is free on the rank-0 machine.
-    The dealer (TTP) runs with --rank WORLD_SIZE --dealer.
+    RANK is given by --rank; every process gets the same --parties HOST:PORT,... (one
+    address per rank, the dealer's last: each listens on its own) and --mpc-tls-dir, a
+    folder with ca.pem, crl.pem and its own party<RANK>.pem/.key (dealer.pem/.key for
+    the dealer) from one federation CA (mpc.pki). The dealer (TTP) runs with
+    --rank WORLD_SIZE --dealer.
 """
 
 from __future__ import annotations
@@ -35,12 +37,27 @@ def _atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def add_channel_args(p: argparse.ArgumentParser) -> None:
+    """How a CrypTen process reaches the others (mpc.tls_communicator)."""
+    p.add_argument("--parties", required=True, help="HOST:PORT of every rank, the dealer's last (each listens on its own)")
+    channels = p.add_mutually_exclusive_group(required=True)
+    channels.add_argument("--mpc-tls-dir", help="federation folder: ca.pem, crl.pem and this process's "
+                          "party<RANK>.pem/.key (dealer.pem/.key), from one CA (mpc.pki)")  # fmt: skip
+    channels.add_argument("--plaintext-transport", action="store_true",
+                          help="no TLS between the processes, to measure the protocol's own cost; NOT secure")  # fmt: skip
+
+
+def channel_env(a: argparse.Namespace) -> dict[str, str]:
+    return {"MEDMPC_PARTIES": a.parties, "MEDMPC_TLS_DIR": a.mpc_tls_dir or "",
+            "MEDMPC_PLAINTEXT_TRANSPORT": "1" if a.plaintext_transport else ""}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m mpc.party", description=__doc__)
     p.add_argument("--job", required=True, help="package.module:function run on every party")
     p.add_argument("--rank", type=int, required=True)
     p.add_argument("--world-size", type=int, required=True, help="number of computing parties")
-    p.add_argument("--rendezvous", required=True, help="tcp://HOST:PORT shared by all parties")
+    add_channel_args(p)
     p.add_argument("--args-file", type=Path, help="JSON keyword arguments for the job")
     p.add_argument("--result-file", type=Path, help="where this party writes its return value")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds before a silent peer is an error")
@@ -49,12 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dealer", action="store_true", help="run the dealer (TTP server)")
     a = p.parse_args(argv)
 
-    os.environ.update(
-        RANK=str(a.rank),
-        WORLD_SIZE=str(a.world_size),
-        RENDEZVOUS=a.rendezvous,
-        DISTRIBUTED_BACKEND="gloo",
-    )
+    os.environ.update(RANK=str(a.rank), WORLD_SIZE=str(a.world_size), **channel_env(a))
     # Each party is one process on a shared machine; oversubscribed threads slow every party.
     torch.set_num_threads(max(1, int(os.environ.get("MEDMPC_THREADS", "1"))))
     if a.dealer:

@@ -12,6 +12,10 @@ sent: a listener takes a peer's name from its certificate, never from what it sa
 A listener survives bad connections (no certificate, a wrong one, garbage, a hello
 announcing a payload) and keeps accepting good ones; nothing is allocated from a
 length field before the peer is authenticated and the header checked.
+
+A channel may be read by one thread while another writes to it only without TLS: an
+OpenSSL connection used from two threads at once corrupts its records. Code that sends
+while it receives on one link uses two channels (mpc.tls_communicator).
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ import torch
 
 from imaging.transforms import Preprocessing
 from mpc import sharing
+from serving.options import is_loopback
 from serving.wire import ModelCard, decode_tensor, encode_tensor
 from training.predictions import Prediction, predictions
 
@@ -37,12 +38,23 @@ class ServiceError(RuntimeError):
 
 
 class PredictionClient:
+    """``allow_plain_http``: send shares over plain ``http://`` to a host other than this machine
+    (anyone on the path then reads both shares, and with them the image); refused otherwise."""
+
     def __init__(
-        self, servers: Sequence[str], token: str, *, timeout_s: float = 120.0, verify: bool | str = True
+        self, servers: Sequence[str], token: str, *, timeout_s: float = 120.0, verify: bool | str = True,
+        allow_plain_http: bool = False,
     ) -> None:
         if len(servers) != 2:
             raise ValueError(f"the service has two compute parties; got {len(servers)} server URL(s)")
+        if not token or not token.isprintable() or any(c.isspace() for c in token):
+            raise ValueError("the bearer token must be one word of printable characters (it is not shown here)")
         self.servers = [s.rstrip("/") for s in servers]
+        for server in self.servers:
+            url = httpx.URL(server)
+            if url.scheme == "http" and not is_loopback(url.host) and not allow_plain_http:
+                raise ValueError(f"refusing plain http:// to {url.host}, which is not this machine: use https:// "
+                                 "(or allow_plain_http / --insecure-http, and every share crosses the network readable)")  # fmt: skip
         headers = {"Authorization": f"Bearer {token}"}
         if isinstance(verify, str):  # a CA file, e.g. a self-signed deployment's own certificate
             verify = ssl.create_default_context(cafile=verify)

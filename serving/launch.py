@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from mpc.launch import PartyError, free_port, log_tail
+from mpc.launch import PartyError, channel_args, free_port, log_tail, party_name
 from serving.options import service_argv
 
 PARTIES = ("model-owner", "compute", "dealer")
@@ -28,7 +28,8 @@ class LocalService:
     tokens_file: Path | None  # None: the parties read $MEDMPC_TOKENS
     host: str = "127.0.0.1"
     ports: tuple[int, int, int] | None = None  # model owner, compute party, dealer
-    rendezvous_port: int | None = None
+    mpc_ports: tuple[int, int, int] | None = None  # the parties' CrypTen addresses (default: free ports)
+    plaintext_transport: bool = False  # between the parties; measurement only
     tls_cert: Path | None = None
     tls_key: Path | None = None
     max_batch: int = 8
@@ -60,8 +61,12 @@ class LocalService:
         else:
             self._tmp, self._log_dir = None, self.log_dir
             self._log_dir.mkdir(parents=True, exist_ok=True)
-        rendezvous = f"tcp://{self.host}:{self.rendezvous_port or free_port(self.host)}"
-        common = ["--rendezvous", rendezvous, "--host", self.host, *service_argv({
+        parties = ",".join(f"{self.host}:{port}" for port in self.mpc_ports or [free_port(self.host) for _ in PARTIES])
+        # a CA for this service only, beside the logs' temporary folder; its key is never written
+        self._keys = tempfile.TemporaryDirectory(prefix="medmpc-serve-pki-")
+        channels = channel_args([party_name(rank, 2) for rank in range(3)], Path(self._keys.name) / "pki",
+                                plaintext=self.plaintext_transport)  # fmt: skip
+        common = ["--parties", parties, *channels, "--host", self.host, *service_argv({
             "tokens_file": self.tokens_file, "tls_cert": self.tls_cert, "tls_key": self.tls_key,
             "max_batch": self.max_batch, "max_queue": self.max_queue, "per_client_queue": self.per_client_queue,
             "share_timeout": self.share_timeout_s, "request_timeout": self.request_timeout_s,
@@ -124,3 +129,5 @@ class LocalService:
                 self.stop(party)
         if self._tmp is not None:
             self._tmp.cleanup()
+        if getattr(self, "_keys", None) is not None:
+            self._keys.cleanup()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -35,3 +36,13 @@ def service_argv(values: Mapping[str, object]) -> list[str]:
         if value is not None:
             argv += [flag, str(value)]
     return argv
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine only (plain HTTP is allowed there, nowhere else)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a name: it may resolve anywhere
+        return False

@@ -3,15 +3,16 @@
 Roles: ``model-owner`` (CrypTen rank 0, holds the checkpoint), ``compute`` (rank 1,
 holds no weights: it receives the public model card from the model owner and
 builds the same architecture), and ``dealer`` (CrypTen's TTP: correlated
-randomness only). Every party has its own HTTP port; the three reach each other
-through one CrypTen rendezvous address, so one party per machine works as well:
+randomness only). Every party has its own HTTP port and its own CrypTen address (mutually
+authenticated TLS between the three, mpc.tls_communicator), so one party per machine works
+as well (PARTIES=10.0.0.1:29500,10.0.0.2:29500,10.0.0.3:29500, model owner, compute, dealer;
+federation/ holds ca.pem, crl.pem and the party's own key: party0, party1 or dealer):
 
-    python -m serving.party --role dealer      --rendezvous tcp://10.0.0.1:29500 --port 8002
-    python -m serving.party --role model-owner --rendezvous tcp://10.0.0.1:29500 --port 8000 --model model.pt
-    python -m serving.party --role compute     --rendezvous tcp://10.0.0.1:29500 --port 8001
+    python -m serving.party --role dealer      --parties $PARTIES --mpc-tls-dir federation/ --port 8002
+    python -m serving.party --role model-owner --parties $PARTIES --mpc-tls-dir federation/ --port 8000 --model model.pt
+    python -m serving.party --role compute     --parties $PARTIES --mpc-tls-dir federation/ --port 8001
 
-The rendezvous host is the model owner's machine. Client tokens come from
-``--tokens-file`` (one per line) or ``MEDMPC_TOKENS`` (comma-separated).
+Client tokens come from ``--tokens-file`` (one per line) or ``MEDMPC_TOKENS`` (comma-separated).
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ import torch
 from models import architecture
 from mpc import crypten_compat
 from mpc.compile import compile_model
+from mpc.party import add_channel_args, channel_env
 from serving.app import compute_app, health_app
 from serving.engine import LEADER, BatchEngine, Model
 from serving.logs import log
-from serving.options import add_service_options
+from serving.options import add_service_options, is_loopback
 from serving.wire import ModelCard
 from training.checkpoint import Checkpoint
 
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m serving.party", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--role", choices=sorted(ROLES), required=True)
-    p.add_argument("--rendezvous", required=True, help="tcp://HOST:PORT shared by the three parties")
+    add_channel_args(p)
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
     p.add_argument("--port", type=int, required=True, help="HTTP port of this party")
     p.add_argument("--model", type=Path, help="checkpoint (model owner only)")
@@ -77,6 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if (a.tls_cert is None) != (a.tls_key is None):
         p.error("--tls-cert and --tls-key go together")
+    if a.tls_cert is None and not is_loopback(a.host):
+        p.error(f"refusing to serve plain HTTP on {a.host}, which is not loopback: give --tls-cert and --tls-key")
     if a.role == "model-owner" and a.model is None:
         p.error("the model owner needs --model CKPT")
     if a.max_batch < 1 or a.max_queue < 1 or (a.per_client_queue is not None and a.per_client_queue < 1):
@@ -84,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
 
     rank = ROLES[a.role]
     ckpt = Checkpoint.load(a.model) if rank == LEADER else None  # a bad checkpoint fails here, before serving
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", RENDEZVOUS=a.rendezvous, DISTRIBUTED_BACKEND="gloo")
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", **channel_env(a))
     torch.set_num_threads(max(1, int(os.environ.get("MEDMPC_THREADS", "1"))))
     if a.role == "dealer":
         failure: list[str] = []

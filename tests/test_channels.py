@@ -227,3 +227,65 @@ def test_every_bench_output_says_which_channels_it_used():
     secure, plain = bench(), bench("--plaintext-transport")
     assert secure["transport"].startswith("TLS 1.3") and "in the clear" in plain["transport"]
     assert secure["max_abs_err"] < 1e-4 and plain["max_abs_err"] < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("intruder", ["another CA", "plaintext", None])  # None: the control, all certified
+def test_a_crypten_process_without_the_federations_certificate_cannot_join(tmp_path, intruder):
+    """The CrypTen parties' own channels (mpc.tls_communicator): a dealer holding a certificate
+    of another CA, or speaking plain TCP, stops the run at the handshake, naming it."""
+    import sys
+
+    from mpc.launch import PartyError, PartyProcess, free_port, party_name, supervise
+
+    names = [party_name(rank, 2) for rank in range(3)]
+    pki.init_federation(tmp_path / "ours", names)
+    pki.init_federation(tmp_path / "theirs", ["dealer"])
+    parties = ",".join(f"127.0.0.1:{free_port()}" for _ in names)
+    common = ["-m", "mpc.party", "--job", "mpc.selfcheck:arithmetic", "--world-size", "2", "--parties", parties,
+              "--timeout", "20"]  # fmt: skip
+    dealer_dir = tmp_path / ("theirs" if intruder == "another CA" else "ours")
+    dealer_channel = ["--plaintext-transport"] if intruder == "plaintext" else ["--mpc-tls-dir", str(dealer_dir)]
+    procs = [PartyProcess(f"party{r}", [sys.executable, *common, "--rank", str(r), "--mpc-tls-dir", str(tmp_path / "ours")])
+             for r in range(2)]  # fmt: skip
+    procs.append(PartyProcess("dealer", [sys.executable, *common, "--rank", "2", "--dealer", *dealer_channel]))
+    if intruder is None:
+        assert supervise(procs, timeout_s=60, workdir=tmp_path)["party0"] is None  # ran to the end
+        return
+    with pytest.raises(PartyError, match="TLS handshake failed|disconnected|malformed"):
+        supervise(procs, timeout_s=60, workdir=tmp_path)
+
+
+def test_front_ends_refuse_plain_http_beyond_this_machine(tmp_path):
+    import subprocess
+    import sys
+
+    from serving.client import PredictionClient
+
+    with pytest.raises(ValueError, match="refusing plain http:// to 198.18.0.7"):
+        PredictionClient(["http://198.18.0.7:8000", "https://198.18.0.8:8001"], "t0ken")
+    PredictionClient(["http://127.0.0.1:8000", "http://localhost:8001"], "t0ken").close()  # control: loopback
+    PredictionClient(["http://198.18.0.7:8000", "http://198.18.0.8:8001"], "t0ken", allow_plain_http=True).close()
+    proc = subprocess.run([sys.executable, "-m", "serving.party", "--role", "compute", "--parties", "a:1,b:2,c:3",
+                           "--plaintext-transport", "--host", "0.0.0.0", "--port", "8001"],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode != 0 and "refusing to serve plain HTTP on 0.0.0.0" in proc.stderr
+
+
+def test_predict_sends_one_token_and_never_prints_any(tmp_path):
+    import subprocess
+    import sys
+
+    secrets = ["first-secret-token", "second-secret-token"]
+    tokens = tmp_path / "tokens"
+    tokens.write_text("\n".join(secrets) + "\n")
+    image = tmp_path / "x.png"
+    image.write_bytes(b"")
+    run = [sys.executable, "-m", "cli.main", "predict", "--servers", "http://127.0.0.1:9,http://127.0.0.1:10", str(image)]
+    proc = subprocess.run([*run, "--token-file", str(tokens)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "holds 2 tokens" in proc.stderr
+    tokens.write_text(secrets[0] + "\n")  # control: one token gets as far as the unreachable server
+    proc = subprocess.run([*run, "--token-file", str(tokens)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "unreachable" in proc.stderr
+    for out in (proc.stdout, proc.stderr):
+        assert not any(s in out for s in secrets)
