@@ -130,9 +130,8 @@ class Aggregator:
 
     def run(self) -> None:
         p = self.plan
-        host, port = p.aggregator_address(self.index)
         identity = p.identity(self.name)
-        listener = Listener(p.bind or host, port, identity=identity)
+        listener = Listener(*p.listen_address(self.name, p.aggregator_address(self.index)), identity=identity)
         coord = connect(*p.coordinator_address(), me=self.name, peer="coordinator", traffic=self.traffic,
                         timeout_s=p.timeout_s, identity=identity)  # fmt: skip
         hospitals = listener.accept(set(p.hospital_names), traffic=self.traffic, timeout_s=p.timeout_s)

@@ -47,6 +47,9 @@ class Plan:
     bind: str = ""
     coordinator_port: int = 0
     aggregator_ports: list[int] = field(default_factory=list)
+    # the ports the listeners bind, where they differ from the ports the others connect to (a
+    # port forward, NAT, or a relay in between); empty: the same
+    listen_ports: dict[str, int] = field(default_factory=dict)
     # Channels. Every party's key and certificate from one federation CA (`medmpc pki init`);
     # `simulate` makes an ephemeral one per run. plaintext_transport measures the protocol's
     # cost without TLS and is never safe: every share crosses the network in the clear.
@@ -151,6 +154,10 @@ class Plan:
     def drill(self, party: str, round_: int) -> str | None:
         action, _, at = self.drills.get(party, "").partition(":")
         return action if at and int(at) == round_ else None
+
+    def listen_address(self, party: str, address: tuple[str, int]) -> tuple[str, int]:
+        """Where ``party``, whose peers connect to ``address``, binds its listener."""
+        return self.bind or address[0], self.listen_ports.get(party, address[1])
 
     def coordinator_address(self) -> tuple[str, int]:
         return self.coordinator_host or self.host, self.coordinator_port

@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.role == "coordinator":
             from protocols.coordinator import Coordinator
 
-            host, port = plan.coordinator_address()
-            Coordinator(plan, a.out).run(Listener(plan.bind or host, port, identity=plan.identity("coordinator")))
+            address = plan.listen_address("coordinator", plan.coordinator_address())
+            Coordinator(plan, a.out).run(Listener(*address, identity=plan.identity("coordinator")))
         elif a.role == "hospital":
             from protocols.hospital import Hospital
 

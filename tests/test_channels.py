@@ -11,6 +11,7 @@ import json
 import socket
 import struct
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -165,7 +166,15 @@ class _RecordingRelay:
 
     def _run(self) -> None:
         client, _ = self.server.accept()
-        upstream = socket.create_connection(("127.0.0.1", self._target))
+        for _ in range(600):  # the listener behind it may still be starting
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self._target))
+                break
+            except ConnectionRefusedError:
+                time.sleep(0.05)
+        else:
+            client.close()
+            return
         back = threading.Thread(target=self._pump, args=(upstream, client), daemon=True)
         back.start()
         self._pump(client, upstream)
@@ -289,3 +298,73 @@ def test_predict_sends_one_token_and_never_prints_any(tmp_path):
     assert proc.returncode != 0 and "unreachable" in proc.stderr
     for out in (proc.stdout, proc.stderr):
         assert not any(s in out for s in secrets)
+
+
+def _relayed_simulation(tmp_path: Path, **plan_fields: object) -> tuple[dict, list[_RecordingRelay]]:
+    """A whole federated run in which every connection to the coordinator and to each aggregator
+    passes a recording relay (the listeners bind elsewhere: Plan.listen_ports)."""
+    from mpc.launch import free_port
+    from protocols.plan import Plan
+    from protocols.simulate import simulate
+
+    plan = Plan(hospitals=2, aggregators=2, rounds=1, local_epochs=1, data="synthetic:60", image_size=32,
+                batch_size=16, timeout_s=60, **plan_fields)  # fmt: skip
+    listeners = {name: free_port() for name in ["coordinator", *plan.aggregator_names]}
+    # coordinator: 2 hospitals and 2 aggregators connect; each aggregator: 2 hospitals
+    relays = {name: [_RecordingRelay(port) for _ in range(4 if name == "coordinator" else 2)]
+              for name, port in listeners.items()}  # fmt: skip
+    # one advertised port per listener: a small acceptor hands each connection to the next relay
+    fronts = {name: _Fanout(relays[name]) for name in listeners}
+    plan.listen_ports = listeners
+    plan.coordinator_port = fronts["coordinator"].port
+    plan.aggregator_ports = [fronts[name].port for name in plan.aggregator_names]
+    report = simulate(plan, tmp_path / "run")
+    return report, [r for rs in relays.values() for r in rs]
+
+
+class _Fanout:
+    """Accepts connections on one port and splices each into the next relay of a list."""
+
+    def __init__(self, relays: list[_RecordingRelay]) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._run, args=(relays,), daemon=True).start()
+
+    def _run(self, relays: list[_RecordingRelay]) -> None:
+        for relay in relays:
+            client, _ = self.server.accept()
+            upstream = socket.create_connection(("127.0.0.1", relay.port))
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=_splice, args=(src, dst), daemon=True).start()
+
+
+def _splice(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while data := src.recv(1 << 16):
+            dst.sendall(data)
+        dst.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+
+
+def _only_tls_records(seen: bytes) -> bool:
+    i = 0
+    while i + 5 <= len(seen):
+        if seen[i] not in (0x14, 0x15, 0x16, 0x17):
+            return False
+        i += 5 + int.from_bytes(seen[i + 3 : i + 5], "big")
+    return i == len(seen)
+
+
+@pytest.mark.slow
+def test_every_link_of_a_secure_simulation_carries_only_tls_records(tmp_path):
+    report, relays = _relayed_simulation(tmp_path)
+    assert report["transport"].startswith("TLS") and "validation" in report
+    assert all(r.seen for r in relays)  # every link was used, and went through a relay
+    assert all(_only_tls_records(bytes(r.seen)) for r in relays)
+    assert not any(b'"round1"' in r.seen or b"hello" in r.seen for r in relays)
+    # control: the same relays read the protocol's messages when the parties talk plain TCP
+    report, relays = _relayed_simulation(tmp_path / "plain", plaintext_transport=True)
+    assert "in the clear" in report["transport"]
+    assert not all(_only_tls_records(bytes(r.seen)) for r in relays)
+    assert any(b"hello" in r.seen for r in relays)
