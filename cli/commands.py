@@ -178,15 +178,16 @@ def infer(args: argparse.Namespace) -> dict[str, Any] | None:
 
     ckpt = Checkpoint.load(args.model)
     images = ckpt.preprocessing.read(args.image)
-    result = run_inference(str(args.model), images, timeout_s=args.timeout, device=args.device)
+    result = run_inference(str(args.model), images, timeout_s=args.timeout, device=args.device,
+                           plaintext_transport=args.plaintext_transport)  # fmt: skip
     preds = predictions(args.image, result["logits"], ckpt.classes)
     if args.json:
         return {"predictions": [asdict(p) for p in preds],
-                **{k: result[k] for k in ("online_s", "offline_s", "rounds", "bytes")}}  # fmt: skip
+                **{k: result[k] for k in ("online_s", "offline_s", "rounds", "bytes", "transport")}}  # fmt: skip
     for pred in preds:
         _log(pred.describe())
     _log(f"online {result['online_s']:.2f} s, offline {result['offline_s']:.2f} s, "
-         f"{result['rounds']} rounds, {result['bytes'] / 1e6:.1f} MB")  # fmt: skip
+         f"{result['rounds']} rounds, {result['bytes'] / 1e6:.1f} MB; channels: {result['transport']}")  # fmt: skip
     return None
 
 
@@ -205,12 +206,13 @@ def bench_inference(args: argparse.Namespace) -> dict[str, Any] | None:
         path = Path(tmp) / "model.pt"
         Checkpoint(args.model, ("normal", "bacterial", "viral"), Preprocessing(args.image_size, 0.5, 0.25),
                    model.state_dict()).save(path)  # fmt: skip
-        result = run_inference(str(path), x, timeout_s=args.timeout, device=args.device)
+        result = run_inference(str(path), x, timeout_s=args.timeout, device=args.device,
+                               plaintext_transport=args.plaintext_transport)  # fmt: skip
     with torch.no_grad():
         plain = model(x)
     out = {
         "model": args.model, "image_size": args.image_size, "batch": args.batch,
-        **{k: result[k] for k in ("device", "online_s", "offline_s", "rounds", "bytes")},
+        **{k: result[k] for k in ("device", "online_s", "offline_s", "rounds", "bytes", "transport")},
         "max_abs_err": float((result["logits"] - plain).abs().max()),
         "argmax_agree": bool((result["logits"].argmax(1) == plain.argmax(1)).all()),
     }  # fmt: skip

@@ -22,6 +22,10 @@ def _add_data_args(p: argparse.ArgumentParser, *, default_size: int | None) -> N
 def _add_transport_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-dir", type=Path, help="federation folder from `medmpc pki init` (default: an "
                    "ephemeral CA for this run)")  # fmt: skip
+    _add_plaintext_transport(p)
+
+
+def _add_plaintext_transport(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plaintext-transport", action="store_true", help="no TLS between the parties, to measure "
                    "the protocol's own cost; NOT secure: every share crosses the network in the clear")  # fmt: skip
 
@@ -116,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--device", default="cpu", help="cpu or cuda: where every party keeps and computes its shares")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    _add_plaintext_transport(p)
     p.set_defaults(func=commands.infer)
 
     p = sub.add_parser("serve", help="encrypted prediction service: model owner, compute party and dealer over HTTP")
@@ -128,8 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "channels (default HOST:29500,HOST:29501,HOST:29502)")  # fmt: skip
     p.add_argument("--mpc-tls-dir", type=Path, help="one role: the federation folder with ca.pem, crl.pem and "
                    "its party0/party1/dealer key (--role all makes an ephemeral CA)")  # fmt: skip
-    p.add_argument("--plaintext-transport", action="store_true", help="no TLS between the parties, to measure "
-                   "the protocol's own cost; NOT secure")  # fmt: skip
+    _add_plaintext_transport(p)
     add_service_options(p)
     p.add_argument("--log-dir", type=Path, default=Path("runs/serve"), help="party logs (JSON lines) for --role all")
     p.set_defaults(func=commands.serve)
@@ -153,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--device", default="cpu", help="cpu or cuda: where every party keeps and computes its shares")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    _add_plaintext_transport(p)
     p.set_defaults(func=commands.bench_inference)
 
     p = sub.add_parser("selfcheck", help="secret-shared arithmetic across real party processes")

@@ -21,6 +21,7 @@ import torch
 
 from models import architecture, build_model
 from mpc import crypten_compat
+from mpc.pki import describe_channels
 from mpc.compile import compile_model
 
 MODEL_OWNER, DATA_OWNER = 0, 1
@@ -104,7 +105,7 @@ def run_inference(
         )  # fmt: skip
     if results[MODEL_OWNER] is not None:
         raise RuntimeError("the model owner received a result; it must learn nothing")
-    return results[DATA_OWNER]
+    return results[DATA_OWNER] | {"transport": describe_channels(plaintext=plaintext_transport)}
 
 
 def random_model_and_input(model_name: str, image_size: int, batch: int, seed: int) -> tuple[torch.nn.Module, torch.Tensor]:

@@ -40,6 +40,8 @@ def _atomic_save(obj: Any, path: Path) -> None:
 def add_channel_args(p: argparse.ArgumentParser) -> None:
     """How a CrypTen process reaches the others (mpc.tls_communicator)."""
     p.add_argument("--parties", required=True, help="HOST:PORT of every rank, the dealer's last (each listens on its own)")
+    p.add_argument("--listen", help="HOST:PORT this process listens on, where a port forward puts it elsewhere "
+                   "than its entry in --parties")  # fmt: skip
     channels = p.add_mutually_exclusive_group(required=True)
     channels.add_argument("--mpc-tls-dir", help="federation folder: ca.pem, crl.pem and this process's "
                           "party<RANK>.pem/.key (dealer.pem/.key), from one CA (mpc.pki)")  # fmt: skip
@@ -48,7 +50,7 @@ def add_channel_args(p: argparse.ArgumentParser) -> None:
 
 
 def channel_env(a: argparse.Namespace) -> dict[str, str]:
-    return {"MEDMPC_PARTIES": a.parties, "MEDMPC_TLS_DIR": a.mpc_tls_dir or "",
+    return {"MEDMPC_PARTIES": a.parties, "MEDMPC_LISTEN": a.listen or "", "MEDMPC_TLS_DIR": a.mpc_tls_dir or "",
             "MEDMPC_PLAINTEXT_TRANSPORT": "1" if a.plaintext_transport else ""}  # fmt: skip
 
 

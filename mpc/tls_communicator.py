@@ -37,7 +37,7 @@ from mpc.launch import party_name
 from mpc.transport import Channel, Listener, PeerError, Traffic, connect
 
 PARTIES_ENV, TLS_DIR_ENV, TIMEOUT_ENV = "MEDMPC_PARTIES", "MEDMPC_TLS_DIR", "MEDMPC_PEER_TIMEOUT"
-PLAINTEXT_ENV = "MEDMPC_PLAINTEXT_TRANSPORT"
+PLAINTEXT_ENV, LISTEN_ENV = "MEDMPC_PLAINTEXT_TRANSPORT", "MEDMPC_LISTEN"
 
 
 def _plain(tensor: Any) -> torch.Tensor:
@@ -103,7 +103,7 @@ class TLSCommunicator(Communicator):
         me = party_name(rank, world_size)
         identity = transport_identity(me)
         self.traffic = Traffic()
-        host, port = addresses[rank]
+        host, port = (os.environ.get(LISTEN_ENV) or ":".join(addresses[rank])).rsplit(":", 1)
         others = {party_name(r, world_size): r for r in range(total) if r != rank}
         listener = Listener(host, int(port), identity=identity)
         accepted: dict[str, Any] = {}

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mpc.pki import Identity, IdentityError
+from mpc.pki import Identity, IdentityError, describe_channels
 from mpc.sharing import DEFAULT_FRACTIONAL_BITS
 from protocols.statistics import release_history
 
@@ -147,9 +147,7 @@ class Plan:
     @property
     def transport(self) -> str:
         """What every report says about its channels."""
-        if self.plaintext_transport:
-            return "plaintext TCP (measurement only: every share crossed the network in the clear)"
-        return "TLS 1.3, mutually authenticated (federation CA)"
+        return describe_channels(plaintext=self.plaintext_transport)
 
     def drill(self, party: str, round_: int) -> str | None:
         action, _, at = self.drills.get(party, "").partition(":")

@@ -29,6 +29,7 @@ class LocalService:
     host: str = "127.0.0.1"
     ports: tuple[int, int, int] | None = None  # model owner, compute party, dealer
     mpc_ports: tuple[int, int, int] | None = None  # the parties' CrypTen addresses (default: free ports)
+    mpc_listen_ports: tuple[int, int, int] | None = None  # where they listen, if elsewhere (a port forward)
     plaintext_transport: bool = False  # between the parties; measurement only
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -75,6 +76,8 @@ class LocalService:
         try:
             for party, port in zip(PARTIES, self._ports):
                 argv = [sys.executable, "-m", "serving.party", "--role", party, "--port", str(port), *common]
+                if self.mpc_listen_ports:
+                    argv += ["--listen", f"{self.host}:{self.mpc_listen_ports[PARTIES.index(party)]}"]
                 if party == "model-owner":
                     argv += ["--model", str(self.checkpoint)]
                 with open(self.log_file(party), "wb") as log:

@@ -70,6 +70,7 @@ def test_infer_and_bench_commands(trained_checkpoint, chest_xray):
     assert sum(pred["probabilities"].values()) == pytest.approx(1, abs=1e-4)
     for key in ("online_s", "offline_s", "rounds", "bytes"):
         assert out[key] > 0
+    assert out["transport"].startswith("TLS 1.3")
     proc = subprocess.run([sys.executable, "-m", "cli.main", "bench", "inference", "--model", "resnet18",
                            "--image-size", "32", "--json"], capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
