@@ -100,6 +100,10 @@ class Step:
     inputs: list[str]
 
 
+# max-pooling's padding where no bound is known: below the activations of the models here
+DEFAULT_POOL_PAD = -(2.0**20)
+
+
 @dataclass
 class ComparisonSite:
     """One place the program compares shared values: the ring it compares them on (public), and for
@@ -108,7 +112,7 @@ class ComparisonSite:
     node: str
     pools: bool = False  # max-pooling, which compares differences of two values
     bits: int = comparison.FULL_RING
-    pad: float = -(2.0**20)
+    pad: float = DEFAULT_POOL_PAD
 
 
 @dataclass
@@ -280,7 +284,7 @@ def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
 
 def max_pool2d(
     x: Any, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
-    *, bits: int = comparison.FULL_RING, pad: float = -(2.0**20),
+    *, bits: int = comparison.FULL_RING, pad: float = DEFAULT_POOL_PAD,
 ) -> Any:  # fmt: skip
     """Max pooling on shares, separably: over each window's columns, then over its rows.
 

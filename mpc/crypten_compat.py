@@ -53,7 +53,6 @@ import torch
 
 from mpc import streams
 
-_TIMEOUT_ENV = "MEDMPC_PEER_TIMEOUT"  # read by mpc.tls_communicator
 _SECURE_PROVIDERS = ("TTP",)
 _INSECURE_PROVIDERS = ("TFP",)
 
@@ -285,16 +284,22 @@ def init_party(
     environment variables; a peer silent for ``timeout_s`` is an error naming it."""
     crypten = import_crypten()
     configure_provider(provider, allow_insecure=allow_insecure)
-    os.environ[_TIMEOUT_ENV] = str(timeout_s)
+    _set_peer_timeout(timeout_s)
     crypten.init()
     return crypten
+
+
+def _set_peer_timeout(timeout_s: float) -> None:
+    from mpc import tls_communicator  # after import_crypten(), which it needs
+
+    os.environ[tls_communicator.TIMEOUT_ENV] = str(timeout_s)
 
 
 def run_dealer(*, timeout_s: float) -> None:
     """Serve Beaver triples and other correlated randomness until the parties finish."""
     crypten = import_crypten()
     configure_provider("TTP")
-    os.environ[_TIMEOUT_ENV] = str(timeout_s)
+    _set_peer_timeout(timeout_s)
     crypten.mpc.provider.TTPServer()
 
 

@@ -113,6 +113,8 @@ def random_model_and_input(model_name: str, image_size: int, batch: int, seed: i
     really exercised) and a batch of random valid inputs (uniform pixels normalised with
     mean 0.5, std 0.25: in [-2, 2], as the benchmarks' checkpoints declare), the same on every
     party for the same seed."""
+    # torch's generator on purpose: a public benchmark model and input that every party and the
+    # plaintext reference rebuild from the seed; no secret depends on them
     g = torch.Generator().manual_seed(seed)
     model = randomise_batchnorm(build_model(model_name, 3, seed=seed), g)
     return model, (torch.rand(batch, 1, image_size, image_size, generator=g) - 0.5) / 0.25

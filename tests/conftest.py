@@ -5,11 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from checkpoints import trained_cnn
+
 from imaging.dataset import load_dataset
-from imaging.transforms import Preprocessing
-from models import build_model
-from training.checkpoint import Checkpoint
-from training.local import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
 CHEST_XRAY = REPO.parent / "shared" / "data" / "chest_xray"
@@ -42,9 +40,4 @@ def small_xray_folder(chest_xray: Path, tmp_path: Path) -> Path:
 def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small CNN (32 px) trained for two epochs on synthetic images."""
     data = load_dataset("synthetic:300", image_size=32, seed=0)
-    prep = Preprocessing.fit(data.images)
-    model = build_model("cnn", 3, seed=0)
-    train(model, data.images, data.labels, prep, TrainConfig(epochs=2), num_classes=3)
-    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    Checkpoint("cnn", data.classes, prep, model.state_dict()).save(path)
-    return path
+    return trained_cnn(data, epochs=2, path=tmp_path_factory.mktemp("ckpt") / "model.pt")

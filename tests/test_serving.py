@@ -22,19 +22,17 @@ import httpx
 import pytest
 import torch
 from scipy import stats
+from checkpoints import trained_cnn
 from uniformity import as_unit, looks_uniform
 
 from imaging.dataset import load_dataset
 from imaging.images import DataError, read_image
-from imaging.transforms import Preprocessing
-from models import build_model
 from mpc import sharing
 from serving.client import PredictionClient, ServiceError
 from serving.engine import LEADER, BatchEngine
 from serving.launch import PARTIES, LocalService
 from serving.wire import decode_tensor
 from training.checkpoint import Checkpoint
-from training.local import TrainConfig, train
 
 pytestmark = pytest.mark.slow
 TOKEN = "test-token-" + uuid.uuid4().hex
@@ -48,12 +46,7 @@ QUEUE, QUOTA = 12, 6  # requests waiting at a party: in all, and from one client
 def checkpoint(tmp_path_factory, chest_xray) -> Path:
     data = load_dataset(str(chest_xray / "train"), image_size=SIZE, seed=0)
     data = data.subset(torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:400])
-    prep = Preprocessing.fit(data.images)
-    model = build_model("cnn", 3, seed=0)
-    train(model, data.images, data.labels, prep, TrainConfig(epochs=3), num_classes=3)
-    path = tmp_path_factory.mktemp("serve") / "model.pt"
-    Checkpoint("cnn", data.classes, prep, model.state_dict()).save(path)
-    return path
+    return trained_cnn(data, epochs=3, path=tmp_path_factory.mktemp("serve") / "model.pt")
 
 
 @pytest.fixture(scope="module")

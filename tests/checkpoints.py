@@ -1,0 +1,20 @@
+"""Small trained checkpoints for the tests that need a real model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from imaging.dataset import ImageSet
+from imaging.transforms import Preprocessing
+from models import build_model
+from training.checkpoint import Checkpoint
+from training.local import TrainConfig, train
+
+
+def trained_cnn(data: ImageSet, *, epochs: int, path: Path) -> Path:
+    """The small CNN (seed 0) trained on ``data`` for ``epochs``, saved at ``path``."""
+    prep = Preprocessing.fit(data.images)
+    model = build_model("cnn", 3, seed=0)
+    train(model, data.images, data.labels, prep, TrainConfig(epochs=epochs), num_classes=3)
+    Checkpoint("cnn", data.classes, prep, model.state_dict()).save(path)
+    return path
