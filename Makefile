@@ -1,13 +1,20 @@
 # The two set-up commands of the README. Both bootstrap .venv/ first (idempotent).
-.PHONY: demo test bench
+.PHONY: demo test check bench
 
 demo:
 	@scripts/bootstrap.sh
 	.venv/bin/medmpc train --data synthetic --model cnn --image-size 64 --epochs 4 --out runs/demo
 
-test:
-	@scripts/bootstrap.sh
+# formatting, lint, types and the one-way layers, then the tests
+test: check
 	.venv/bin/python -m pytest -q tests
+
+check:
+	@scripts/bootstrap.sh
+	.venv/bin/ruff format --check .
+	.venv/bin/ruff check .
+	.venv/bin/mypy
+	.venv/bin/lint-imports
 
 bench:
 	@scripts/bootstrap.sh

@@ -1,7 +1,7 @@
 """CrypTen's CUDA convolution on int64 shares against the exact CPU result, before and
 after our fix (needs a GPU). Prints one JSON object per case:
 
-    PYTHONPATH=. python benchmarks/check_cuda_conv.py
+    .venv/bin/python benchmarks/check_cuda_conv.py
 
 ``wrong_fraction`` is the share of outputs that differ from the exact ring result and
 ``max_err`` the largest difference in fixed-point units (ring units / 2^16).
@@ -11,7 +11,7 @@ import json
 
 import torch
 
-from mpc import crypten_compat
+from medmpc.mpc import crypten_compat
 
 crypten_compat.import_crypten()  # installs the exact convolution
 from crypten.cuda import CUDALongTensor  # noqa: E402  (after the import patches)
@@ -27,5 +27,15 @@ for c_in in (1, 64, 256, 512):
     for name, conv in (("crypten", stock), ("medmpc", ours)):
         got = conv("conv2d", CUDALongTensor(x.cuda()), CUDALongTensor(w.cuda()), padding=1).tensor().cpu()
         diff = (got - want).double().abs()
-        print(json.dumps({"impl": name, "c_in": c_in, "kernel": 3, "wrong_fraction": float((got != want).double().mean()),
-                          "max_err": float(diff.max() / 2**16)}), flush=True)  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "impl": name,
+                    "c_in": c_in,
+                    "kernel": 3,
+                    "wrong_fraction": float((got != want).double().mean()),
+                    "max_err": float(diff.max() / 2**16),
+                }
+            ),
+            flush=True,
+        )

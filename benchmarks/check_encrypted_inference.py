@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from imaging.dataset import load_folder
-from mpc.inference import run_inference
-from training.checkpoint import Checkpoint
+from medmpc.imaging.dataset import load_folder
+from medmpc.protocols.inference import run_inference
+from medmpc.training.checkpoint import Checkpoint
 
 
 def main() -> None:
@@ -47,11 +47,14 @@ def main() -> None:
     enc = torch.cat(encrypted)
     err = (enc - plain).abs().max(dim=1).values
     result = {
-        "model": str(a.model), "n_images": len(x), "max_abs_err": float(err.max()),
+        "model": str(a.model),
+        "n_images": len(x),
+        "max_abs_err": float(err.max()),
         "images_over_0.05": int((err > 0.05).sum()),
         "argmax_agree": int((enc.argmax(1) == plain.argmax(1)).sum()),
-        "online_s_per_batch": online, "batch": a.batch,
-    }  # fmt: skip
+        "online_s_per_batch": online,
+        "batch": a.batch,
+    }
     a.out.parent.mkdir(exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result))

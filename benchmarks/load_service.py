@@ -1,7 +1,7 @@
 """Load test of the encrypted prediction service on loopback.
 
-Starts the three service parties as local processes, then for each concurrency C runs C client threads that each send M single-image
-requests, and reports throughput and latency percentiles:
+Starts the three service parties as local processes, then for each concurrency C runs C client
+threads that each send M single-image requests, and reports throughput and latency percentiles:
 
     .venv/bin/python -m benchmarks.load_service --random-model cnn --image-size 64 \\
         --concurrency 1,4,16 --requests 4
@@ -23,11 +23,12 @@ import torch
 from tqdm import tqdm
 
 from benchmarks import record
-from imaging.transforms import Preprocessing
-from mpc.inference import random_model_and_input
-from serving.client import PredictionClient
-from serving.launch import LocalService
-from training.checkpoint import Checkpoint
+from medmpc.imaging.transforms import Preprocessing
+from medmpc.protocols.inference import random_model_and_input
+from medmpc.serving.client import PredictionClient
+from medmpc.serving.launch import LocalService
+from medmpc.training.checkpoint import Checkpoint
+
 
 def run_load(client: PredictionClient, images: torch.Tensor, concurrency: int, requests: int) -> dict:
     latencies: list[float] = []
@@ -59,10 +60,15 @@ def run_load(client: PredictionClient, images: torch.Tensor, concurrency: int, r
     bar.close()
     lat = torch.tensor(latencies or [float("nan")])
     return {
-        "concurrency": concurrency, "requests": concurrency * requests, "errors": len(errors),
-        "throughput_rps": len(latencies) / elapsed, "p50_s": float(lat.quantile(0.5)),
-        "p95_s": float(lat.quantile(0.95)), "elapsed_s": elapsed, "first_error": errors[0] if errors else None,
-    }  # fmt: skip
+        "concurrency": concurrency,
+        "requests": concurrency * requests,
+        "errors": len(errors),
+        "throughput_rps": len(latencies) / elapsed,
+        "p50_s": float(lat.quantile(0.5)),
+        "p95_s": float(lat.quantile(0.95)),
+        "elapsed_s": elapsed,
+        "first_error": errors[0] if errors else None,
+    }
 
 
 def main() -> None:
@@ -81,18 +87,33 @@ def main() -> None:
         if a.random_model:
             model, _ = random_model_and_input(a.random_model, a.image_size, 1, 0)
             checkpoint = Path(tmp) / "model.pt"
-            Checkpoint(a.random_model, ("normal", "bacterial", "viral"), Preprocessing(a.image_size, 0.5, 0.25),
-                       model.state_dict()).save(checkpoint)  # fmt: skip
+            Checkpoint(
+                a.random_model,
+                ("normal", "bacterial", "viral"),
+                Preprocessing(a.image_size, 0.5, 0.25),
+                model.state_dict(),
+            ).save(checkpoint)
         token = uuid.uuid4().hex
         tokens = Path(tmp) / "tokens"
         tokens.write_text(token)
         card = Checkpoint.load(checkpoint)
         name = f"{card.model_name} {card.preprocessing.image_size}px max_batch {a.max_batch}"
-        images = torch.randn(32, 1, card.preprocessing.image_size, card.preprocessing.image_size,
-                             generator=torch.Generator().manual_seed(0))  # fmt: skip
+        images = torch.randn(
+            32,
+            1,
+            card.preprocessing.image_size,
+            card.preprocessing.image_size,
+            generator=torch.Generator().manual_seed(0),
+        )
         # one token carries the whole load here, so it may fill the queue alone
-        with LocalService(checkpoint, tokens, max_batch=a.max_batch, per_client_queue=LocalService.max_queue,
-                          request_timeout_s=600, share_timeout_s=60) as svc:  # fmt: skip
+        with LocalService(
+            checkpoint,
+            tokens,
+            max_batch=a.max_batch,
+            per_client_queue=LocalService.max_queue,
+            request_timeout_s=600,
+            share_timeout_s=60,
+        ) as svc:
             with PredictionClient(svc.urls, token, timeout_s=600) as client:
                 client.logits(images[:1])  # warm-up
                 rows = []

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from mpc import crypten_compat
-from mpc.inference import random_model_and_input
+from medmpc.mpc import crypten_compat
+from medmpc.protocols.inference import random_model_and_input
 
 
 def _patch_stock(crypten: Any) -> None:
@@ -38,9 +38,16 @@ def _patch_stock(crypten: Any) -> None:
 
 
 def stock_forward(
-    *, rank: int, world_size: int, model_name: str, image_size: int, batch: int, seed: int,
-    device: str = "cpu", crypten_cuda_conv: bool = False,
-) -> dict[str, Any]:  # fmt: skip
+    *,
+    rank: int,
+    world_size: int,
+    model_name: str,
+    image_size: int,
+    batch: int,
+    seed: int,
+    device: str = "cpu",
+    crypten_cuda_conv: bool = False,
+) -> dict[str, Any]:
     """``crypten_cuda_conv`` puts back CrypTen's own (inexact) CUDA convolution, to show its error."""
     crypten = crypten_compat.import_crypten()
     _patch_stock(crypten)

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import record
-from models import build_model
-from protocols.dp import DPSGD, DPConfig
+from medmpc.models import build_model
+from medmpc.training.dp import DPSGD, DPConfig
 
 
 def _steps(model_name: str, image_size: int, batch: int):
@@ -25,7 +25,9 @@ def _steps(model_name: str, image_size: int, batch: int):
     plain = build_model(model_name, 3, seed=0)
     plain_opt = torch.optim.AdamW(plain.parameters(), lr=1e-3)
     model = build_model(model_name, 3, seed=0)
-    dp = DPSGD(DPConfig(epsilon=8, noise_multiplier=1.0), n_samples=batch * 20, batch_size=batch, planned_epochs=1, who="bench")
+    dp = DPSGD(
+        DPConfig(epsilon=8, noise_multiplier=1.0), n_samples=batch * 20, batch_size=batch, planned_epochs=1, who="bench"
+    )
     private, private_opt = dp.wrap(model, torch.optim.AdamW(model.parameters(), lr=1e-3))
 
     def plain_step():
@@ -41,7 +43,9 @@ def _steps(model_name: str, image_size: int, batch: int):
     return plain_step, private_step
 
 
-@pytest.mark.parametrize("model_name,image_size,batch", [("cnn_gn", 64, 64), ("cnn_gn", 128, 64), ("resnet18_gn", 64, 32)])
+@pytest.mark.parametrize(
+    "model_name,image_size,batch", [("cnn_gn", 64, 64), ("cnn_gn", 128, 64), ("resnet18_gn", 64, 32)]
+)
 def test_dp_step_vs_plain_step(benchmark, model_name, image_size, batch):
     plain_step, private_step = _steps(model_name, image_size, batch)
     for f in (plain_step, private_step):
@@ -54,8 +58,10 @@ def test_dp_step_vs_plain_step(benchmark, model_name, image_size, batch):
             out.append(time.perf_counter() - start)
     benchmark.pedantic(private_step, rounds=3, iterations=1)
     result = {
-        "plain_step_s": statistics.median(plain_t), "private_step_s": statistics.median(private_t),
-        "ratio": statistics.median(private_t) / statistics.median(plain_t), "threads": torch.get_num_threads(),
-    }  # fmt: skip
+        "plain_step_s": statistics.median(plain_t),
+        "private_step_s": statistics.median(private_t),
+        "ratio": statistics.median(private_t) / statistics.median(plain_t),
+        "threads": torch.get_num_threads(),
+    }
     benchmark.extra_info.update(result)
     record("dp_step", {f"{model_name} {image_size}px batch {batch}": result})

@@ -14,17 +14,18 @@ import pytest
 import torch
 
 from benchmarks import record
-from imaging.transforms import Preprocessing
-from mpc.inference import random_model_and_input, run_inference
-from mpc.launch import run_crypten_job
-from training.checkpoint import Checkpoint
+from medmpc.imaging.transforms import Preprocessing
+from medmpc.mpc.launch import run_crypten_job
+from medmpc.protocols.inference import random_model_and_input, run_inference
+from medmpc.training.checkpoint import Checkpoint
 
 
 def _ours(model: torch.nn.Module, x: torch.Tensor, device: str = "cpu", plaintext_transport: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.pt"
-        Checkpoint("resnet18", ("normal", "bacterial", "viral"), Preprocessing(x.shape[-1], 0.5, 0.25),
-                   model.state_dict()).save(path)  # fmt: skip
+        Checkpoint(
+            "resnet18", ("normal", "bacterial", "viral"), Preprocessing(x.shape[-1], 0.5, 0.25), model.state_dict()
+        ).save(path)
         return run_inference(str(path), x, timeout_s=3600, device=device, plaintext_transport=plaintext_transport)
 
 
@@ -41,13 +42,17 @@ def test_encrypted_resnet18_vs_stock_crypten(benchmark, size, batch):
     ours = benchmark.pedantic(_ours, args=(model, x), rounds=1, iterations=1)
     stock = _stock(size, batch)
     result = {
-        "ours_online_s": ours["online_s"], "ours_offline_s": ours["offline_s"],
-        "ours_rounds": ours["rounds"], "ours_bytes": ours["bytes"],
+        "ours_online_s": ours["online_s"],
+        "ours_offline_s": ours["offline_s"],
+        "ours_rounds": ours["rounds"],
+        "ours_bytes": ours["bytes"],
         "ours_max_abs_err": float((ours["logits"] - plain).abs().max()),
-        "stock_online_s": stock["online_s"], "stock_rounds": stock["rounds"], "stock_bytes": stock["bytes"],
+        "stock_online_s": stock["online_s"],
+        "stock_rounds": stock["rounds"],
+        "stock_bytes": stock["bytes"],
         "stock_max_abs_err": float((stock["logits"] - plain).abs().max()),
         "speedup_online": stock["online_s"] / ours["online_s"],
-    }  # fmt: skip
+    }
     assert result["ours_max_abs_err"] < 0.05
     benchmark.extra_info.update(result)
     record("inference", {f"resnet18 {size}px batch {batch}": result})
@@ -64,10 +69,12 @@ def test_what_tls_costs_encrypted_resnet18_at_224px(benchmark):
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
     online = {k: sorted(r["online_s"] for r in v) for k, v in runs.items()}
     result = {
-        "tls_online_s": online["tls"], "plaintext_online_s": online["plaintext"],
+        "tls_online_s": online["tls"],
+        "plaintext_online_s": online["plaintext"],
         "tls_overhead_median": online["tls"][1] / online["plaintext"][1] - 1,
-        "bytes": runs["tls"][0]["bytes"], "rounds": runs["tls"][0]["rounds"],
-    }  # fmt: skip
+        "bytes": runs["tls"][0]["bytes"],
+        "rounds": runs["tls"][0]["rounds"],
+    }
     benchmark.extra_info.update(result)
     record("inference", {"resnet18 224px batch 1: TLS against plaintext channels": result})
 
@@ -85,8 +92,10 @@ def test_encrypted_resnet18_on_gpu_vs_stock_crypten(benchmark):
         "stock_cuda_crypten_conv": _stock(224, 1, device="cuda", crypten_cuda_conv=True),
         "stock_cpu": _stock(224, 1),
     }
-    result = {name: {"online_s": r["online_s"], "max_abs_err": float((r["logits"] - plain).abs().max())}
-              for name, r in runs.items()}  # fmt: skip
+    result = {
+        name: {"online_s": r["online_s"], "max_abs_err": float((r["logits"] - plain).abs().max())}
+        for name, r in runs.items()
+    }
     result["speedup_online_vs_stock_cuda"] = runs["stock_cuda_exact_conv"]["online_s"] / runs["ours_cuda"]["online_s"]
     result["speedup_online_vs_stock_cpu"] = runs["stock_cpu"]["online_s"] / runs["ours_cuda"]["online_s"]
     assert result["ours_cuda"]["max_abs_err"] < 0.05

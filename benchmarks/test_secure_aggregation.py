@@ -17,14 +17,28 @@ import sys
 import pytest
 
 from benchmarks import RESULTS_DIR, record
-from training import plots
+from medmpc.training import plots
 
 PARAMS = int(os.environ.get("MEDMPC_BENCH_PARAMS", 11_200_000))
 
 
 def _bench(hospitals: int, aggregators: int) -> dict:
-    cmd = [sys.executable, "-m", "cli.main", "bench", "secure-aggregation", "--params", str(PARAMS),
-           "--hospitals", str(hospitals), "--aggregators", str(aggregators), "--repeat", "5", "--json"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "medmpc.cli.main",
+        "bench",
+        "secure-aggregation",
+        "--params",
+        str(PARAMS),
+        "--hospitals",
+        str(hospitals),
+        "--aggregators",
+        str(aggregators),
+        "--repeat",
+        "5",
+        "--json",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout)
@@ -47,10 +61,12 @@ def plot(rows: dict[str, dict]) -> None:
     ns = sorted({n for n, _, _ in cases})
     ratios["bytes moved, (N + 1) / (N - 1)"] = (ns, [(n + 1) / (n - 1) for n in ns])
     plots.lines_png(
-        {"seconds": seconds, "secure / plaintext": ratios}, RESULTS_DIR / "secure_aggregation.png",
-        xlabel="hospitals N", references={"secure / plaintext": {"target: 2x": 2.0}},
+        {"seconds": seconds, "secure / plaintext": ratios},
+        RESULTS_DIR / "secure_aggregation.png",
+        xlabel="hospitals N",
+        references={"secure / plaintext": {"target: 2x": 2.0}},
         title=f"one secure aggregation of {PARAMS / 1e6:.1f}M values vs a float32 all-reduce (medians of 5)",
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.parametrize("aggregators", [2, 3])
@@ -59,7 +75,9 @@ def test_secure_aggregation_vs_allreduce(benchmark, hospitals, aggregators):
     result = benchmark.pedantic(_bench, args=(hospitals, aggregators), rounds=1, iterations=1)
     # encoding rounds to half a unit of 2^-16; the division truncates by up to K-1 more units
     assert result["max_abs_err"] <= (aggregators + 1) * 2**-16
-    benchmark.extra_info.update({k: result[k] for k in ("secure_s", "plaintext_s", "ratio", "offline_s", "phases_s", "max_abs_err")})
+    benchmark.extra_info.update(
+        {k: result[k] for k in ("secure_s", "plaintext_s", "ratio", "offline_s", "phases_s", "max_abs_err")}
+    )
     benchmark.extra_info["bytes_per_party"] = result["bytes_per_party"]
     record("secure_aggregation", {f"N={hospitals},K={aggregators}": result})
     plot(json.loads((RESULTS_DIR / "secure_aggregation.json").read_text()))

@@ -4,31 +4,35 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from typing import Any
+import logging
+from typing import TYPE_CHECKING, Any
 
-from imaging.dataset import load_dataset
+from medmpc.imaging.dataset import ImageSet, load_dataset
 
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr if _log.quiet else sys.stdout, flush=True)
-
-
-_log.quiet = False  # type: ignore[attr-defined]
+if TYPE_CHECKING:
+    from medmpc.training.dp import DPConfig
 
 
-def _load(args: argparse.Namespace, *, image_size: int, num_classes: int, split: str):
+# what a person reads; cli.main sends it to stdout, or to stderr when stdout carries --json
+_log = logging.getLogger("medmpc").info
+
+
+def _load(args: argparse.Namespace, *, image_size: int, num_classes: int, split: str) -> ImageSet:
     data = load_dataset(
-        args.data, image_size=image_size, num_classes=num_classes, split=split,
-        skip_unreadable=args.skip_unreadable, seed=getattr(args, "seed", 0),
-    )  # fmt: skip
+        args.data,
+        image_size=image_size,
+        num_classes=num_classes,
+        split=split,
+        skip_unreadable=args.skip_unreadable,
+        seed=getattr(args, "seed", 0),
+    )
     if data.skipped:
         _log(f"skipped {len(data.skipped)} unreadable file(s): " + ", ".join(map(str, data.skipped[:5])))
     return data
 
 
-def _dp_config(args: argparse.Namespace):
-    from protocols.dp import DPConfig
+def _dp_config(args: argparse.Namespace) -> DPConfig | None:
+    from medmpc.training.dp import DPConfig
 
     if args.dp_epsilon is None:
         if any(v is not None for v in (args.dp_delta, args.dp_clip, args.dp_noise)):
@@ -40,35 +44,44 @@ def _dp_config(args: argparse.Namespace):
 
 
 def train(args: argparse.Namespace) -> None:
-    from training.centralised import train_centralised
-    from training.local import TrainConfig
+    from medmpc.training.centralised import train_centralised
+    from medmpc.training.local import TrainConfig
 
     cfg = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, augment=not args.no_augment,
-        class_weighting=not args.no_class_weights, seed=args.seed,
-    )  # fmt: skip
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        augment=not args.no_augment,
+        class_weighting=not args.no_class_weights,
+        seed=args.seed,
+    )
     data = _load(args, image_size=args.image_size, num_classes=args.classes, split="train")
     report = train_centralised(
-        data, model_name=args.model, cfg=cfg, out=args.out, val_fraction=args.val_fraction, dp=_dp_config(args),
-        stats_noise=args.stats_noise, log=_log,
-    )  # fmt: skip
-    from training.metrics import format_metrics
+        data,
+        model_name=args.model,
+        cfg=cfg,
+        out=args.out,
+        val_fraction=args.val_fraction,
+        dp=_dp_config(args),
+        stats_noise=args.stats_noise,
+        log=_log,
+    )
+    from medmpc.training.metrics import format_metrics
 
     _log("validation split:\n" + format_metrics(report["validation"]))
     _log(f"wrote {args.out / 'model.pt'}, {args.out / 'report.json'} and plots")
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
-    from training.centralised import evaluate_checkpoint, write_json
-    from training.checkpoint import Checkpoint
-    from training.metrics import format_metrics
+    from medmpc.training.centralised import evaluate_checkpoint, write_json
+    from medmpc.training.checkpoint import Checkpoint
+    from medmpc.training.metrics import format_metrics
 
-    _log.quiet = args.json  # stdout carries only the JSON object
     ckpt = Checkpoint.load(args.model)
     data = _load(args, image_size=ckpt.preprocessing.image_size, num_classes=len(ckpt.classes), split="val")
     metrics = evaluate_checkpoint(ckpt, data)
     if args.out is not None:
-        from training.plots import confusion_matrix_png
+        from medmpc.training.plots import confusion_matrix_png
 
         args.out.mkdir(parents=True, exist_ok=True)
         write_json(metrics, args.out / "metrics.json")
@@ -81,8 +94,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def partition(args: argparse.Namespace) -> None:
-    from imaging.splits import partition as split_hospitals
-    from imaging.splits import partition_table
+    from medmpc.imaging.splits import partition as split_hospitals
+    from medmpc.imaging.splits import partition_table
 
     data = _load(args, image_size=args.image_size, num_classes=args.classes, split="train")
     parts = split_hospitals(data.labels, args.hospitals, args.partition, seed=args.seed)
@@ -92,43 +105,68 @@ def partition(args: argparse.Namespace) -> None:
 
 
 def selfcheck(args: argparse.Namespace) -> None:
-    from mpc import selfcheck as check
-    from mpc.launch import run_crypten_job
+    from medmpc.mpc import selfcheck as check
+    from medmpc.mpc.launch import run_crypten_job
 
     results = run_crypten_job(
-        "mpc.selfcheck:arithmetic", world_size=args.parties, args={"size": 16, "seed": 0}, timeout_s=args.timeout
+        "medmpc.mpc.selfcheck:arithmetic", world_size=args.parties, args={"size": 16, "seed": 0}, timeout_s=args.timeout
     )
     want = check.expected(args.parties, 16, 0)
     worst = max(check.mismatch(r[k], want[k]) for r in results for k in want)
     if worst > 1e-3:
         raise RuntimeError(f"secret-shared results differ from plaintext by {worst:.2e}")
-    _log(f"{args.parties} parties + dealer: sum, product, ReLU and max-pooling match plaintext (max error {worst:.1e}); "
-         f"comparisons exact at the edges of {', '.join(map(str, check.EDGE_BITS))}-bit rings, clamping at the ring's ends")  # fmt: skip
+    _log(
+        f"{args.parties} parties + dealer: sum, product, ReLU and max-pooling match plaintext "
+        f"(max error {worst:.1e}); comparisons exact at the edges of "
+        f"{', '.join(map(str, check.EDGE_BITS))}-bit rings, clamping at the ring's ends"
+    )
 
 
 _PLAN_FLAGS = (
-    "hospitals", "aggregators", "rounds", "local_epochs", "partition", "data", "model", "image_size",
-    "num_classes", "batch_size", "lr", "fractional_bits", "seed", "timeout_s", "host", "central_dp_noise", "update_clip",
+    "hospitals",
+    "aggregators",
+    "rounds",
+    "local_epochs",
+    "partition",
+    "data",
+    "model",
+    "image_size",
+    "num_classes",
+    "batch_size",
+    "lr",
+    "fractional_bits",
+    "seed",
+    "timeout_s",
+    "host",
+    "central_dp_noise",
+    "update_clip",
     "stats_noise",
-)  # fmt: skip
+)
 
 
 def simulate(args: argparse.Namespace) -> None:
-    from protocols.plan import load_plan
-    from protocols.simulate import simulate as run
-    from training.metrics import format_metrics
+    from medmpc.protocols.plan import load_plan
+    from medmpc.protocols.simulate import simulate as run
+    from medmpc.training.metrics import format_metrics
 
     overrides = {k: getattr(args, k) for k in _PLAN_FLAGS}
     dp = _dp_config(args)
     if dp is not None:
-        overrides |= {"dp_epsilon": dp.epsilon, "dp_delta": dp.delta, "dp_clip": dp.clip, "dp_noise": dp.noise_multiplier}
+        overrides |= {
+            "dp_epsilon": dp.epsilon,
+            "dp_delta": dp.delta,
+            "dp_clip": dp.clip,
+            "dp_noise": dp.noise_multiplier,
+        }
     if args.plaintext:
         overrides["secure"] = False
     plan = load_plan(args.config, overrides | _transport_overrides(args))
     mode = "secure aggregation" if plan.secure else "PLAINTEXT FedAvg (no protection)"
-    _log(f"{mode}: {plan.hospitals} hospitals, {plan.aggregators if plan.secure else 0} aggregators, "
-         f"{plan.rounds} rounds, data {plan.data}{' [synthetic data]' if plan.data.startswith('synthetic') else ''}; "
-         f"channels: {plan.transport}")  # fmt: skip
+    _log(
+        f"{mode}: {plan.hospitals} hospitals, {plan.aggregators if plan.secure else 0} aggregators, "
+        f"{plan.rounds} rounds, data {plan.data}{' [synthetic data]' if plan.data.startswith('synthetic') else ''}; "
+        f"channels: {plan.transport}"
+    )
     report = run(plan, args.out)
     if "stopped" in report:
         _log(f"stopped early: {report['stopped']}")
@@ -149,16 +187,19 @@ def bench_secure_aggregation(args: argparse.Namespace) -> dict[str, Any] | None:
     import tempfile
     from pathlib import Path
 
-    from protocols.plan import Plan
-    from protocols.simulate import simulate as run
+    from medmpc.protocols.bench import Bench, run_bench
+    from medmpc.protocols.plan import Plan
 
     plan = Plan(
-        hospitals=args.hospitals, aggregators=args.aggregators, bench_params=args.params,
-        bench_repeat=args.repeat, fractional_bits=args.fractional_bits, timeout_s=args.timeout,
+        hospitals=args.hospitals,
+        aggregators=args.aggregators,
+        fractional_bits=args.fractional_bits,
+        timeout_s=args.timeout,
         **_transport_overrides(args),
-    )  # fmt: skip
+    )
     with tempfile.TemporaryDirectory(prefix="medmpc-bench-") as tmp:
-        result = run(plan, Path(tmp), deadline_s=args.timeout * (args.repeat + 1))
+        bench = Bench(params=args.params, repeat=args.repeat)
+        result = run_bench(plan, bench, Path(tmp), deadline_s=args.timeout * (args.repeat + 1))
     if args.json:
         return result
     _log(
@@ -172,22 +213,31 @@ def bench_secure_aggregation(args: argparse.Namespace) -> dict[str, Any] | None:
 def infer(args: argparse.Namespace) -> dict[str, Any] | None:
     from dataclasses import asdict
 
-    from mpc.inference import run_inference
-    from training.checkpoint import Checkpoint
-    from training.predictions import predictions
+    from medmpc.protocols.inference import run_inference
+    from medmpc.training.checkpoint import Checkpoint
+    from medmpc.training.predictions import predictions
 
     ckpt = Checkpoint.load(args.model)
     images = ckpt.preprocessing.read(args.image)
-    result = run_inference(str(args.model), images, timeout_s=args.timeout, device=args.device,
-                           plaintext_transport=args.plaintext_transport)  # fmt: skip
+    result = run_inference(
+        str(args.model),
+        images,
+        timeout_s=args.timeout,
+        device=args.device,
+        plaintext_transport=args.plaintext_transport,
+    )
     preds = predictions(args.image, result["logits"], ckpt.classes)
     if args.json:
-        return {"predictions": [asdict(p) for p in preds],
-                **{k: result[k] for k in ("online_s", "offline_s", "rounds", "bytes", "transport")}}  # fmt: skip
+        return {
+            "predictions": [asdict(p) for p in preds],
+            **{k: result[k] for k in ("online_s", "offline_s", "rounds", "bytes", "transport")},
+        }
     for pred in preds:
         _log(pred.describe())
-    _log(f"online {result['online_s']:.2f} s, offline {result['offline_s']:.2f} s, "
-         f"{result['rounds']} rounds, {result['bytes'] / 1e6:.1f} MB; channels: {result['transport']}")  # fmt: skip
+    _log(
+        f"online {result['online_s']:.2f} s, offline {result['offline_s']:.2f} s, "
+        f"{result['rounds']} rounds, {result['bytes'] / 1e6:.1f} MB; channels: {result['transport']}"
+    )
     return None
 
 
@@ -197,25 +247,29 @@ def bench_inference(args: argparse.Namespace) -> dict[str, Any] | None:
 
     import torch
 
-    from imaging.transforms import Preprocessing
-    from mpc.inference import random_model_and_input, run_inference
-    from training.checkpoint import Checkpoint
+    from medmpc.imaging.transforms import Preprocessing
+    from medmpc.protocols.inference import random_model_and_input, run_inference
+    from medmpc.training.checkpoint import Checkpoint
 
     model, x = random_model_and_input(args.model, args.image_size, args.batch, args.seed)
     with tempfile.TemporaryDirectory(prefix="medmpc-bench-") as tmp:
         path = Path(tmp) / "model.pt"
-        Checkpoint(args.model, ("normal", "bacterial", "viral"), Preprocessing(args.image_size, 0.5, 0.25),
-                   model.state_dict()).save(path)  # fmt: skip
-        result = run_inference(str(path), x, timeout_s=args.timeout, device=args.device,
-                               plaintext_transport=args.plaintext_transport)  # fmt: skip
+        Checkpoint(
+            args.model, ("normal", "bacterial", "viral"), Preprocessing(args.image_size, 0.5, 0.25), model.state_dict()
+        ).save(path)
+        result = run_inference(
+            str(path), x, timeout_s=args.timeout, device=args.device, plaintext_transport=args.plaintext_transport
+        )
     with torch.no_grad():
         plain = model(x)
     out = {
-        "model": args.model, "image_size": args.image_size, "batch": args.batch,
+        "model": args.model,
+        "image_size": args.image_size,
+        "batch": args.batch,
         **{k: result[k] for k in ("device", "online_s", "offline_s", "rounds", "bytes", "transport")},
         "max_abs_err": float((result["logits"] - plain).abs().max()),
         "argmax_agree": bool((result["logits"].argmax(1) == plain.argmax(1)).all()),
-    }  # fmt: skip
+    }
     if args.json:
         return out
     _log(json.dumps(out, indent=2))
@@ -226,27 +280,42 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _one_each(ports: list[int], error: str) -> tuple[int, int, int]:
+    """The model owner's, the compute party's and the dealer's port, in that order."""
+    if len(ports) != 3:
+        raise ValueError(f"{error} (model owner, compute party, dealer)")
+    return ports[0], ports[1], ports[2]
+
+
 def serve(args: argparse.Namespace) -> None:
     import signal
     import time
 
-    from serving import party
-    from serving.launch import LocalService
-    from serving.options import service_argv
+    from medmpc.serving import party
+    from medmpc.serving.launch import LocalService
+    from medmpc.serving.options import service_argv
 
-    ports = [int(p) for p in args.ports.split(",")]
-    if len(ports) != 3:
-        raise ValueError(f"--ports takes three ports (model owner, compute party, dealer), got {args.ports!r}")
+    ports = _one_each([int(p) for p in args.ports.split(",")], f"--ports takes three ports, got {args.ports!r}")
     parties = args.parties or ",".join(f"{args.host}:{29500 + rank}" for rank in range(3))
-    mpc_ports = tuple(int(a.rsplit(":", 1)[1]) for a in parties.split(","))
-    if len(mpc_ports) != 3:
-        raise ValueError(f"--parties takes three HOST:PORT (model owner, compute party, dealer), got {parties!r}")
+    mpc_ports = _one_each(
+        [int(a.rsplit(":", 1)[1]) for a in parties.split(",")], f"--parties takes three HOST:PORT, got {parties!r}"
+    )
     if args.role != "all":
         if args.mpc_tls_dir is None and not args.plaintext_transport:
             raise ValueError("one role needs --mpc-tls-dir (from `medmpc pki`), or --plaintext-transport to measure")
         channels = ["--plaintext-transport"] if args.plaintext_transport else ["--mpc-tls-dir", str(args.mpc_tls_dir)]
-        argv = ["--role", args.role, "--parties", parties, *channels, "--host", args.host,
-                "--port", str(ports[party.ROLES[args.role]]), *service_argv(vars(args))]  # fmt: skip
+        argv = [
+            "--role",
+            args.role,
+            "--parties",
+            parties,
+            *channels,
+            "--host",
+            args.host,
+            "--port",
+            str(ports[party.ROLES[args.role]]),
+            *service_argv(vars(args)),
+        ]
         if args.model is not None:
             argv += ["--model", str(args.model)]
         party.main(argv)
@@ -256,17 +325,30 @@ def serve(args: argparse.Namespace) -> None:
     if args.tokens_file is None and not party.load_tokens(None):
         raise ValueError("no client tokens configured: pass --tokens-file FILE or set MEDMPC_TOKENS")
     service = LocalService(
-        args.model, args.tokens_file, host=args.host, ports=tuple(ports), mpc_ports=mpc_ports,
+        args.model,
+        args.tokens_file,
+        host=args.host,
+        ports=ports,
+        mpc_ports=mpc_ports,
         plaintext_transport=args.plaintext_transport,
-        tls_cert=args.tls_cert, tls_key=args.tls_key, max_batch=args.max_batch, max_queue=args.max_queue, share_timeout_s=args.share_timeout,
-        request_timeout_s=args.request_timeout, per_client_queue=args.per_client_queue,
-        peer_timeout_s=args.peer_timeout, max_body_mb=args.max_body_mb, log_dir=args.log_dir,
-    )  # fmt: skip
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        share_timeout_s=args.share_timeout,
+        request_timeout_s=args.request_timeout,
+        per_client_queue=args.per_client_queue,
+        peer_timeout_s=args.peer_timeout,
+        max_body_mb=args.max_body_mb,
+        log_dir=args.log_dir,
+    )
     # SIGTERM (systemd, docker stop, timeout) must stop the parties too, as Ctrl-C does
     signal.signal(signal.SIGTERM, _interrupt)
     with service:
-        _log(f"serving {args.model}: model owner {service.urls[0]}, compute party {service.urls[1]} "
-             f"(OpenAPI docs at /docs); party logs in {args.log_dir}; Ctrl-C stops")  # fmt: skip
+        _log(
+            f"serving {args.model}: model owner {service.urls[0]}, compute party {service.urls[1]} "
+            f"(OpenAPI docs at /docs); party logs in {args.log_dir}; Ctrl-C stops"
+        )
         try:
             while True:
                 service.check_alive()
@@ -279,7 +361,7 @@ def predict(args: argparse.Namespace) -> dict[str, Any] | None:
     import os
     from dataclasses import asdict
 
-    from serving.client import PredictionClient
+    from medmpc.serving.client import PredictionClient
 
     lines = args.token_file.read_text().split() if args.token_file else [os.environ.get("MEDMPC_TOKEN", "").strip()]
     if len(lines) > 1:
@@ -289,8 +371,9 @@ def predict(args: argparse.Namespace) -> dict[str, Any] | None:
         raise ValueError("no bearer token: pass --token-file FILE or set MEDMPC_TOKEN")
     servers = [s for s in args.servers.split(",") if s]
     verify = str(args.ca_cert) if args.ca_cert else True
-    with PredictionClient(servers, token, timeout_s=args.timeout, verify=verify,
-                          allow_plain_http=args.insecure_http) as client:  # fmt: skip
+    with PredictionClient(
+        servers, token, timeout_s=args.timeout, verify=verify, allow_plain_http=args.insecure_http
+    ) as client:
         predictions = client.predict_files(args.image)
     if args.json:
         return {"predictions": [asdict(p) for p in predictions]}
@@ -300,24 +383,29 @@ def predict(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def pki_init(args: argparse.Namespace) -> None:
-    from mpc import pki
+    from medmpc.mpc import pki
 
-    parties = ["coordinator", *(f"hospital{i}" for i in range(args.hospitals)),
-               *(f"aggregator{j}" for j in range(args.aggregators))]  # fmt: skip
+    parties = [
+        "coordinator",
+        *(f"hospital{i}" for i in range(args.hospitals)),
+        *(f"aggregator{j}" for j in range(args.aggregators)),
+    ]
     pki.init_federation(args.out, parties, days=args.days)
-    _log(f"federation CA and {len(parties)} party certificates in {args.out}: give each party ca.pem, crl.pem "
-         "and its own PARTY.pem/.key only; keep ca.key offline")  # fmt: skip
+    _log(
+        f"federation CA and {len(parties)} party certificates in {args.out}: give each party ca.pem, crl.pem "
+        "and its own PARTY.pem/.key only; keep ca.key offline"
+    )
 
 
 def pki_issue(args: argparse.Namespace) -> None:
-    from mpc import pki
+    from medmpc.mpc import pki
 
     pki.issue(args.dir, args.party, days=args.days)
     _log(f"issued {args.dir / (args.party + '.pem')}")
 
 
 def pki_revoke(args: argparse.Namespace) -> None:
-    from mpc import pki
+    from medmpc.mpc import pki
 
     pki.revoke(args.dir, args.party)
     _log(f"revoked {args.party}: copy {args.dir / pki.CRL} to every party")

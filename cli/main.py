@@ -4,30 +4,40 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
-from cli import commands
-from serving.options import add_service_options
+from medmpc.cli import commands
+from medmpc.serving.options import add_service_options
 
 
 def _add_data_args(p: argparse.ArgumentParser, *, default_size: int | None) -> None:
     p.add_argument("--data", default="synthetic", help="data folder (Kaggle layout) or 'synthetic[:N]' (default)")
-    p.add_argument("--skip-unreadable", action="store_true", help="skip (and count) unreadable files instead of failing")
+    p.add_argument(
+        "--skip-unreadable", action="store_true", help="skip (and count) unreadable files instead of failing"
+    )
     if default_size is not None:
         p.add_argument("--image-size", type=int, default=default_size, help="square input size in pixels")
-        p.add_argument("--classes", type=int, choices=(2, 3), default=3, help="3: normal/bacterial/viral; 2: normal/pneumonia")
+        p.add_argument(
+            "--classes", type=int, choices=(2, 3), default=3, help="3: normal/bacterial/viral; 2: normal/pneumonia"
+        )
 
 
 def _add_transport_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tls-dir", type=Path, help="federation folder from `medmpc pki init` (default: an "
-                   "ephemeral CA for this run)")  # fmt: skip
+    p.add_argument(
+        "--tls-dir", type=Path, help="federation folder from `medmpc pki init` (default: an ephemeral CA for this run)"
+    )
     _add_plaintext_transport(p)
 
 
 def _add_plaintext_transport(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--plaintext-transport", action="store_true", help="no TLS between the parties, to measure "
-                   "the protocol's own cost; NOT secure: every share crosses the network in the clear")  # fmt: skip
+    p.add_argument(
+        "--plaintext-transport",
+        action="store_true",
+        help="no TLS between the parties, to measure "
+        "the protocol's own cost; NOT secure: every share crosses the network in the clear",
+    )
 
 
 def _add_dp_args(p: argparse.ArgumentParser) -> None:
@@ -35,8 +45,12 @@ def _add_dp_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dp-epsilon", type=float, help="privacy budget; turns on DP-SGD (needs a GroupNorm model)")
     g.add_argument("--dp-delta", type=float, help="delta of (epsilon, delta)-DP (default 1e-5)")
     g.add_argument("--dp-clip", type=float, help="per-sample gradient clipping norm C (default 1.0)")
-    g.add_argument("--dp-noise", type=float, help="fixed noise multiplier instead of planning it from the budget; "
-                   "training then stops cleanly when the budget is spent")  # fmt: skip
+    g.add_argument(
+        "--dp-noise",
+        type=float,
+        help="fixed noise multiplier instead of planning it from the budget; "
+        "training then stops cleanly when the budget is spent",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,15 +63,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--val-fraction", type=float, default=0.15, help="stratified validation split held out of the training data")
+    p.add_argument(
+        "--val-fraction", type=float, default=0.15, help="stratified validation split held out of the training data"
+    )
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--no-class-weights", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="folder for model.pt, report.json and plots")
     _add_dp_args(p)
-    p.add_argument("--stats-noise", type=float, help="with --dp-epsilon: std of the Gaussian noise on the training "
-                   "data's normalisation sums and class counts, accounted in the budget (without it they are "
-                   "exact and not covered by epsilon)")  # fmt: skip
+    p.add_argument(
+        "--stats-noise",
+        type=float,
+        help="with --dp-epsilon: std of the Gaussian noise on the training "
+        "data's normalisation sums and class counts, accounted in the budget (without it they are "
+        "exact and not covered by epsilon)",
+    )
     p.set_defaults(func=commands.train)
 
     p = sub.add_parser("evaluate", help="metrics of a checkpoint on a folder of labelled images")
@@ -89,17 +109,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float)
     p.add_argument("--fractional-bits", type=int, help="fixed-point precision (default 16)")
     p.add_argument("--seed", type=int)
-    p.add_argument("--timeout", dest="timeout_s", type=float, help="seconds a party waits for a peer (covers local training)")
+    p.add_argument(
+        "--timeout", dest="timeout_s", type=float, help="seconds a party waits for a peer (covers local training)"
+    )
     p.add_argument("--host", help="address every role listens on (default 127.0.0.1)")
     p.add_argument("--plaintext", action="store_true", help="plain FedAvg in the clear, for comparison")
     _add_transport_args(p)
     p.add_argument("--out", type=Path, required=True, help="folder for report.json, model.pt and plots")
     _add_dp_args(p)
-    p.add_argument("--central-dp-noise", type=float, help="distributed central DP: noise multiplier z of the "
-                   "Gaussian noise the aggregators add to the sum of clipped updates inside MPC")  # fmt: skip
-    p.add_argument("--update-clip", type=float, help="with --central-dp-noise: L2 clip of each hospital's update (default 1.0)")
-    p.add_argument("--stats-noise", type=float, help="std of the Gaussian noise added inside MPC to each aggregated "
-                   "normalisation statistic and class count (accounted; included in DP-SGD budgets)")  # fmt: skip
+    p.add_argument(
+        "--central-dp-noise",
+        type=float,
+        help="distributed central DP: noise multiplier z of the "
+        "Gaussian noise the aggregators add to the sum of clipped updates inside MPC",
+    )
+    p.add_argument(
+        "--update-clip", type=float, help="with --central-dp-noise: L2 clip of each hospital's update (default 1.0)"
+    )
+    p.add_argument(
+        "--stats-noise",
+        type=float,
+        help="std of the Gaussian noise added inside MPC to each aggregated "
+        "normalisation statistic and class count (accounted; included in DP-SGD budgets)",
+    )
     p.set_defaults(func=commands.simulate)
 
     bench = sub.add_parser("bench", help="protocol benchmarks").add_subparsers(dest="bench", required=True)
@@ -125,14 +157,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="encrypted prediction service: model owner, compute party and dealer over HTTP")
     p.add_argument("--model", type=Path, help="checkpoint (model.pt); needed by the model owner")
-    p.add_argument("--role", choices=("all", "model-owner", "compute", "dealer"), default="all",
-                   help="'all' runs the three parties here; one role runs that party alone (one per machine)")
+    p.add_argument(
+        "--role",
+        choices=("all", "model-owner", "compute", "dealer"),
+        default="all",
+        help="'all' runs the three parties here; one role runs that party alone (one per machine)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (and the parties' address for --role all)")
     p.add_argument("--ports", default="8000,8001,8002", help="HTTP ports of model owner, compute party, dealer")
-    p.add_argument("--parties", help="HOST:PORT of model owner, compute party and dealer for their CrypTen "
-                   "channels (default HOST:29500,HOST:29501,HOST:29502)")  # fmt: skip
-    p.add_argument("--mpc-tls-dir", type=Path, help="one role: the federation folder with ca.pem, crl.pem and "
-                   "its party0/party1/dealer key (--role all makes an ephemeral CA)")  # fmt: skip
+    p.add_argument(
+        "--parties",
+        help="HOST:PORT of model owner, compute party and dealer for their CrypTen "
+        "channels (default HOST:29500,HOST:29501,HOST:29502)",
+    )
+    p.add_argument(
+        "--mpc-tls-dir",
+        type=Path,
+        help="one role: the federation folder with ca.pem, crl.pem and "
+        "its party0/party1/dealer key (--role all makes an ephemeral CA)",
+    )
     _add_plaintext_transport(p)
     add_service_options(p)
     p.add_argument("--log-dir", type=Path, default=Path("runs/serve"), help="party logs (JSON lines) for --role all")
@@ -143,8 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--servers", required=True, help="URL1,URL2 of the model owner and the compute party")
     p.add_argument("--token-file", type=Path, help="file holding the bearer token (else $MEDMPC_TOKEN)")
     p.add_argument("--ca-cert", type=Path, help="CA certificate (PEM) to verify HTTPS servers with")
-    p.add_argument("--insecure-http", action="store_true", help="allow plain http:// to a host that is not this "
-                   "machine (every share then crosses the network readable)")  # fmt: skip
+    p.add_argument(
+        "--insecure-http",
+        action="store_true",
+        help="allow plain http:// to a host that is not this machine (every share then crosses the network readable)",
+    )
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=commands.predict)
@@ -186,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # progress and results for a person on stdout; with --json, stdout carries only the JSON object
+    stream = sys.stderr if getattr(args, "json", False) else sys.stdout
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=stream, force=True)
     try:
         result = args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as err:

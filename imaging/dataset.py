@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from imaging.images import DataError, read_images
+from medmpc.imaging.images import DataError, read_images
 
 CLASSES = {
     3: ("normal", "bacterial", "viral"),
@@ -94,9 +94,7 @@ def scan_folder(split_dir: Path, num_classes: int) -> tuple[list[Path], list[int
     """List every file under the class folders with its label; unknown folders are errors."""
     unknown = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and p.name not in CLASS_FOLDERS)
     if unknown:
-        raise DataError(
-            f"unexpected class folder(s) {unknown} in {split_dir}; expected only {list(CLASS_FOLDERS)}"
-        )
+        raise DataError(f"unexpected class folder(s) {unknown} in {split_dir}; expected only {list(CLASS_FOLDERS)}")
     paths: list[Path] = []
     labels: list[int] = []
     for folder in CLASS_FOLDERS:
@@ -157,13 +155,16 @@ def load_dataset(
     """
     name, _, count = spec.partition(":")
     if name == SYNTHETIC:
-        from imaging.synthetic import generate
+        from medmpc.imaging.synthetic import generate
 
         n = int(count) if count else synthetic_count
         split_seed = seed if split == "train" else seed + 7_919
         images, labels = generate(n, image_size, seed=split_seed, num_classes=num_classes)
         return ImageSet(images, labels, CLASSES[num_classes], SYNTHETIC)
     return load_folder(
-        spec, image_size=image_size, num_classes=num_classes, split=split,
+        spec,
+        image_size=image_size,
+        num_classes=num_classes,
+        split=split,
         skip_unreadable=skip_unreadable,
-    )  # fmt: skip
+    )

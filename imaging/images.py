@@ -32,7 +32,7 @@ def read_image(path: str | Path, image_size: int) -> torch.Tensor:
         raise DataError(f"not an image file (expected {', '.join(IMAGE_SUFFIXES)}): {path}")
     try:
         with Image.open(path) as img:
-            grey = img.convert("L").resize((image_size, image_size), Image.BILINEAR)
+            grey = img.convert("L").resize((image_size, image_size), Image.Resampling.BILINEAR)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DataError(f"cannot read image {path}: {err}") from err
     return torch.from_numpy(np.asarray(grey, dtype=np.uint8).copy()).unsqueeze(0)

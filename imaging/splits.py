@@ -11,9 +11,7 @@ def _by_class(labels: torch.Tensor, rng: np.random.Generator) -> list[np.ndarray
     return [rng.permutation(np.flatnonzero(y == c)) for c in np.unique(y)]
 
 
-def stratified_split(
-    labels: torch.Tensor, fraction: float, *, seed: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
+def stratified_split(labels: torch.Tensor, fraction: float, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Hold out ``fraction`` of every class; returns ``(train_index, held_out_index)``."""
     if not 0 < fraction < 1:
         raise ValueError(f"validation fraction must be in (0, 1), got {fraction}")
@@ -82,7 +80,7 @@ def partition(
             if kind == "dirichlet":
                 weights = rng.dirichlet(np.full(n_hospitals, arg))
             elif kind == "sizes":
-                weights = arg
+                weights = np.asarray(arg, dtype=np.float64)
             else:
                 weights = np.ones(n_hospitals)
             # rotate so rounding remainders do not always land on the same hospital

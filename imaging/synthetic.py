@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+Coordinate = float | torch.Tensor  # one value, or one per image (broadcast)
+
 # normal, bacterial, viral frequencies of the real train/ folder
 CLASS_FREQUENCIES = (1341, 2530, 1345)
 
@@ -20,7 +22,15 @@ def _u(g: torch.Generator, n: int, lo: float, hi: float) -> torch.Tensor:
     return lo + (hi - lo) * torch.rand(n, 1, 1, generator=g)
 
 
-def _ellipse(x: torch.Tensor, y: torch.Tensor, cx, cy, rx, ry, softness: float = 0.08) -> torch.Tensor:
+def _ellipse(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cx: Coordinate,
+    cy: Coordinate,
+    rx: Coordinate,
+    ry: Coordinate,
+    softness: float = 0.08,
+) -> torch.Tensor:
     d = ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2
     return torch.sigmoid((1 - d) / softness)
 
@@ -30,9 +40,7 @@ def _smooth_noise(g: torch.Generator, n: int, size: int, cells: int) -> torch.Te
     return F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)[:, 0]
 
 
-def generate(
-    n: int, image_size: int, *, seed: int = 0, num_classes: int = 3
-) -> tuple[torch.Tensor, torch.Tensor]:
+def generate(n: int, image_size: int, *, seed: int = 0, num_classes: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(n, 1, S, S)`` uint8 images and labels (0 normal, 1 bacterial, 2 viral).
 
     With ``num_classes=2`` both pneumonia kinds are labelled 1.

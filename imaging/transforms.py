@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from imaging.images import read_image
+from medmpc.imaging.images import read_image
 
 
 @dataclass(frozen=True)
@@ -72,9 +72,7 @@ class Augmentation:
         sx = s * (torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0) if self.hflip else 1)
         tx, ty = u(-self.translate, self.translate) * 2, u(-self.translate, self.translate) * 2
         cos, sin = torch.cos(angle), torch.sin(angle)
-        theta = torch.stack(
-            [torch.stack([cos / sx, -sin / s, tx], 1), torch.stack([sin / sx, cos / s, ty], 1)], 1
-        )
+        theta = torch.stack([torch.stack([cos / sx, -sin / s, tx], 1), torch.stack([sin / sx, cos / s, ty], 1)], 1)
         grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
         # pad with the image's own darkest value so borders look like background
         fill = x.amin(dim=(1, 2, 3), keepdim=True)

@@ -1,5 +1,5 @@
 """Model registry: build any architecture by name, identically on every party."""
 
-from models.registry import MODELS, architecture, build_model, model_names
+from medmpc.models.registry import MODELS, architecture, build_model, model_names
 
 __all__ = ["MODELS", "architecture", "build_model", "model_names"]

@@ -27,7 +27,7 @@ class _Block(BasicBlock):
 
 
 def _resnet18(num_classes: int, norm: Callable[[int], nn.Module] | None = None) -> nn.Module:
-    model = ResNet(_Block, [2, 2, 2, 2], num_classes=num_classes, norm_layer=norm)
+    model: nn.Module = ResNet(_Block, [2, 2, 2, 2], num_classes=num_classes, norm_layer=norm)
     model.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
     return model
 

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mpc import crypten_compat
+from medmpc.mpc import crypten_compat
 
 FULL_RING = 64
 
@@ -83,7 +83,8 @@ def _and(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """XOR-shares of ``x & y`` from XOR-shares of ``x`` and ``y`` (one Beaver AND, batched)."""
     from crypten.mpc.primitives.binary import BinarySharedTensor
 
-    return (BinarySharedTensor.from_shares(x) & BinarySharedTensor.from_shares(y)).share
+    shares: torch.Tensor = (BinarySharedTensor.from_shares(x) & BinarySharedTensor.from_shares(y)).share
+    return shares
 
 
 def _sign_share(share: torch.Tensor, rank: int, bits: int) -> torch.Tensor:

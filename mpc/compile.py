@@ -21,14 +21,14 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from mpc import bounds, comparison, crypten_compat
+from medmpc.mpc import bounds, comparison, crypten_compat
 
 
 class UnsupportedLayer(ValueError):
     """A layer the encrypted executor cannot run; the message names it."""
 
 
-def fold_batchnorm(model: nn.Module) -> nn.Module:
+def fold_batchnorm(model: nn.Module) -> fx.GraphModule:
     """A copy of ``model`` (eval mode) with every BatchNorm after a Conv2d folded into it."""
     gm = fx.symbolic_trace(copy.deepcopy(model).eval())
     modules = dict(gm.named_modules())
@@ -44,12 +44,19 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
         bias = conv.bias.detach() if conv.bias is not None else torch.zeros(conv.out_channels)
         fused = torch.nn.utils.skip_init(
-            nn.Conv2d, conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-            conv.dilation, conv.groups, bias=True,
-        )  # fmt: skip  (no initialisation: both tensors are set below, and parties draw only from their CSPRNG)
+            nn.Conv2d,
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            bias=True,
+        )  # no initialisation: both tensors are set below, and parties draw only from their CSPRNG
         fused.weight.data = conv.weight.detach() * scale.reshape(-1, 1, 1, 1)
         fused.bias.data = (bias - bn.running_mean) * scale + bn.bias.detach()
-        parent, _, name = prev.target.rpartition(".")
+        parent, _, name = str(prev.target).rpartition(".")
         setattr(gm.get_submodule(parent) if parent else gm, name, fused)
         node.replace_all_uses_with(prev)
         gm.graph.erase_node(node)
@@ -61,7 +68,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
 def _is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
-        return isinstance(modules[node.target], nn.ReLU)
+        return isinstance(modules[str(node.target)], nn.ReLU)
     return node.op == "call_function" and node.target in (torch.relu, torch.nn.functional.relu)
 
 
@@ -193,7 +200,12 @@ class Conv:
         if isinstance(mod.padding, str):
             raise UnsupportedLayer(f"conv {key!r} uses string padding {mod.padding!r}")
         self.key = key
-        self.kwargs = {"stride": mod.stride, "padding": mod.padding, "dilation": mod.dilation, "groups": mod.groups}
+        self.kwargs: dict[str, Any] = {
+            "stride": mod.stride,
+            "padding": mod.padding,
+            "dilation": mod.dilation,
+            "groups": mod.groups,
+        }
         self.recording = False
         self.shapes: list[torch.Size] = []  # input shapes seen while recording
         self.masks: list[tuple[torch.Size, torch.Tensor, torch.Tensor]] = []  # (shape, a, a*W), each used once
@@ -218,7 +230,7 @@ class Conv:
         what to do with the opened value (the caller opens them all in one round)."""
         crypten = crypten_compat.import_crypten()
         provider = crypten.mpc.get_default_provider()
-        pending = []
+        pending: list[tuple[Any, Callable[[torch.Tensor], None]]] = []
         for shape in self.shapes:
             a, b, c = provider.generate_additive_triple(shape, weight.size(), "conv2d", **self.kwargs)
             pending.append((weight._tensor.share - b.share, functools.partial(self._keep, shape, a.share, c.share)))
@@ -260,8 +272,8 @@ def _module_step(key: str, mod: nn.Module, site: ComparisonSite) -> Callable[...
         k, s, p = (_pair(v) for v in (mod.kernel_size, mod.stride or mod.kernel_size, mod.padding))
         return lambda x, params: max_pool2d(x, k, s, p, bits=site.bits, pad=site.pad)
     if isinstance(mod, nn.AvgPool2d):
-        k, s, p = mod.kernel_size, mod.stride, mod.padding
-        return lambda x, params: x.avg_pool2d(k, stride=s, padding=p)
+        kernel, stride, padding = mod.kernel_size, mod.stride, mod.padding
+        return lambda x, params: x.avg_pool2d(kernel, stride=stride, padding=padding)
     if isinstance(mod, nn.AdaptiveAvgPool2d):
         size = mod.output_size if isinstance(mod.output_size, tuple) else (mod.output_size, mod.output_size)
         if None in size:
@@ -283,9 +295,14 @@ def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
 
 
 def max_pool2d(
-    x: Any, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
-    *, bits: int = comparison.FULL_RING, pad: float = DEFAULT_POOL_PAD,
-) -> Any:  # fmt: skip
+    x: Any,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    *,
+    bits: int = comparison.FULL_RING,
+    pad: float = DEFAULT_POOL_PAD,
+) -> Any:
     """Max pooling on shares, separably: over each window's columns, then over its rows.
 
     CrypTen's max_pool2d also computes the one-hot argmax of every window (pairwise, k^2 (k^2-1)
@@ -330,7 +347,9 @@ def _function_step(node: fx.Node, site: ComparisonSite) -> Callable[..., Any]:
     raise UnsupportedLayer(f"operation {getattr(target, '__name__', target)!r} (node {node.name}) is not supported")
 
 
-def compile_model(model: nn.Module, *, input_range: tuple[float, float] | None = None, fractional_bits: int = 16) -> Program:
+def compile_model(
+    model: nn.Module, *, input_range: tuple[float, float] | None = None, fractional_bits: int = 16
+) -> Program:
     """Prepare (fold BatchNorm, reorder ReLU/max-pool), trace, and map every node to a CrypTen operation.
 
     The model owner passes ``input_range`` (the preprocessed input's valid range): every
@@ -368,7 +387,7 @@ def compile_model(model: nn.Module, *, input_range: tuple[float, float] | None =
 
 
 def _pools(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    return node.op == "call_module" and isinstance(modules[node.target], nn.MaxPool2d)
+    return node.op == "call_module" and isinstance(modules[str(node.target)], nn.MaxPool2d)
 
 
 def _size_comparisons(

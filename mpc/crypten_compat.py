@@ -51,7 +51,7 @@ from typing import Any
 
 import torch
 
-from mpc import streams
+from medmpc.mpc import streams
 
 _SECURE_PROVIDERS = ("TTP",)
 _INSECURE_PROVIDERS = ("TFP",)
@@ -63,12 +63,12 @@ def _install_onnx_registration_stub() -> None:
         return
     if importlib.util.find_spec(name) is None:
         stub = types.ModuleType(name)
-        stub.registry = None  # crypten only binds the name
+        stub.__dict__["registry"] = None  # crypten only binds the name
         sys.modules[name] = stub
 
 
 @functools.cache
-def import_crypten() -> types.ModuleType:
+def import_crypten() -> Any:
     """Import CrypTen with the compatibility patches applied."""
     _install_onnx_registration_stub()
     import crypten
@@ -84,7 +84,7 @@ def _install_tls_communicator() -> None:
     from crypten import communicator
     from crypten.mpc import context
 
-    from mpc import tls_communicator  # defines a subclass of CrypTen's: importable only now
+    from medmpc.mpc import tls_communicator  # defines a subclass of CrypTen's: importable only now
 
     communicator.DistributedCommunicator = tls_communicator.TLSCommunicator  # looked up at call time
     context.DistributedCommunicator = tls_communicator.TLSCommunicator
@@ -94,7 +94,7 @@ def _as_size(size: Any) -> tuple[int, ...]:
     return (size,) if isinstance(size, int) else tuple(size)
 
 
-def _drawn(crypten: types.ModuleType, generator: Any, kwargs: dict[str, Any], draw: Any) -> Any:
+def _drawn(crypten: Any, generator: Any, kwargs: dict[str, Any], draw: Any) -> Any:
     """``draw(stream)`` from ``generator`` (this party's local stream if None), on the asked device."""
     from crypten.cuda import CUDALongTensor
 
@@ -110,7 +110,7 @@ def _drawn(crypten: types.ModuleType, generator: Any, kwargs: dict[str, Any], dr
     return CUDALongTensor(out) if out.is_cuda else out
 
 
-def _install_stream_randomness(crypten: types.ModuleType) -> None:
+def _install_stream_randomness(crypten: Any) -> None:
     """Every CrypTen generator a ChaCha20 stream; see the module docstring."""
     from crypten.common import rng
     from crypten.mpc.primitives import arithmetic, binary
@@ -121,7 +121,9 @@ def _install_stream_randomness(crypten: types.ModuleType) -> None:
             raise ValueError(f"only the ring Z/2^64 is supported, got ring_size={ring_size}")
         return _drawn(crypten, generator, kwargs, lambda s: s.ring(_as_size(size)))
 
-    def generate_kbit_random_tensor(size: Any, bitlength: int | None = None, generator: Any = None, **kwargs: Any) -> Any:
+    def generate_kbit_random_tensor(
+        size: Any, bitlength: int | None = None, generator: Any = None, **kwargs: Any
+    ) -> Any:
         return _drawn(crypten, generator, kwargs, lambda s: s.bits(_as_size(size), bitlength or 64))
 
     for module in (rng, arithmetic, binary, tfp_provider, ttp_provider):  # each bound the names at import
@@ -180,10 +182,10 @@ def _install_stream_randomness(crypten: types.ModuleType) -> None:
     ttp_provider.TTPServer._setup_generators = dealer_streams
 
 
-def _install_two_product_beaver(crypten: types.ModuleType) -> None:
+def _install_two_product_beaver(crypten: Any) -> None:
     from crypten.mpc.primitives import beaver
-    from crypten.mpc.primitives.beaver import IgnoreEncodings
     from crypten.mpc.primitives.arithmetic import ArithmeticSharedTensor
+    from crypten.mpc.primitives.beaver import IgnoreEncodings
 
     original = vars(beaver)["__beaver_protocol"]
     if getattr(original, "two_products", False):
@@ -193,7 +195,7 @@ def _install_two_product_beaver(crypten: types.ModuleType) -> None:
         if crypten.cfg.mpc.active_security or x.device != y.device or x.share.is_cuda:
             return original(op, x, y, *args, **kwargs)  # its checks and errors; the GPU path as measured
         provider = crypten.mpc.get_default_provider()
-        a, b, c = provider.generate_additive_triple(x.size(), y.size(), op, device=x.device, *args, **kwargs)
+        a, b, c = provider.generate_additive_triple(x.size(), y.size(), op, *args, device=x.device, **kwargs)
         with IgnoreEncodings([a, b, x, y]):
             epsilon, delta = ArithmeticSharedTensor.reveal_batch([x - a, y - b])
         # c + eps*b + a*delta + eps*delta (the public last term on party 0 only)
@@ -251,7 +253,7 @@ def _blocked_conv(op: str, x: torch.Tensor, w: torch.Tensor, nb: int, *args: Any
     return out
 
 
-def _install_exact_cuda_conv(crypten: types.ModuleType) -> None:
+def _install_exact_cuda_conv(crypten: Any) -> None:
     from crypten.cuda import CUDALongTensor
 
     def exact(op: str, x: Any, y: Any, *args: Any, **kwargs: Any) -> Any:
@@ -277,9 +279,7 @@ def configure_provider(provider: str = "TTP", *, allow_insecure: bool = False) -
     crypten.cfg.mpc.provider = provider
 
 
-def init_party(
-    *, timeout_s: float, provider: str = "TTP", allow_insecure: bool = False
-) -> types.ModuleType:
+def init_party(*, timeout_s: float, provider: str = "TTP", allow_insecure: bool = False) -> Any:
     """Initialise CrypTen in this process from the RANK/WORLD_SIZE and mpc.tls_communicator
     environment variables; a peer silent for ``timeout_s`` is an error naming it."""
     crypten = import_crypten()
@@ -290,7 +290,7 @@ def init_party(
 
 
 def _set_peer_timeout(timeout_s: float) -> None:
-    from mpc import tls_communicator  # after import_crypten(), which it needs
+    from medmpc.mpc import tls_communicator  # after import_crypten(), which it needs
 
     os.environ[tls_communicator.TIMEOUT_ENV] = str(timeout_s)
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mpc import kernels
+from medmpc.mpc import kernels
 
 MAX_DIVISOR = 1 << 28  # keeps the top-bits estimate of m within 1/16 of the truth
 
@@ -88,10 +88,12 @@ class QuotientDecoder:
         # that is smaller (e = 0 only); the floor parts sum to [0, K), so the error is centred by K // 2
         self.bound = n_parts if extra else min(n_parts, divisor // 2 + 1)
         self.table = np.array(
-            [_wrap(((j << (64 + extra)) + divisor // 2) // divisor - n_parts // 2)
-             for j in range(-self.bound, self.bound + 1)],
+            [
+                _wrap(((j << (64 + extra)) + divisor // 2) // divisor - n_parts // 2)
+                for j in range(-self.bound, self.bound + 1)
+            ],
             dtype=np.int64,
-        )  # fmt: skip
+        )
         # j = round(sum * d / 2^(64+e)), read from the sum's top 32 bits; adding this offset
         # before the final shift rounds, and moves the table's centre to index 0
         self.shift = 32 + extra

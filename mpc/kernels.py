@@ -46,9 +46,15 @@ def _corrected_sum(parts, i, divisor, shift, offset, table):  # type: ignore[no-
 
 @numba.njit(cache=True, nogil=True)
 def decode_quotients(
-    parts: tuple[np.ndarray, ...], lo: int, hi: int, divisor: int, shift: int, offset: int, table: np.ndarray,
+    parts: tuple[np.ndarray, ...],
+    lo: int,
+    hi: int,
+    divisor: int,
+    shift: int,
+    offset: int,
+    table: np.ndarray,
     out: np.ndarray,
-) -> int:  # fmt: skip
+) -> int:
     """``out[lo:hi]`` (int64): the corrected sum of ``parts`` (mpc.division.QuotientDecoder).
     Returns -1, or the first element that no correction fits."""
     for i in range(lo, hi):
@@ -61,9 +67,16 @@ def decode_quotients(
 
 @numba.njit(cache=True, nogil=True)
 def decode_scaled(
-    parts: tuple[np.ndarray, ...], lo: int, hi: int, divisor: int, shift: int, offset: int, table: np.ndarray,
-    scale: float, out: np.ndarray,
-) -> int:  # fmt: skip
+    parts: tuple[np.ndarray, ...],
+    lo: int,
+    hi: int,
+    divisor: int,
+    shift: int,
+    offset: int,
+    table: np.ndarray,
+    scale: float,
+    out: np.ndarray,
+) -> int:
     """As :func:`decode_quotients`, each value times ``scale`` into a float ``out``."""
     for i in range(lo, hi):
         v, ok = _corrected_sum(parts, i, divisor, shift, offset, table)
@@ -82,5 +95,6 @@ def warm_up() -> None:
     for dtype in (np.float32, np.float64):  # model updates, statistics
         encode_into(np.zeros(1, dtype=dtype), 1.0, ring, True)
     # divisor 1 returns before the correction is read; named, so a changed signature fails here
-    decode_scaled((ring, ring), 0, 1, divisor=1, shift=32, offset=0, table=ring, scale=1.0,
-                  out=np.zeros(1, dtype=np.float32))  # fmt: skip
+    decode_scaled(
+        (ring, ring), 0, 1, divisor=1, shift=32, offset=0, table=ring, scale=1.0, out=np.zeros(1, dtype=np.float32)
+    )

@@ -1,6 +1,6 @@
 """Launch and supervise one OS process per party.
 
-Every party is a plain ``python -m mpc.party`` process that finds the others
+Every party is a plain ``python -m medmpc.mpc.party`` process that finds the others
 through explicit addresses (``--parties host:port,...``, one per process) and
 proves who it is with a certificate, so the same command runs unchanged with
 parties on different machines. Locally, the
@@ -25,7 +25,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from mpc import pki
+from medmpc.mpc import pki
 
 DEFAULT_TIMEOUT_S = 120.0
 
@@ -192,20 +192,30 @@ def run_crypten_job(
         args_file = workdir / "args.json"
         args_file.write_text(json.dumps(args or {}))
         common = [
-            "--job", job, "--world-size", str(world_size), "--parties", addresses,
-            "--args-file", str(args_file), "--timeout", str(timeout_s), "--provider", provider,
+            "--job",
+            job,
+            "--world-size",
+            str(world_size),
+            "--parties",
+            addresses,
+            "--args-file",
+            str(args_file),
+            "--timeout",
+            str(timeout_s),
+            "--provider",
+            provider,
             *channel_args(names, workdir / "pki", plaintext=plaintext_transport),
-        ]  # fmt: skip
+        ]
         if allow_insecure:
             common.append("--allow-insecure")
         parties = []
         for rank in range(world_size):
             result = workdir / f"result{rank}.pt"
-            argv = [sys.executable, "-m", "mpc.party", *common, "--rank", str(rank)]
+            argv = [sys.executable, "-m", "medmpc.mpc.party", *common, "--rank", str(rank)]
             argv += ["--result-file", str(result)]
             parties.append(PartyProcess(f"party{rank}", argv, result_file=result))
         if dealer:
-            argv = [sys.executable, "-m", "mpc.party", *common, "--rank", str(world_size)]
+            argv = [sys.executable, "-m", "medmpc.mpc.party", *common, "--rank", str(world_size)]
             parties.append(PartyProcess("dealer", argv + ["--dealer"]))
         results = supervise(parties, timeout_s=timeout_s + 30, workdir=workdir)
     return [results[f"party{rank}"] for rank in range(world_size)]

@@ -1,4 +1,4 @@
-"""Entry point of one CrypTen party process: ``python -m mpc.party``.
+"""Entry point of one CrypTen party process: ``python -m medmpc.mpc.party``.
 
 Run it by hand on each machine to spread the parties over a network::
 
@@ -21,14 +21,15 @@ from typing import Any
 
 import torch
 
-from mpc import crypten_compat
+from medmpc.mpc import crypten_compat
 
 
 def resolve_job(spec: str) -> Callable[..., Any]:
     module_name, sep, func_name = spec.partition(":")
     if not sep or not module_name or not func_name:
         raise ValueError(f"job must look like 'package.module:function', got {spec!r}")
-    return getattr(importlib.import_module(module_name), func_name)
+    job: Callable[..., Any] = getattr(importlib.import_module(module_name), func_name)
+    return job
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -39,23 +40,37 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
 def add_channel_args(p: argparse.ArgumentParser) -> None:
     """How a CrypTen process reaches the others (mpc.tls_communicator)."""
-    p.add_argument("--parties", required=True, help="HOST:PORT of every rank, the dealer's last (each listens on its own)")
-    p.add_argument("--listen", help="HOST:PORT this process listens on, where a port forward puts it elsewhere "
-                   "than its entry in --parties")  # fmt: skip
+    p.add_argument(
+        "--parties", required=True, help="HOST:PORT of every rank, the dealer's last (each listens on its own)"
+    )
+    p.add_argument(
+        "--listen",
+        help="HOST:PORT this process listens on, where a port forward puts it elsewhere than its entry in --parties",
+    )
     channels = p.add_mutually_exclusive_group(required=True)
-    channels.add_argument("--mpc-tls-dir", help="federation folder: ca.pem, crl.pem and this process's "
-                          "party<RANK>.pem/.key (dealer.pem/.key), from one CA (mpc.pki)")  # fmt: skip
-    channels.add_argument("--plaintext-transport", action="store_true",
-                          help="no TLS between the processes, to measure the protocol's own cost; NOT secure")  # fmt: skip
+    channels.add_argument(
+        "--mpc-tls-dir",
+        help="federation folder: ca.pem, crl.pem and this process's "
+        "party<RANK>.pem/.key (dealer.pem/.key), from one CA (mpc.pki)",
+    )
+    channels.add_argument(
+        "--plaintext-transport",
+        action="store_true",
+        help="no TLS between the processes, to measure the protocol's own cost; NOT secure",
+    )
 
 
 def channel_env(a: argparse.Namespace) -> dict[str, str]:
-    return {"MEDMPC_PARTIES": a.parties, "MEDMPC_LISTEN": a.listen or "", "MEDMPC_TLS_DIR": a.mpc_tls_dir or "",
-            "MEDMPC_PLAINTEXT_TRANSPORT": "1" if a.plaintext_transport else ""}  # fmt: skip
+    return {
+        "MEDMPC_PARTIES": a.parties,
+        "MEDMPC_LISTEN": a.listen or "",
+        "MEDMPC_TLS_DIR": a.mpc_tls_dir or "",
+        "MEDMPC_PLAINTEXT_TRANSPORT": "1" if a.plaintext_transport else "",
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m mpc.party", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m medmpc.mpc.party", description=__doc__)
     p.add_argument("--job", required=True, help="package.module:function run on every party")
     p.add_argument("--rank", type=int, required=True)
     p.add_argument("--world-size", type=int, required=True, help="number of computing parties")
@@ -76,9 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     job = resolve_job(a.job)
     kwargs = json.loads(a.args_file.read_text()) if a.args_file else {}
-    crypten = crypten_compat.init_party(
-        timeout_s=a.timeout, provider=a.provider, allow_insecure=a.allow_insecure
-    )
+    crypten = crypten_compat.init_party(timeout_s=a.timeout, provider=a.provider, allow_insecure=a.allow_insecure)
     try:
         result = job(rank=a.rank, world_size=a.world_size, **kwargs)
     finally:

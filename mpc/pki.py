@@ -22,6 +22,7 @@ import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -48,8 +49,12 @@ def role_of(party: str) -> str:
 
 
 def _name(common_name: str, unit: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, unit),
-                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])  # fmt: skip
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, unit),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
 
 
 def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
@@ -75,19 +80,34 @@ def init_federation(folder: Path, parties: Iterable[str], *, days: float = 365.0
     folder.mkdir(parents=True, exist_ok=True)
     if (folder / CA_CERT).exists():
         raise IdentityError(f"{folder} already holds a federation CA ({CA_CERT}); use another folder")
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     key = ec.generate_private_key(ec.SECP256R1())
     name = _name("medmpc federation CA", "ca")
     cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .sign(key, hashes.SHA256())
-    )  # fmt: skip
+    )
     (folder / CA_CERT).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     _write_crl(folder, cert, key, revoked=[])
     for party in parties:
@@ -97,25 +117,35 @@ def init_federation(folder: Path, parties: Iterable[str], *, days: float = 365.0
 
 
 def issue(
-    folder: Path, party: str, *, days: float = 365.0, not_before: datetime.datetime | None = None,
+    folder: Path,
+    party: str,
+    *,
+    days: float = 365.0,
+    not_before: datetime.datetime | None = None,
     ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None,
-) -> None:  # fmt: skip
+) -> None:
     """Key and certificate for ``party`` (``<party>.key``, ``<party>.pem``), valid ``days`` from
     ``not_before`` (default now)."""
     if not party or role_of(party) == "" or not party.replace("-", "").isalnum():
         raise IdentityError(f"party names are a role and an optional index, like hospital0; got {party!r}")
     ca_cert, ca_key = ca or _load_ca(folder)
-    start = not_before or datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=5)
+    start = not_before or datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5)
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
-        x509.CertificateBuilder().subject_name(_name(party, role_of(party))).issuer_name(ca_cert.subject)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(start).not_valid_after(start + datetime.timedelta(days=days))
+        x509.CertificateBuilder()
+        .subject_name(_name(party, role_of(party)))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + datetime.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH,
-                                              x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH, x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]),
+            critical=False,
+        )
         .sign(ca_key, hashes.SHA256())
-    )  # fmt: skip
+    )
     (folder / f"{party}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     _write_key(key, folder / f"{party}.key")
 
@@ -129,11 +159,13 @@ def revoke(folder: Path, party: str) -> None:
 
 
 def _write_crl(folder: Path, ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, revoked: list[int]) -> None:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     builder = (
-        x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject)
-        .last_update(now - datetime.timedelta(minutes=5)).next_update(now + datetime.timedelta(days=365))
-    )  # fmt: skip
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - datetime.timedelta(minutes=5))
+        .next_update(now + datetime.timedelta(days=365))
+    )
     for serial in revoked:
         builder = builder.add_revoked_certificate(
             x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build()
@@ -173,9 +205,6 @@ class Identity:
 
 def peer_name(sock: ssl.SSLSocket) -> str:
     """The common name of the verified certificate the peer presented."""
-    cert = sock.getpeercert()
-    for rdn in (cert or {}).get("subject", ()):
-        for key, value in rdn:
-            if key == "commonName":
-                return str(value)
-    return ""
+    subject: Any = (sock.getpeercert() or {}).get("subject", ())  # ((("commonName", "x"),), ...)
+    names = [value for rdn in subject for key, value in rdn if key == "commonName"]
+    return str(names[0]) if names else ""

@@ -6,12 +6,14 @@ reach each other and that secret-shared arithmetic matches plaintext.
 
 from __future__ import annotations
 
+import functools
+import operator
 from typing import Any
 
 import torch
 
-from mpc import comparison, crypten_compat
-from mpc.compile import max_pool2d
+from medmpc.mpc import comparison, crypten_compat
+from medmpc.mpc.compile import max_pool2d
 
 
 def private_input(rank: int, size: int, seed: int) -> torch.Tensor:
@@ -22,10 +24,7 @@ def private_input(rank: int, size: int, seed: int) -> torch.Tensor:
 def arithmetic(*, rank: int, world_size: int, size: int = 16, seed: int = 0) -> dict[str, Any]:
     """Every party contributes one private vector; reveal sum, product and ReLU of the first two."""
     mine = private_input(rank, size, seed)
-    shared = [
-        crypten_compat.encrypt(mine if src == rank else torch.zeros(size), src=src)
-        for src in range(world_size)
-    ]
+    shared = [crypten_compat.encrypt(mine if src == rank else torch.zeros(size), src=src) for src in range(world_size)]
     total = shared[0]
     for s in shared[1:]:
         total = total + s
@@ -39,12 +38,14 @@ def arithmetic(*, rank: int, world_size: int, size: int = 16, seed: int = 0) -> 
         # large magnitudes exercise the top bits of the 40-bit comparison ring
         "relu_wide": (comparison.relu((x - y) * WIDE) / WIDE).get_plain_text(),
         "maxpool": torch.cat([max_pool2d(image, *config).get_plain_text().flatten() for config in POOLS]),
-        **{f"relu_edges_{bits}": _revealed(comparison.relu(_shared(edge_values(bits)), bits=bits))
-           for bits in EDGE_BITS},
+        **{
+            f"relu_edges_{bits}": _revealed(comparison.relu(_shared(edge_values(bits)), bits=bits))
+            for bits in EDGE_BITS
+        },
         "clamp": _revealed(comparison.clamp(_shared(CLAMP_VALUES), *CLAMP_RANGE)),
         # one step past a 40-bit ring's edge, and 1.2e7: signs a 40-bit ring gets wrong (a control)
         "relu_beyond_40": _revealed(comparison.relu(_shared(BEYOND_40), bits=40)),
-    }  # fmt: skip
+    }
 
 
 # comparison rings: below CrypTen's encoding, the smallest the bounds of a small CNN give, the full ring
@@ -54,9 +55,21 @@ _UNIT = 2**16  # CrypTen's fixed-point scale
 # ring elements a client could send: both ends of the ring, the value the 40-bit ring used to
 # get wrong (1.2e7), and both edges of the clamp range with their neighbours
 CLAMP_VALUES = torch.tensor(
-    [-(2**63), -(2**63) + 1, 2**63 - 1, -1, 0, 1, 12_000_000 * _UNIT, -12_000_000 * _UNIT,
-     -2 * _UNIT - 1, -2 * _UNIT, 3 * _UNIT, 3 * _UNIT + 1],
-)  # fmt: skip
+    [
+        -(2**63),
+        -(2**63) + 1,
+        2**63 - 1,
+        -1,
+        0,
+        1,
+        12_000_000 * _UNIT,
+        -12_000_000 * _UNIT,
+        -2 * _UNIT - 1,
+        -2 * _UNIT,
+        3 * _UNIT,
+        3 * _UNIT + 1,
+    ],
+)
 
 
 BEYOND_40 = torch.tensor([2**39, 12_000_000 * _UNIT])
@@ -79,7 +92,8 @@ def _shared(ring: torch.Tensor) -> Any:
 
 
 def _revealed(x: Any) -> torch.Tensor:
-    return x._tensor.reveal()
+    plain: torch.Tensor = x._tensor.reveal()
+    return plain
 
 
 def mismatch(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -106,11 +120,14 @@ def expected(world_size: int, size: int = 16, seed: int = 0) -> dict[str, torch.
     image = _as_image(x - y)
     pools = torch.cat([torch.nn.functional.max_pool2d(image, k, s, p).flatten() for k, s, p in POOLS])
     return {
-        "sum": sum(inputs), "product": x * y, "relu": torch.relu(x - y),
-        "relu_wide": torch.relu(x - y), "maxpool": pools,
+        "sum": functools.reduce(operator.add, inputs),
+        "product": x * y,
+        "relu": torch.relu(x - y),
+        "relu_wide": torch.relu(x - y),
+        "maxpool": pools,
         **{f"relu_edges_{bits}": edge_values(bits).clamp(min=0) for bits in EDGE_BITS},
         "clamp": torch.where(CLAMP_VALUES == -(2**63), 0, CLAMP_VALUES.clamp(*(int(v * _UNIT) for v in CLAMP_RANGE))),
-    }  # fmt: skip
+    }
 
 
 def crash_on_rank1(*, rank: int, world_size: int) -> None:

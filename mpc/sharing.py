@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mpc import kernels, prg
+from medmpc.mpc import kernels, prg
 
 DEFAULT_FRACTIONAL_BITS = 16
 OVERFLOW_BITS = 62  # sums must stay below 2^62 in magnitude to decode unambiguously
@@ -68,7 +68,9 @@ def encode_pieces(
     return _encode_pieces(flat, fractional_bits, out.view(-1), subtract)
 
 
-def _encode_pieces(flat: torch.Tensor, fractional_bits: int, out: torch.Tensor, subtract: bool) -> Iterator[torch.Tensor]:
+def _encode_pieces(
+    flat: torch.Tensor, fractional_bits: int, out: torch.Tensor, subtract: bool
+) -> Iterator[torch.Tensor]:
     if flat.dtype not in (torch.float32, torch.float64):
         flat = flat.to(torch.float64)  # other dtypes (bfloat16 among them) have no exact NumPy view
     values, dest = flat.numpy(), out.numpy()

@@ -32,9 +32,12 @@ from crypten.common import serial
 from crypten.communicator.communicator import Communicator, _logging
 from torch.distributed import ReduceOp
 
-from mpc import pki
-from mpc.launch import party_name
-from mpc.transport import Channel, Listener, PeerError, Traffic, connect
+from medmpc.mpc import pki
+from medmpc.mpc.launch import party_name
+from medmpc.mpc.transport import Channel, Listener, PeerError, Traffic, connect
+
+# the two message kinds between CrypTen parties: a tensor, and a pickled object (restricted unpickler)
+TENSOR, OBJECT = "t", "obj"
 
 PARTIES_ENV, TLS_DIR_ENV, TIMEOUT_ENV = "MEDMPC_PARTIES", "MEDMPC_TLS_DIR", "MEDMPC_PEER_TIMEOUT"
 PLAINTEXT_ENV, LISTEN_ENV = "MEDMPC_PLAINTEXT_TRANSPORT", "MEDMPC_LISTEN"
@@ -45,7 +48,7 @@ def _plain(tensor: Any) -> torch.Tensor:
     return tensor if isinstance(tensor, torch.Tensor) else tensor.data
 
 
-def _like(original: Any, tensor: torch.Tensor) -> Any:
+def _like(original: Any, tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` as the type ``original`` had (CrypTen's CUDALongTensor stays one)."""
     return tensor if isinstance(original, torch.Tensor) else type(original)(tensor)
 
@@ -88,7 +91,9 @@ class TLSCommunicator(Communicator):
 
     def __init__(self, *, rank: int, world_size: int, init_ttp: bool) -> None:
         if PARTIES_ENV not in os.environ:
-            raise ValueError(f"{PARTIES_ENV} is not set: start CrypTen parties with mpc.launch or `python -m mpc.party`")
+            raise ValueError(
+                f"{PARTIES_ENV} is not set: start CrypTen parties with medmpc.mpc.launch or `python -m medmpc.mpc.party`"
+            )
         addresses = [a.rsplit(":", 1) for a in os.environ[PARTIES_ENV].split(",")]
         total = world_size + 1 if init_ttp else world_size
         if len(addresses) != total:
@@ -118,10 +123,17 @@ class TLSCommunicator(Communicator):
         acceptor.start()
         try:
             self.outgoing: dict[int, Channel] = {
-                r: connect(addresses[r][0], int(addresses[r][1]), me=me, peer=name, traffic=self.traffic,
-                           timeout_s=timeout_s, identity=identity)
+                r: connect(
+                    addresses[r][0],
+                    int(addresses[r][1]),
+                    me=me,
+                    peer=name,
+                    traffic=self.traffic,
+                    timeout_s=timeout_s,
+                    identity=identity,
+                )
                 for name, r in others.items()
-            }  # fmt: skip
+            }
             acceptor.join()
         finally:
             listener.close()
@@ -136,8 +148,11 @@ class TLSCommunicator(Communicator):
 
     @classmethod
     def initialize(cls, rank: int = 0, world_size: int = 1, init_ttp: bool = False) -> None:
-        cls.instance = TLSCommunicator(rank=int(os.environ.get("RANK", rank)),
-                                       world_size=int(os.environ.get("WORLD_SIZE", world_size)), init_ttp=init_ttp)  # fmt: skip
+        cls.instance = TLSCommunicator(
+            rank=int(os.environ.get("RANK", rank)),
+            world_size=int(os.environ.get("WORLD_SIZE", world_size)),
+            init_ttp=init_ttp,
+        )
 
     @classmethod
     def get(cls) -> TLSCommunicator | None:
@@ -156,14 +171,16 @@ class TLSCommunicator(Communicator):
 
     # ---- point to point --------------------------------------------------------------------
     def _send(self, dst: int, tensor: Any) -> None:
-        self.outgoing[dst].send("t", None, _plain(tensor))
+        self.outgoing[dst].send(TENSOR, None, _plain(tensor))
 
     def _recv(self, src: int, like: Any) -> torch.Tensor:
-        got = self.incoming[src].expect("t").tensor
+        got = self.incoming[src].expect(TENSOR).tensor
         assert got is not None
         target = _plain(like)
         if got.shape != target.shape:
-            raise PeerError(self.incoming[src].peer, f"sent a tensor of shape {list(got.shape)}, expected {list(target.shape)}")
+            raise PeerError(
+                self.incoming[src].peer, f"sent a tensor of shape {list(got.shape)}, expected {list(target.shape)}"
+            )
         return got.to(target.device)
 
     def _to_all(self, members: frozenset[int], tensors: Sequence[Any]) -> threading.Thread:
@@ -282,13 +299,13 @@ class TLSCommunicator(Communicator):
         return torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
 
     def _unpickled(self, src: int) -> Any:
-        message = self.incoming[src].expect("obj")
+        message = self.incoming[src].expect(OBJECT)
         assert message.tensor is not None
         return serial.restricted_loads(message.tensor.numpy().tobytes())
 
     @_logging
     def send_obj(self, obj: Any, dst: int, group: frozenset[int] | None = None) -> None:
-        self.outgoing[dst].send("obj", None, self._pickled(obj))
+        self.outgoing[dst].send(OBJECT, None, self._pickled(obj))
 
     @_logging
     def recv_obj(self, src: int, group: frozenset[int] | None = None) -> Any:
@@ -301,7 +318,7 @@ class TLSCommunicator(Communicator):
             return self._unpickled(src)
         buf = self._pickled(obj)
         for r in sorted(members - {src}):
-            self.outgoing[r].send("obj", None, buf)
+            self.outgoing[r].send(OBJECT, None, buf)
         return obj
 
     # ---- identity --------------------------------------------------------------------------

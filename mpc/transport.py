@@ -20,6 +20,7 @@ while it receives on one link uses two channels (mpc.tls_communicator).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import socket
@@ -35,11 +36,13 @@ from typing import Any
 
 import torch
 
-from mpc.pki import Identity, peer_name
+from medmpc.mpc.pki import Identity, peer_name
 
 _LEN = struct.Struct(">Q")
 _DTYPES = {str(t): t for t in (torch.float32, torch.float64, torch.int64, torch.uint8)}
 MAX_HEADER = 1 << 20
+# the transport's own message kinds; the federated protocol's are in protocols.messages
+HELLO, ERROR = "hello", "error"
 # payloads move in pieces of this size: big enough that a syscall moves a lot, small enough
 # that the next stage finds each piece still in cache
 PIECE_BYTES = 1 << 21
@@ -120,10 +123,10 @@ class Incoming:
         dest = into.view(-1) if into is not None else None
         if dest is None and on_piece is None:
             dest = torch.empty(numel, dtype=dtype)
-        scratch = torch.empty(min(step, numel), dtype=dtype) if dest is None else None
+        buffer = dest if dest is not None else torch.empty(min(step, numel), dtype=dtype)  # else: one scratch piece
         for start in range(0, numel, step):
-            piece = dest[start : start + step] if dest is not None else scratch[: min(step, numel - start)]
-            ch._recv_exact(piece.numel() * size, self.deadline, memoryview(piece.view(torch.uint8).numpy()))
+            piece = buffer[start : start + step] if dest is not None else buffer[: min(step, numel - start)]
+            ch._recv_exact(piece.numel() * size, self.deadline, piece.view(torch.uint8).numpy().data)
             ch.traffic.count(received=piece.numel() * size, new_message=False)
             if on_piece is not None:
                 on_piece(start, piece)
@@ -146,10 +149,19 @@ class Channel:
         t = tensor.detach().cpu().contiguous()
         self.send_stream(kind, meta, dtype=t.dtype, shape=list(t.shape), pieces=[t.reshape(-1)] if t.numel() else [])
 
+    def send_error(self, message: str) -> None:
+        """Tell the peer why this party gives up on it: its next receive raises PeerError(message)."""
+        self.send(ERROR, {"message": message})
+
     def send_stream(
-        self, kind: str, meta: dict[str, Any] | None, *, dtype: torch.dtype, shape: list[int],
+        self,
+        kind: str,
+        meta: dict[str, Any] | None,
+        *,
+        dtype: torch.dtype,
+        shape: list[int],
         pieces: Iterable[torch.Tensor],
-    ) -> None:  # fmt: skip
+    ) -> None:
         """A tensor message whose payload is made while it is sent: the header first, then each
         piece as ``pieces`` yields it, so the receiver works on the first pieces while the later
         ones are still being computed. The bytes on the wire are those of :meth:`send`.
@@ -165,7 +177,9 @@ class Channel:
         try:
             for piece in pieces:
                 if piece.dtype != dtype or sent + piece.numel() > numel:
-                    raise ValueError(f"piece of {piece.numel()} {piece.dtype} values does not fit the announced message")
+                    raise ValueError(
+                        f"piece of {piece.numel()} {piece.dtype} values does not fit the announced message"
+                    )
                 self._sendall(piece.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().data)
                 sent += piece.numel()
             if sent != numel:
@@ -207,9 +221,12 @@ class Channel:
         return view
 
     def recv(
-        self, timeout_s: float | None = None, *, into: torch.Tensor | None = None,
+        self,
+        timeout_s: float | None = None,
+        *,
+        into: torch.Tensor | None = None,
         on_piece: Callable[[int, torch.Tensor], None] | None = None,
-    ) -> Message:  # fmt: skip
+    ) -> Message:
         """The next message, payload included (see :meth:`Incoming.read` for ``into``/``on_piece``)."""
         incoming = self.recv_header(timeout_s)
         return Message(incoming.kind, incoming.meta, incoming.read(into=into, on_piece=on_piece))
@@ -231,14 +248,18 @@ class Channel:
         except (ValueError, KeyError, TypeError) as err:
             raise PeerError(self.peer, f"sent a malformed frame ({type(err).__name__}: {err})") from None
         self.traffic.count(received=_LEN.size + n)
-        if kind == "error":
+        if kind == ERROR:
             raise PeerError(self.peer, str(meta.get("message", "reported an error")))
         return Incoming(self, kind, meta, dtype, shape, deadline)
 
     def expect(
-        self, kind: str, timeout_s: float | None = None, *, into: torch.Tensor | None = None,
+        self,
+        kind: str,
+        timeout_s: float | None = None,
+        *,
+        into: torch.Tensor | None = None,
         on_piece: Callable[[int, torch.Tensor], None] | None = None,
-    ) -> Message:  # fmt: skip
+    ) -> Message:
         msg = self.recv(timeout_s, into=into, on_piece=on_piece)
         if msg.kind != kind:
             raise PeerError(self.peer, f"expected a {kind!r} message, got {msg.kind!r}")
@@ -246,6 +267,10 @@ class Channel:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def _advanced_past(done: int, progress: list[int], failures: list[BaseException]) -> bool:
+    return bool(failures) or min(progress) > done
 
 
 def gather(
@@ -279,7 +304,7 @@ def gather(
         done = 0
         while done < numel:
             with changed:
-                changed.wait_for(lambda done=done: failures or min(progress) > done)
+                changed.wait_for(functools.partial(_advanced_past, done, progress, failures))
                 if failures:
                     raise failures[0]
                 ready = min(progress)
@@ -289,8 +314,15 @@ def gather(
 
 
 def connect(
-    host: str, port: int, *, me: str, peer: str, traffic: Traffic, timeout_s: float, identity: Identity | None,
-) -> Channel:  # fmt: skip
+    host: str,
+    port: int,
+    *,
+    me: str,
+    peer: str,
+    traffic: Traffic,
+    timeout_s: float,
+    identity: Identity | None,
+) -> Channel:
     """Connect (retrying while the peer starts up), check that the peer's certificate names
     ``peer`` (with an ``identity``; ``None`` is plain TCP), and introduce ourselves."""
     deadline = time.monotonic() + timeout_s
@@ -303,10 +335,11 @@ def connect(
                 raise PeerError(peer, f"cannot connect to {host}:{port} within {timeout_s:.0f} s ({err})") from err
             time.sleep(0.05)
     if identity is not None:
-        sock = _authenticated(identity.client_context().wrap_socket(sock, do_handshake_on_connect=False), peer,
-                              deadline, expected={peer})  # fmt: skip
+        sock = _authenticated(
+            identity.client_context().wrap_socket(sock, do_handshake_on_connect=False), peer, deadline, expected={peer}
+        )
     ch = Channel(sock, peer, traffic, timeout_s)
-    ch.send("hello", {"from": me})
+    ch.send(HELLO, {"from": me})
     return ch
 
 
@@ -368,10 +401,10 @@ class Listener:
         try:
             hello = ch.recv_header(max(0.1, deadline - time.monotonic()))
             name = hello.meta.get("from", "")
-            if hello.kind != "hello" or hello.dtype is not None:
+            if hello.kind != HELLO or hello.dtype is not None:
                 raise PeerError(who, f"sent {hello.kind!r} with a payload where a hello was due")
             if name not in expected or (self._context is not None and name != who):
-                ch.send("error", {"message": f"unexpected peer {name!r}"})
+                ch.send_error(f"unexpected peer {name!r}")
                 raise PeerError(who, f"introduced itself as {name!r}, expected one of {sorted(expected)}")
         except PeerError:
             ch.close()

@@ -11,17 +11,23 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 
-from mpc import prg
-from mpc.transport import Channel, Incoming, Listener, PeerError, Traffic, connect
-from protocols.commands import die, next_command
-from protocols.plan import Plan
-from protocols.secure_aggregation import (
-    COLLECTOR, AggregatorState, ContributionError, RevealRefused, noise_share,
-)  # fmt: skip
+from medmpc.mpc import prg
+from medmpc.mpc.transport import Channel, Incoming, Listener, PeerError, Traffic, connect
+from medmpc.protocols import messages
+from medmpc.protocols.commands import next_command
+from medmpc.protocols.messages import Aborted, Collect, Discard, Ready, Reveal, Seed, Share, Withdraw
+from medmpc.protocols.plan import Plan
+from medmpc.protocols.secure_aggregation import (
+    COLLECTOR,
+    AggregatorState,
+    ContributionError,
+    RevealRefused,
+    noise_share,
+)
 
 T = TypeVar("T")
 
@@ -34,23 +40,27 @@ class Aggregator:
         self.collected: set[str] = set()
 
     def _from_each_hospital(
-        self, hospitals: dict[str, Channel], tag: str, take: Callable[[str, Incoming], T]
+        self, hospitals: dict[str, Channel], tag: str, take: Callable[[str, Incoming, Share | Seed | Withdraw], T]
     ) -> dict[str, T]:
         """One message about ``tag`` from every hospital, all at once: each is read by its own
-        thread and handed to ``take`` (which reads the payload, if any)."""
+        thread, parsed, and handed to ``take`` (which reads the payload, if any)."""
         deadline = time.monotonic() + self.plan.timeout_s
 
         def receive(name: str) -> T:
             incoming = hospitals[name].recv_header(timeout_s=max(0.0, deadline - time.monotonic()))
-            if incoming.meta.get("tag") != tag:
-                raise incoming.reject(f"sent a contribution for {incoming.meta.get('tag')!r}, expected {tag!r}")
-            return take(name, incoming)
+            try:
+                message = messages.parse(incoming, name, Share, Seed, Withdraw)
+            except PeerError as err:
+                raise incoming.reject(str(err).removeprefix(f"{name}: ")) from None
+            if message.tag != tag:
+                raise incoming.reject(f"sent a contribution for {message.tag!r}, expected {tag!r}")
+            return take(name, incoming, message)
 
         with ThreadPoolExecutor(len(hospitals)) as pool:
             return dict(zip(hospitals, pool.map(receive, hospitals)))
 
-    def _state(self, meta: dict[str, Any]) -> AggregatorState:
-        """This aggregator's state for the coordinator's "collect" request ``meta``; the sum starts
+    def _state(self, collect: Collect) -> AggregatorState:
+        """This aggregator's state for the coordinator's request ``collect``; the sum starts
         from this aggregator's part of the noise.
 
         The noise and the divisor are the plan's (Plan.aggregation), not the coordinator's: a
@@ -58,35 +68,42 @@ class Aggregator:
         epsilon counts. A request naming other values than the plan's, an aggregation the plan does
         not have, or one already collected (the plan accounts for one release of each), is refused.
         """
-        p, tag = self.plan, meta["tag"]
+        p, tag = self.plan, collect.tag
         try:
             # where the plan weights by sample count, the coordinator's total stands: it only scales the average
-            noise_std, divisor = p.aggregation(tag, n_samples=meta.get("divisor"))
+            noise_std, divisor = p.aggregation(tag, n_samples=collect.divisor)
         except ValueError as err:
             raise PeerError("coordinator", f"asked for {tag!r}: {err}") from None
-        for key, planned in (("noise_std", noise_std), ("divisor", divisor)):
-            if meta.get(key, planned) != planned:
-                raise PeerError("coordinator", f"asked for {key} {meta[key]} in {tag!r}; the plan says {planned}")
+        for key, asked, planned in (("noise_std", collect.noise_std, noise_std), ("divisor", collect.divisor, divisor)):
+            if asked != planned:
+                raise PeerError("coordinator", f"asked for {key} {asked} in {tag!r}; the plan says {planned}")
         if tag in self.collected:
             raise PeerError("coordinator", f"asked for {tag!r} twice; the plan accounts for one release of each")
         self.collected.add(tag)
         # this aggregator's part of the noise; no single party knows the total
-        start = noise_share(meta["numel"], noise_std, p.aggregators, p.fractional_bits) if noise_std > 0 else None
-        return AggregatorState(tag, p.hospital_names, meta["numel"], n_aggregators=p.aggregators,
-                               divisor=divisor, fractional_bits=p.fractional_bits, start=start)  # fmt: skip
+        start = noise_share(collect.numel, noise_std, p.aggregators, p.fractional_bits) if noise_std > 0 else None
+        return AggregatorState(
+            tag,
+            p.hospital_names,
+            collect.numel,
+            n_aggregators=p.aggregators,
+            divisor=divisor,
+            fractional_bits=p.fractional_bits,
+            start=start,
+        )
 
-    def _collect(self, hospitals: dict[str, Channel], state: AggregatorState) -> dict[str, object]:
-        """The collector: every hospital's masked update (or its abort), each added piece by
-        piece into the running sum as it arrives; reports readiness or the aborts."""
+    def _collect(self, hospitals: dict[str, Channel], state: AggregatorState) -> Ready | Aborted:
+        """The collector: every hospital's masked update (or its withdrawal), each added piece by
+        piece into the running sum as it arrives; reports readiness or the withdrawals."""
         self.state, tag = state, state.tag
 
-        def take(name: str, incoming: Incoming) -> tuple[str, str | float]:
-            """("abort", reason) or ("share", seconds in add_piece: adds, divisions of the blocks
+        def take(name: str, incoming: Incoming, message: Share | Seed | Withdraw) -> tuple[str, str | float]:
+            """("withdrawn", reason) or ("share", seconds in add_piece: adds, divisions of the blocks
             it completed, and waits for their locks)."""
-            if incoming.kind == "abort":
-                return "abort", incoming.meta["reason"]
-            if incoming.kind != "share":
-                raise incoming.reject(f"unexpected message {incoming.kind!r}")
+            if isinstance(message, Withdraw):
+                return "withdrawn", message.reason
+            if not isinstance(message, Share):
+                raise incoming.reject(f"sent {message.KIND!r} to the collector")
             try:
                 state.admit(name, incoming.dtype, incoming.numel)
             except ContributionError as err:
@@ -104,19 +121,19 @@ class Aggregator:
             return "share", work
 
         results = self._from_each_hospital(hospitals, tag, take)
-        aborted = {name: reason for name, (kind, reason) in results.items() if kind == "abort"}
-        if aborted:
+        withdrawn = {name: str(reason) for name, (kind, reason) in results.items() if kind == "withdrawn"}
+        if withdrawn:
             self.state = None  # discard every share of this aggregation
-            return {"kind": "aborted", "reasons": aborted}
-        return {"kind": "ready", "sum_s": sum(float(seconds) for _, seconds in results.values())}
+            return Aborted(tag, reasons=withdrawn)
+        return Ready(tag, sum_s=sum(float(seconds) for _, seconds in results.values()))
 
     def _hand_over_masks(self, coord: Channel, hospitals: dict[str, Channel], state: AggregatorState) -> None:
         """Any other aggregator: its share is the sum of the hospitals' masks for this
         aggregation (expanded from their seeds); divided, it goes straight to the coordinator."""
 
-        def take(name: str, incoming: Incoming) -> None:
-            if incoming.kind != "seed":
-                raise incoming.reject(f"unexpected message {incoming.kind!r}")
+        def take(name: str, incoming: Incoming, message: Share | Seed | Withdraw) -> None:
+            if not isinstance(message, Seed) or incoming.dtype is None:
+                raise incoming.reject(f"sent {message.KIND!r} without a seed to a seed holder")
             seed = incoming.read()
             assert seed is not None
             state.add(name, prg.expand(bytes(seed.numpy()), state.numel))
@@ -125,47 +142,47 @@ class Aggregator:
         self._send_average(coord, state)
 
     def _send_average(self, coord: Channel, state: AggregatorState) -> None:
-        coord.send_stream("share", {"tag": state.tag}, dtype=torch.int64, shape=[state.numel],
-                          pieces=state.average_share())  # fmt: skip
+        messages.send_stream(
+            coord, Share(state.tag), dtype=torch.int64, shape=[state.numel], pieces=state.average_share()
+        )
 
     def run(self) -> None:
         p = self.plan
         identity = p.identity(self.name)
         listener = Listener(*p.listen_address(self.name, p.aggregator_address(self.index)), identity=identity)
-        coord = connect(*p.coordinator_address(), me=self.name, peer="coordinator", traffic=self.traffic,
-                        timeout_s=p.timeout_s, identity=identity)  # fmt: skip
+        coord = connect(
+            *p.coordinator_address(),
+            me=self.name,
+            peer="coordinator",
+            traffic=self.traffic,
+            timeout_s=p.timeout_s,
+            identity=identity,
+        )
         hospitals = listener.accept(set(p.hospital_names), traffic=self.traffic, timeout_s=p.timeout_s)
         hospitals = {h: hospitals[h] for h in p.hospital_names}
         try:
             while (msg := next_command(coord, self.traffic)) is not None:
-                tag = msg.meta["tag"]
-                if msg.kind == "collect":
-                    if p.drill(self.name, msg.meta.get("round", -1)) == "kill":
-                        die()
+                command = messages.parse(msg, "coordinator", Collect, Reveal, Discard)
+                if isinstance(command, Collect):
                     try:
-                        state = self._state(msg.meta)
+                        state = self._state(command)
                     except PeerError as err:
-                        coord.send("error", {"message": f"{self.name} refuses: {err}"})
+                        coord.send_error(f"{self.name} refuses: {err}")
                         raise
                     if self.index != COLLECTOR:
                         self._hand_over_masks(coord, hospitals, state)
                         continue
-                    result = self._collect(hospitals, state)
-                    kind = result.pop("kind")
-                    coord.send(kind, {"tag": tag, **result})
-                elif msg.kind == "discard":
+                    messages.send(coord, self._collect(hospitals, state))
+                elif isinstance(command, Discard):
                     self.state = None
-                elif msg.kind == "reveal":
-                    if self.state is None or self.state.tag != tag:
-                        coord.send("error", {"message": f"{self.name}: nothing collected for {tag!r}"})
-                        continue
+                elif self.state is None or self.state.tag != command.tag:
+                    coord.send_error(f"{self.name}: nothing collected for {command.tag!r}")
+                else:
                     try:
                         self._send_average(coord, self.state)  # refused before anything is sent
                     except RevealRefused as err:
-                        coord.send("error", {"message": f"{self.name}: {err}"})
+                        coord.send_error(f"{self.name}: {err}")
                         continue
                     self.state = None
-                else:
-                    raise PeerError("coordinator", f"unexpected message {msg.kind!r}")
         finally:
             listener.close()

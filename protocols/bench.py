@@ -3,77 +3,210 @@
 Both run among the same hospital processes on the same random updates: the
 baseline is a float32 ``all_reduce`` (gloo) among the hospitals; the secure path
 is the full protocol (encode, share, send, sum, divide in MPC, reveal).
+
+The benchmark has roles of its own (``python -m medmpc.protocols.bench``): a
+coordinator that times aggregations in place of training, and hospitals that
+contribute random updates in place of trained ones. The aggregators are the
+production ones, unchanged: aggregation ``roundR`` of the benchmark is an
+ordinary aggregation (no noise, the mean over the hospitals).
 """
 
 from __future__ import annotations
 
+import argparse
+import datetime
+import json
+import os
 import statistics
+import sys
 import time
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
+import torch.distributed as dist
 
-from protocols.coordinator import Coordinator
-from protocols.plan import Plan
-from protocols.strategy import Aggregation
+from medmpc.mpc.launch import free_port
+from medmpc.mpc.transport import Listener, PeerError
+from medmpc.protocols import messages
+from medmpc.protocols.commands import next_command
+from medmpc.protocols.coordinator import Coordinator
+from medmpc.protocols.hospital import Hospital
+from medmpc.protocols.messages import Baseline, BaselineDone, Contribute, Prepare, Prepared
+from medmpc.protocols.plan import Plan
+from medmpc.protocols.simulate import launch_roles
+from medmpc.protocols.strategy import Aggregation
+from medmpc.training.centralised import write_json
+
+R = TypeVar("R")
 
 
-def bench_update(plan: Plan, index: int) -> torch.Tensor:
+@dataclass(frozen=True, kw_only=True)
+class Bench:
+    """What to measure: ``repeat`` aggregations of ``params`` float32 values each; the
+    hospitals' plaintext all-reduce meets at ``baseline_port`` on the plan's host."""
+
+    params: int
+    repeat: int = 3
+    baseline_port: int = 0
+
+    def __post_init__(self) -> None:
+        if self.params < 1 or self.repeat < 1:
+            raise ValueError(f"bench needs params >= 1 and repeat >= 1, got {self.params} and {self.repeat}")
+
+    def args(self) -> list[str]:
+        return ["--params", str(self.params), "--repeat", str(self.repeat), "--baseline-port", str(self.baseline_port)]
+
+
+def bench_update(plan: Plan, bench: Bench, index: int) -> torch.Tensor:
     """Hospital ``index``'s random update; the coordinator regenerates it to measure the error."""
+    # torch's generator on purpose: public random updates that the coordinator regenerates
     g = torch.Generator().manual_seed(plan.seed * 100 + index)
-    return torch.randn(plan.bench_params, generator=g)
+    return torch.randn(bench.params, generator=g)
 
 
-def baseline_allreduce(update: torch.Tensor) -> float:
-    """Seconds for one float32 all-reduce among the hospitals (process group already up)."""
-    import torch.distributed as dist
+class BenchHospital(Hospital):
+    """A hospital with a random update and no data."""
 
-    buf = update.clone()
-    dist.barrier()
-    start = time.perf_counter()
-    dist.all_reduce(buf)
-    return time.perf_counter() - start
+    def __init__(self, plan: Plan, index: int, bench: Bench) -> None:
+        super().__init__(plan, index)
+        self.bench = bench
+        self.update = bench_update(plan, bench, index)
 
-
-def run_bench(coord: Coordinator, strategy: Any, repeat: int) -> dict[str, Any]:
-    p = coord.plan
-    names = p.hospital_names
-    expected = torch.stack([bench_update(p, i) for i in range(p.hospitals)]).double().mean(0).float()
-    coord.traffic_since_last()
-    secure, plain, offline, errors = [], [], [], []
-    phases: dict[str, list[float]] = {"sharing": [], "reveal": []}
-    traffic: dict[str, dict[str, int]] = {}
-    for rep in range(repeat):
-        for h in names:
-            coord.channels[h].send("baseline")
-        plain.append(max(coord.channels[h].expect("baseline_done").meta["seconds"] for h in names))
-        coord.traffic_since_last()  # the secure traffic below is counted on its own
-        noise_std, divisor = p.aggregation(f"bench{rep}")
-        job = Aggregation(f"bench{rep}", p.bench_params, round=0, divisor=divisor, noise_std=noise_std)
-        # offline: masks, seeds and the shares made of them do not depend on the updates
-        offline_start = time.perf_counter()
-        strategy.begin(job)
-        for h in names:
-            coord.channels[h].send("prepare", {"tag": job.tag, "numel": p.bench_params})
-        for h in names:
-            coord.channels[h].expect("prepared")
-        strategy.wait_offline()
-        offline.append(time.perf_counter() - offline_start)
+    def _baseline(self) -> float:
+        """Seconds for one float32 all-reduce of the update among the hospitals."""
+        p = self.plan
+        if not dist.is_initialized():
+            dist.init_process_group(
+                "gloo",
+                init_method=f"tcp://{p.host}:{self.bench.baseline_port}",
+                rank=self.index,
+                world_size=p.hospitals,
+                timeout=datetime.timedelta(seconds=p.timeout_s),
+            )
+            dist.all_reduce(torch.zeros(1))  # connect before timing
+        buf = self.update.clone()
+        dist.barrier()
         start = time.perf_counter()
-        avg, info = coord.aggregate(strategy, job, request="bench", meta={}, begun=True)
-        secure.append(time.perf_counter() - start)
-        phases["sharing"].append(info["sharing_s"])
-        phases["reveal"].append(info["reveal_s"])
-        errors.append(float((avg - expected).abs().max()))
-        traffic = coord.traffic_since_last()
-    secure_s, plaintext_s = statistics.median(secure), statistics.median(plain)
-    return {
-        "params": p.bench_params, "hospitals": p.hospitals, "aggregators": p.aggregators,
-        "fractional_bits": p.fractional_bits, "repeat": repeat,
-        "secure_s": secure_s, "plaintext_s": plaintext_s, "ratio": secure_s / plaintext_s,
-        "secure_runs_s": secure, "plaintext_runs_s": plain, "offline_s": statistics.median(offline),
-        "phases_s": {name: statistics.median(v) for name, v in phases.items()},
-        "bytes_per_party": {party: t["bytes_sent"] for party, t in traffic.items()},
-        "max_abs_err": max(errors),
-    }  # fmt: skip
+        dist.all_reduce(buf)
+        return time.perf_counter() - start
 
+    def run(self) -> None:
+        coord, submitter = self._connect()
+        while (msg := next_command(coord, self.traffic)) is not None:
+            command = messages.parse(msg, "coordinator", Baseline, Prepare, Contribute)
+            if isinstance(command, Baseline):
+                messages.send(coord, BaselineDone(self._baseline()))
+            elif isinstance(command, Prepare):
+                submitter.prepare(command.tag, command.numel)
+                messages.send(coord, Prepared())
+            else:
+                self.contribute(coord, submitter, command.tag, self.update, train_s=0.0)
+
+
+class BenchCoordinator(Coordinator):
+    """Times ``bench.repeat`` secure aggregations, each beside a plaintext all-reduce."""
+
+    def __init__(self, plan: Plan, out: Path, bench: Bench) -> None:
+        super().__init__(plan, out)
+        self.bench = bench
+
+    def _ask(self, message: Any, reply: type[R]) -> list[R]:
+        for h in self.plan.hospital_names:
+            messages.send(self.channels[h], message)
+        return [messages.receive(self.channels[h], reply)[0] for h in self.plan.hospital_names]
+
+    def run(self, listener: Listener) -> dict[str, Any]:
+        self.out.mkdir(parents=True, exist_ok=True)
+        strategy = self.connect_all(listener)
+        try:
+            report = self._measure(strategy) | {"transport": self.plan.transport}
+        finally:
+            self.stop_all()
+        write_json(report, self.out / "report.json")
+        return report
+
+    def _measure(self, strategy: Any) -> dict[str, Any]:
+        p, b = self.plan, self.bench
+        expected = torch.stack([bench_update(p, b, i) for i in range(p.hospitals)]).double().mean(0).float()
+        self.traffic_since_last()
+        secure, plain, offline, errors = [], [], [], []
+        phases: dict[str, list[float]] = {"sharing": [], "reveal": []}
+        traffic: dict[str, dict[str, int]] = {}
+        for r in range(1, b.repeat + 1):
+            plain.append(max(done.seconds for done in self._ask(Baseline(), BaselineDone)))
+            self.traffic_since_last()  # the secure traffic below is counted on its own
+            noise_std, divisor = p.aggregation(f"round{r}", n_samples=p.hospitals)
+            job = Aggregation(tag=f"round{r}", numel=b.params, round=r, divisor=divisor, noise_std=noise_std)
+            # offline: masks, seeds and the shares made of them do not depend on the updates
+            offline_start = time.perf_counter()
+            strategy.begin(job)
+            self._ask(Prepare(job.tag, numel=b.params), Prepared)
+            strategy.wait_offline()
+            offline.append(time.perf_counter() - offline_start)
+            start = time.perf_counter()
+            avg, info = self.aggregate(strategy, job, Contribute(job.tag), begun=True)
+            secure.append(time.perf_counter() - start)
+            phases["sharing"].append(info["sharing_s"])
+            phases["reveal"].append(info["reveal_s"])
+            errors.append(float((avg - expected).abs().max()))
+            traffic = self.traffic_since_last()
+        secure_s, plaintext_s = statistics.median(secure), statistics.median(plain)
+        return {
+            "params": b.params,
+            "hospitals": p.hospitals,
+            "aggregators": p.aggregators,
+            "fractional_bits": p.fractional_bits,
+            "repeat": b.repeat,
+            "secure_s": secure_s,
+            "plaintext_s": plaintext_s,
+            "ratio": secure_s / plaintext_s,
+            "secure_runs_s": secure,
+            "plaintext_runs_s": plain,
+            "offline_s": statistics.median(offline),
+            "phases_s": {name: statistics.median(v) for name, v in phases.items()},
+            "bytes_per_party": {party: t["bytes_sent"] for party, t in traffic.items()},
+            "max_abs_err": max(errors),
+        }
+
+
+def run_bench(plan: Plan, bench: Bench, out: Path, *, deadline_s: float | None = None) -> dict[str, Any]:
+    """Run the benchmark's coordinator and hospitals and the production aggregators, each its own
+    process; returns the report (also in out/report.json). The plan's ``rounds`` become
+    ``bench.repeat``."""
+    plan = Plan(**(json.loads(plan.to_json()) | {"rounds": bench.repeat, "secure": True}))
+    bench = Bench(params=bench.params, repeat=bench.repeat, baseline_port=bench.baseline_port or free_port(plan.host))
+    me = [sys.executable, "-m", "medmpc.protocols.bench", *bench.args()]
+    return launch_roles(
+        plan, out, coordinator=me, hospital=me, deadline_s=deadline_s or plan.timeout_s * (bench.repeat + 2)
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m medmpc.protocols.bench", description=__doc__)
+    p.add_argument("role", choices=("coordinator", "hospital"))
+    p.add_argument("--plan", type=Path, required=True)
+    p.add_argument("--index", type=int, default=0)
+    p.add_argument("--out", type=Path, help="coordinator: where the report goes")
+    p.add_argument("--params", type=int, required=True)
+    p.add_argument("--repeat", type=int, required=True)
+    p.add_argument("--baseline-port", type=int, required=True)
+    a = p.parse_args(argv)
+    plan = Plan.from_json(a.plan.read_text())
+    bench = Bench(params=a.params, repeat=a.repeat, baseline_port=a.baseline_port)
+    torch.set_num_threads(max(1, int(os.environ.get("MEDMPC_THREADS", "1"))))
+    try:
+        if a.role == "coordinator":
+            address = plan.listen_address("coordinator", plan.coordinator_address())
+            BenchCoordinator(plan, a.out, bench).run(Listener(*address, identity=plan.identity("coordinator")))
+        else:
+            BenchHospital(plan, a.index, bench).run()
+    except PeerError as err:
+        print(f"bench {a.role}: {err}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import signal
-
-from mpc.transport import Channel, Message, Traffic
+from medmpc.mpc.transport import Channel, Message, Traffic
+from medmpc.protocols import messages
+from medmpc.protocols.messages import Kind
 
 
 def next_command(coordinator: Channel, traffic: Traffic) -> Message | None:
@@ -15,13 +14,8 @@ def next_command(coordinator: Channel, traffic: Traffic) -> Message | None:
     """
     while True:
         msg = coordinator.recv()
-        if msg.kind == "stop":
+        if msg.kind == Kind.STOP:
             return None
-        if msg.kind != "report":
+        if msg.kind != Kind.REPORT:
             return msg
-        coordinator.send("traffic", traffic.as_dict())
-
-
-def die() -> None:
-    """Failure drill: end this process the hard way, as a crash or power cut would."""
-    os.kill(os.getpid(), signal.SIGKILL)
+        messages.send(coordinator, messages.TrafficReport(traffic.as_dict()))

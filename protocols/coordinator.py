@@ -10,20 +10,33 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from imaging.dataset import ImageSet, load_dataset
-from imaging.splits import stratified_split
-from imaging.transforms import Preprocessing
-from models import build_model
-from models.vector import load_vector, to_vector
-from mpc.transport import Channel, Listener, PeerError, Traffic
-from protocols.accountant import PrivacyAccountant
-from protocols.plan import Plan
-from protocols.statistics import Statistics, release_privacy
-from protocols.strategy import Aggregation, BudgetExhausted, PlainFedAvg, RoundAborted, SecureFedAvg, Strategy
-from training.centralised import write_json
-from training.checkpoint import Checkpoint
-from training.local import class_weights, predict
-from training.metrics import classification_metrics
+from medmpc.imaging.dataset import ImageSet, load_dataset
+from medmpc.imaging.splits import stratified_split
+from medmpc.imaging.transforms import Preprocessing
+from medmpc.models import build_model
+from medmpc.models.vector import load_vector, to_vector
+from medmpc.mpc.transport import Channel, Listener, PeerError, Traffic
+from medmpc.protocols import messages
+from medmpc.protocols.messages import (
+    Contribute,
+    OutOfBudget,
+    Refused,
+    Report,
+    Stats,
+    Stop,
+    Submitted,
+    TrafficReport,
+    Train,
+    Update,
+)
+from medmpc.protocols.plan import Plan
+from medmpc.protocols.strategy import Aggregation, BudgetExhausted, PlainFedAvg, RoundAborted, SecureFedAvg, Strategy
+from medmpc.training.accountant import PrivacyAccountant
+from medmpc.training.centralised import write_json
+from medmpc.training.checkpoint import Checkpoint
+from medmpc.training.local import class_weights, predict
+from medmpc.training.metrics import classification_metrics
+from medmpc.training.statistics import Statistics, release_privacy
 
 _CURVE_KEYS = ("accuracy", "balanced_accuracy", "roc_auc", "pneumonia_roc_auc")
 
@@ -37,10 +50,15 @@ class Coordinator:
 
     # -- one aggregation -------------------------------------------------
     def aggregate(
-        self, strategy: Strategy, job: Aggregation, *, request: str, meta: dict[str, Any],
-        tensor: torch.Tensor | None = None, begun: bool = False,
-    ) -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
-        """Ask every hospital to contribute to ``job``; return the revealed average and timings.
+        self,
+        strategy: Strategy,
+        job: Aggregation,
+        request: Stats | Train | Contribute,
+        *,
+        tensor: torch.Tensor | None = None,
+        begun: bool = False,
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Send ``request`` (for ``job.tag``) to every hospital; return the revealed average and timings.
 
         ``begun``: the caller already called ``strategy.begin`` (to let hospitals prepare first).
         """
@@ -49,43 +67,43 @@ class Coordinator:
             strategy.begin(job)
         hospitals = {h: self.channels[h] for h in self.plan.hospital_names}
         for ch in hospitals.values():
-            ch.send(request, {"tag": tag, **meta}, tensor)
-        aborted: dict[str, str] = {}
+            messages.send(ch, request, tensor)
+        refused: dict[str, str] = {}
         exhausted: dict[str, str] = {}
         privacy: dict[str, Any] = {}
         train_s = share_s = 0.0
         for name, ch in hospitals.items():
-            msg = ch.recv()
-            if msg.kind == "update":
+            reply, msg = messages.receive(ch, Update, Submitted, Refused, OutOfBudget)
+            if isinstance(reply, Update):
                 strategy.receive(name, msg)
-                msg = ch.recv()
-            if msg.kind == "aborted":
-                aborted[name] = msg.meta["reason"]
-            elif msg.kind == "budget_exhausted":
-                exhausted[name] = msg.meta["reason"]
-            elif msg.kind == "submitted":
-                train_s = max(train_s, msg.meta["train_s"])
-                share_s = max(share_s, msg.meta["share_s"] + msg.meta["send_s"])
-                if "privacy" in msg.meta:
-                    privacy[name] = msg.meta["privacy"]
+                reply, _ = messages.receive(ch, Submitted, Refused, OutOfBudget)
+            if isinstance(reply, Refused):
+                refused[name] = reply.reason
+            elif isinstance(reply, OutOfBudget):
+                exhausted[name] = reply.reason
+            elif isinstance(reply, Submitted):
+                train_s = max(train_s, reply.train_s)
+                share_s = max(share_s, reply.share_s + reply.send_s)
+                if reply.privacy is not None:
+                    privacy[name] = reply.privacy
             else:
-                raise PeerError(name, f"unexpected message {msg.kind!r}")
-        if aborted or exhausted:
+                raise PeerError(name, f"sent {reply.KIND!r} in place of its contribution")
+        if refused or exhausted:
             strategy.discard()
-            reasons = "; ".join((aborted | exhausted).values())  # each reason names its hospital
-            if aborted:
+            reasons = "; ".join((refused | exhausted).values())  # each reason names its hospital
+            if refused:
                 raise RoundAborted(f"{tag} aborted, nothing revealed; refused: {reasons}")
             raise BudgetExhausted(f"{tag} not run, nothing revealed: {reasons}")
         avg, timings = strategy.finish()
-        info = {"local_training_s": train_s, "sharing_s": share_s, **timings}
+        info: dict[str, Any] = {"local_training_s": train_s, "sharing_s": share_s, **timings}
         return avg, info | ({"privacy": privacy} if privacy else {})
 
     def traffic_since_last(self) -> dict[str, dict[str, int]]:
         """Bytes and messages each party sent since the previous call (asks every party)."""
         now = {"coordinator": self.traffic.as_dict()}
         for name, ch in self.channels.items():
-            ch.send("report")
-            now[name] = ch.expect("traffic").meta
+            messages.send(ch, Report())
+            now[name] = messages.receive(ch, TrafficReport)[0].counts
         delta = {
             party: {k: v - self.last_traffic.get(party, {}).get(k, 0) for k, v in counts.items()}
             for party, counts in now.items()
@@ -105,7 +123,7 @@ class Coordinator:
     def stop_all(self) -> None:
         for ch in self.channels.values():
             try:
-                ch.send("stop")
+                messages.send(ch, Stop())
             except PeerError:
                 pass  # a dead party needs no goodbye
 
@@ -113,15 +131,12 @@ class Coordinator:
         p = self.plan
         self.out.mkdir(parents=True, exist_ok=True)
         strategy = self.connect_all(listener)
-        report: dict[str, Any] = {"plan": json.loads(p.to_json()), "mode": "secure" if p.secure else "plaintext",
-                                  "transport": p.transport}
+        report: dict[str, Any] = {
+            "plan": json.loads(p.to_json()),
+            "mode": "secure" if p.secure else "plaintext",
+            "transport": p.transport,
+        }
         try:
-            if p.bench_params:
-                from protocols.bench import run_bench
-
-                report = run_bench(self, strategy, p.bench_repeat) | {"transport": p.transport}
-                write_json(report, self.out / "report.json")
-                return report
             self._train(strategy, report)
         except BudgetExhausted as err:
             report["stopped"] = str(err)
@@ -150,8 +165,8 @@ class Coordinator:
         # Normalisation statistics and class counts, aggregated like updates: no hospital reveals its
         # own; with stats_noise the aggregators add Gaussian noise to each of them inside MPC.
         noise_std, divisor = p.aggregation("stats")
-        job = Aggregation("stats", n_stats, round=0, divisor=divisor, noise_std=noise_std)
-        sums, _ = self.aggregate(strategy, job, request="stats", meta={})
+        job = Aggregation(tag="stats", numel=n_stats, round=0, divisor=divisor, noise_std=noise_std)
+        sums, _ = self.aggregate(strategy, job, Stats(job.tag))
         stats = Statistics.from_sums(sums)
         mean, std, n_total = stats.pixel_mean, stats.pixel_std, stats.n_images
         prep = Preprocessing(p.image_size, mean, std)
@@ -159,7 +174,7 @@ class Coordinator:
         report["aggregated_statistics"] = stats.to_dict(classes) | {
             "privacy": release_privacy(p.stats_release(), noise_std=p.stats_noise, delta=p.dp_delta),
             "traffic": self.traffic_since_last(),
-        }  # fmt: skip
+        }
         report["dataset"] = {"source": data.source, "synthetic": data.is_synthetic, "val": val.class_counts()}
 
         model = build_model(p.model, p.num_classes, seed=p.seed)
@@ -169,20 +184,25 @@ class Coordinator:
         bar = tqdm(range(1, p.rounds + 1), desc="federated rounds", unit="round")
         for r in bar:
             start = time.perf_counter()
-            meta = {"round": r, "mean": mean, "std": std, "class_weight": weight.tolist()}
             # central DP averages clipped updates with equal weights; otherwise weight by sample count
             noise_std, divisor = p.aggregation(f"round{r}", n_samples=n_total)
-            job = Aggregation(f"round{r}", global_vec.numel(), r, divisor, noise_std)
-            avg, timings = self.aggregate(strategy, job, request="train", meta=meta, tensor=global_vec)
+            job = Aggregation(tag=f"round{r}", numel=global_vec.numel(), round=r, divisor=divisor, noise_std=noise_std)
+            request = Train(job.tag, round=r, mean=mean, std=std, class_weight=weight.tolist())
+            avg, timings = self.aggregate(strategy, job, request, tensor=global_vec)
             if central:
                 timings["central_dp"] = central.spend_round()
             global_vec = global_vec + avg
             load_vector(model, global_vec)
             m = classification_metrics(predict(model, val.images, prep), val.labels, classes)
-            rounds.append({
-                "round": r, "wall_s": time.perf_counter() - start, **timings,
-                "validation": m, "traffic": self.traffic_since_last(),
-            })  # fmt: skip
+            rounds.append(
+                {
+                    "round": r,
+                    "wall_s": time.perf_counter() - start,
+                    **timings,
+                    "validation": m,
+                    "traffic": self.traffic_since_last(),
+                }
+            )
             eps = _epsilons(timings)
             bar.write(
                 f"round {r}/{p.rounds}: val accuracy {m['accuracy']:.3f}  balanced {m['balanced_accuracy']:.3f}  "
@@ -193,10 +213,20 @@ class Coordinator:
                 + (f"  central-DP epsilon {timings['central_dp']['epsilon'] or float('inf'):.2f}" if central else "")
             )
             # keep the newest global model on disk, so an aborted later round loses nothing
-            Checkpoint(p.model, classes, prep, model.state_dict(), info={
-                "federated": report["mode"], "round": r, "validation": m, "dataset": report["dataset"],
-                "privacy": timings.get("privacy"), "central_dp": timings.get("central_dp"),
-            }).save(self.out / "model.pt")  # fmt: skip
+            Checkpoint(
+                p.model,
+                classes,
+                prep,
+                model.state_dict(),
+                info={
+                    "federated": report["mode"],
+                    "round": r,
+                    "validation": m,
+                    "dataset": report["dataset"],
+                    "privacy": timings.get("privacy"),
+                    "central_dp": timings.get("central_dp"),
+                },
+            ).save(self.out / "model.pt")
             write_json(report, self.out / "report.json")
         self._finish(report)
 
@@ -230,9 +260,12 @@ class _CentralDP:
             self.accountant.step(self.effective, 1.0, 1)
             eps = self.accountant.epsilon(self.plan.dp_delta)
         return {
-            "epsilon": eps, "delta": self.plan.dp_delta, "noise_multiplier": self.plan.central_dp_noise,
-            "effective_noise_multiplier": self.effective, "update_clip": self.plan.update_clip,
-        }  # fmt: skip
+            "epsilon": eps,
+            "delta": self.plan.dp_delta,
+            "noise_multiplier": self.plan.central_dp_noise,
+            "effective_noise_multiplier": self.effective,
+            "update_clip": self.plan.update_clip,
+        }
 
 
 def _epsilons(info: dict[str, Any]) -> dict[str, float]:
@@ -240,16 +273,21 @@ def _epsilons(info: dict[str, Any]) -> dict[str, float]:
 
 
 def _plots(report: dict[str, Any], out: Path) -> None:
-    from training import plots
+    from medmpc.training import plots
 
     rounds = report["rounds"]
     title = f"{report['plan']['model']} {report['mode']} federated, {report['plan']['hospitals']} hospitals"
     plots.curves_png(
-        {k: [r["validation"][k] for r in rounds] for k in _CURVE_KEYS}, out / "learning_curves.png",
-        xlabel="round", title=title,
-    )  # fmt: skip
+        {k: [r["validation"][k] for r in rounds] for k in _CURVE_KEYS},
+        out / "learning_curves.png",
+        xlabel="round",
+        title=title,
+    )
     parties = sorted(rounds[0]["traffic"])
     plots.stacked_bars_png(
         {party: [r["traffic"][party]["bytes_sent"] / 1e6 for r in rounds] for party in parties},
-        out / "communication.png", xlabel="round", ylabel="MB sent", title=title,
-    )  # fmt: skip
+        out / "communication.png",
+        xlabel="round",
+        ylabel="MB sent",
+        title=title,
+    )

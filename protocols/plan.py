@@ -13,12 +13,12 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mpc.pki import Identity, IdentityError, describe_channels
-from mpc.sharing import DEFAULT_FRACTIONAL_BITS
-from protocols.statistics import release_history
+from medmpc.mpc.pki import Identity, IdentityError, describe_channels
+from medmpc.mpc.sharing import DEFAULT_FRACTIONAL_BITS
+from medmpc.training.statistics import release_history
 
 if TYPE_CHECKING:
-    from protocols.dp import DPConfig
+    from medmpc.training.dp import DPConfig
 
 
 @dataclass
@@ -55,7 +55,7 @@ class Plan:
     # cost without TLS and is never safe: every share crosses the network in the clear.
     tls_dir: str = ""
     plaintext_transport: bool = False
-    # DP-SGD at every hospital when dp_epsilon is set (protocols.dp)
+    # DP-SGD at every hospital when dp_epsilon is set (training.dp)
     dp_epsilon: float | None = None
     dp_delta: float = 1e-5
     dp_clip: float = 1.0
@@ -68,15 +68,6 @@ class Plan:
     # noise on the aggregated normalisation statistics and class counts: standard deviation
     # of the Gaussian noise on each of them (added inside MPC like central_dp_noise)
     stats_noise: float | None = None
-    # failure drills, party -> "ACTION:ROUND": "kill:2" (the process dies when round 2
-    # starts), "crash_sending:1" (a hospital dies halfway through sending its round-1 update),
-    # "nan:1" / "overflow:1" (a hospital's round-1 update is corrupted)
-    drills: dict[str, str] = field(default_factory=dict)
-    # bench mode: hospitals send random updates of this many float32 values, and
-    # time a plaintext all-reduce among themselves (rendezvous on baseline_port)
-    bench_params: int = 0
-    bench_repeat: int = 3
-    baseline_port: int = 0
 
     def __post_init__(self) -> None:
         if self.hospitals < 2:
@@ -95,12 +86,12 @@ class Plan:
     def dp_config(self) -> DPConfig | None:
         if self.dp_epsilon is None:
             return None
-        from protocols.dp import DPConfig  # Opacus is only needed where DP is used
+        from medmpc.training.dp import DPConfig  # Opacus is only needed where DP is used
 
         return DPConfig(self.dp_epsilon, self.dp_delta, self.dp_clip, self.dp_noise)
 
     def stats_release(self) -> list[tuple[float, float, int]]:
-        """The statistics release as accountant history (protocols.statistics), or nothing without
+        """The statistics release as accountant history (training.statistics), or nothing without
         stats_noise; in a secure run each aggregator knows its own part of the noise, so only K-1
         of K count."""
         counted = (self.aggregators - 1) / self.aggregators if self.secure else 1.0
@@ -115,15 +106,10 @@ class Plan:
         * "round1".."round{rounds}": with central DP, noise central_dp_noise * update_clip and the
           mean over hospitals of their clipped updates; otherwise no noise, and the divisor is
           ``n_samples``, the total sample count, which only the statistics reveal (a wrong one
-          scales the average, nothing more);
-        * "bench0", "bench1", ... (bench plans only): no noise, the mean over hospitals.
+          scales the average, nothing more).
 
         Raises ValueError naming the tag for any other aggregation.
         """
-        if self.bench_params:
-            if re.fullmatch(r"bench(0|[1-9]\d*)", tag):
-                return 0.0, self.hospitals
-            raise ValueError(f"the plan has no aggregation {tag!r}: a bench plan has bench0, bench1, ...")
         if tag == "stats":
             return self.stats_noise or 0.0, 1
         round_ = re.fullmatch(r"round([1-9]\d*)", tag)
@@ -140,18 +126,16 @@ class Plan:
         if self.plaintext_transport:
             return None
         if not self.tls_dir:
-            raise IdentityError(f"{party}: no TLS credentials: set tls_dir to a federation folder "
-                                "(`medmpc pki init`), or plaintext_transport to measure without TLS")  # fmt: skip
+            raise IdentityError(
+                f"{party}: no TLS credentials: set tls_dir to a federation folder "
+                "(`medmpc pki init`), or plaintext_transport to measure without TLS"
+            )
         return Identity(Path(self.tls_dir), party)
 
     @property
     def transport(self) -> str:
         """What every report says about its channels."""
         return describe_channels(plaintext=self.plaintext_transport)
-
-    def drill(self, party: str, round_: int) -> str | None:
-        action, _, at = self.drills.get(party, "").partition(":")
-        return action if at and int(at) == round_ else None
 
     def listen_address(self, party: str, address: tuple[str, int]) -> tuple[str, int]:
         """Where ``party``, whose peers connect to ``address``, binds its listener."""

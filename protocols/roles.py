@@ -1,11 +1,11 @@
-"""Entry point of one federated role process: ``python -m protocols.roles ROLE``.
+"""Entry point of one federated role process: ``python -m medmpc.protocols.roles ROLE``.
 
 Every role reads the same plan (JSON). To spread a run over machines, write one
 plan with reachable addresses and ports, then start on each machine::
 
-    python -m protocols.roles coordinator --plan plan.json --out results/
-    python -m protocols.roles aggregator --index J --plan plan.json
-    python -m protocols.roles hospital --index I --plan plan.json
+    python -m medmpc.protocols.roles coordinator --plan plan.json --out results/
+    python -m medmpc.protocols.roles aggregator --index J --plan plan.json
+    python -m medmpc.protocols.roles hospital --index I --plan plan.json
 """
 
 from __future__ import annotations
@@ -17,17 +17,17 @@ from pathlib import Path
 
 import torch
 
-from mpc.pki import IdentityError
-from mpc.transport import Listener, PeerError
-from imaging.images import DataError
-from protocols.accountant import BudgetError
-from protocols.dp import DPIncompatibleModel
-from protocols.plan import Plan
-from protocols.strategy import RoundAborted
+from medmpc.imaging.images import DataError
+from medmpc.mpc.pki import IdentityError
+from medmpc.mpc.transport import Listener, PeerError
+from medmpc.protocols.plan import Plan
+from medmpc.protocols.strategy import RoundAborted
+from medmpc.training.accountant import BudgetError
+from medmpc.training.dp import DPIncompatibleModel
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m protocols.roles", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m medmpc.protocols.roles", description=__doc__)
     p.add_argument("role", choices=("coordinator", "hospital", "aggregator"))
     p.add_argument("--plan", type=Path, required=True)
     p.add_argument("--index", type=int, default=0)
@@ -38,16 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, int(os.environ.get("MEDMPC_THREADS", "1"))))
     try:
         if a.role == "coordinator":
-            from protocols.coordinator import Coordinator
+            from medmpc.protocols.coordinator import Coordinator
 
             address = plan.listen_address("coordinator", plan.coordinator_address())
             Coordinator(plan, a.out).run(Listener(*address, identity=plan.identity("coordinator")))
         elif a.role == "hospital":
-            from protocols.hospital import Hospital
+            from medmpc.protocols.hospital import Hospital
 
             Hospital(plan, a.index).run()
         else:
-            from protocols.aggregator import Aggregator
+            from medmpc.protocols.aggregator import Aggregator
 
             Aggregator(plan, a.index).run()
     except (PeerError, RoundAborted, BudgetError, DPIncompatibleModel, DataError, IdentityError) as err:

@@ -28,8 +28,8 @@ from fractions import Fraction
 import numpy as np
 import torch
 
-from mpc import crypten_compat, division, prg, sharing
-from mpc.transport import PIECE_BYTES
+from medmpc.mpc import crypten_compat, division, prg, sharing
+from medmpc.mpc.transport import PIECE_BYTES
 
 
 class RevealRefused(RuntimeError):
@@ -106,9 +106,16 @@ class AggregatorState:
     BLOCK = PIECE_BYTES // torch.int64.itemsize  # one transport piece: a block completes as a piece lands
 
     def __init__(
-        self, tag: str, expected: list[str], numel: int, *, n_aggregators: int, divisor: int = 1,
-        fractional_bits: int = 16, start: torch.Tensor | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        tag: str,
+        expected: list[str],
+        numel: int,
+        *,
+        n_aggregators: int,
+        divisor: int = 1,
+        fractional_bits: int = 16,
+        start: torch.Tensor | None = None,
+    ) -> None:
         self.extra = division.extra_bits(divisor, n_aggregators)
         if start is not None and (start.dtype != torch.int64 or start.shape != (numel,) or not start.is_contiguous()):
             raise ValueError(f"the sum must start from {numel} contiguous int64 values")

@@ -8,17 +8,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from mpc import pki
-from mpc.launch import PartyProcess, free_port, supervise
-from protocols.plan import Plan
+from medmpc.mpc import pki
+from medmpc.mpc.launch import PartyProcess, free_port, supervise
+from medmpc.protocols.plan import Plan
 
 
 def with_free_ports(plan: Plan) -> Plan:
     """Fill in any port left at 0 with a free one on ``plan.host``."""
     values = json.loads(plan.to_json())
     values["coordinator_port"] = plan.coordinator_port or free_port(plan.host)
-    if plan.bench_params:
-        values["baseline_port"] = plan.baseline_port or free_port(plan.host)
     if plan.secure and len(plan.aggregator_ports) != plan.aggregators:
         values["aggregator_ports"] = [free_port(plan.host) for _ in range(plan.aggregators)]
     return Plan(**values)
@@ -33,23 +31,32 @@ def with_ephemeral_federation(plan: Plan, folder: Path) -> Plan:
     return Plan(**values)
 
 
-def role_processes(plan_file: Path, plan: Plan, out: Path) -> list[PartyProcess]:
-    def role(name: str, *args: str) -> PartyProcess:
-        return PartyProcess(name, [sys.executable, "-m", "protocols.roles", *args, "--plan", str(plan_file)])
+ROLES = [sys.executable, "-m", "medmpc.protocols.roles"]
 
-    procs = [role("coordinator", "coordinator", "--out", str(out))]
+
+def role_processes(
+    plan_file: Path, plan: Plan, out: Path, *, coordinator: list[str] = ROLES, hospital: list[str] = ROLES
+) -> list[PartyProcess]:
+    """One process per role; ``coordinator`` and ``hospital``: the command lines their roles
+    are appended to (the production roles unless a benchmark brings its own)."""
+
+    def role(name: str, command: list[str], *args: str) -> PartyProcess:
+        return PartyProcess(name, [*command, *args, "--plan", str(plan_file)])
+
+    procs = [role("coordinator", coordinator, "coordinator", "--out", str(out))]
     procs[0].echo = True
-    procs += [role(f"hospital{i}", "hospital", "--index", str(i)) for i in range(plan.hospitals)]
+    procs += [role(f"hospital{i}", hospital, "hospital", "--index", str(i)) for i in range(plan.hospitals)]
     if plan.secure:
-        procs += [role(f"aggregator{j}", "aggregator", "--index", str(j)) for j in range(plan.aggregators)]
+        procs += [role(f"aggregator{j}", ROLES, "aggregator", "--index", str(j)) for j in range(plan.aggregators)]
     return procs
 
 
-def simulate(plan: Plan, out: Path, *, deadline_s: float | None = None) -> dict[str, Any]:
-    """Run every role to completion; returns the coordinator's report (also in out/report.json).
-
-    With ``plan.bench_params`` the coordinator runs the aggregation benchmark instead of training.
-    """
+def launch_roles(
+    plan: Plan, out: Path, *, deadline_s: float, coordinator: list[str] = ROLES, hospital: list[str] = ROLES
+) -> dict[str, Any]:
+    """Run every role to completion on this machine; returns the coordinator's report (also in
+    out/report.json). Ports left at 0 are picked, and without ``plan.tls_dir`` (and not on the
+    plaintext transport) an ephemeral federation CA is made for this run."""
     plan = with_free_ports(plan)
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -58,9 +65,11 @@ def simulate(plan: Plan, out: Path, *, deadline_s: float | None = None) -> dict[
             plan = with_ephemeral_federation(plan, Path(tmp) / "pki")
         plan_file = Path(tmp) / "plan.json"
         plan_file.write_text(plan.to_json())
-        supervise(
-            role_processes(plan_file, plan, out),
-            timeout_s=deadline_s or plan.timeout_s * (plan.rounds + 2),
-            workdir=Path(tmp),
-        )
-    return json.loads((out / "report.json").read_text())
+        processes = role_processes(plan_file, plan, out, coordinator=coordinator, hospital=hospital)
+        supervise(processes, timeout_s=deadline_s, workdir=Path(tmp))
+    return json.loads((out / "report.json").read_text())  # type: ignore[no-any-return]
+
+
+def simulate(plan: Plan, out: Path, *, deadline_s: float | None = None) -> dict[str, Any]:
+    """Run a whole federated training, every role to completion; returns the coordinator's report."""
+    return launch_roles(plan, out, deadline_s=deadline_s or plan.timeout_s * (plan.rounds + 2))

@@ -14,10 +14,12 @@ from typing import Protocol
 
 import torch
 
-from mpc import kernels, prg
-from mpc.division import QuotientDecoder
-from mpc.transport import Channel, Message, PeerError, gather
-from protocols.secure_aggregation import COLLECTOR, reveal_decoder
+from medmpc.mpc import kernels, prg
+from medmpc.mpc.division import QuotientDecoder
+from medmpc.mpc.transport import Channel, Message, PeerError, gather
+from medmpc.protocols import messages
+from medmpc.protocols.messages import Aborted, Collect, Discard, Kind, Ready, Reveal
+from medmpc.protocols.secure_aggregation import COLLECTOR, reveal_decoder
 
 
 class RoundAborted(RuntimeError):
@@ -28,7 +30,7 @@ class BudgetExhausted(RoundAborted):
     """A hospital's privacy budget is spent: the run stops cleanly with the last global model."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Aggregation:
     """One aggregation: the average of every hospital's ``numel`` values, ``(sum + noise) / divisor``.
 
@@ -66,7 +68,9 @@ class PlainFedAvg:
         self.job, self.total, self.work = job, torch.zeros(job.numel, dtype=torch.float64), 0.0
 
     def receive(self, hospital: str, msg: Message) -> None:
-        assert self.total is not None and msg.tensor is not None
+        assert self.total is not None
+        if msg.tensor is None:
+            raise PeerError(hospital, "sent an update without its values")
         if msg.tensor.numel() != self.total.numel():
             raise PeerError(hospital, f"update has {msg.tensor.numel()} values, expected {self.total.numel()}")
         start = time.perf_counter()
@@ -117,9 +121,9 @@ class SecureFedAvg:
 
     def begin(self, job: Aggregation) -> None:
         self.job = job
+        collect = Collect(job.tag, numel=job.numel, round=job.round, divisor=job.divisor, noise_std=job.noise_std)
         for ch in self.aggregators.values():
-            ch.send("collect", {"tag": job.tag, "numel": job.numel, "round": job.round,
-                                "divisor": job.divisor, "noise_std": job.noise_std})  # fmt: skip
+            messages.send(ch, collect)
         self._offline = self._pool.submit(self._receive_offline, job.numel)
         self._decoder = reveal_decoder(len(self.aggregators), job.divisor, fractional_bits=self.fractional_bits)
         # the average's and the collector's share's memory, touched now: decoding into
@@ -130,7 +134,7 @@ class SecureFedAvg:
     def _receive_offline(self, numel: int) -> torch.Tensor:
         """The sum of the K-1 data-independent shares of the average (wrapping int64)."""
         parts = [self._buffer(i, numel) for i in range(1, len(self.aggregators))]
-        gather(self.holders, "share", parts, lambda lo, hi: None)
+        gather(self.holders, Kind.SHARE, parts, lambda lo, hi: None)
         for part in parts[1:]:
             parts[0].add_(part)
         return parts[0]
@@ -145,27 +149,23 @@ class SecureFedAvg:
 
     def finish(self) -> tuple[torch.Tensor, dict[str, float]]:
         assert self.job is not None and self._offline is not None
-        msg = self.collector.recv()  # its report on the collection
-        if msg.kind == "aborted":
+        report, _ = messages.receive(self.collector, Ready, Aborted)  # its report on the collection
+        if isinstance(report, Aborted):
             self._offline.result()
-            raise RoundAborted(f"{self.job.tag}: {self.collector_name} reports refused contributions: {msg.meta['reasons']}")
-        if msg.kind != "ready":
-            raise PeerError(self.collector_name, f"expected 'ready', got {msg.kind!r}")
+            raise RoundAborted(f"{self.job.tag}: {self.collector_name} reports refused contributions: {report.reasons}")
         offline = self._offline.result()
         start = time.perf_counter()
-        self.collector.send("reveal", {"tag": self.job.tag})
+        messages.send(self.collector, Reveal(self.job.tag))
         decoder, avg = self._decoder, self._average
         assert decoder is not None and avg is not None
         self._average = None  # handed to the caller
         online = self._buffer(0, self.job.numel)
-        gather([self.collector], "share", [online], lambda lo, hi: decoder.decode([offline, online], avg, lo, hi))
-        return avg, {"aggregation_s": msg.meta["sum_s"], "reveal_s": time.perf_counter() - start}
+        gather([self.collector], Kind.SHARE, [online], lambda lo, hi: decoder.decode([offline, online], avg, lo, hi))
+        return avg, {"aggregation_s": report.sum_s, "reveal_s": time.perf_counter() - start}
 
     def discard(self) -> None:
         assert self.job is not None and self._offline is not None
         # wait until the collector has finished collecting, then have it drop its shares
-        msg = self.collector.recv()  # its report on the collection
-        if msg.kind not in ("ready", "aborted"):
-            raise PeerError(self.collector_name, f"expected 'ready' or 'aborted' for {self.job.tag}, got {msg.kind!r}")
+        messages.receive(self.collector, Ready, Aborted)  # its report on the collection
         self._offline.result()  # data-independent: dropped unused
-        self.collector.send("discard", {"tag": self.job.tag})
+        messages.send(self.collector, Discard(self.job.tag))

@@ -7,28 +7,27 @@ protocols.strategy; the rest of the hospital does not know which one it uses.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Protocol
 
 import torch
 
-from mpc import kernels
-from mpc.sharing import EncodingError, Mask, new_mask
-from mpc.transport import Channel
-from protocols.commands import die
-from protocols.secure_aggregation import COLLECTOR, masked_share
+from medmpc.mpc import kernels
+from medmpc.mpc.sharing import EncodingError, Mask, new_mask
+from medmpc.mpc.transport import Channel
+from medmpc.protocols import messages
+from medmpc.protocols.messages import Seed, Share, Update, Withdraw
+from medmpc.protocols.secure_aggregation import COLLECTOR, masked_share
 
 
 class Submitter(Protocol):
     def prepare(self, tag: str, numel: int) -> None:
         """Do the data-independent part of submitting ``tag`` ahead of time."""
 
-    def submit(self, tag: str, update: torch.Tensor, *, crash_midway: bool = False) -> dict[str, float]:
+    def submit(self, tag: str, update: torch.Tensor) -> dict[str, float]:
         """Send ``update`` for aggregation ``tag``; returns timings. Raises EncodingError, having
-        told the receivers to abort, if the update must not be aggregated. ``crash_midway``: a
-        failure drill, the process dies halfway through sending."""
+        withdrawn from ``tag``, if the update must not be aggregated."""
 
-    def abort(self, tag: str, reason: str) -> None:
+    def withdraw(self, tag: str, reason: str) -> None:
         """Tell the receivers that no contribution to ``tag`` will come."""
 
 
@@ -47,10 +46,10 @@ class SecureSubmitter:
         mask = new_mask(len(self.aggregators), numel)
         holders = [ch for ch in self.aggregators if ch is not self.collector]
         for ch, seed in zip(holders, mask.seeds):
-            ch.send("seed", {"tag": tag, "numel": numel}, torch.frombuffer(bytearray(seed), dtype=torch.uint8))
+            messages.send(ch, Seed(tag, numel=numel), torch.frombuffer(bytearray(seed), dtype=torch.uint8))
         self.masks[tag] = mask
 
-    def submit(self, tag: str, update: torch.Tensor, *, crash_midway: bool = False) -> dict[str, float]:
+    def submit(self, tag: str, update: torch.Tensor) -> dict[str, float]:
         start = time.perf_counter()
         if tag not in self.masks:
             self.prepare(tag, update.numel())
@@ -60,28 +59,17 @@ class SecureSubmitter:
                 update, mask, hospital=self.name, n_hospitals=self.n_hospitals, fractional_bits=self.fractional_bits
             )
         except EncodingError as err:
-            self.abort(tag, str(err))
+            self.withdraw(tag, str(err))
             raise
         checked = time.perf_counter()
-        if crash_midway:
-            pieces = _dying_halfway(pieces, update.numel())
         # encoded while sent: the aggregator adds the first pieces while the later ones are made
-        self.collector.send_stream("share", {"tag": tag}, dtype=torch.int64, shape=[update.numel()], pieces=pieces)
+        messages.send_stream(self.collector, Share(tag), dtype=torch.int64, shape=[update.numel()], pieces=pieces)
         return {"share_s": checked - start, "send_s": time.perf_counter() - checked}
 
-    def abort(self, tag: str, reason: str) -> None:
+    def withdraw(self, tag: str, reason: str) -> None:
         # the other aggregators hold only data-independent seeds for this tag
         self.masks.pop(tag, None)
-        self.collector.send("abort", {"tag": tag, "hospital": self.name, "reason": reason})
-
-
-def _dying_halfway(pieces: Iterator[torch.Tensor], numel: int) -> Iterator[torch.Tensor]:
-    sent = 0
-    for piece in pieces:
-        if sent >= numel // 2:
-            die()
-        yield piece
-        sent += piece.numel()
+        messages.send(self.collector, Withdraw(tag, hospital=self.name, reason=reason))
 
 
 class PlainSubmitter:
@@ -93,16 +81,13 @@ class PlainSubmitter:
     def prepare(self, tag: str, numel: int) -> None:
         pass  # nothing to precompute in the clear
 
-    def abort(self, tag: str, reason: str) -> None:
+    def withdraw(self, tag: str, reason: str) -> None:
         pass  # the coordinator hears it from the hospital directly
 
-    def submit(self, tag: str, update: torch.Tensor, *, crash_midway: bool = False) -> dict[str, float]:
-        if crash_midway:
-            die()  # the update travels in one message here: the nearest crash is before it
+    def submit(self, tag: str, update: torch.Tensor) -> dict[str, float]:
         start = time.perf_counter()
         flat = update.reshape(-1).float()
         if not torch.isfinite(flat).all():
             raise EncodingError(f"{self.name}: update has NaN/Inf value(s)")
-        self.coordinator.send("update", {"tag": tag}, flat)
+        messages.send(self.coordinator, Update(tag), flat)
         return {"share_s": 0.0, "send_s": time.perf_counter() - start}
-

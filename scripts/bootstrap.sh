@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Idempotent set-up of .venv/ at the repository root. Re-runs only when this
-# script or pyproject.toml changed since the last successful run.
+# script, pyproject.toml or the set of package modules changed since the last
+# successful run: the strict editable install links each module file, so a new
+# module needs a new install.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 venv=.venv
 stamp=$venv/.medmpc-installed
-want=$(cat scripts/bootstrap.sh pyproject.toml | sha256sum | cut -d' ' -f1)
+want=$({ cat scripts/bootstrap.sh pyproject.toml; git ls-files --cached --others --exclude-standard \
+    mpc models imaging training protocols serving cli 2>/dev/null || find mpc models imaging training protocols serving cli -name '*.py'; } \
+    | sha256sum | cut -d' ' -f1)
 if [[ -f $stamp && $(cat "$stamp") == "$want" ]]; then
     exit 0
 fi
@@ -18,6 +22,8 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 # crypten 0.4.1 lists the deprecated `sklearn` package: install it alone and
 # let pyproject.toml name what it really imports.
 "${pip[@]}" install --no-deps crypten==0.4.1
-"${pip[@]}" install -e ".[test]"
+# Strict editable mode: site-packages sees a tree of links named medmpc/..., so
+# only `medmpc` is importable (never `mpc` or `cli`), and type checkers follow it.
+"${pip[@]}" install -e ".[test]" --config-settings editable_mode=strict
 echo "$want" > "$stamp"
 echo "[bootstrap] done" >&2

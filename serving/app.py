@@ -23,9 +23,16 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
-from serving.engine import BatchEngine, DuplicateRequest, EngineUnavailable, QueueFull, ShareMismatch
-from serving.logs import log
-from serving.wire import PredictRequest, PredictResponse, WireError, check_request_id, decode_tensor, encode_tensor
+from medmpc.serving.engine import BatchEngine, DuplicateRequest, EngineUnavailable, QueueFull, ShareMismatch
+from medmpc.serving.logs import log
+from medmpc.serving.wire import (
+    PredictRequest,
+    PredictResponse,
+    WireError,
+    check_request_id,
+    decode_tensor,
+    encode_tensor,
+)
 
 
 def client_id(*, token: str) -> str:
@@ -56,7 +63,12 @@ def health_app(name: str, ready: Callable[[], tuple[bool, str]]) -> FastAPI:
 
 
 def compute_app(
-    name: str, engine: BatchEngine, *, tokens: list[str], share_timeout_s: float, request_timeout_s: float,
+    name: str,
+    engine: BatchEngine,
+    *,
+    tokens: list[str],
+    share_timeout_s: float,
+    request_timeout_s: float,
     max_body_bytes: int,
 ) -> FastAPI:
     """A compute party's app: health plus the authenticated prediction API. A request waits at most
@@ -110,8 +122,15 @@ def compute_app(
         client = request.state.client
 
         def done(status: int, response: Response | PredictResponse, **extra: object) -> Response | PredictResponse:
-            log("request", party=engine.rank, client=client, request_id=req.request_id[:64], status=status,
-                ms=round(1000 * (time.perf_counter() - start), 1), **extra)  # fmt: skip
+            log(
+                "request",
+                party=engine.rank,
+                client=client,
+                request_id=req.request_id[:64],
+                status=status,
+                ms=round(1000 * (time.perf_counter() - start), 1),
+                **extra,
+            )
             return response
 
         try:
@@ -131,7 +150,7 @@ def compute_app(
             return done(503, _error(503, f"service unavailable: {err}"))
         try:
             result = await asyncio.wait_for(asyncio.wrap_future(future), request_timeout_s)
-        except (TimeoutError, asyncio.TimeoutError) as err:
+        except TimeoutError as err:
             engine.forget(req.request_id, client=client)
             why = f"{err} within {share_timeout_s:g} s" if str(err) else f"no result within {request_timeout_s:g} s"
             return done(504, _error(504, f"request {req.request_id}: {why}"))
@@ -140,9 +159,17 @@ def compute_app(
         except EngineUnavailable as err:
             return done(503, _error(503, f"service unavailable: {err}"))
         share_out = result.logits_share
-        return done(200, PredictResponse(
-            request_id=req.request_id, party=engine.rank, shape=list(share_out.shape),
-            logits_share=encode_tensor(share_out), batch_images=result.batch_images,
-        ), images=req.shape[0], batch_images=result.batch_images)  # fmt: skip
+        return done(
+            200,
+            PredictResponse(
+                request_id=req.request_id,
+                party=engine.rank,
+                shape=list(share_out.shape),
+                logits_share=encode_tensor(share_out),
+                batch_images=result.batch_images,
+            ),
+            images=req.shape[0],
+            batch_images=result.batch_images,
+        )
 
     return app

@@ -22,11 +22,11 @@ from typing import Any
 import httpx
 import torch
 
-from imaging.transforms import Preprocessing
-from mpc import sharing
-from serving.options import is_loopback
-from serving.wire import ModelCard, decode_tensor, encode_tensor
-from training.predictions import Prediction, predictions
+from medmpc.imaging.transforms import Preprocessing
+from medmpc.mpc import sharing
+from medmpc.serving.options import is_loopback
+from medmpc.serving.wire import ModelCard, decode_tensor, encode_tensor
+from medmpc.training.predictions import Prediction, predictions
 
 
 class ServiceError(RuntimeError):
@@ -42,7 +42,12 @@ class PredictionClient:
     (anyone on the path then reads both shares, and with them the image); refused otherwise."""
 
     def __init__(
-        self, servers: Sequence[str], token: str, *, timeout_s: float = 120.0, verify: bool | str = True,
+        self,
+        servers: Sequence[str],
+        token: str,
+        *,
+        timeout_s: float = 120.0,
+        verify: bool | str = True,
         allow_plain_http: bool = False,
     ) -> None:
         if len(servers) != 2:
@@ -53,12 +58,14 @@ class PredictionClient:
         for server in self.servers:
             url = httpx.URL(server)
             if url.scheme == "http" and not is_loopback(url.host) and not allow_plain_http:
-                raise ValueError(f"refusing plain http:// to {url.host}, which is not this machine: use https:// "
-                                 "(or allow_plain_http / --insecure-http, and every share crosses the network readable)")  # fmt: skip
+                raise ValueError(
+                    f"refusing plain http:// to {url.host}, which is not this machine: use https:// "
+                    "(or allow_plain_http / --insecure-http, and every share crosses the network readable)"
+                )
         headers = {"Authorization": f"Bearer {token}"}
-        if isinstance(verify, str):  # a CA file, e.g. a self-signed deployment's own certificate
-            verify = ssl.create_default_context(cafile=verify)
-        self._http = [httpx.Client(base_url=s, headers=headers, timeout=timeout_s, verify=verify) for s in self.servers]
+        # a CA file, e.g. a self-signed deployment's own certificate
+        tls = ssl.create_default_context(cafile=verify) if isinstance(verify, str) else verify
+        self._http = [httpx.Client(base_url=s, headers=headers, timeout=timeout_s, verify=tls) for s in self.servers]
         self._card: ModelCard | None = None
 
     def close(self) -> None:
@@ -82,7 +89,8 @@ class PredictionClient:
             except ValueError:
                 detail = r.text
             raise ServiceError(self.servers[party], r.status_code, str(detail))
-        return r.json()
+        body: dict[str, Any] = r.json()
+        return body
 
     def card(self) -> ModelCard:
         """The public model card; both parties must serve the same one."""
@@ -105,17 +113,23 @@ class PredictionClient:
         shares = sharing.split(encoded, 2)
         request_id = uuid.uuid4().hex
         bodies = [
-            {"request_id": request_id, "shape": list(x.shape), "dtype": "int64",
-             "share": encode_tensor(sharing.share_of(shares, party).view(x.shape))}
+            {
+                "request_id": request_id,
+                "shape": list(x.shape),
+                "dtype": "int64",
+                "share": encode_tensor(sharing.share_of(shares, party).view(x.shape)),
+            }
             for party in range(2)
-        ]  # fmt: skip
+        ]
         # both at once: each party waits for the other's share before it can compute (threads of
         # this call only, so concurrent calls never queue one party's request behind another's)
         with ThreadPoolExecutor(max_workers=2) as pool:
             futures = [pool.submit(self._call, i, "POST", "/v1/predict", json=bodies[i]) for i in range(2)]
             answers = [f.result() for f in futures]
-        parts = [decode_tensor(a["logits_share"], a["shape"], a["dtype"], what=f"{self.servers[i]} logits share")
-                 for i, a in enumerate(answers)]  # fmt: skip
+        parts = [
+            decode_tensor(a["logits_share"], a["shape"], a["dtype"], what=f"{self.servers[i]} logits share")
+            for i, a in enumerate(answers)
+        ]
         return sharing.decode(sharing.reconstruct(parts), card.fractional_bits)
 
     def predict_files(self, paths: Sequence[str | Path]) -> list[Prediction]:

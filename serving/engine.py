@@ -39,10 +39,10 @@ from typing import Any
 
 import torch
 
-from mpc import crypten_compat, prg
-from mpc.compile import Program
-from serving.logs import log
-from serving.wire import ModelCard
+from medmpc.mpc import crypten_compat, prg
+from medmpc.mpc.compile import Program
+from medmpc.serving.logs import log
+from medmpc.serving.wire import ModelCard
 
 LEADER, FOLLOWER = 0, 1
 
@@ -91,6 +91,11 @@ def _settle(future: concurrent.futures.Future, *, result: Any = None, error: Bas
             future.set_result(result)
     except concurrent.futures.InvalidStateError:
         pass  # cancelled by a timed-out request
+
+
+def _abandoned(shape: list[int]) -> _Pending:
+    """A stand-in share for a request its caller gave up on (zeros: the result is dropped)."""
+    return _Pending(torch.zeros(shape, dtype=torch.int64), 0.0)
 
 
 @dataclass
@@ -145,7 +150,8 @@ class BatchEngine:
             waiting = sum(c == client for c, _ in self._pending)
             if waiting >= self.per_client_queue:
                 raise ClientQuotaExceeded(
-                    f"this client already has {waiting} requests waiting (the per-client quota is {self.per_client_queue})"
+                    f"this client already has {waiting} requests waiting "
+                    f"(the per-client quota is {self.per_client_queue})"
                 )
             if len(self._pending) >= self.max_queue:
                 raise QueueFull(f"{len(self._pending)} requests are already waiting (the queue holds {self.max_queue})")
@@ -196,7 +202,9 @@ class BatchEngine:
             offer = comm.broadcast_obj(offer, LEADER)
             answer = self._match(offer["ids"]) if self.rank == FOLLOWER else None
             answer = comm.broadcast_obj(answer, FOLLOWER)
-            self._fail(answer["mismatched"], ShareMismatch("the two compute parties received shares of different shapes"))
+            self._fail(
+                answer["mismatched"], ShareMismatch("the two compute parties received shares of different shapes")
+            )
             # unmatched at a matching round after its deadline: the partner share never came (time
             # spent computing other batches does not count against a request)
             self._expire(before=cycle_start, matched=set(answer["have"]))
@@ -233,7 +241,8 @@ class BatchEngine:
             _settle(p.future, error=TimeoutError("the other compute party never received its share"))
 
     def _match(self, offered: list[tuple[Key, list[int]]]) -> dict[str, list[Key]]:
-        have, mismatched = [], []
+        have: list[Key] = []
+        mismatched: list[Key] = []
         with self._lock:
             for key, shape in offered:
                 if key in self._pending:
@@ -258,8 +267,7 @@ class BatchEngine:
         with self._lock:
             # a request the caller gave up on in the meantime is still computed (the peer
             # expects it); its result is simply dropped
-            return [(rid, self._pending.pop(rid, None) or _Pending(torch.zeros(shapes[rid], dtype=torch.int64), 0.0))
-                    for rid in batch]  # fmt: skip
+            return [(rid, self._pending.pop(rid) if rid in self._pending else _abandoned(shapes[rid])) for rid in batch]
 
     def _run_batch(self, model: Model, batch: list[tuple[Key, _Pending]]) -> None:
         crypten = crypten_compat.import_crypten()

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import httpx
 
-from mpc.launch import PartyError, channel_args, free_port, log_tail, party_name
-from serving.options import service_argv
+from medmpc.mpc.launch import PartyError, channel_args, free_port, log_tail, party_name
+from medmpc.serving.options import service_argv
 
 PARTIES = ("model-owner", "compute", "dealer")
 
@@ -57,7 +57,7 @@ class LocalService:
     def __enter__(self) -> LocalService:
         self._ports = self.ports or tuple(free_port(self.host) for _ in PARTIES)
         if self.log_dir is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="medmpc-serve-")
+            self._tmp: tempfile.TemporaryDirectory[str] | None = tempfile.TemporaryDirectory(prefix="medmpc-serve-")
             self._log_dir = Path(self._tmp.name)
         else:
             self._tmp, self._log_dir = None, self.log_dir
@@ -65,26 +65,47 @@ class LocalService:
         parties = ",".join(f"{self.host}:{port}" for port in self.mpc_ports or [free_port(self.host) for _ in PARTIES])
         # a CA for this service only, beside the logs' temporary folder; its key is never written
         self._keys = tempfile.TemporaryDirectory(prefix="medmpc-serve-pki-")
-        channels = channel_args([party_name(rank, 2) for rank in range(3)], Path(self._keys.name) / "pki",
-                                plaintext=self.plaintext_transport)  # fmt: skip
-        common = ["--parties", parties, *channels, "--host", self.host, *service_argv({
-            "tokens_file": self.tokens_file, "tls_cert": self.tls_cert, "tls_key": self.tls_key,
-            "max_batch": self.max_batch, "max_queue": self.max_queue, "per_client_queue": self.per_client_queue,
-            "share_timeout": self.share_timeout_s, "request_timeout": self.request_timeout_s,
-            "peer_timeout": self.peer_timeout_s, "max_body_mb": self.max_body_mb,
-        })]  # fmt: skip
+        channels = channel_args(
+            [party_name(rank, 2) for rank in range(3)],
+            Path(self._keys.name) / "pki",
+            plaintext=self.plaintext_transport,
+        )
+        common = [
+            "--parties",
+            parties,
+            *channels,
+            "--host",
+            self.host,
+            *service_argv(
+                {
+                    "tokens_file": self.tokens_file,
+                    "tls_cert": self.tls_cert,
+                    "tls_key": self.tls_key,
+                    "max_batch": self.max_batch,
+                    "max_queue": self.max_queue,
+                    "per_client_queue": self.per_client_queue,
+                    "share_timeout": self.share_timeout_s,
+                    "request_timeout": self.request_timeout_s,
+                    "peer_timeout": self.peer_timeout_s,
+                    "max_body_mb": self.max_body_mb,
+                }
+            ),
+        ]
         try:
             for party, port in zip(PARTIES, self._ports):
-                argv = [sys.executable, "-m", "serving.party", "--role", party, "--port", str(port), *common]
+                argv = [sys.executable, "-m", "medmpc.serving.party", "--role", party, "--port", str(port), *common]
                 if self.mpc_listen_ports:
                     argv += ["--listen", f"{self.host}:{self.mpc_listen_ports[PARTIES.index(party)]}"]
                 if party == "model-owner":
                     argv += ["--model", str(self.checkpoint)]
                 with open(self.log_file(party), "wb") as log:
                     self._procs[party] = subprocess.Popen(
-                        argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                        argv,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
                         env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                    )  # fmt: skip
+                    )
             self.wait_ready(timeout_s=self.peer_timeout_s)
         except BaseException:
             self.__exit__(None, None, None)
@@ -95,7 +116,9 @@ class LocalService:
         """Raise naming the first party whose process has exited."""
         for party, proc in self._procs.items():
             if proc.poll() is not None:
-                raise PartyError(party, f"exited with code {proc.returncode}; last output:\n{log_tail(self.log_file(party))}")
+                raise PartyError(
+                    party, f"exited with code {proc.returncode}; last output:\n{log_tail(self.log_file(party))}"
+                )
 
     def wait_ready(self, *, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -111,7 +134,9 @@ class LocalService:
             except httpx.HTTPError:
                 pass  # not listening yet
             if time.monotonic() > deadline:
-                raise PartyError(party, f"not ready within {timeout_s:.0f} s; last output:\n{log_tail(self.log_file(party))}")
+                raise PartyError(
+                    party, f"not ready within {timeout_s:.0f} s; last output:\n{log_tail(self.log_file(party))}"
+                )
             time.sleep(0.2)
 
     def stop(self, party: str) -> None:

@@ -1,4 +1,4 @@
-"""The options every service party takes, shared by ``python -m serving.party`` and ``medmpc serve``."""
+"""The options every service party takes, shared by ``python -m medmpc.serving.party`` and ``medmpc serve``."""
 
 from __future__ import annotations
 
@@ -14,8 +14,12 @@ _OPTIONS: list[tuple[str, type, object, str]] = [
     ("--tls-key", Path, None, "TLS private key (PEM)"),
     ("--max-batch", int, 8, "images per encrypted forward pass"),
     ("--max-queue", int, 64, "requests waiting at most; more get 429"),
-    ("--per-client-queue", int, None, "requests one client (token) may have waiting; more get 429 "
-                                      "(default: a quarter of --max-queue)"),
+    (
+        "--per-client-queue",
+        int,
+        None,
+        "requests one client (token) may have waiting; more get 429 (default: a quarter of --max-queue)",
+    ),
     ("--share-timeout", float, 10.0, "seconds a share waits for its partner share to reach the other party"),
     ("--request-timeout", float, 60.0, "seconds a request may wait for its result"),
     ("--peer-timeout", float, 120.0, "seconds before a silent party is an error"),

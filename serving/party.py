@@ -1,4 +1,4 @@
-"""One party of the prediction service: ``python -m serving.party --role ROLE ...``.
+"""One party of the prediction service: ``python -m medmpc.serving.party --role ROLE ...``.
 
 Roles: ``model-owner`` (CrypTen rank 0, holds the checkpoint), ``compute`` (rank 1,
 holds no weights: it receives the public model card from the model owner and
@@ -8,9 +8,9 @@ authenticated TLS between the three, mpc.tls_communicator), so one party per mac
 as well (PARTIES=10.0.0.1:29500,10.0.0.2:29500,10.0.0.3:29500, model owner, compute, dealer;
 federation/ holds ca.pem, crl.pem and the party's own key: party0, party1 or dealer):
 
-    python -m serving.party --role dealer      --parties $PARTIES --mpc-tls-dir federation/ --port 8002
-    python -m serving.party --role model-owner --parties $PARTIES --mpc-tls-dir federation/ --port 8000 --model model.pt
-    python -m serving.party --role compute     --parties $PARTIES --mpc-tls-dir federation/ --port 8001
+    python -m medmpc.serving.party --role dealer      --parties $PARTIES --mpc-tls-dir federation/ --port 8002
+    python -m medmpc.serving.party --role model-owner --parties $PARTIES --mpc-tls-dir federation/ --port 8000 --model model.pt
+    python -m medmpc.serving.party --role compute     --parties $PARTIES --mpc-tls-dir federation/ --port 8001
 
 Client tokens come from ``--tokens-file`` (one per line) or ``MEDMPC_TOKENS`` (comma-separated).
 """
@@ -24,16 +24,16 @@ from pathlib import Path
 
 import torch
 
-from models import architecture
-from mpc import crypten_compat
-from mpc.compile import compile_model
-from mpc.party import add_channel_args, channel_env
-from serving.app import compute_app, health_app
-from serving.engine import LEADER, BatchEngine, Model
-from serving.logs import log
-from serving.options import add_service_options, is_loopback
-from serving.wire import ModelCard
-from training.checkpoint import Checkpoint
+from medmpc.models import architecture
+from medmpc.mpc import crypten_compat
+from medmpc.mpc.compile import compile_model
+from medmpc.mpc.party import add_channel_args, channel_env
+from medmpc.serving.app import compute_app, health_app
+from medmpc.serving.engine import LEADER, BatchEngine, Model
+from medmpc.serving.logs import log
+from medmpc.serving.options import add_service_options, is_loopback
+from medmpc.serving.wire import ModelCard
+from medmpc.training.checkpoint import Checkpoint
 
 ROLES = {"model-owner": 0, "compute": 1, "dealer": 2}
 FRACTIONAL_BITS = 16  # CrypTen's fixed-point precision
@@ -52,7 +52,9 @@ def _setup(rank: int, ckpt: Checkpoint | None, max_batch: int, timeout_s: float)
     crypten = crypten_compat.init_party(timeout_s=timeout_s)
     if ckpt is not None:
         prep = ckpt.preprocessing
-        card = ModelCard(ckpt.model_name, ckpt.classes, 1, prep.image_size, prep.mean, prep.std, FRACTIONAL_BITS, max_batch)
+        card = ModelCard(
+            ckpt.model_name, ckpt.classes, 1, prep.image_size, prep.mean, prep.std, FRACTIONAL_BITS, max_batch
+        )
         program = compile_model(ckpt.build(), input_range=prep.valid_range(), fractional_bits=FRACTIONAL_BITS)
     else:
         card, program = None, None
@@ -68,8 +70,9 @@ def _setup(rank: int, ckpt: Checkpoint | None, max_batch: int, timeout_s: float)
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m serving.party", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python -m medmpc.serving.party", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--role", choices=sorted(ROLES), required=True)
     add_channel_args(p)
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
@@ -104,21 +107,41 @@ def main(argv: list[str] | None = None) -> None:
         app = health_app("dealer", lambda: (thread.is_alive(), failure[0] if failure else "dealing"))
     else:
         tokens = load_tokens(a.tokens_file)
-        engine = BatchEngine(rank=rank, max_batch=a.max_batch, max_queue=a.max_queue, per_client_queue=a.per_client_queue,
-                             heartbeat_s=min(5.0, a.peer_timeout / 4))  # fmt: skip
-        app = compute_app(a.role, engine, tokens=tokens, share_timeout_s=a.share_timeout, request_timeout_s=a.request_timeout,
-                          max_body_bytes=int(a.max_body_mb * 2**20))  # fmt: skip
+        engine = BatchEngine(
+            rank=rank,
+            max_batch=a.max_batch,
+            max_queue=a.max_queue,
+            per_client_queue=a.per_client_queue,
+            heartbeat_s=min(5.0, a.peer_timeout / 4),
+        )
+        app = compute_app(
+            a.role,
+            engine,
+            tokens=tokens,
+            share_timeout_s=a.share_timeout,
+            request_timeout_s=a.request_timeout,
+            max_body_bytes=int(a.max_body_mb * 2**20),
+        )
         thread = threading.Thread(
-            target=engine.run, args=(lambda: _setup(rank, ckpt, a.max_batch, a.peer_timeout),),
-            name="engine", daemon=True,
-        )  # fmt: skip
+            target=engine.run,
+            args=(lambda: _setup(rank, ckpt, a.max_batch, a.peer_timeout),),
+            name="engine",
+            daemon=True,
+        )
     thread.start()
     log("listening", role=a.role, host=a.host, port=a.port, tls=a.tls_cert is not None)
 
     import uvicorn
 
-    uvicorn.run(app, host=a.host, port=a.port, ssl_certfile=a.tls_cert, ssl_keyfile=a.tls_key,
-                log_level="warning", access_log=False)  # fmt: skip
+    uvicorn.run(
+        app,
+        host=a.host,
+        port=a.port,
+        ssl_certfile=a.tls_cert,
+        ssl_keyfile=a.tls_key,
+        log_level="warning",
+        access_log=False,
+    )
 
 
 if __name__ == "__main__":

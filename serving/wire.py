@@ -49,7 +49,9 @@ class ModelCard:
     def check_input_shape(self, shape: list[int]) -> None:
         want = [self.channels, self.image_size, self.image_size]
         if len(shape) != 4 or list(shape[1:]) != want:
-            raise WireError(f"share shape {list(shape)} does not fit the model: expected [n, {', '.join(map(str, want))}]")
+            raise WireError(
+                f"share shape {list(shape)} does not fit the model: expected [n, {', '.join(map(str, want))}]"
+            )
         if not 1 <= shape[0] <= self.max_batch:
             raise WireError(f"a request holds 1 to {self.max_batch} images, got {shape[0]}")
 

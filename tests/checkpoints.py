@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from imaging.dataset import ImageSet
-from imaging.transforms import Preprocessing
-from models import build_model
-from training.checkpoint import Checkpoint
-from training.local import TrainConfig, train
+from medmpc.imaging.dataset import ImageSet
+from medmpc.imaging.transforms import Preprocessing
+from medmpc.models import build_model
+from medmpc.training.checkpoint import Checkpoint
+from medmpc.training.local import TrainConfig, train
 
 
 def trained_cnn(data: ImageSet, *, epochs: int, path: Path) -> Path:

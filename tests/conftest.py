@@ -4,10 +4,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from checkpoints import trained_cnn
 
-from imaging.dataset import load_dataset
+from medmpc.imaging.dataset import load_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 CHEST_XRAY = REPO.parent / "shared" / "data" / "chest_xray"

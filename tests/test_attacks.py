@@ -27,12 +27,12 @@ import numpy as np
 import pytest
 import torch
 
-from imaging.dataset import load_dataset
-from mpc import prg, streams
-from mpc.compile import compile_model
-from mpc.inference import run_inference
-from mpc.launch import PartyError, run_crypten_job
-from training.checkpoint import Checkpoint
+from medmpc.imaging.dataset import load_dataset
+from medmpc.mpc import prg, streams
+from medmpc.mpc.compile import compile_model
+from medmpc.mpc.launch import PartyError, run_crypten_job
+from medmpc.protocols.inference import run_inference
+from medmpc.training.checkpoint import Checkpoint
 
 pytestmark = pytest.mark.slow
 HOOKS = Path(__file__).parent / "party_hooks"
@@ -53,8 +53,13 @@ def _recorded_inference(checkpoint: Path, images: torch.Tensor, **env: str) -> l
         _party_env(mp, **env)
         image_file = Path(tmp) / "images.pt"
         torch.save(images, image_file)
-        args = {"model_name": ckpt.model_name, "num_classes": len(ckpt.classes), "shape": list(images.shape),
-                "checkpoint": str(checkpoint), "images": str(image_file)}  # fmt: skip
+        args = {
+            "model_name": ckpt.model_name,
+            "num_classes": len(ckpt.classes),
+            "shape": list(images.shape),
+            "checkpoint": str(checkpoint),
+            "images": str(image_file),
+        }
         return run_crypten_job("views:recorded_forward", world_size=2, args=args, timeout_s=120)
 
 
@@ -151,7 +156,9 @@ def test_rank1_predicts_the_model_owners_stream_only_when_it_is_mt19937(chacha_v
     assert not predicts_peer_stream(chacha_views[0]["view"], attacker=0)
 
 
-def test_rank1_recovers_the_weights_only_from_an_mt19937_dealer_stream(trained_checkpoint, chacha_views, mersenne_views):
+def test_rank1_recovers_the_weights_only_from_an_mt19937_dealer_stream(
+    trained_checkpoint, chacha_views, mersenne_views
+):
     truth = _conv_weights(trained_checkpoint)
     stolen = steal_conv_weights(mersenne_views[1]["view"], set(truth))
     assert stolen is not None and set(stolen) == set(truth)  # control: the attack works
@@ -208,8 +215,8 @@ def test_encrypted_inference_draws_nothing_from_torch_or_numpy_generators(traine
 
 
 def test_a_service_request_draws_nothing_from_torch_or_numpy_generators(trained_checkpoint, chest_xray, tmp_path):
-    from serving.client import PredictionClient
-    from serving.launch import LocalService
+    from medmpc.serving.client import PredictionClient
+    from medmpc.serving.launch import LocalService
 
     token = prg.new_seed().hex()
     tokens = tmp_path / "tokens"

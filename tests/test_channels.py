@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mpc import pki
-from mpc.transport import Listener, PeerError, Traffic, connect
+from medmpc.mpc import pki
+from medmpc.mpc.transport import Listener, PeerError, Traffic, connect
 
 HOSPITALS = {"hospital0", "hospital1"}
 
@@ -29,7 +29,7 @@ def federation(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("pki") / "federation"
     pki.init_federation(folder, ["aggregator0", "aggregator1", *sorted(HOSPITALS), "hospital2", "hospital3"])
     pki.revoke(folder, "hospital2")
-    expired = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=10)
+    expired = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=10)
     pki.issue(folder, "hospital3", days=1, not_before=expired)
     return folder
 
@@ -58,8 +58,9 @@ def _accept_in_background(listener: Listener, expected: set[str]) -> tuple[threa
 
 def _connect(port: int, me: str, folder: Path | None, peer: str = "aggregator0", **kw) -> object:
     identity = pki.Identity(folder, me) if folder is not None else None
-    return connect("127.0.0.1", port, me=me, peer=peer, traffic=Traffic(), timeout_s=kw.get("timeout_s", 5),
-                   identity=identity)  # fmt: skip
+    return connect(
+        "127.0.0.1", port, me=me, peer=peer, traffic=Traffic(), timeout_s=kw.get("timeout_s", 5), identity=identity
+    )
 
 
 def test_pki_names_party_and_role_in_the_certificate(federation):
@@ -79,7 +80,7 @@ def test_only_certified_parties_of_the_expected_role_get_in(federation, stranger
         "revoked": lambda: _connect(listener.port, "hospital2", federation),
         "expired": lambda: _connect(listener.port, "hospital3", federation),
     }
-    for why, attempt in refused.items():
+    for attempt in refused.values():
         with pytest.raises(PeerError):  # the handshake or the first read fails at the client
             attempt().recv(timeout_s=5)
     with socket.create_connection(("127.0.0.1", listener.port)) as plain:  # no certificate, no TLS at all
@@ -116,14 +117,21 @@ def _raw_frame(header: bytes) -> bytes:
     return struct.pack(">Q", len(header)) + header
 
 
-@pytest.mark.parametrize("frame", [
-    _raw_frame(json.dumps({"kind": "hello", "meta": {"from": "hospital0"}, "dtype": "torch.int64",
-                           "shape": [2**40]}).encode()),  # a 2^40-element hello
-    _raw_frame(b"{not json"),
-    _raw_frame(json.dumps({"kind": "hello"}).encode()),  # no meta
-    struct.pack(">Q", 2**40),  # a header length no one allocates
-    b"\x16\x03\x01garbage",
-], ids=["huge-hello", "bad-json", "no-meta", "huge-header", "garbage"])  # fmt: skip
+@pytest.mark.parametrize(
+    "frame",
+    [
+        _raw_frame(
+            json.dumps(
+                {"kind": "hello", "meta": {"from": "hospital0"}, "dtype": "torch.int64", "shape": [2**40]}
+            ).encode()
+        ),  # a 2^40-element hello
+        _raw_frame(b"{not json"),
+        _raw_frame(json.dumps({"kind": "hello"}).encode()),  # no meta
+        struct.pack(">Q", 2**40),  # a header length no one allocates
+        b"\x16\x03\x01garbage",
+    ],
+    ids=["huge-hello", "bad-json", "no-meta", "huge-header", "garbage"],
+)
 def test_a_hostile_stranger_cannot_crash_a_plaintext_listener(frame):
     listener = Listener("127.0.0.1", 0, identity=None)
     thread, out = _accept_in_background(listener, HOSPITALS)
@@ -208,7 +216,7 @@ def test_a_recording_relay_sees_only_tls_records(federation):
         i += 5 + length
     assert i == len(seen) and records <= {0x14, 0x15, 0x16, 0x17}  # every byte in a TLS record
     assert 0x17 in records  # application data, encrypted
-    for needle in (share.numpy().tobytes()[:64], b"round1", b"hospital0\""):
+    for needle in (share.numpy().tobytes()[:64], b"round1", b'hospital0"'):
         assert needle not in seen
     # control: on the plaintext transport the same relay reads the share and the tag
     share, seen = _share_through_relay(None)
@@ -216,7 +224,7 @@ def test_a_recording_relay_sees_only_tls_records(federation):
 
 
 def test_no_role_runs_without_credentials_unless_told_to_go_plaintext():
-    from protocols.plan import Plan
+    from medmpc.protocols.plan import Plan
 
     with pytest.raises(pki.IdentityError, match="no TLS credentials"):
         Plan().identity("hospital0")
@@ -230,9 +238,26 @@ def test_every_bench_output_says_which_channels_it_used():
     import sys
 
     def bench(*flags: str) -> dict:
-        proc = subprocess.run([sys.executable, "-m", "cli.main", "bench", "secure-aggregation", "--params", "5000",
-                               "--hospitals", "2", "--repeat", "1", "--json", *flags],
-                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "medmpc.cli.main",
+                "bench",
+                "secure-aggregation",
+                "--params",
+                "5000",
+                "--hospitals",
+                "2",
+                "--repeat",
+                "1",
+                "--json",
+                *flags,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         return json.loads(proc.stdout)
 
@@ -248,18 +273,30 @@ def test_a_crypten_process_without_the_federations_certificate_cannot_join(tmp_p
     of another CA, or speaking plain TCP, stops the run at the handshake, naming it."""
     import sys
 
-    from mpc.launch import PartyError, PartyProcess, free_port, party_name, supervise
+    from medmpc.mpc.launch import PartyError, PartyProcess, free_port, party_name, supervise
 
     names = [party_name(rank, 2) for rank in range(3)]
     pki.init_federation(tmp_path / "ours", names)
     pki.init_federation(tmp_path / "theirs", ["dealer"])
     parties = ",".join(f"127.0.0.1:{free_port()}" for _ in names)
-    common = ["-m", "mpc.party", "--job", "mpc.selfcheck:arithmetic", "--world-size", "2", "--parties", parties,
-              "--timeout", "20"]  # fmt: skip
+    common = [
+        "-m",
+        "medmpc.mpc.party",
+        "--job",
+        "medmpc.mpc.selfcheck:arithmetic",
+        "--world-size",
+        "2",
+        "--parties",
+        parties,
+        "--timeout",
+        "20",
+    ]
     dealer_dir = tmp_path / ("theirs" if intruder == "another CA" else "ours")
     dealer_channel = ["--plaintext-transport"] if intruder == "plaintext" else ["--mpc-tls-dir", str(dealer_dir)]
-    procs = [PartyProcess(f"party{r}", [sys.executable, *common, "--rank", str(r), "--mpc-tls-dir", str(tmp_path / "ours")])
-             for r in range(2)]  # fmt: skip
+    procs = [
+        PartyProcess(f"party{r}", [sys.executable, *common, "--rank", str(r), "--mpc-tls-dir", str(tmp_path / "ours")])
+        for r in range(2)
+    ]
     procs.append(PartyProcess("dealer", [sys.executable, *common, "--rank", "2", "--dealer", *dealer_channel]))
     if intruder is None:
         assert supervise(procs, timeout_s=60, workdir=tmp_path)["party0"] is None  # ran to the end
@@ -272,15 +309,31 @@ def test_front_ends_refuse_plain_http_beyond_this_machine(tmp_path):
     import subprocess
     import sys
 
-    from serving.client import PredictionClient
+    from medmpc.serving.client import PredictionClient
 
     with pytest.raises(ValueError, match="refusing plain http:// to 198.18.0.7"):
         PredictionClient(["http://198.18.0.7:8000", "https://198.18.0.8:8001"], "t0ken")
     PredictionClient(["http://127.0.0.1:8000", "http://localhost:8001"], "t0ken").close()  # control: loopback
     PredictionClient(["http://198.18.0.7:8000", "http://198.18.0.8:8001"], "t0ken", allow_plain_http=True).close()
-    proc = subprocess.run([sys.executable, "-m", "serving.party", "--role", "compute", "--parties", "a:1,b:2,c:3",
-                           "--plaintext-transport", "--host", "0.0.0.0", "--port", "8001"],
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medmpc.serving.party",
+            "--role",
+            "compute",
+            "--parties",
+            "a:1,b:2,c:3",
+            "--plaintext-transport",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "8001",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode != 0 and "refusing to serve plain HTTP on 0.0.0.0" in proc.stderr
 
 
@@ -293,7 +346,15 @@ def test_predict_sends_one_token_and_never_prints_any(tmp_path):
     tokens.write_text("\n".join(secrets) + "\n")
     image = tmp_path / "x.png"
     image.write_bytes(b"")
-    run = [sys.executable, "-m", "cli.main", "predict", "--servers", "http://127.0.0.1:9,http://127.0.0.1:10", str(image)]
+    run = [
+        sys.executable,
+        "-m",
+        "medmpc.cli.main",
+        "predict",
+        "--servers",
+        "http://127.0.0.1:9,http://127.0.0.1:10",
+        str(image),
+    ]
     proc = subprocess.run([*run, "--token-file", str(tokens)], capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "holds 2 tokens" in proc.stderr
     tokens.write_text(secrets[0] + "\n")  # control: one token gets as far as the unreachable server
@@ -306,16 +367,27 @@ def test_predict_sends_one_token_and_never_prints_any(tmp_path):
 def _relayed_simulation(tmp_path: Path, **plan_fields: object) -> tuple[dict, list[_RecordingRelay]]:
     """A whole federated run in which every connection to the coordinator and to each aggregator
     passes a recording relay (the listeners bind elsewhere: Plan.listen_ports)."""
-    from mpc.launch import free_port
-    from protocols.plan import Plan
-    from protocols.simulate import simulate
+    from medmpc.mpc.launch import free_port
+    from medmpc.protocols.plan import Plan
+    from medmpc.protocols.simulate import simulate
 
-    plan = Plan(hospitals=2, aggregators=2, rounds=1, local_epochs=1, data="synthetic:60", image_size=32,
-                batch_size=16, timeout_s=60, **plan_fields)  # fmt: skip
+    plan = Plan(
+        hospitals=2,
+        aggregators=2,
+        rounds=1,
+        local_epochs=1,
+        data="synthetic:60",
+        image_size=32,
+        batch_size=16,
+        timeout_s=60,
+        **plan_fields,
+    )
     listeners = {name: free_port() for name in ["coordinator", *plan.aggregator_names]}
     # coordinator: 2 hospitals and 2 aggregators connect; each aggregator: 2 hospitals
-    relays = {name: [_RecordingRelay(port) for _ in range(4 if name == "coordinator" else 2)]
-              for name, port in listeners.items()}  # fmt: skip
+    relays = {
+        name: [_RecordingRelay(port) for _ in range(4 if name == "coordinator" else 2)]
+        for name, port in listeners.items()
+    }
     # one advertised port per listener: a small acceptor hands each connection to the next relay
     fronts = {name: _Fanout(relays[name]) for name in listeners}
     plan.listen_ports = listeners
@@ -376,10 +448,10 @@ def test_every_link_of_a_secure_simulation_carries_only_tls_records(tmp_path):
 def _relayed_service(checkpoint: Path, image: Path, tmp_path: Path, *, plaintext: bool) -> list[bytes]:
     """One prediction through a local service whose three parties reach each other only through
     recording relays (they listen elsewhere: --listen); what each relay saw."""
-    from mpc.launch import free_port
-    from serving.client import PredictionClient
-    from serving.launch import PARTIES, LocalService
-    from training.checkpoint import Checkpoint
+    from medmpc.mpc.launch import free_port
+    from medmpc.serving.client import PredictionClient
+    from medmpc.serving.launch import PARTIES, LocalService
+    from medmpc.training.checkpoint import Checkpoint
 
     token = "relay-test-" + "ab" * 16
     tmp_path.mkdir(parents=True, exist_ok=True)
@@ -388,8 +460,9 @@ def _relayed_service(checkpoint: Path, image: Path, tmp_path: Path, *, plaintext
     listen = tuple(free_port() for _ in PARTIES)
     relays = {p: [_RecordingRelay(port) for _ in range(2)] for p, port in zip(PARTIES, listen)}  # 2 peers each
     fronts = tuple(_Fanout(relays[p]).port for p in PARTIES)
-    with LocalService(checkpoint, tokens, mpc_ports=fronts, mpc_listen_ports=listen, peer_timeout_s=60,
-                      plaintext_transport=plaintext) as service:  # fmt: skip
+    with LocalService(
+        checkpoint, tokens, mpc_ports=fronts, mpc_listen_ports=listen, peer_timeout_s=60, plaintext_transport=plaintext
+    ) as service:
         with PredictionClient(service.urls, token) as client:
             (prediction,) = client.predict_files([image])
     assert prediction.prediction in Checkpoint.load(checkpoint).classes

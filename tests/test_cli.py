@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.checkpoint import Checkpoint
+from medmpc.training.checkpoint import Checkpoint
 
 
 def medmpc(*args, check=True):
     proc = subprocess.run(
-        [sys.executable, "-m", "cli.main", *map(str, args)], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "medmpc.cli.main", *map(str, args)], capture_output=True, text=True, timeout=300
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"medmpc {args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -42,10 +42,22 @@ def test_train_writes_checkpoint_report_and_plots(trained):
 
 
 def test_evaluate_json_on_real_full_resolution_val(trained, chest_xray, tmp_path):
-    proc = medmpc("evaluate", "--model", trained / "model.pt", "--data", chest_xray / "val", "--json", "--out", tmp_path)
+    proc = medmpc(
+        "evaluate", "--model", trained / "model.pt", "--data", chest_xray / "val", "--json", "--out", tmp_path
+    )
     m = json.loads(proc.stdout)  # stdout holds exactly one JSON object
-    for key in ("accuracy", "balanced_accuracy", "macro_f1", "mcc", "roc_auc", "pneumonia_sensitivity",
-                "pneumonia_specificity", "pneumonia_roc_auc", "confusion_matrix", "n_images"):  # fmt: skip
+    for key in (
+        "accuracy",
+        "balanced_accuracy",
+        "macro_f1",
+        "mcc",
+        "roc_auc",
+        "pneumonia_sensitivity",
+        "pneumonia_specificity",
+        "pneumonia_roc_auc",
+        "confusion_matrix",
+        "n_images",
+    ):
         assert key in m, key
     assert m["n_images"] == 16 and sum(map(sum, m["confusion_matrix"])) == 16
     assert (tmp_path / "confusion_matrix.png").exists()

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from mpc import crypten_compat, selfcheck
-from mpc.launch import PartyError, run_crypten_job
+from medmpc.mpc import crypten_compat, selfcheck
+from medmpc.mpc.launch import PartyError, run_crypten_job
 
 
 def test_crypten_imports_with_patches():
@@ -29,7 +29,7 @@ def test_encrypt_refuses_inputs_crypten_would_truncate():
 @pytest.mark.slow
 def test_two_party_processes_match_plaintext():
     results = run_crypten_job(
-        "mpc.selfcheck:arithmetic", world_size=2, args={"size": 36, "seed": 3}, timeout_s=60
+        "medmpc.mpc.selfcheck:arithmetic", world_size=2, args={"size": 36, "seed": 3}, timeout_s=60
     )
     want = selfcheck.expected(2, 36, 3)
     for rank, got in enumerate(results):
@@ -47,7 +47,7 @@ def test_two_party_processes_match_plaintext():
 @pytest.mark.slow
 def test_a_crashing_party_fails_the_run_with_its_name():
     with pytest.raises(PartyError, match="party1"):
-        run_crypten_job("mpc.selfcheck:crash_on_rank1", world_size=2, timeout_s=20)
+        run_crypten_job("medmpc.mpc.selfcheck:crash_on_rank1", world_size=2, timeout_s=20)
 
 
 @pytest.mark.parametrize(("c_in", "kernel"), [(1, 7), (64, 3), (512, 3)])

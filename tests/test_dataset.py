@@ -3,8 +3,8 @@ import shutil
 import pytest
 import torch
 
-from imaging.dataset import CLASSES, load_dataset, load_folder, resolve_split_dir
-from imaging.images import DataError, read_image
+from medmpc.imaging.dataset import CLASSES, load_dataset, load_folder, resolve_split_dir
+from medmpc.imaging.images import DataError, read_image
 
 
 def test_three_class_labels_come_from_folder_and_file_name(small_xray_folder):
@@ -89,7 +89,7 @@ def test_synthetic_dataset_is_labelled_and_reproducible():
 
 
 def test_synthetic_classes_differ_in_the_lungs():
-    from imaging.synthetic import generate
+    from medmpc.imaging.synthetic import generate
 
     images, labels = generate(600, 64, seed=0)
     lungs = images[:, 0, 16:48, 8:56].float()

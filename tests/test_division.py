@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from mpc import division, kernels, prg, sharing
-from protocols.secure_aggregation import AggregatorState, masked_share, reveal_decoder
+from medmpc.mpc import division, kernels, prg, sharing
+from medmpc.protocols.secure_aggregation import AggregatorState, masked_share, reveal_decoder
 
 
 def _shares(x: torch.Tensor, k: int) -> list[torch.Tensor]:

@@ -10,14 +10,14 @@ import torch
 import torch.nn.functional as F
 from opacus.accountants import RDPAccountant
 
-from models import build_model
-from protocols.accountant import ORDERS, BudgetError, PrivacyAccountant, plan_noise_multiplier
-from protocols.dp import DPSGD, DPConfig, DPIncompatibleModel, check_compatible
-from protocols.hospital import hospital_partition
-from protocols.plan import Plan
-from protocols.simulate import simulate
-from protocols.statistics import local_statistics
-from training.checkpoint import Checkpoint
+from medmpc.models import build_model
+from medmpc.protocols.hospital import hospital_partition
+from medmpc.protocols.plan import Plan
+from medmpc.protocols.simulate import simulate
+from medmpc.training.accountant import ORDERS, BudgetError, PrivacyAccountant, plan_noise_multiplier
+from medmpc.training.checkpoint import Checkpoint
+from medmpc.training.dp import DPSGD, DPConfig, DPIncompatibleModel, check_compatible
+from medmpc.training.statistics import local_statistics
 
 
 @pytest.mark.parametrize("sigma,q,steps", [(1.0, 0.01, 1000), (0.8, 0.05, 300), (2.0, 0.25, 40)])
@@ -68,7 +68,9 @@ def test_every_per_sample_gradient_is_clipped_to_c():
     want = [sum(f * gs[k] for f, gs in zip(factors, raw)) for k in range(len(raw[0]))]
 
     model = build_model("resnet18_gn", 3, seed=0)
-    dp = DPSGD(DPConfig(epsilon=10, clip=clip, noise_multiplier=0.0), n_samples=64, batch_size=8, planned_epochs=1, who="t")
+    dp = DPSGD(
+        DPConfig(epsilon=10, clip=clip, noise_multiplier=0.0), n_samples=64, batch_size=8, planned_epochs=1, who="t"
+    )
     wrapped, opt = dp.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1))
     opt.zero_grad(set_to_none=True)
     dp.loss(wrapped(x), y).backward()
@@ -106,7 +108,9 @@ def test_poisson_sampling_is_secret_and_has_the_accounted_rates():
     draws = []
     for _ in range(2):
         torch.manual_seed(0)  # a public seed must not fix which samples a step uses
-        dp = DPSGD(DPConfig(epsilon=100, noise_multiplier=1.0), n_samples=1000, batch_size=100, planned_epochs=3, who="t")
+        dp = DPSGD(
+            DPConfig(epsilon=100, noise_multiplier=1.0), n_samples=1000, batch_size=100, planned_epochs=3, who="t"
+        )
         dp.reserve(3)
         draws.append([b for _ in range(3) for b in dp.batches(labels, weight)])
     assert any(not torch.equal(a, b) for a, b in zip(*draws))
@@ -138,8 +142,17 @@ def test_batchnorm_model_is_refused_with_the_layer_and_the_fix():
 
 @pytest.mark.slow
 def test_federated_run_stops_cleanly_when_the_budget_is_spent(tmp_path):
-    plan = Plan(data="synthetic:240", image_size=32, hospitals=3, rounds=3, batch_size=32, model="cnn_gn",
-                timeout_s=60, dp_noise=2.0, dp_epsilon=1.0)  # fmt: skip
+    plan = Plan(
+        data="synthetic:240",
+        image_size=32,
+        hospitals=3,
+        rounds=3,
+        batch_size=32,
+        model="cnn_gn",
+        timeout_s=60,
+        dp_noise=2.0,
+        dp_epsilon=1.0,
+    )
     # pick a budget that one round fits and two rounds do not (the smallest hospital spends fastest)
     n_min = min(len(hospital_partition(plan, i)) for i in range(plan.hospitals))
     dp = DPSGD(DPConfig(epsilon=100, noise_multiplier=2.0), n_samples=n_min, batch_size=32, planned_epochs=1, who="x")
@@ -157,8 +170,24 @@ def test_federated_run_stops_cleanly_when_the_budget_is_spent(tmp_path):
 
 @pytest.mark.slow
 def test_dp_training_cli_reports_epsilon_per_epoch(tmp_path):
-    cmd = [sys.executable, "-m", "cli.main", "train", "--data", "synthetic:240", "--image-size", "32", "--epochs", "2",
-           "--model", "cnn_gn", "--dp-epsilon", "5", "--out", str(tmp_path)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "medmpc.cli.main",
+        "train",
+        "--data",
+        "synthetic:240",
+        "--image-size",
+        "32",
+        "--epochs",
+        "2",
+        "--model",
+        "cnn_gn",
+        "--dp-epsilon",
+        "5",
+        "--out",
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((tmp_path / "report.json").read_text())
@@ -166,8 +195,12 @@ def test_dp_training_cli_reports_epsilon_per_epoch(tmp_path):
     assert 0 < eps[0] < eps[1] <= 5.0 and report["privacy"]["target_epsilon"] == 5.0
     assert Checkpoint.load(tmp_path / "model.pt").info["privacy"]["epsilon"] == pytest.approx(eps[1])
     assert "epsilon" in proc.stdout
-    bad = subprocess.run(cmd[:-6] + ["--model", "cnn", "--dp-epsilon", "5", "--out", str(tmp_path / "x")],
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    bad = subprocess.run(
+        cmd[:-6] + ["--model", "cnn", "--dp-epsilon", "5", "--out", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 2 and "BatchNorm2d" in bad.stderr and "cnn_gn" in bad.stderr
 
 
@@ -186,7 +219,7 @@ def test_every_group_norm_model_takes_a_private_step(name):
 
 
 def test_csprng_gaussian_has_the_requested_spread():
-    from mpc.prg import gaussian
+    from medmpc.mpc.prg import gaussian
 
     x = gaussian(100_000, 2.5)
     assert abs(float(x.mean())) < 0.05 and float(x.std()) == pytest.approx(2.5, rel=0.02)
@@ -197,7 +230,7 @@ def test_csprng_gaussian_has_the_requested_spread():
 def test_discrete_gaussian_matches_its_distribution(sigma):
     from scipy import stats
 
-    from mpc.prg import discrete_gaussian, gaussian
+    from medmpc.mpc.prg import discrete_gaussian, gaussian
 
     n = 200_000
     x = discrete_gaussian(n, sigma)
@@ -208,7 +241,7 @@ def test_discrete_gaussian_matches_its_distribution(sigma):
         return
     # narrow: the probability of each integer is exp(-k^2 / 2 sigma^2) / Z (chi-square test)
     ks = torch.arange(-int(6 * sigma) - 1, int(6 * sigma) + 2)
-    p = torch.exp(-ks.double() ** 2 / (2 * sigma**2))
+    p = torch.exp(-(ks.double() ** 2) / (2 * sigma**2))
     p /= p.sum()
     keep = p * n > 5
 
@@ -224,8 +257,17 @@ def test_discrete_gaussian_matches_its_distribution(sigma):
 @pytest.mark.slow
 def test_central_dp_noise_is_added_inside_mpc_with_the_planned_spread(tmp_path):
     """Same seeds with and without central noise: the global models differ by exactly the noise / N."""
-    common = dict(data="synthetic:240", image_size=32, hospitals=3, aggregators=2, rounds=1, batch_size=32,
-                  model="cnn_gn", timeout_s=60, update_clip=0.5)  # fmt: skip
+    common = dict(
+        data="synthetic:240",
+        image_size=32,
+        hospitals=3,
+        aggregators=2,
+        rounds=1,
+        batch_size=32,
+        model="cnn_gn",
+        timeout_s=60,
+        update_clip=0.5,
+    )
     quiet = simulate(Plan(**common, central_dp_noise=0.0), tmp_path / "quiet")
     noisy = simulate(Plan(**common, central_dp_noise=2.0), tmp_path / "noisy")
     a = Checkpoint.load(tmp_path / "quiet" / "model.pt").state_dict
@@ -243,8 +285,17 @@ def test_central_dp_noise_is_added_inside_mpc_with_the_planned_spread(tmp_path):
 
 @pytest.mark.slow
 def test_noisy_statistics_are_released_and_accounted_with_dp_sgd(tmp_path):
-    plan = Plan(data="synthetic:240", image_size=32, hospitals=3, rounds=1, batch_size=32, model="cnn_gn",
-                timeout_s=60, dp_epsilon=8.0, stats_noise=4.0)  # fmt: skip
+    plan = Plan(
+        data="synthetic:240",
+        image_size=32,
+        hospitals=3,
+        rounds=1,
+        batch_size=32,
+        model="cnn_gn",
+        timeout_s=60,
+        dp_epsilon=8.0,
+        stats_noise=4.0,
+    )
     report = simulate(plan, tmp_path)
     stats = report["aggregated_statistics"]
     exact = sum(local_statistics(hospital_partition(plan, i)) for i in range(plan.hospitals))
@@ -260,44 +311,50 @@ def test_noisy_statistics_are_released_and_accounted_with_dp_sgd(tmp_path):
 
 def test_aggregators_take_the_noise_and_divisor_from_the_plan_not_the_coordinator():
     """A coordinator asking for less noise than the plan accounts for, another divisor than the plan
-    fixes, or an aggregation the plan does not have, is refused; unasked, the plan's noise is drawn."""
-    from mpc.transport import PeerError
-    from protocols.aggregator import Aggregator
+    fixes, or an aggregation the plan does not have, is refused; asked right, the plan's noise is drawn."""
+    from medmpc.mpc.transport import PeerError
+    from medmpc.protocols.aggregator import Aggregator
+    from medmpc.protocols.messages import Collect, Stats, Train
 
     plan = Plan(hospitals=3, aggregators=2, rounds=2, central_dp_noise=2.0, update_clip=0.5)
     agg, n = Aggregator(plan, 0), 4000
-    for meta, why in [
-        ({"tag": "round1", "numel": n, "divisor": 3, "noise_std": 0.0}, "noise_std"),
-        ({"tag": "round1", "numel": n, "divisor": 1, "noise_std": 1.0}, "divisor"),
-        ({"tag": "round3", "numel": n, "divisor": 3, "noise_std": 1.0}, "round3"),  # past the planned rounds
-        ({"tag": "bench0", "numel": n, "divisor": 3, "noise_std": 0.0}, "bench0"),  # not a bench plan
+    for collect, why in [
+        (Collect("round1", numel=n, round=1, divisor=3, noise_std=0.0), "noise_std"),
+        (Collect("round1", numel=n, round=1, divisor=1, noise_std=1.0), "divisor"),
+        (Collect("round3", numel=n, round=3, divisor=3, noise_std=1.0), "round3"),  # past the planned rounds
+        (Collect("bench0", numel=n, round=0, divisor=3, noise_std=0.0), "bench0"),  # no such aggregation
     ]:
         with pytest.raises(PeerError, match=f"coordinator: .*{why}"):
-            agg._state(meta)
-    part = agg._state({"tag": "round1", "numel": n, "divisor": 3}).shared.share.double() * 2.0**-plan.fractional_bits
+            agg._state(collect)
+    planned = Collect("round1", numel=n, round=1, divisor=3, noise_std=1.0)
+    part = agg._state(planned).shared.share.double() * 2.0**-plan.fractional_bits
     assert float(part.std()) == pytest.approx(2.0 * 0.5 / 2**0.5, rel=0.1)  # this aggregator's part: variance 1/K
     with pytest.raises(PeerError, match="coordinator: .*round1.*twice"):
-        agg._state({"tag": "round1", "numel": n, "divisor": 3})
+        agg._state(planned)
     # sample-weighted rounds: the divisor is the coordinator's (it only scales the average; no noise to lose)
     weighted = Aggregator(Plan(hospitals=3, aggregators=2), 1)
-    assert weighted._state({"tag": "round1", "numel": 8, "divisor": 123, "noise_std": 0.0}).divisor == 123
+    assert weighted._state(Collect("round1", numel=8, round=1, divisor=123, noise_std=0.0)).divisor == 123
     # nor can a training update be sent under the statistics' tag (and noise): hospitals refuse it
-    from protocols.hospital import contribution_tag
+    from medmpc.protocols.hospital import check_tag
 
-    assert contribution_tag("train", {"tag": "round2", "round": 2}) == "round2"
+    def train(tag: str, round_: int) -> Train:
+        return Train(tag, round=round_, mean=0.5, std=0.25, class_weight=[1.0, 1.0, 1.0])
+
+    assert check_tag(train("round2", 2)) == "round2" and check_tag(Stats("stats")) == "stats"
     with pytest.raises(PeerError, match="coordinator: .*'stats'.*'round1'"):
-        contribution_tag("train", {"tag": "stats", "round": 1})
+        check_tag(train("stats", 1))
 
 
 def test_dp_sgd_noise_is_drawn_in_float64_so_its_tails_are_not_cut(monkeypatch):
     """Box-Muller's largest output is sqrt(-2 ln u) at the smallest uniform u: 5.77 sigma for 24-bit
     uniforms (float32), a cut that adds to delta, and 8.57 sigma for 53-bit ones."""
-    from mpc import prg
-    from protocols.dp import CSPRNGNoiseOptimizer
+    from medmpc.mpc import prg
+    from medmpc.training.dp import CSPRNGNoiseOptimizer
 
     param = torch.nn.Parameter(torch.zeros(8))
-    opt = CSPRNGNoiseOptimizer(torch.optim.SGD([param], lr=1.0), noise_multiplier=1.5, max_grad_norm=2.0,
-                               expected_batch_size=1)  # fmt: skip
+    opt = CSPRNGNoiseOptimizer(
+        torch.optim.SGD([param], lr=1.0), noise_multiplier=1.5, max_grad_norm=2.0, expected_batch_size=1
+    )
     param.summed_grad = torch.zeros(8)
     # every stream word the smallest int64: every uniform is then the smallest one reachable
     monkeypatch.setattr(prg, "random_ring", lambda n: torch.full((n,), -(2**63), dtype=torch.int64))
@@ -325,10 +382,10 @@ def test_a_fixed_noise_multiplier_may_not_exceed_the_budget_at_all():
 def test_centralised_dp_releases_noisy_statistics_inside_its_epsilon(tmp_path):
     """The pixel mean/std and class counts of the training data: without --stats-noise the report says
     no epsilon covers them; with it they are released with noise, in the same budget."""
-    from imaging.dataset import load_dataset
-    from imaging.splits import stratified_split
-    from training.centralised import train_centralised
-    from training.local import TrainConfig
+    from medmpc.imaging.dataset import load_dataset
+    from medmpc.imaging.splits import stratified_split
+    from medmpc.training.centralised import train_centralised
+    from medmpc.training.local import TrainConfig
 
     data = load_dataset("synthetic:120", image_size=32, seed=0)
     cfg = TrainConfig(epochs=1, batch_size=32)

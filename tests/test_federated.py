@@ -1,22 +1,26 @@
 """Federated training and secure aggregation as real processes on loopback."""
 
 import json
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from models import build_model
-from models.vector import to_vector
-from mpc.launch import PartyError
-from protocols.plan import Plan, load_plan
-from protocols.simulate import simulate
-from training.checkpoint import Checkpoint
+from medmpc.models import build_model
+from medmpc.models.vector import to_vector
+from medmpc.mpc.launch import PartyError
+from medmpc.protocols.bench import Bench, run_bench
+from medmpc.protocols.plan import Plan, load_plan
+from medmpc.protocols.simulate import simulate
+from medmpc.training.checkpoint import Checkpoint
 
 pytestmark = pytest.mark.slow
 
+HOOKS = Path(__file__).parent / "party_hooks"
 TINY = dict(data="synthetic:240", image_size=32, hospitals=3, rounds=1, batch_size=32, timeout_s=60)
 
 
@@ -38,8 +42,16 @@ def test_secure_aggregate_equals_plaintext_fedavg(tmp_path, aggregators):
     assert abs(s["pixel_mean"] - p["pixel_mean"]) < 1e-4
 
 
+def _drilled(plan: Plan, out, drills: dict[str, str], **kw) -> dict:
+    """``simulate`` with failure drills injected into the role processes (tests/party_hooks/drills.py)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYTHONPATH", os.pathsep.join([str(HOOKS), os.environ.get("PYTHONPATH", "")]))
+        mp.setenv("MEDMPC_TEST_DRILLS", json.dumps(drills))
+        return simulate(plan, out, **kw)
+
+
 def test_random_updates_average_within_fixed_point_error(tmp_path):
-    report = simulate(Plan(hospitals=4, aggregators=3, bench_params=5000, bench_repeat=1, timeout_s=60), tmp_path)
+    report = run_bench(Plan(hospitals=4, aggregators=3, timeout_s=60), Bench(params=5000, repeat=1), tmp_path)
     assert 0 < report["max_abs_err"] < 4 * 2**-16
     # one full share each plus seeds; the heavy traffic is spread over the aggregators
     sent = report["bytes_per_party"]
@@ -49,10 +61,10 @@ def test_random_updates_average_within_fixed_point_error(tmp_path):
 
 @pytest.mark.parametrize("victim", ["aggregator0", "aggregator1"])  # the collector, a seed holder
 def test_killed_aggregator_ends_the_round_with_a_clear_error(tmp_path, victim):
-    plan = Plan(**TINY, aggregators=2, drills={victim: "kill:1"})
+    plan = Plan(**TINY, aggregators=2)
     start = time.monotonic()
     with pytest.raises(PartyError, match=victim):
-        simulate(plan, tmp_path, deadline_s=120)
+        _drilled(plan, tmp_path, {victim: "kill:1"}, deadline_s=120)
     assert time.monotonic() - start < plan.timeout_s + 30
     assert not (tmp_path / "model.pt").exists()
 
@@ -60,19 +72,18 @@ def test_killed_aggregator_ends_the_round_with_a_clear_error(tmp_path, victim):
 def test_a_hospital_dying_halfway_through_its_upload_ends_the_round_naming_it(tmp_path):
     """The collector has added part of the hospital's masked update when the stream breaks:
     the round fails naming the hospital, and no model comes out of it."""
-    plan = Plan(**TINY, aggregators=2, drills={"hospital1": "crash_sending:1"})
+    plan = Plan(**TINY, aggregators=2)
     start = time.monotonic()
     with pytest.raises(PartyError, match="hospital1"):
-        simulate(plan, tmp_path, deadline_s=120)
+        _drilled(plan, tmp_path, {"hospital1": "crash_sending:1"}, deadline_s=120)
     assert time.monotonic() - start < plan.timeout_s + 30
     assert not (tmp_path / "model.pt").exists()
 
 
 @pytest.mark.parametrize("drill,why", [("nan", "NaN/Inf"), ("overflow", "overflow")])
 def test_bad_update_aborts_the_round_naming_the_hospital(tmp_path, drill, why):
-    plan = Plan(**TINY, aggregators=2, drills={"hospital1": f"{drill}:1"})
     with pytest.raises(PartyError, match=f"hospital1.*{why}"):
-        simulate(plan, tmp_path)
+        _drilled(Plan(**TINY, aggregators=2), tmp_path, {"hospital1": f"{drill}:1"})
     report = json.loads((tmp_path / "report.json").read_text())
     assert "hospital1" in report["error"] and "nothing revealed" in report["error"]
     assert report["rounds"] == [] and not (tmp_path / "model.pt").exists()
@@ -92,8 +103,26 @@ def test_config_file_with_cli_overrides(tmp_path):
 
 def test_simulate_cli_writes_report_model_and_plots(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "cli.main", "simulate", "--data", "synthetic:240", "--image-size", "32",
-           "--hospitals", "2", "--aggregators", "2", "--rounds", "2", "--out", str(out), "--timeout", "60"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "medmpc.cli.main",
+        "simulate",
+        "--data",
+        "synthetic:240",
+        "--image-size",
+        "32",
+        "--hospitals",
+        "2",
+        "--aggregators",
+        "2",
+        "--rounds",
+        "2",
+        "--out",
+        str(out),
+        "--timeout",
+        "60",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
@@ -110,14 +139,42 @@ def test_simulate_cli_writes_report_model_and_plots(tmp_path):
     assert set(r["traffic"]) == {"coordinator", "hospital0", "hospital1", "aggregator0", "aggregator1"}
     for png in ("learning_curves.png", "communication.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
-    ev = subprocess.run([sys.executable, "-m", "cli.main", "evaluate", "--model", str(out / "model.pt"),
-                         "--data", "synthetic:60", "--json"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    ev = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medmpc.cli.main",
+            "evaluate",
+            "--model",
+            str(out / "model.pt"),
+            "--data",
+            "synthetic:60",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert json.loads(ev.stdout)["n_images"] == 60
 
 
 def test_bench_cli_json(tmp_path):
-    cmd = [sys.executable, "-m", "cli.main", "bench", "secure-aggregation", "--params", "20000",
-           "--hospitals", "2", "--aggregators", "2", "--repeat", "1", "--json"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "medmpc.cli.main",
+        "bench",
+        "secure-aggregation",
+        "--params",
+        "20000",
+        "--hospitals",
+        "2",
+        "--aggregators",
+        "2",
+        "--repeat",
+        "1",
+        "--json",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)

@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from imaging.dataset import load_dataset
-from imaging.transforms import Preprocessing
-from models import build_model
-from mpc.compile import UnsupportedLayer, compile_model, fold_batchnorm
-from mpc.inference import random_model_and_input, randomise_batchnorm, run_inference
-from training.checkpoint import Checkpoint
+from medmpc.imaging.dataset import load_dataset
+from medmpc.imaging.transforms import Preprocessing
+from medmpc.models import build_model
+from medmpc.mpc.compile import UnsupportedLayer, compile_model, fold_batchnorm
+from medmpc.protocols.inference import random_model_and_input, randomise_batchnorm, run_inference
+from medmpc.training.checkpoint import Checkpoint
 
 
 def _random_bn_stats(model: nn.Module) -> nn.Module:
@@ -61,8 +61,22 @@ def test_encrypted_logits_match_plaintext_for_a_batch_of_real_images(trained_che
 @pytest.mark.slow
 def test_infer_and_bench_commands(trained_checkpoint, chest_xray):
     image = next((chest_xray / "val" / "NORMAL").iterdir())
-    proc = subprocess.run([sys.executable, "-m", "cli.main", "infer", "--model", str(trained_checkpoint),
-                           "--image", str(image), "--json"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medmpc.cli.main",
+            "infer",
+            "--model",
+            str(trained_checkpoint),
+            "--image",
+            str(image),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout)
     pred = out["predictions"][0]
@@ -71,15 +85,30 @@ def test_infer_and_bench_commands(trained_checkpoint, chest_xray):
     for key in ("online_s", "offline_s", "rounds", "bytes"):
         assert out[key] > 0
     assert out["transport"].startswith("TLS 1.3")
-    proc = subprocess.run([sys.executable, "-m", "cli.main", "bench", "inference", "--model", "resnet18",
-                           "--image-size", "32", "--json"], capture_output=True, text=True, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medmpc.cli.main",
+            "bench",
+            "inference",
+            "--model",
+            "resnet18",
+            "--image-size",
+            "32",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     bench = json.loads(proc.stdout)
     assert bench["argmax_agree"] is True and bench["max_abs_err"] < 0.05
 
 
 def test_relu_moves_after_maxpool_without_changing_outputs():
-    from mpc.compile import prepare
+    from medmpc.mpc.compile import prepare
 
     model = _random_bn_stats(build_model("resnet18", 3, seed=0))
     prepared = prepare(model)
@@ -96,8 +125,9 @@ def test_encrypted_resnet18_on_gpu_matches_plaintext():
     model, x = random_model_and_input("resnet18", 64, 2, 0)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.pt"
-        Checkpoint("resnet18", ("normal", "bacterial", "viral"), Preprocessing(64, 0.5, 0.25),
-                   model.state_dict()).save(path)  # fmt: skip
+        Checkpoint("resnet18", ("normal", "bacterial", "viral"), Preprocessing(64, 0.5, 0.25), model.state_dict()).save(
+            path
+        )
         result = run_inference(str(path), x, timeout_s=300, device="cuda")
     with torch.no_grad():
         plain = model(x)
@@ -108,8 +138,8 @@ def test_encrypted_resnet18_on_gpu_matches_plaintext():
 
 def test_proven_bounds_hold_at_the_corners_of_the_input_range(trained_checkpoint):
     # every pixel black or white: the inputs that drive a first layer hardest
-    from mpc import bounds
-    from mpc.compile import prepare
+    from medmpc.mpc import bounds
+    from medmpc.mpc.compile import prepare
 
     ckpt = Checkpoint.load(trained_checkpoint)
     low, high = ckpt.preprocessing.valid_range()

@@ -4,7 +4,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from training.metrics import classification_metrics
+from medmpc.training.metrics import classification_metrics
 
 CLASSES = ("normal", "bacterial", "viral")
 
@@ -42,7 +42,9 @@ def test_auc_is_one_vs_rest_on_softmax_and_pneumonia_uses_p_normal():
     assert m["pneumonia_roc_auc"] == pytest.approx(roc_auc_score(y > 0, 1 - probs[:, 0]))
     # AUC must use probabilities, not hard predictions
     assert m["roc_auc"] != pytest.approx(
-        classification_metrics(logits.argmax(1, keepdim=True).eq(torch.arange(3)).float() * 50, labels, CLASSES)["roc_auc"]
+        classification_metrics(logits.argmax(1, keepdim=True).eq(torch.arange(3)).float() * 50, labels, CLASSES)[
+            "roc_auc"
+        ]
     )
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from models import build_model, model_names
+from medmpc.models import build_model, model_names
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet18_gn", "cnn", "cnn_gn"])

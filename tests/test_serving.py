@@ -21,18 +21,18 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from scipy import stats
 from checkpoints import trained_cnn
+from scipy import stats
 from uniformity import as_unit, looks_uniform
 
-from imaging.dataset import load_dataset
-from imaging.images import DataError, read_image
-from mpc import sharing
-from serving.client import PredictionClient, ServiceError
-from serving.engine import LEADER, BatchEngine
-from serving.launch import PARTIES, LocalService
-from serving.wire import decode_tensor
-from training.checkpoint import Checkpoint
+from medmpc.imaging.dataset import load_dataset
+from medmpc.imaging.images import DataError, read_image
+from medmpc.mpc import sharing
+from medmpc.serving.client import PredictionClient, ServiceError
+from medmpc.serving.engine import LEADER, BatchEngine
+from medmpc.serving.launch import PARTIES, LocalService
+from medmpc.serving.wire import decode_tensor
+from medmpc.training.checkpoint import Checkpoint
 
 pytestmark = pytest.mark.slow
 TOKEN = "test-token-" + uuid.uuid4().hex
@@ -58,8 +58,9 @@ def tokens_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def service(checkpoint, tokens_file):
-    with LocalService(checkpoint, tokens_file, share_timeout_s=3, max_body_mb=1, max_batch=8, max_queue=QUEUE,
-                      per_client_queue=QUOTA) as svc:  # fmt: skip
+    with LocalService(
+        checkpoint, tokens_file, share_timeout_s=3, max_body_mb=1, max_batch=8, max_queue=QUEUE, per_client_queue=QUOTA
+    ) as svc:
         yield svc
 
 
@@ -107,7 +108,9 @@ def _auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-def _body(shape: list[int], request_id: str | None = None, share: torch.Tensor | None = None, dtype: str = "int64") -> dict:
+def _body(
+    shape: list[int], request_id: str | None = None, share: torch.Tensor | None = None, dtype: str = "int64"
+) -> dict:
     share = torch.zeros(shape, dtype=torch.int64) if share is None else share
     data = base64.b64encode(share.numpy().tobytes()).decode()
     return {"request_id": request_id or uuid.uuid4().hex, "shape": shape, "dtype": dtype, "share": data}
@@ -123,7 +126,7 @@ def test_each_bad_input_gets_a_clear_error_and_the_service_keeps_answering(servi
         def still_works() -> None:
             assert (client.logits(x) - want).abs().max() < 0.01
 
-        post = lambda i, **kw: http.post(f"{service.urls[i]}/v1/predict", **kw)  # noqa: E731
+        post = lambda i, **kw: http.post(f"{service.urls[i]}/v1/predict", **kw)
 
         # a non-image file: the client refuses it by name before anything is sent ...
         text = tmp_path / "notes.txt"
@@ -163,7 +166,9 @@ def test_each_bad_input_gets_a_clear_error_and_the_service_keeps_answering(servi
         # clients, as one alone may hold only half of it)
         senders = [TOKEN] * QUOTA + [OTHER] * QUOTA + [THIRD] * 2
         with ThreadPoolExecutor(len(senders)) as pool:
-            codes = sorted(r.status_code for r in pool.map(lambda t: post(0, json=_body(one), headers=_auth(t)), senders))
+            codes = sorted(
+                r.status_code for r in pool.map(lambda t: post(0, json=_body(one), headers=_auth(t)), senders)
+            )
         assert codes == [429, 429] + [504] * QUEUE
         still_works()
 
@@ -243,7 +248,14 @@ def test_offers_take_turns_across_clients():
     share = torch.zeros(1, 1, 2, 2, dtype=torch.int64)
     for client, request_id in [("a", "1"), ("a", "2"), ("a", "3"), ("b", "1"), ("c", "1"), ("b", "2")]:
         engine.submit(request_id, share, 10.0, client=client)
-    assert [key for key, _ in engine._offer()] == [("a", "1"), ("b", "1"), ("c", "1"), ("a", "2"), ("b", "2"), ("a", "3")]
+    assert [key for key, _ in engine._offer()] == [
+        ("a", "1"),
+        ("b", "1"),
+        ("c", "1"),
+        ("a", "2"),
+        ("b", "2"),
+        ("a", "3"),
+    ]
 
 
 def test_tokens_never_appear_in_logs_or_error_messages(service, val_images):
@@ -265,7 +277,9 @@ def test_tokens_never_appear_in_logs_or_error_messages(service, val_images):
     assert sorted(a.status_code for a in answers) == [200, 200, 401, 409, 422, 429] + [504] * QUOTA
     # each client is known by one id, the same at both parties, that is not its token
     requests = [e for p in ("model-owner", "compute") for e in _events(service, p) if e["event"] == "request"]
-    ids = [{e["client"] for e in requests if e["request_id"] == body["request_id"]} for body in (served[0], dup, invalid)]
+    ids = [
+        {e["client"] for e in requests if e["request_id"] == body["request_id"]} for body in (served[0], dup, invalid)
+    ]
     assert [len(i) for i in ids] == [1, 1, 1] and len(set().union(*ids)) == 3
     texts = [a.text + str(a.headers) for a in answers] + [service.log_file(p).read_text() for p in PARTIES]
     for token in (TOKEN, OTHER, THIRD):
@@ -344,9 +358,28 @@ def test_logs_never_hold_shares(service, val_images):
     for party in ("model-owner", "compute", "dealer"):
         text = service.log_file(party).read_text()
         for event in _events(service, party):
-            assert set(event) <= {"ts", "event", "party", "client", "request_id", "status", "ms", "images", "batch_images",
-                                  "requests", "seconds", "model", "max_batch", "role", "host", "port", "tls",
-                                  "path", "bytes", "error"}  # fmt: skip
+            assert set(event) <= {
+                "ts",
+                "event",
+                "party",
+                "client",
+                "request_id",
+                "status",
+                "ms",
+                "images",
+                "batch_images",
+                "requests",
+                "seconds",
+                "model",
+                "max_batch",
+                "role",
+                "host",
+                "port",
+                "tls",
+                "path",
+                "bytes",
+                "error",
+            }
         assert not any(f in text for f in fragments)
         assert not re.search(r"[A-Za-z0-9+/]{200,}", text)  # no base64 blob of any share
 
@@ -355,18 +388,35 @@ def test_the_predict_command_prints_the_reconstructed_prediction(service, checkp
     token = tmp_path / "token"
     token.write_text(TOKEN)
     out = subprocess.run(
-        [sys.executable, "-m", "cli.main", "predict", "--servers", ",".join(service.urls),
-         "--token-file", str(token), "--json", str(val_images[0])],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "medmpc.cli.main",
+            "predict",
+            "--servers",
+            ",".join(service.urls),
+            "--token-file",
+            str(token),
+            "--json",
+            str(val_images[0]),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     [pred] = json.loads(out.stdout)["predictions"]
     ckpt = Checkpoint.load(checkpoint)
     x = ckpt.preprocessing(read_image(val_images[0], SIZE)[None])
     assert pred["prediction"] == ckpt.classes[int(_plaintext(checkpoint, x).argmax())]
     env = {k: v for k, v in os.environ.items() if k != "MEDMPC_TOKEN"}
-    bad = subprocess.run([sys.executable, "-m", "cli.main", "predict", "--servers", ",".join(service.urls),
-                          str(val_images[0])], capture_output=True, text=True, timeout=60, env=env)  # fmt: skip
+    bad = subprocess.run(
+        [sys.executable, "-m", "medmpc.cli.main", "predict", "--servers", ",".join(service.urls), str(val_images[0])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert bad.returncode == 2 and "no bearer token" in bad.stderr
 
 
@@ -378,19 +428,24 @@ def _self_signed(tmp: Path) -> tuple[Path, Path]:
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
-    )  # fmt: skip
+    )
     cert_file, key_file = tmp / "cert.pem", tmp / "key.pem"
     cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))  # fmt: skip
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return cert_file, key_file
 
 
@@ -419,6 +474,11 @@ def test_tls_and_a_killed_party_fails_requests_fast(checkpoint, tokens_file, val
 
 def test_serve_refuses_to_start_without_client_tokens(checkpoint):
     env = {k: v for k, v in os.environ.items() if k != "MEDMPC_TOKENS"}
-    out = subprocess.run([sys.executable, "-m", "cli.main", "serve", "--model", str(checkpoint)],
-                         capture_output=True, text=True, timeout=60, env=env)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "medmpc.cli.main", "serve", "--model", str(checkpoint)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert out.returncode == 2 and "no client tokens" in out.stderr

@@ -7,8 +7,14 @@ import torch
 from scipy import stats
 from uniformity import as_unit, looks_uniform
 
-from mpc import prg, sharing
-from protocols.secure_aggregation import AggregatorState, ContributionError, RevealRefused, clip_update, masked_share
+from medmpc.mpc import prg, sharing
+from medmpc.protocols.secure_aggregation import (
+    AggregatorState,
+    ContributionError,
+    RevealRefused,
+    clip_update,
+    masked_share,
+)
 
 
 def test_encode_decode_round_trip_within_fixed_point_error():
@@ -67,8 +73,11 @@ def test_the_statistical_check_catches_update_plus_small_noise():
 
 def test_guards_name_the_hospital():
     mask = sharing.new_mask(2, 3)
-    for bad, what in ((torch.tensor([1.0, float("nan"), 0]), "NaN/Inf"), (torch.tensor([1.0, float("inf"), 0]), "NaN/Inf"),
-                      (torch.tensor([1.0, 2.0**46, 0]), "overflow")):  # fmt: skip
+    for bad, what in (
+        (torch.tensor([1.0, float("nan"), 0]), "NaN/Inf"),
+        (torch.tensor([1.0, float("inf"), 0]), "NaN/Inf"),
+        (torch.tensor([1.0, 2.0**46, 0]), "overflow"),
+    ):
         with pytest.raises(sharing.EncodingError, match=f"hospital7.*{what}|hospital7: .*{what}"):
             masked_share(bad, mask, hospital="hospital7", n_hospitals=3, fractional_bits=16)
     # the limit is N * max|x| * 2^f < 2^62
@@ -113,9 +122,10 @@ def test_the_coordinator_and_the_collector_together_learn_only_the_sum():
     n = 50_000
     updates = [torch.full((n,), 1000.0) + torch.randn(n), torch.zeros(n), torch.randn(n) * 5]
     masks = [sharing.new_mask(2, n) for _ in updates]
-    masked = [torch.cat([p.clone() for p in masked_share(x, m, hospital=f"hospital{i}", n_hospitals=3,
-                                                          fractional_bits=16)])
-              for i, (x, m) in enumerate(zip(updates, masks))]  # fmt: skip
+    masked = [
+        torch.cat([p.clone() for p in masked_share(x, m, hospital=f"hospital{i}", n_hospitals=3, fractional_bits=16)])
+        for i, (x, m) in enumerate(zip(updates, masks))
+    ]
     offline = sum(prg.expand(m.seeds[0], n) for m in masks)  # aggregator 1's share of the sum
     assert torch.equal(sum(masked) + offline, sum(sharing.encode(x, 16) for x in updates))
     attempts = [masked[0] + offline, masked[1] + offline]  # unmasking hospital 0, or hospital 1

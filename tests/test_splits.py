@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from imaging.splits import partition, partition_table, stratified_split
+from medmpc.imaging.splits import partition, partition_table, stratified_split
 
 LABELS = torch.tensor([0] * 300 + [1] * 600 + [2] * 300)
 

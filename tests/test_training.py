@@ -1,12 +1,12 @@
 import pytest
 import torch
 
-from imaging.dataset import load_dataset
-from imaging.transforms import Augmentation, Preprocessing
-from models import build_model
-from training.checkpoint import Checkpoint
-from training.local import TrainConfig, class_weights, predict, train
-from training.metrics import classification_metrics
+from medmpc.imaging.dataset import load_dataset
+from medmpc.imaging.transforms import Augmentation, Preprocessing
+from medmpc.models import build_model
+from medmpc.training.checkpoint import Checkpoint
+from medmpc.training.local import TrainConfig, class_weights, predict, train
+from medmpc.training.metrics import classification_metrics
 
 
 def test_class_weights_balance_rare_classes():

@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from mpc.transport import PIECE_BYTES, Channel, PeerError, Traffic, gather
+from medmpc.mpc.transport import PIECE_BYTES, Channel, PeerError, Traffic, gather
 
 
 def _pair(timeout_s: float = 10.0) -> tuple[Channel, Channel]:
@@ -29,12 +29,19 @@ def _in_background(fn) -> threading.Thread:
 def test_a_streamed_payload_arrives_piece_by_piece_and_counts_like_one_message():
     left, right = _pair()
     x = torch.arange(3 * PIECE_BYTES // 8 + 5, dtype=torch.int64)
-    sender = _in_background(lambda: left.send_stream("share", {"tag": "t"}, dtype=torch.int64, shape=[x.numel()],
-                                                     pieces=iter(x.split(1000))))  # fmt: skip
+    sender = _in_background(
+        lambda: left.send_stream(
+            "share", {"tag": "t"}, dtype=torch.int64, shape=[x.numel()], pieces=iter(x.split(1000))
+        )
+    )
     seen: list[tuple[int, int]] = []
     total = torch.zeros_like(x)
-    msg = right.recv(on_piece=lambda start, piece: (seen.append((start, piece.numel())),
-                                                    total[start : start + piece.numel()].add_(piece)))  # fmt: skip
+    msg = right.recv(
+        on_piece=lambda start, piece: (
+            seen.append((start, piece.numel())),
+            total[start : start + piece.numel()].add_(piece),
+        )
+    )
     sender.join()
     assert msg.kind == "share" and msg.meta == {"tag": "t"} and msg.tensor is None
     assert torch.equal(total, x)

@@ -9,18 +9,18 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from imaging.dataset import ImageSet
-from imaging.splits import stratified_split
-from imaging.transforms import Preprocessing
-from models import build_model
-from mpc import prg
-from protocols.accountant import BudgetError, PrivacyAccountant
-from protocols.dp import DPSGD, DPConfig, check_compatible, privacy_summary
-from protocols.statistics import Statistics, local_statistics, release_history, release_privacy
-from training import plots
-from training.checkpoint import Checkpoint
-from training.local import TrainConfig, class_weights, predict, train
-from training.metrics import classification_metrics
+from medmpc.imaging.dataset import ImageSet
+from medmpc.imaging.splits import stratified_split
+from medmpc.imaging.transforms import Preprocessing
+from medmpc.models import build_model
+from medmpc.mpc import prg
+from medmpc.training import plots
+from medmpc.training.accountant import BudgetError, PrivacyAccountant
+from medmpc.training.checkpoint import Checkpoint
+from medmpc.training.dp import DPSGD, DPConfig, check_compatible, privacy_summary
+from medmpc.training.local import TrainConfig, class_weights, predict, train
+from medmpc.training.metrics import classification_metrics
+from medmpc.training.statistics import Statistics, local_statistics, release_history, release_privacy
 
 
 def write_json(obj: Any, path: Path) -> None:
@@ -57,12 +57,14 @@ def train_centralised(
     With ``dp``, DP-SGD; training stops cleanly, keeping the model, once the budget is spent.
     The pixel mean/std (stored in the checkpoint) and the class counts (class weights, report) come
     from the training data too: exact unless ``stats_noise`` (DP only) releases them with Gaussian
-    noise of that standard deviation on each sum (protocols.statistics), accounted in the same
+    noise of that standard deviation on each sum (training.statistics), accounted in the same
     budget before training. The report's ``privacy`` says what its epsilon covers and what not.
     """
     if stats_noise is not None and (dp is None or not stats_noise > 0):
-        raise ValueError(f"stats noise {stats_noise}: a noisy statistics release needs DP-SGD (--dp-epsilon, the "
-                         "budget that accounts for it) and a positive noise")  # fmt: skip
+        raise ValueError(
+            f"stats noise {stats_noise}: a noisy statistics release needs DP-SGD (--dp-epsilon, the "
+            "budget that accounts for it) and a positive noise"
+        )
     out.mkdir(parents=True, exist_ok=True)
     train_idx, val_idx = stratified_split(data.labels, val_fraction, seed=cfg.seed)
     train_set, val_set = data.subset(train_idx), data.subset(val_idx)
@@ -83,9 +85,18 @@ def train_centralised(
     private = None
     if dp is not None:
         check_compatible(model, model_name)
-        private = DPSGD(dp, n_samples=len(train_set), batch_size=cfg.batch_size, planned_epochs=cfg.epochs,
-                        who="centralised training", prior=PrivacyAccountant(release))  # fmt: skip
-        log(f"DP-SGD: noise multiplier {private.noise_multiplier:.3f}, clip {dp.clip}, sample rate {private.sample_rate:.4f}")
+        private = DPSGD(
+            dp,
+            n_samples=len(train_set),
+            batch_size=cfg.batch_size,
+            planned_epochs=cfg.epochs,
+            who="centralised training",
+            prior=PrivacyAccountant(release),
+        )
+        log(
+            f"DP-SGD: noise multiplier {private.noise_multiplier:.3f}, clip {dp.clip}, "
+            f"sample rate {private.sample_rate:.4f}"
+        )
         private.reserve(1)  # refuses to start if a single epoch would exceed the budget
 
     def on_epoch(epoch: int, loss: float) -> None:
@@ -95,7 +106,7 @@ def train_centralised(
         log(
             f"epoch {epoch + 1}/{cfg.epochs}: loss {loss:.4f}  val accuracy {m['accuracy']:.3f}  "
             f"balanced {m['balanced_accuracy']:.3f}  pneumonia AUC {m['pneumonia_roc_auc'] or float('nan'):.3f}"
-            + (f"  epsilon {eps['epsilon']:.2f} (delta {dp.delta:g})" if eps else "")
+            + (f"  epsilon {eps['epsilon']:.2f} (delta {dp.delta:g})" if eps and dp else "")
         )
         if private is not None and epoch + 1 < cfg.epochs:
             private.reserve(1)
@@ -104,15 +115,22 @@ def train_centralised(
     stopped = None
     try:
         train(
-            model, train_set.images, train_set.labels, prep, cfg, num_classes=len(data.classes),
-            class_weight=class_weight, private=private, on_epoch=on_epoch,
-        )  # fmt: skip
+            model,
+            train_set.images,
+            train_set.labels,
+            prep,
+            cfg,
+            num_classes=len(data.classes),
+            class_weight=class_weight,
+            private=private,
+            on_epoch=on_epoch,
+        )
     except BudgetError as err:
         stopped = str(err)
         log(f"stopped after epoch {len(history)}: {err}")
     seconds = time.perf_counter() - start
     val_metrics = classification_metrics(predict(model, val_set.images, prep), val_set.labels, data.classes)
-    report = {
+    report: dict[str, Any] = {
         "model": model_name,
         "dataset": dataset_summary(data),
         "split": {"val_fraction": val_fraction, "seed": cfg.seed, "train": len(train_set), "val": len(val_set)},
@@ -129,20 +147,30 @@ def train_centralised(
         del report["split"]["train"]
     if private is not None:
         report["privacy"] = privacy_summary(private) | {
-            "stopped": stopped, **_coverage(stats_noise),
+            "stopped": stopped,
+            **_coverage(stats_noise),
             "statistics": release_privacy(release, noise_std=stats_noise, delta=private.cfg.delta),
-        }  # fmt: skip
+        }
     Checkpoint(
-        model_name, data.classes, prep, model.state_dict(),
-        info={"dataset": report["dataset"], "validation": val_metrics, "config": report["config"],
-              "privacy": report.get("privacy")},
-    ).save(out / "model.pt")  # fmt: skip
+        model_name,
+        data.classes,
+        prep,
+        model.state_dict(),
+        info={
+            "dataset": report["dataset"],
+            "validation": val_metrics,
+            "config": report["config"],
+            "privacy": report.get("privacy"),
+        },
+    ).save(out / "model.pt")
     write_json(report, out / "report.json")
     title = f"{model_name} on {'synthetic data' if data.is_synthetic else data.source}"
     plots.curves_png(
         {k: [h[k] for h in history] for k in ("train_loss", "accuracy", "pneumonia_roc_auc")},
-        out / "learning_curves.png", xlabel="epoch", title=title,
-    )  # fmt: skip
+        out / "learning_curves.png",
+        xlabel="epoch",
+        title=title,
+    )
     plots.confusion_matrix_png(val_metrics, out / "confusion_matrix.png", f"validation: {title}")
     return report
 
@@ -154,7 +182,7 @@ def _coverage(stats_noise: float | None) -> dict[str, list[str]]:
         "the training loss of each epoch (history.train_loss), computed on the training batches without noise",
         "the validation split, held out and never trained on: its metrics and per-class sizes (a stratified "
         "split, so they follow the training data's)",
-    ]  # fmt: skip
+    ]
     if stats_noise is None:
         not_covered.append(
             "the normalisation statistics (pixel mean/std, in the checkpoint's preprocessing) and class counts "

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from imaging.transforms import Preprocessing
-from models import architecture
+from medmpc.imaging.transforms import Preprocessing
+from medmpc.models import architecture
 
 FORMAT = "medmpc-checkpoint/1"
 

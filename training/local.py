@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from imaging.transforms import Augmentation, Preprocessing
+from medmpc.imaging.transforms import Augmentation, Preprocessing
 
 
 @dataclass(frozen=True)
@@ -38,9 +38,7 @@ def class_weights(counts: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(
-    model: nn.Module, images: torch.Tensor, prep: Preprocessing, *, batch_size: int = 256
-) -> torch.Tensor:
+def predict(model: nn.Module, images: torch.Tensor, prep: Preprocessing, *, batch_size: int = 256) -> torch.Tensor:
     """Logits for uint8 images."""
     model.eval()
     out = [model(prep(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
@@ -48,7 +46,7 @@ def predict(
 
 
 class PrivateTraining(Protocol):
-    """What DP-SGD changes in the loop (implemented in protocols.dp)."""
+    """What DP-SGD changes in the loop (implemented in training.dp)."""
 
     def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
         """Per-sample gradients, clipping and noise."""
@@ -92,8 +90,10 @@ def train(
     g = torch.Generator().manual_seed(cfg.seed)
     weight = None
     if cfg.class_weighting:
-        weight = class_weight if class_weight is not None else class_weights(torch.bincount(labels, minlength=num_classes))
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        weight = (
+            class_weight if class_weight is not None else class_weights(torch.bincount(labels, minlength=num_classes))
+        )
+    opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = -(-len(images) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15
@@ -117,11 +117,19 @@ def _privately(
 
 
 def _epochs(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, prep: Preprocessing, cfg: TrainConfig,
-    opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler, g: torch.Generator,
-    weight: torch.Tensor | None, private: PrivateTraining | None,
-    on_epoch: Callable[[int, float], None] | None, desc: str,
-) -> list[float]:  # fmt: skip
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    prep: Preprocessing,
+    cfg: TrainConfig,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    g: torch.Generator,
+    weight: torch.Tensor | None,
+    private: PrivateTraining | None,
+    on_epoch: Callable[[int, float], None] | None,
+    desc: str,
+) -> list[float]:
     augment = Augmentation() if cfg.augment else None
     steps_per_epoch = -(-len(images) // cfg.batch_size)
     losses = []
@@ -144,7 +152,11 @@ def _epochs(
             # DP-SGD weights classes through its sampling rates: a loss weight would be
             # undone by per-sample clipping, and would tie each sample's gradient to its batch
             logits = model(x)
-            loss = private.loss(logits, labels[idx]) if private is not None else F.cross_entropy(logits, labels[idx], weight=weight)
+            loss = (
+                private.loss(logits, labels[idx])
+                if private is not None
+                else F.cross_entropy(logits, labels[idx], weight=weight)
+            )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

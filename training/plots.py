@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def confusion_matrix_png(metrics: dict[str, Any], path: Path, title: str) -> None:
@@ -37,9 +38,13 @@ def curves_png(series: dict[str, list[float]], path: Path, *, xlabel: str, title
 
 
 def lines_png(
-    panels: dict[str, dict[str, tuple[list[float], list[float]]]], path: Path, *, xlabel: str, title: str,
+    panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]],
+    path: Path,
+    *,
+    xlabel: str,
+    title: str,
     references: dict[str, dict[str, float]] | None = None,
-) -> None:  # fmt: skip
+) -> None:
     """One panel per name (its y label), each with labelled lines ``label: (xs, ys)`` and,
     from ``references``, labelled horizontal lines (e.g. a target)."""
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)

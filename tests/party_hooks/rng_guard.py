@@ -13,12 +13,46 @@ from typing import Any
 import numpy as np
 import torch
 
-TORCH_FUNCTIONS = ("rand", "randn", "randint", "randperm", "rand_like", "randn_like", "randint_like",
-                   "normal", "bernoulli", "multinomial", "poisson")  # fmt: skip
-TENSOR_METHODS = ("random_", "uniform_", "normal_", "bernoulli_", "exponential_", "geometric_",
-                  "cauchy_", "log_normal_", "bernoulli", "multinomial")  # fmt: skip
-NUMPY_FUNCTIONS = ("default_rng", "rand", "randn", "randint", "random", "random_sample", "choice",
-                   "shuffle", "permutation", "normal", "uniform", "bytes", "seed")  # fmt: skip
+TORCH_FUNCTIONS = (
+    "rand",
+    "randn",
+    "randint",
+    "randperm",
+    "rand_like",
+    "randn_like",
+    "randint_like",
+    "normal",
+    "bernoulli",
+    "multinomial",
+    "poisson",
+)
+TENSOR_METHODS = (
+    "random_",
+    "uniform_",
+    "normal_",
+    "bernoulli_",
+    "exponential_",
+    "geometric_",
+    "cauchy_",
+    "log_normal_",
+    "bernoulli",
+    "multinomial",
+)
+NUMPY_FUNCTIONS = (
+    "default_rng",
+    "rand",
+    "randn",
+    "randint",
+    "random",
+    "random_sample",
+    "choice",
+    "shuffle",
+    "permutation",
+    "normal",
+    "uniform",
+    "bytes",
+    "seed",
+)
 
 
 class WeakRandomness(RuntimeError):

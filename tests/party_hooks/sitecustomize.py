@@ -2,7 +2,8 @@
 
 MEDMPC_TEST_FORBID_WEAK_RNG=1: every draw from torch's or NumPy's generators raises
 (rng_guard). MEDMPC_TEST_STREAM=mt19937: CrypTen's generators become MT19937, as stock
-CrypTen's are (the control that shows an attack test can succeed).
+CrypTen's are (the control that shows an attack test can succeed). MEDMPC_TEST_DRILLS: failure
+drills in the federated roles (drills).
 """
 
 import os
@@ -16,3 +17,8 @@ if os.environ.get("MEDMPC_TEST_STREAM") == "mt19937":
     import weak_stream
 
     weak_stream.install()
+
+if os.environ.get("MEDMPC_TEST_DRILLS"):
+    import drills
+
+    drills.install()

@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from mpc import crypten_compat, inference
+from medmpc.mpc import crypten_compat
+from medmpc.protocols import inference
 
 
 def _record_view(view: dict[str, list[Any]]) -> None:
@@ -22,8 +23,13 @@ def _record_view(view: dict[str, list[Any]]) -> None:
     def recording_all_reduce(tensors: Any, op: Any = torch.distributed.ReduceOp.SUM, batched: bool = False) -> Any:
         mine = [t.clone() for t in (tensors if batched else [tensors])]
         opened = all_reduce(tensors, op=op, batched=batched)
-        view["opened"].append({"xor": op == torch.distributed.ReduceOp.BXOR, "mine": mine,
-                               "opened": [t.clone() for t in (opened if batched else [opened])]})  # fmt: skip
+        view["opened"].append(
+            {
+                "xor": op == torch.distributed.ReduceOp.BXOR,
+                "mine": mine,
+                "opened": [t.clone() for t in (opened if batched else [opened])],
+            }
+        )
         return opened
 
     def recording_encrypt(tensor: torch.Tensor, *, src: int = 0) -> Any:
@@ -36,7 +42,7 @@ def _record_view(view: dict[str, list[Any]]) -> None:
 
 
 def recorded_forward(*, rank: int, world_size: int, **kwargs: Any) -> dict[str, Any]:
-    """``mpc.inference.encrypted_forward``, returning this party's view beside its result."""
+    """``protocols.inference.encrypted_forward``, returning this party's view beside its result."""
     view: dict[str, list[Any]] = {"opened": [], "own_shares": []}
     _record_view(view)
     return {"result": inference.encrypted_forward(rank=rank, world_size=world_size, **kwargs), "view": view}

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mpc import streams
+from medmpc.mpc import streams
 
 
 class MersenneStream:

@@ -14,15 +14,19 @@ out) takes everything from that cache.
 
 from __future__ import annotations
 
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from models import architecture, build_model
-from mpc import crypten_compat
-from mpc.pki import describe_channels
-from mpc.compile import compile_model
+from medmpc.models import architecture, build_model
+from medmpc.mpc import crypten_compat
+from medmpc.mpc.compile import compile_model
+from medmpc.mpc.launch import run_crypten_job
+from medmpc.mpc.pki import describe_channels
+from medmpc.training.checkpoint import Checkpoint
 
 MODEL_OWNER, DATA_OWNER = 0, 1
 
@@ -33,17 +37,24 @@ def _traffic(crypten: Any) -> dict[str, float]:
 
 
 def encrypted_forward(
-    *, rank: int, world_size: int, model_name: str, num_classes: int, shape: list[int],
-    checkpoint: str | None = None, images: str | None = None, device: str = "cpu",
-) -> dict[str, Any] | None:  # fmt: skip
+    *,
+    rank: int,
+    world_size: int,
+    model_name: str,
+    num_classes: int,
+    shape: list[int],
+    checkpoint: str | None = None,
+    images: str | None = None,
+    device: str = "cpu",
+) -> dict[str, Any] | None:
     """The job every party runs. The model owner reads only ``checkpoint``, the data owner
     only ``images`` (a saved float tensor of preprocessed images of ``shape``). With
     ``device="cuda"`` every share lives and is computed on the GPU."""
     crypten = crypten_compat.import_crypten()
     crypten.cfg.communicator.verbose = True  # count rounds and bytes
     if rank == MODEL_OWNER:
-        from training.checkpoint import Checkpoint
-
+        if checkpoint is None:
+            raise ValueError("the model owner runs with a checkpoint")
         ckpt = Checkpoint.load(checkpoint)
         program = compile_model(ckpt.build(), input_range=ckpt.preprocessing.valid_range())
     else:  # the public architecture; its weights are never used
@@ -57,7 +68,9 @@ def encrypted_forward(
     program.trace(crypten_compat.encrypt(torch.zeros(shape, device=device), src=DATA_OWNER), weights)
     offline_s = time.perf_counter() - start
 
-    x = torch.load(images, weights_only=True) if rank == DATA_OWNER else torch.zeros(shape)
+    if rank == DATA_OWNER and images is None:
+        raise ValueError("the data owner runs with images")
+    x = torch.load(images, weights_only=True) if images is not None and rank == DATA_OWNER else torch.zeros(shape)
     crypten.communicator.get().reset_communication_stats()
     _synchronize(device)
     start = time.perf_counter()
@@ -69,10 +82,15 @@ def encrypted_forward(
     if rank != DATA_OWNER:
         return None  # the model owner learns nothing about the result
     return {
-        "logits": logits.cpu(), "online_s": online_s, "offline_s": offline_s, "device": device,
-        "prepared_convs": program.prepared_runs, "comparison_bits": [site.bits for site in program.sites],
-        "bounds_proven": program.bounds_proven, **traffic,
-    }  # fmt: skip
+        "logits": logits.cpu(),
+        "online_s": online_s,
+        "offline_s": offline_s,
+        "device": device,
+        "prepared_convs": program.prepared_runs,
+        "comparison_bits": [site.bits for site in program.sites],
+        "bounds_proven": program.bounds_proven,
+        **traffic,
+    }
 
 
 def _synchronize(device: str) -> None:
@@ -81,34 +99,44 @@ def _synchronize(device: str) -> None:
 
 
 def run_inference(
-    checkpoint: str, images: torch.Tensor, *, timeout_s: float = 600.0, device: str = "cpu",
+    checkpoint: str,
+    images: torch.Tensor,
+    *,
+    timeout_s: float = 600.0,
+    device: str = "cpu",
     plaintext_transport: bool = False,
 ) -> dict[str, Any]:
     """Run model owner, data owner and dealer as local processes on preprocessed ``images``, over
     mutually authenticated TLS (``plaintext_transport``: without, to measure what TLS costs)."""
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {device!r} asked for, but this machine has no CUDA GPU")
-    import tempfile
-    from pathlib import Path
-
-    from mpc.launch import run_crypten_job
-    from training.checkpoint import Checkpoint
-
     ckpt = Checkpoint.load(checkpoint)
     with tempfile.TemporaryDirectory(prefix="medmpc-infer-") as tmp:
         image_file = Path(tmp) / "images.pt"
         torch.save(images.float().contiguous(), image_file)
         results = run_crypten_job(
-            "mpc.inference:encrypted_forward", world_size=2, timeout_s=timeout_s, plaintext_transport=plaintext_transport,
-            args={"model_name": ckpt.model_name, "num_classes": len(ckpt.classes), "shape": list(images.shape),
-                  "checkpoint": str(checkpoint), "images": str(image_file), "device": device},
-        )  # fmt: skip
+            "medmpc.protocols.inference:encrypted_forward",
+            world_size=2,
+            timeout_s=timeout_s,
+            plaintext_transport=plaintext_transport,
+            args={
+                "model_name": ckpt.model_name,
+                "num_classes": len(ckpt.classes),
+                "shape": list(images.shape),
+                "checkpoint": str(checkpoint),
+                "images": str(image_file),
+                "device": device,
+            },
+        )
     if results[MODEL_OWNER] is not None:
         raise RuntimeError("the model owner received a result; it must learn nothing")
-    return results[DATA_OWNER] | {"transport": describe_channels(plaintext=plaintext_transport)}
+    result: dict[str, Any] = results[DATA_OWNER]
+    return result | {"transport": describe_channels(plaintext=plaintext_transport)}
 
 
-def random_model_and_input(model_name: str, image_size: int, batch: int, seed: int) -> tuple[torch.nn.Module, torch.Tensor]:
+def random_model_and_input(
+    model_name: str, image_size: int, batch: int, seed: int
+) -> tuple[torch.nn.Module, torch.Tensor]:
     """A benchmark model (random weights, non-trivial BatchNorm statistics, so that folding is
     really exercised) and a batch of random valid inputs (uniform pixels normalised with
     mean 0.5, std 0.25: in [-2, 2], as the benchmarks' checkpoints declare), the same on every
@@ -124,9 +152,12 @@ def randomise_batchnorm(model: torch.nn.Module, generator: torch.Generator) -> t
     """Give every BatchNorm non-trivial statistics and affine terms; returns the model in eval mode."""
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
+            if not isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                continue
+            if m.running_mean is None or m.running_var is None or m.weight is None or m.bias is None:
+                raise ValueError(f"{type(m).__name__} without running statistics or affine terms")
+            m.running_mean.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
+            m.weight.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
+            m.bias.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
     return model.eval()

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from imaging.dataset import ImageSet
+    from medmpc.imaging.dataset import ImageSet
 
 STATS_SENSITIVITY = 2.0
 
@@ -49,8 +49,12 @@ class Statistics:
         return cls(n, mean, std, sums[3:].round().clamp(min=0))
 
     def to_dict(self, classes: tuple[str, ...]) -> dict[str, Any]:
-        return {"n_images": self.n_images, "pixel_mean": self.pixel_mean, "pixel_std": self.pixel_std,
-                "class_counts": dict(zip(classes, self.class_counts.long().tolist()))}  # fmt: skip
+        return {
+            "n_images": self.n_images,
+            "pixel_mean": self.pixel_mean,
+            "pixel_std": self.pixel_std,
+            "class_counts": dict(zip(classes, self.class_counts.long().tolist())),
+        }
 
 
 def release_history(noise_std: float | None, *, counted: float = 1.0) -> list[tuple[float, float, int]]:
@@ -68,7 +72,11 @@ def release_privacy(
     """The release on its own, for a report: its noise, noise multiplier and epsilon."""
     if not history:
         return None
-    from protocols.accountant import PrivacyAccountant  # Opacus: not for every reader of a plan
+    from medmpc.training.accountant import PrivacyAccountant  # Opacus: not for every reader of a plan
 
-    return {"noise_std": noise_std, "noise_multiplier": history[0][0], "delta": delta,
-            "epsilon": PrivacyAccountant(history).epsilon(delta)}  # fmt: skip
+    return {
+        "noise_std": noise_std,
+        "noise_multiplier": history[0][0],
+        "delta": delta,
+        "epsilon": PrivacyAccountant(history).epsilon(delta),
+    }

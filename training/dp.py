@@ -4,9 +4,9 @@ Per-sample gradients are clipped to norm C, Gaussian noise of standard deviation
 sigma*C is added to their sum, and batches are Poisson-sampled (each sample
 joins each step independently with probability at most q = batch_size / n). The noise
 multiplier sigma is planned so that every step of every planned round together
-ends at the target epsilon (RDP accounting, protocols.accountant).
+ends at the target epsilon (RDP accounting, training.accountant).
 
-Clipping is "book-keeping" (protocols.bookkeeping): one backward pass, per-sample
+Clipping is "book-keeping" (training.bookkeeping): one backward pass, per-sample
 gradient norms without per-sample gradients, then the clipped sum; Opacus adds the
 noise (DPOptimizerFastGradientClipping) and does the accounting analysis. Same update
 as Opacus's per-sample-gradient clipping, several times cheaper on ResNet-18
@@ -25,9 +25,9 @@ from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processe
 from opacus.validators import ModuleValidator
 from torch import nn
 
-from mpc import prg
-from protocols.accountant import BudgetError, PrivacyAccountant, plan_noise_multiplier
-from protocols.bookkeeping import BookKeepingModule, ClippedLoss, clipped_cross_entropy
+from medmpc.mpc import prg
+from medmpc.training.accountant import BudgetError, PrivacyAccountant, plan_noise_multiplier
+from medmpc.training.bookkeeping import BookKeepingModule, ClippedLoss, clipped_cross_entropy
 
 
 class DPIncompatibleModel(ValueError):
@@ -86,9 +86,15 @@ class DPSGD:
     """One data holder's private training across rounds (implements training.local.PrivateTraining)."""
 
     def __init__(
-        self, cfg: DPConfig, *, n_samples: int, batch_size: int, planned_epochs: int, who: str,
+        self,
+        cfg: DPConfig,
+        *,
+        n_samples: int,
+        batch_size: int,
+        planned_epochs: int,
+        who: str,
         prior: PrivacyAccountant | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """``prior``: what this data holder's data already spent before training (the noisy
         statistics release); the noise is planned so that both together end at the budget."""
         if n_samples < 1:
@@ -102,9 +108,13 @@ class DPSGD:
             self.noise_multiplier = cfg.noise_multiplier
         else:
             self.noise_multiplier = plan_noise_multiplier(
-                epsilon=cfg.epsilon, delta=cfg.delta, sample_rate=self.sample_rate,
-                steps=planned_epochs * self.steps_per_epoch, who=who, prior=self.accountant,
-            )  # fmt: skip
+                epsilon=cfg.epsilon,
+                delta=cfg.delta,
+                sample_rate=self.sample_rate,
+                steps=planned_epochs * self.steps_per_epoch,
+                who=who,
+                prior=self.accountant,
+            )
         self._reserved_epochs = 0
         self._optimizer: CSPRNGNoiseOptimizer | None = None
         self._module: BookKeepingModule | None = None
@@ -117,7 +127,7 @@ class DPSGD:
         """Account for ``epochs`` epochs about to run; refuse (BudgetError) if they would exceed the budget.
 
         No slack, for fixed noise as for planned: the planner's noise multiplier ends at or below
-        the budget after all planned epochs (protocols.accountant.plan_noise_multiplier)."""
+        the budget after all planned epochs (training.accountant.plan_noise_multiplier)."""
         steps = epochs * self.steps_per_epoch
         after = self.accountant.epsilon_after(self.noise_multiplier, self.sample_rate, steps, self.cfg.delta)
         if after > self.cfg.epsilon:
@@ -135,9 +145,12 @@ class DPSGD:
                 module.inplace = False
         private_model = BookKeepingModule(model, max_grad_norm=self.cfg.clip)
         private_opt = CSPRNGNoiseOptimizer(
-            optimizer, noise_multiplier=self.noise_multiplier, max_grad_norm=self.cfg.clip,
-            expected_batch_size=round(self.expected_batch_size), loss_reduction="mean",
-        )  # fmt: skip
+            optimizer,
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.cfg.clip,
+            expected_batch_size=round(self.expected_batch_size),
+            loss_reduction="mean",
+        )
         self._optimizer, self._module = private_opt, private_model
         return private_model, private_opt
 
@@ -178,11 +191,15 @@ class DPSGD:
         self._optimizer = self._module = None
 
 
-
 def privacy_summary(dp: DPSGD) -> dict[str, object]:
     """What a report or checkpoint states about one data holder's privacy."""
     return {
-        "epsilon": dp.epsilon, "delta": dp.cfg.delta, "clip": dp.cfg.clip, "target_epsilon": dp.cfg.epsilon,
-        "noise_multiplier": dp.noise_multiplier, "sample_rate": dp.sample_rate, "steps": dp.accountant.steps,
+        "epsilon": dp.epsilon,
+        "delta": dp.cfg.delta,
+        "clip": dp.cfg.clip,
+        "target_epsilon": dp.cfg.epsilon,
+        "noise_multiplier": dp.noise_multiplier,
+        "sample_rate": dp.sample_rate,
+        "steps": dp.accountant.steps,
         "accountant": "RDP (subsampled Gaussian, Poisson sampling)",
-    }  # fmt: skip
+    }

@@ -21,11 +21,14 @@ one non-private step plus the norms.
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.nn.grad
 from opacus.grad_sample import GradSampleModule
 from opacus.grad_sample.linear import compute_linear_norm_sample
 from torch import nn
@@ -44,11 +47,13 @@ def _weighted(factors: torch.Tensor, per_sample: torch.Tensor) -> torch.Tensor:
 
 
 def _from_per_sample(grads: list[torch.Tensor]) -> LayerClip:
-    squared = sum(gs.reshape(len(gs), -1).pow(2).sum(1) for gs in grads)
+    squared = functools.reduce(operator.add, [gs.reshape(len(gs), -1).pow(2).sum(1) for gs in grads])
     return squared, lambda c: [_weighted(c, gs) for gs in grads]
 
 
 def _conv2d(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> LayerClip:
+    if isinstance(layer.padding, str):
+        raise ValueError(f"DP-SGD cannot clip per-sample gradients of a convolution with padding={layer.padding!r}")
     n, c_in, c_out = a.shape[0], layer.in_channels, layer.out_channels
     args = (layer.stride, layer.padding, layer.dilation)
     d_in, positions = c_in * layer.kernel_size[0] * layer.kernel_size[1], g.shape[2] * g.shape[3]
@@ -56,8 +61,13 @@ def _conv2d(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> LayerClip:
     if positions * (d_in + c_out) >= d_in * c_out:
         # few channels, many positions: per-sample weight gradients, all in one grouped
         # convolution (the batch as groups), 3-4x faster than unfold + batched matmul
-        w = torch.nn.grad.conv2d_weight(a.reshape(1, n * c_in, *a.shape[2:]), (n * c_out, c_in, *layer.kernel_size),
-                                        g.reshape(1, n * c_out, *g.shape[2:]), *args, n)  # fmt: skip
+        w = torch.nn.grad.conv2d_weight(
+            a.reshape(1, n * c_in, *a.shape[2:]),
+            (n * c_out, c_in, *layer.kernel_size),
+            g.reshape(1, n * c_out, *g.shape[2:]),
+            *args,
+            n,
+        )
         return _from_per_sample([w.reshape(n, *layer.weight.shape), *bias])
     # many channels, few positions: the "ghost" norm, ||G^T A||^2 = <A A^T, G G^T>, without
     # per-sample gradients; the clipped sum is one weight gradient with G scaled per sample
@@ -132,7 +142,9 @@ class BookKeepingModule(nn.Module):
         if not self._recording:
             return
         if id(layer) in self._seen:
-            raise ValueError(f"layer {type(layer).__name__} runs twice in one forward pass; shared weights are not supported")
+            raise ValueError(
+                f"layer {type(layer).__name__} runs twice in one forward pass; shared weights are not supported"
+            )
         self._seen.add(id(layer))
         a = inputs[0].detach()
         output.register_hook(lambda g: self._records.append((layer, a, g.detach())))

@@ -1,0 +1,82 @@
+"""Failure drills, injected into the federated role processes from outside the production code.
+
+MEDMPC_TEST_DRILLS is a JSON object, party -> "ACTION:ROUND":
+
+* "kill:R": the party dies (SIGKILL, as a crash or power cut would) when round R's command
+  reaches it;
+* "crash_sending:R": a hospital dies halfway through streaming its round-R masked update;
+* "nan:R" / "overflow:R": a hospital's round-R update gets a NaN or a 1e30 (a broken update
+  that must be refused).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+
+ENV = "MEDMPC_TEST_DRILLS"
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def install() -> None:
+    from medmpc.protocols import aggregator, hospital, submit
+
+    drills = {party: spec.split(":") for party, spec in json.loads(os.environ[ENV]).items()}
+    me: dict[str, str] = {}
+
+    def drill(round_: object) -> str | None:
+        action, at = drills.get(me.get("name", ""), ("", ""))
+        return action if str(round_) == at else None
+
+    for role in (hospital.Hospital, aggregator.Aggregator):
+
+        def run(self, _run=role.run) -> None:  # the process's party, once its role object exists
+            me["name"] = self.name
+            _run(self)
+
+        role.run = run
+
+    for module in (hospital, aggregator):
+
+        def next_command(coordinator, traffic, _next=module.next_command):
+            msg = _next(coordinator, traffic)
+            if msg is not None and drill(msg.meta.get("round")) == "kill":
+                _die()
+            return msg
+
+        module.next_command = next_command
+
+    def local_update(self, request, global_vector, _local=hospital.Hospital._local_update):
+        update, seconds = _local(self, request, global_vector)
+        action = drill(request.round)
+        if action in ("nan", "overflow"):
+            update[0] = float("nan") if action == "nan" else 1e30
+        return update, seconds
+
+    hospital.Hospital._local_update = local_update
+
+    def submit_(self, tag, update, _submit=submit.SecureSubmitter.submit):
+        if drill(tag.removeprefix("round")) == "crash_sending":
+            stream = self.collector.send_stream
+
+            def dying(kind, meta, *, dtype, shape, pieces):
+                return stream(kind, meta, dtype=dtype, shape=shape, pieces=_halfway(pieces, math.prod(shape)))
+
+            self.collector.send_stream = dying
+        return _submit(self, tag, update)
+
+    submit.SecureSubmitter.submit = submit_
+
+
+def _halfway(pieces, numel):
+    sent = 0
+    for piece in pieces:
+        if sent >= numel // 2:
+            _die()
+        yield piece
+        sent += piece.numel()
