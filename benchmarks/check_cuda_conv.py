@@ -13,7 +13,7 @@ import torch
 
 from medmpc.mpc import crypten_compat
 
-crypten_compat.import_crypten()  # installs the exact convolution
+crypten_compat.install()  # the exact convolution among the patches
 from crypten.cuda import CUDALongTensor  # noqa: E402  (after the import patches)
 
 stock = CUDALongTensor.crypten_conv_ops

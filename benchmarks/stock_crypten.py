@@ -49,7 +49,7 @@ def stock_forward(
     crypten_cuda_conv: bool = False,
 ) -> dict[str, Any]:
     """``crypten_cuda_conv`` puts back CrypTen's own (inexact) CUDA convolution, to show its error."""
-    crypten = crypten_compat.import_crypten()
+    crypten = crypten_compat.patched()
     _patch_stock(crypten)
     if crypten_cuda_conv:
         from crypten.cuda import CUDALongTensor

@@ -42,7 +42,7 @@ def relu(x: Any, *, bits: int = FULL_RING) -> Any:
     bit-sliced sign test, others CrypTen's (always on the full ring)."""
     if not 2 <= bits <= FULL_RING:
         raise ValueError(f"comparison ring bits must be in 2..{FULL_RING}, got {bits}")
-    crypten = crypten_compat.import_crypten()
+    crypten = crypten_compat.patched()
     share = x._tensor.share
     if crypten.communicator.get().get_world_size() != 2 or share.is_cuda:
         return x.relu()
@@ -60,7 +60,7 @@ def clamp(x: Any, low: float, high: float) -> Any:
     """
     if not low <= 0 <= high:
         raise ValueError(f"clamp needs low <= 0 <= high, got [{low}, {high}]")
-    crypten = crypten_compat.import_crypten()
+    crypten = crypten_compat.patched()
     parts = relu(crypten.stack([x, -x]))
     p, n = parts[0], parts[1]
     excess = relu(crypten.stack([p - high, n + low]))
@@ -69,7 +69,7 @@ def clamp(x: Any, low: float, high: float) -> Any:
 
 def _ltz(x: Any, bits: int) -> Any:
     """``[x < 0]`` as an arithmetic MPCTensor (scale 1)."""
-    crypten = crypten_compat.import_crypten()
+    crypten = crypten_compat.patched()
     from crypten.mpc.primitives import beaver
     from crypten.mpc.primitives.binary import BinarySharedTensor
 

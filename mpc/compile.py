@@ -136,7 +136,7 @@ class Program:
     def publish_bounds(self, *, src: int) -> None:
         """Party ``src`` (the model owner, who derived them from the weights) tells the others the
         input range, each comparison's ring and whether the bounds are proven: all public."""
-        crypten = crypten_compat.import_crypten()
+        crypten = crypten_compat.patched()
         mine = {"input_range": self.input_range, "bits": [s.bits for s in self.sites], "proven": self.bounds_proven}
         public = crypten.communicator.get().broadcast_obj(mine, src)
         if len(public["bits"]) != len(self.sites):
@@ -165,7 +165,7 @@ class Program:
     def trace(self, x: Any, encrypted_params: dict[str, Any]) -> None:
         """Offline, on a placeholder input of the real shape: CrypTen's provider records the
         randomness every step will need, and each convolution prepares its input mask."""
-        crypten = crypten_compat.import_crypten()
+        crypten = crypten_compat.patched()
         provider = crypten.mpc.get_default_provider()
         convs = [s.fn for s in self.steps if isinstance(s.fn, Conv)] if not x._tensor.share.is_cuda else []
         for conv in convs:
@@ -228,7 +228,7 @@ class Conv:
     def prepare(self, weight: Any) -> list[tuple[Any, Callable[[torch.Tensor], None]]]:
         """Offline: draw a triple per recorded shape; returns the ``W - b`` to open, each with
         what to do with the opened value (the caller opens them all in one round)."""
-        crypten = crypten_compat.import_crypten()
+        crypten = crypten_compat.patched()
         provider = crypten.mpc.get_default_provider()
         pending: list[tuple[Any, Callable[[torch.Tensor], None]]] = []
         for shape in self.shapes:
@@ -242,7 +242,7 @@ class Conv:
         self.masks.append((shape, a, c + torch.conv2d(a, delta, **self.kwargs)))
 
     def _online(self, x: Any, weight: Any) -> Any:
-        crypten = crypten_compat.import_crypten()
+        crypten = crypten_compat.patched()
         _, a, aw = self.masks.pop(0)
         self.prepared_runs += 1
         eps = crypten.communicator.get().all_reduce(x._tensor.share - a)
@@ -326,7 +326,7 @@ def _window_max(x: Any, dim: int, k: int, s: int, bits: int) -> Any:
     for i in range(k):
         index[dim] = slice(i, i + s * (n - 1) + 1, s)
         views.append(x[tuple(index)])
-    crypten = crypten_compat.import_crypten()
+    crypten = crypten_compat.patched()
     while len(views) > 1:  # a tree: one batched comparison per level
         half = len(views) // 2
         a, b = crypten.stack(views[:half]), crypten.stack(views[half : 2 * half])

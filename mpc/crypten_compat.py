@@ -1,6 +1,10 @@
 """Every workaround CrypTen 0.4.1 needs on current PyTorch, in one place.
 
-CrypTen is unmaintained since 2022. What breaks, and what we do about it:
+CrypTen is unmaintained since 2022. Every process that uses it calls :func:`install` once,
+at its start (the party entry points do, through :func:`init_party` and :func:`run_dealer`):
+it imports CrypTen, refuses any version but the one these patches were written for, and
+applies them all. Code that uses CrypTen afterwards gets the patched module from
+:func:`patched`, which refuses to hand out an unpatched one. What breaks, and what we do:
 
 * ``import crypten`` fails because ``torch.onnx._internal.registration`` is gone.
   CrypTen only imports it to patch ONNX export, which we never use (models are
@@ -8,7 +12,7 @@ CrypTen is unmaintained since 2022. What breaks, and what we do about it:
   empty stand-in module is enough.
 * CrypTen talks through gloo, which has no TLS transport in this torch build, after
   a TCPStore rendezvous that listens on every interface without authentication
-  (and whose process groups wait 30 minutes for a dead party). :func:`import_crypten`
+  (and whose process groups wait 30 minutes for a dead party). :func:`install`
   puts mpc.tls_communicator in its place: CrypTen's collectives over our mutually
   authenticated TLS channels, with our timeouts naming the silent peer.
 * The default provider ``TFP`` lets party 0 generate every Beaver triple in the
@@ -24,24 +28,24 @@ CrypTen is unmaintained since 2022. What breaks, and what we do about it:
   over 64+ channels then sums more than 2^53 in float64 and loses low bits,
   which the block shifts amplify: ResNet-18 logits came back off by ~1e8 on an
   H100 while small ops were right. :func:`ring_conv` sizes the blocks from the
-  whole dot-product length and is exact; :func:`import_crypten` installs it.
+  whole dot-product length and is exact; :func:`install` installs it.
 * Every generator CrypTen draws shares and triples from is a ``torch.Generator``
   (MT19937 on CPU): the parties' pairwise and local seeds are 64 bits, the
   dealer's are drawn with ``torch.randint``, and any party that sees 624
   consecutive words of its peer's stream (the first AND of a two-party comparison
-  opens thousands) predicts every later one. :func:`import_crypten` replaces
+  opens thousands) predicts every later one. :func:`install` replaces
   them all with keyed ChaCha20 streams (mpc.streams): 256-bit keys from
   ``os.urandom``, exchanged in the same messages CrypTen sends its seeds in, and
   CrypTen's two sampling functions refuse a ``torch.Generator``.
 * CrypTen's Beaver protocol computes three products per party
   (``eps*b + a*delta + eps*delta``, the last added by party 0 only, yet computed by
   all). By bilinearity ``eps*(b + delta) + a*delta`` is the same with two: a third
-  less convolution work in encrypted inference. Installed by :func:`import_crypten`.
+  less convolution work in encrypted inference. Installed by :func:`install`.
 """
 
 from __future__ import annotations
 
-import functools
+import importlib.metadata
 import importlib.util
 import math
 import os
@@ -67,17 +71,36 @@ def _install_onnx_registration_stub() -> None:
         sys.modules[name] = stub
 
 
-@functools.cache
-def import_crypten() -> Any:
-    """Import CrypTen with the compatibility patches applied."""
-    _install_onnx_registration_stub()
-    import crypten
+SUPPORTED_VERSION = "0.4.1"
+_patched: Any = None
 
-    _install_exact_cuda_conv(crypten)
-    _install_two_product_beaver(crypten)
-    _install_stream_randomness(crypten)
-    _install_tls_communicator()
-    return crypten
+
+def install() -> Any:
+    """Import CrypTen and apply every patch of this module; once per process (later calls
+    return the same module). Raises RuntimeError for a CrypTen version these patches were
+    not written for: they reach into its internals."""
+    global _patched
+    if _patched is None:
+        version = importlib.metadata.version("crypten")
+        if version != SUPPORTED_VERSION:
+            raise RuntimeError(f"medmpc patches CrypTen {SUPPORTED_VERSION}, but CrypTen {version} is installed")
+        _install_onnx_registration_stub()
+        import crypten
+
+        _install_exact_cuda_conv(crypten)
+        _install_two_product_beaver(crypten)
+        _install_stream_randomness(crypten)
+        _install_tls_communicator()
+        _patched = crypten
+    return _patched
+
+
+def patched() -> Any:
+    """The CrypTen module, patched; RuntimeError if :func:`install` has not run in this process
+    (unpatched CrypTen draws shares from MT19937 and talks over plain gloo)."""
+    if _patched is None:
+        raise RuntimeError("CrypTen used before medmpc.mpc.crypten_compat.install() ran in this process")
+    return _patched
 
 
 def _install_tls_communicator() -> None:
@@ -104,7 +127,7 @@ def _drawn(crypten: Any, generator: Any, kwargs: dict[str, Any], draw: Any) -> A
     if isinstance(generator, torch.Generator):
         raise TypeError(
             f"refusing to draw shares from a torch.Generator ({generator.device}): it is not a CSPRNG; "
-            "CrypTen's generators are ChaCha20 streams once mpc.crypten_compat.import_crypten() ran"
+            "CrypTen's generators are ChaCha20 streams once medmpc.mpc.crypten_compat.install() ran"
         )
     out = draw(generator).to(device)
     return CUDALongTensor(out) if out.is_cuda else out
@@ -275,14 +298,14 @@ def configure_provider(provider: str = "TTP", *, allow_insecure: bool = False) -
         )
     if provider not in _SECURE_PROVIDERS + _INSECURE_PROVIDERS:
         raise ValueError(f"unknown CrypTen provider {provider!r}; expected one of TTP, TFP")
-    crypten = import_crypten()
+    crypten = patched()
     crypten.cfg.mpc.provider = provider
 
 
 def init_party(*, timeout_s: float, provider: str = "TTP", allow_insecure: bool = False) -> Any:
     """Initialise CrypTen in this process from the RANK/WORLD_SIZE and mpc.tls_communicator
     environment variables; a peer silent for ``timeout_s`` is an error naming it."""
-    crypten = import_crypten()
+    crypten = install()
     configure_provider(provider, allow_insecure=allow_insecure)
     _set_peer_timeout(timeout_s)
     crypten.init()
@@ -290,14 +313,14 @@ def init_party(*, timeout_s: float, provider: str = "TTP", allow_insecure: bool 
 
 
 def _set_peer_timeout(timeout_s: float) -> None:
-    from medmpc.mpc import tls_communicator  # after import_crypten(), which it needs
+    from medmpc.mpc import tls_communicator  # after install(), which it needs
 
     os.environ[tls_communicator.TIMEOUT_ENV] = str(timeout_s)
 
 
 def run_dealer(*, timeout_s: float) -> None:
     """Serve Beaver triples and other correlated randomness until the parties finish."""
-    crypten = import_crypten()
+    crypten = install()
     configure_provider("TTP")
     _set_peer_timeout(timeout_s)
     crypten.mpc.provider.TTPServer()
@@ -319,4 +342,4 @@ def encrypt(tensor: torch.Tensor, *, src: int = 0) -> Any:
             f"encrypt() takes a floating-point tensor, got dtype {tensor.dtype}; "
             "CrypTen would drop the fractional part before encoding"
         )
-    return import_crypten().cryptensor(tensor, src=src)
+    return patched().cryptensor(tensor, src=src)

@@ -83,7 +83,7 @@ def edge_values(bits: int) -> torch.Tensor:
 
 def _shared(ring: torch.Tensor) -> Any:
     """Party 0's public ring elements, shared with a random sharing of zero (not as 0 and v)."""
-    crypten = crypten_compat.import_crypten()
+    crypten = crypten_compat.patched()
     from crypten.mpc.primitives import ArithmeticSharedTensor
 
     zero = ArithmeticSharedTensor.PRZS(ring.size()).share

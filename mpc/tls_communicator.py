@@ -92,7 +92,8 @@ class TLSCommunicator(Communicator):
     def __init__(self, *, rank: int, world_size: int, init_ttp: bool) -> None:
         if PARTIES_ENV not in os.environ:
             raise ValueError(
-                f"{PARTIES_ENV} is not set: start CrypTen parties with medmpc.mpc.launch or `python -m medmpc.mpc.party`"
+                f"{PARTIES_ENV} is not set: start CrypTen parties with medmpc.mpc.launch "
+                "or `python -m medmpc.mpc.party`"
             )
         addresses = [a.rsplit(":", 1) for a in os.environ[PARTIES_ENV].split(",")]
         total = world_size + 1 if init_ttp else world_size

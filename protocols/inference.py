@@ -50,7 +50,7 @@ def encrypted_forward(
     """The job every party runs. The model owner reads only ``checkpoint``, the data owner
     only ``images`` (a saved float tensor of preprocessed images of ``shape``). With
     ``device="cuda"`` every share lives and is computed on the GPU."""
-    crypten = crypten_compat.import_crypten()
+    crypten = crypten_compat.patched()
     crypten.cfg.communicator.verbose = True  # count rounds and bytes
     if rank == MODEL_OWNER:
         if checkpoint is None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from medmpc.imaging.images import DataError
+from medmpc.mpc import crypten_compat
 from medmpc.mpc.pki import IdentityError
 from medmpc.mpc.transport import Listener, PeerError
 from medmpc.protocols.plan import Plan
@@ -36,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = Plan.from_json(a.plan.read_text())
     # several parties share this machine's cores in a simulation
     torch.set_num_threads(max(1, int(os.environ.get("MEDMPC_THREADS", "1"))))
+    if a.role == "aggregator":
+        crypten_compat.install()  # an aggregator holds its shares as CrypTen arithmetic shares
     try:
         if a.role == "coordinator":
             from medmpc.protocols.coordinator import Coordinator

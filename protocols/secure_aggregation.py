@@ -121,7 +121,7 @@ class AggregatorState:
             raise ValueError(f"the sum must start from {numel} contiguous int64 values")
         self.tag, self.expected, self.numel, self.divisor = tag, list(expected), numel, divisor
         total = torch.zeros(numel, dtype=torch.int64) if start is None else start
-        crypten = crypten_compat.import_crypten()
+        crypten = crypten_compat.patched()
         self.shared = crypten.mpc.primitives.ArithmeticSharedTensor.from_shares(total, precision=fractional_bits)
         self.contributors: list[str] = []
         self._arriving: set[str] = set()

@@ -186,7 +186,7 @@ class BatchEngine:
                 _settle(p.future, error=EngineUnavailable(self.failure or "the engine stopped"))
 
     def _serve(self, model: Model) -> None:
-        crypten = crypten_compat.import_crypten()
+        crypten = crypten_compat.patched()
         comm = crypten.communicator.get()
         last_dealer_contact = time.monotonic()
         retry = False
@@ -270,7 +270,7 @@ class BatchEngine:
             return [(rid, self._pending.pop(rid) if rid in self._pending else _abandoned(shapes[rid])) for rid in batch]
 
     def _run_batch(self, model: Model, batch: list[tuple[Key, _Pending]]) -> None:
-        crypten = crypten_compat.import_crypten()
+        crypten = crypten_compat.patched()
         start = time.perf_counter()
         shares = torch.cat([p.share for _, p in batch])
         x = crypten.mpc.MPCTensor.from_shares(shares, precision=model.card.fractional_bits)

@@ -9,7 +9,8 @@ as well (PARTIES=10.0.0.1:29500,10.0.0.2:29500,10.0.0.3:29500, model owner, comp
 federation/ holds ca.pem, crl.pem and the party's own key: party0, party1 or dealer):
 
     python -m medmpc.serving.party --role dealer      --parties $PARTIES --mpc-tls-dir federation/ --port 8002
-    python -m medmpc.serving.party --role model-owner --parties $PARTIES --mpc-tls-dir federation/ --port 8000 --model model.pt
+    python -m medmpc.serving.party --role model-owner --parties $PARTIES --mpc-tls-dir federation/ --port 8000 \\
+        --model model.pt
     python -m medmpc.serving.party --role compute     --parties $PARTIES --mpc-tls-dir federation/ --port 8001
 
 Client tokens come from ``--tokens-file`` (one per line) or ``MEDMPC_TOKENS`` (comma-separated).

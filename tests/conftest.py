@@ -7,6 +7,9 @@ import pytest
 from checkpoints import trained_cnn
 
 from medmpc.imaging.dataset import load_dataset
+from medmpc.mpc import crypten_compat
+
+crypten_compat.install()  # this process is a party too where a test shares or sums in-process
 
 REPO = Path(__file__).resolve().parents[1]
 CHEST_XRAY = REPO.parent / "shared" / "data" / "chest_xray"

@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -7,9 +10,27 @@ from medmpc.mpc.launch import PartyError, run_crypten_job
 
 
 def test_crypten_imports_with_patches():
-    crypten = crypten_compat.import_crypten()
+    crypten = crypten_compat.patched()
+    assert crypten_compat.install() is crypten  # once per process
     assert hasattr(crypten, "cryptensor")
     assert crypten.mpc.ttp_required is not None
+
+
+def test_unpatched_crypten_is_never_handed_out():
+    """A process that did not install the patches gets an error, not MT19937 shares over gloo."""
+    code = "from medmpc.mpc import crypten_compat; crypten_compat.patched()"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "before medmpc.mpc.crypten_compat.install()" in proc.stderr
+    control = subprocess.run([sys.executable, "-c", code.replace("patched()", "install()")], timeout=120)
+    assert control.returncode == 0
+
+
+def test_another_crypten_version_is_refused(monkeypatch):
+    """The patches reach into CrypTen 0.4.1's internals; another version is refused by name."""
+    monkeypatch.setattr(crypten_compat, "_patched", None)
+    monkeypatch.setattr(crypten_compat.importlib.metadata, "version", lambda name: "0.5.0")
+    with pytest.raises(RuntimeError, match="CrypTen 0.4.1, but CrypTen 0.5.0 is installed"):
+        crypten_compat.install()
 
 
 def test_tfp_provider_is_refused_unless_explicitly_allowed():

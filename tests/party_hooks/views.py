@@ -16,7 +16,7 @@ from medmpc.protocols import inference
 
 
 def _record_view(view: dict[str, list[Any]]) -> None:
-    crypten = crypten_compat.import_crypten()
+    crypten = crypten_compat.patched()
     comm = crypten.communicator.get()
     all_reduce, encrypt = comm.all_reduce, crypten_compat.encrypt
 
@@ -51,7 +51,7 @@ def recorded_forward(*, rank: int, world_size: int, **kwargs: Any) -> dict[str, 
 def generator_kinds(*, rank: int, world_size: int) -> dict[str, tuple[str, tuple[int, ...]]]:
     """The class and first two words of every CPU generator CrypTen holds in this party after
     ``crypten.init`` (drawing them spends them: this job does nothing else)."""
-    crypten = crypten_compat.import_crypten()
+    crypten = crypten_compat.patched()
     from crypten.mpc.provider.ttp_provider import TTPClient
 
     gens = {name: gens[torch.device("cpu")] for name, gens in crypten.generators.items()}
