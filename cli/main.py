@@ -11,6 +11,8 @@ from pathlib import Path
 from medmpc.cli import commands
 from medmpc.serving.options import add_service_options
 
+Subcommands = argparse._SubParsersAction  # what add_subparsers returns
+
 
 def _add_data_args(p: argparse.ArgumentParser, *, default_size: int | None) -> None:
     p.add_argument("--data", default="synthetic", help="data folder (Kaggle layout) or 'synthetic[:N]' (default)")
@@ -40,6 +42,10 @@ def _add_plaintext_transport(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_json(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout (progress goes to stderr)")
+
+
 def _add_dp_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("differential privacy (DP-SGD)")
     g.add_argument("--dp-epsilon", type=float, help="privacy budget; turns on DP-SGD (needs a GroupNorm model)")
@@ -53,10 +59,7 @@ def _add_dp_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medmpc", description="Secure multi-party learning on chest X-rays.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _train(sub: Subcommands) -> None:
     p = sub.add_parser("train", help="centralised training (the baseline for federated runs)")
     _add_data_args(p, default_size=224)
     p.add_argument("--model", default="cnn", help="cnn, cnn_gn, resnet18, resnet18_gn")
@@ -80,13 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=commands.train)
 
+
+def _evaluate(sub: Subcommands) -> None:
     p = sub.add_parser("evaluate", help="metrics of a checkpoint on a folder of labelled images")
     _add_data_args(p, default_size=None)
     p.add_argument("--model", type=Path, required=True, help="checkpoint (model.pt)")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    _add_json(p)
     p.add_argument("--out", type=Path, help="folder for metrics.json and confusion_matrix.png")
     p.set_defaults(func=commands.evaluate)
 
+
+def _partition(sub: Subcommands) -> None:
     p = sub.add_parser("partition", help="show how a dataset would be split across hospitals")
     _add_data_args(p, default_size=64)
     p.add_argument("--hospitals", type=int, default=3)
@@ -94,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=commands.partition)
 
+
+def _simulate(sub: Subcommands) -> None:
     p = sub.add_parser("simulate", help="federated training with every role its own process")
     p.add_argument("--config", type=Path, help="TOML file with any of the options below (flags override it)")
     p.add_argument("--hospitals", type=int)
@@ -134,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=commands.simulate)
 
+
+def _bench(sub: Subcommands) -> None:
     bench = sub.add_parser("bench", help="protocol benchmarks").add_subparsers(dest="bench", required=True)
     p = bench.add_parser("secure-aggregation", help="one secure aggregation vs a plaintext all-reduce")
     p.add_argument("--params", type=int, default=11_200_000, help="float32 values per update (ResNet-18: 11.2M)")
@@ -142,19 +153,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=3, help="runs of each; medians are reported")
     p.add_argument("--fractional-bits", type=int, default=16)
     p.add_argument("--timeout", type=float, default=300.0)
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    _add_json(p)
     _add_transport_args(p)
     p.set_defaults(func=commands.bench_secure_aggregation)
 
+    p = bench.add_parser("inference", help="encrypted inference of a random model against plaintext")
+    p.add_argument("--model", default="resnet18", help="architecture from the registry")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda: where every party keeps and computes its shares")
+    _add_json(p)
+    _add_plaintext_transport(p)
+    p.set_defaults(func=commands.bench_inference)
+
+
+def _infer(sub: Subcommands) -> None:
     p = sub.add_parser("infer", help="encrypted prediction: secret-shared model on a secret-shared image")
     p.add_argument("--model", type=Path, required=True, help="checkpoint (model.pt)")
     p.add_argument("--image", type=Path, required=True, nargs="+", help="image file(s); several form one batch")
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--device", default="cpu", help="cpu or cuda: where every party keeps and computes its shares")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    _add_json(p)
     _add_plaintext_transport(p)
     p.set_defaults(func=commands.infer)
 
+
+def _serve(sub: Subcommands) -> None:
     p = sub.add_parser("serve", help="encrypted prediction service: model owner, compute party and dealer over HTTP")
     p.add_argument("--model", type=Path, help="checkpoint (model.pt); needed by the model owner")
     p.add_argument(
@@ -181,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-dir", type=Path, default=Path("runs/serve"), help="party logs (JSON lines) for --role all")
     p.set_defaults(func=commands.serve)
 
+
+def _predict(sub: Subcommands) -> None:
     p = sub.add_parser("predict", help="client of the prediction service: shares an image, reconstructs the result")
     p.add_argument("image", type=Path, nargs="+", help="image file(s); several form one request")
     p.add_argument("--servers", required=True, help="URL1,URL2 of the model owner and the compute party")
@@ -192,25 +220,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow plain http:// to a host that is not this machine (every share then crosses the network readable)",
     )
     p.add_argument("--timeout", type=float, default=120.0)
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    _add_json(p)
     p.set_defaults(func=commands.predict)
 
-    p = bench.add_parser("inference", help="encrypted inference of a random model against plaintext")
-    p.add_argument("--model", default="resnet18", help="architecture from the registry")
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=600.0)
-    p.add_argument("--device", default="cpu", help="cpu or cuda: where every party keeps and computes its shares")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    _add_plaintext_transport(p)
-    p.set_defaults(func=commands.bench_inference)
 
+def _selfcheck(sub: Subcommands) -> None:
     p = sub.add_parser("selfcheck", help="secret-shared arithmetic across real party processes")
     p.add_argument("--parties", type=int, default=2)
     p.add_argument("--timeout", type=float, default=60.0, help="seconds before a silent party is an error")
     p.set_defaults(func=commands.selfcheck)
 
+
+def _pki(sub: Subcommands) -> None:
     pki = sub.add_parser("pki", help="federation CA and party certificates").add_subparsers(dest="pki", required=True)
     p = pki.add_parser("init", help="a new CA, its CRL, and a key and certificate for every party")
     p.add_argument("--out", type=Path, required=True, help="new federation folder (ca.pem, crl.pem, PARTY.pem/.key)")
@@ -227,6 +248,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", type=Path, required=True, help="federation folder holding ca.key")
     p.add_argument("party")
     p.set_defaults(func=commands.pki_revoke)
+
+
+# every subcommand: a function that adds its parser (and sets the function that runs it)
+SUBCOMMANDS = (_train, _evaluate, _partition, _simulate, _bench, _infer, _serve, _predict, _selfcheck, _pki)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medmpc", description="Secure multi-party learning on chest X-rays.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
     return parser
 
 
