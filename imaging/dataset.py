@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from medmpc.imaging.images import DataError, read_images
+from medmpc.imaging.splits import stratified_split
 
 CLASSES = {
     3: ("normal", "bacterial", "viral"),
@@ -53,6 +54,12 @@ class ImageSet:
         index = torch.as_tensor(index, dtype=torch.long)
         paths = [self.paths[i] for i in index.tolist()] if self.paths is not None else None
         return ImageSet(self.images[index], self.labels[index], self.classes, self.source, paths)
+
+    def held_out(self, fraction: float, *, seed: int) -> tuple[ImageSet, ImageSet]:
+        """This set split into (training part, validation part), stratified by class: the
+        validation part is ``fraction`` of every class, the same for the same ``seed``."""
+        train_idx, val_idx = stratified_split(self.labels, fraction, seed=seed)
+        return self.subset(train_idx), self.subset(val_idx)
 
     def class_counts(self) -> dict[str, int]:
         counts = torch.bincount(self.labels, minlength=len(self.classes)).tolist()

@@ -10,8 +10,6 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from medmpc.imaging.dataset import ImageSet, load_dataset
-from medmpc.imaging.splits import stratified_split
 from medmpc.imaging.transforms import Preprocessing
 from medmpc.models import build_model
 from medmpc.models.vector import load_vector, to_vector
@@ -29,7 +27,7 @@ from medmpc.protocols.messages import (
     Train,
     Update,
 )
-from medmpc.protocols.plan import Plan
+from medmpc.protocols.plan import Plan, plan_data
 from medmpc.protocols.strategy import Aggregation, BudgetExhausted, PlainFedAvg, RoundAborted, SecureFedAvg, Strategy
 from medmpc.training.accountant import PrivacyAccountant
 from medmpc.training.centralised import write_json
@@ -150,17 +148,10 @@ class Coordinator:
             self.stop_all()
         return report
 
-    def _validation_set(self) -> tuple[ImageSet, ImageSet]:
-        """The held-out split of the training folder, which no hospital trains on."""
-        p = self.plan
-        data = load_dataset(p.data, image_size=p.image_size, num_classes=p.num_classes, seed=p.seed)
-        _, val_idx = stratified_split(data.labels, p.val_fraction, seed=p.seed)
-        return data, data.subset(val_idx)
-
     def _train(self, strategy: Strategy, report: dict[str, Any]) -> None:
         p = self.plan
-        data, val = self._validation_set()
-        classes = data.classes
+        _, val = plan_data(p)  # the held-out split, which no hospital trains on
+        classes = val.classes
         n_stats = 3 + len(classes)
         # Normalisation statistics and class counts, aggregated like updates: no hospital reveals its
         # own; with stats_noise the aggregators add Gaussian noise to each of them inside MPC.
@@ -175,7 +166,7 @@ class Coordinator:
             "privacy": release_privacy(p.stats_release(), noise_std=p.stats_noise, delta=p.dp_delta),
             "traffic": self.traffic_since_last(),
         }
-        report["dataset"] = {"source": data.source, "synthetic": data.is_synthetic, "val": val.class_counts()}
+        report["dataset"] = {"source": val.source, "synthetic": val.is_synthetic, "val": val.class_counts()}
 
         model = build_model(p.model, p.num_classes, seed=p.seed)
         global_vec = to_vector(model)

@@ -6,8 +6,8 @@ import time
 
 import torch
 
-from medmpc.imaging.dataset import ImageSet, load_dataset
-from medmpc.imaging.splits import partition, stratified_split
+from medmpc.imaging.dataset import ImageSet
+from medmpc.imaging.splits import partition
 from medmpc.imaging.transforms import Preprocessing
 from medmpc.models import build_model
 from medmpc.models.vector import load_vector, to_vector
@@ -16,7 +16,7 @@ from medmpc.mpc.transport import Channel, PeerError, Traffic, connect
 from medmpc.protocols import messages
 from medmpc.protocols.commands import next_command
 from medmpc.protocols.messages import OutOfBudget, Refused, Stats, Submitted, Train
-from medmpc.protocols.plan import Plan
+from medmpc.protocols.plan import Plan, plan_data
 from medmpc.protocols.secure_aggregation import clip_update
 from medmpc.protocols.submit import PlainSubmitter, SecureSubmitter, Submitter
 from medmpc.training.accountant import BudgetError, PrivacyAccountant
@@ -31,10 +31,9 @@ def hospital_partition(plan: Plan, index: int) -> ImageSet:
     In a real deployment every hospital reads its own folder instead; the
     simulation carves the same folder up reproducibly from the plan's seed.
     """
-    data = load_dataset(plan.data, image_size=plan.image_size, num_classes=plan.num_classes, seed=plan.seed)
-    train_idx, _ = stratified_split(data.labels, plan.val_fraction, seed=plan.seed)
-    parts = partition(data.labels[train_idx], plan.hospitals, plan.partition, seed=plan.seed)
-    return data.subset(train_idx[parts[index]])
+    shared, _ = plan_data(plan)
+    parts = partition(shared.labels, plan.hospitals, plan.partition, seed=plan.seed)
+    return shared.subset(parts[index])
 
 
 def check_tag(request: Stats | Train) -> str:

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from medmpc.imaging.dataset import ImageSet, load_dataset
 from medmpc.mpc.pki import Identity, IdentityError, describe_channels
 from medmpc.mpc.sharing import DEFAULT_FRACTIONAL_BITS
 from medmpc.training.statistics import release_history
@@ -162,6 +163,14 @@ class Plan:
     @classmethod
     def from_json(cls, text: str) -> Plan:
         return cls(**json.loads(text))
+
+
+def plan_data(plan: Plan) -> tuple[ImageSet, ImageSet]:
+    """The plan's data split into the hospitals' part and the validation part, which the
+    coordinator keeps and no hospital trains on. In a simulation every role carves the same
+    folder up reproducibly from the plan's seed."""
+    data = load_dataset(plan.data, image_size=plan.image_size, num_classes=plan.num_classes, seed=plan.seed)
+    return data.held_out(plan.val_fraction, seed=plan.seed)
 
 
 def load_plan(config: Path | None, overrides: dict[str, Any]) -> Plan:

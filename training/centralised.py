@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from medmpc.imaging.dataset import ImageSet
-from medmpc.imaging.splits import stratified_split
 from medmpc.imaging.transforms import Preprocessing
 from medmpc.models import build_model
 from medmpc.mpc import prg
@@ -66,8 +65,7 @@ def train_centralised(
             "budget that accounts for it) and a positive noise"
         )
     out.mkdir(parents=True, exist_ok=True)
-    train_idx, val_idx = stratified_split(data.labels, val_fraction, seed=cfg.seed)
-    train_set, val_set = data.subset(train_idx), data.subset(val_idx)
+    train_set, val_set = data.held_out(val_fraction, seed=cfg.seed)
     release, noisy, class_weight = release_history(stats_noise), None, None
     if stats_noise is None:
         prep = Preprocessing.fit(train_set.images)

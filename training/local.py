@@ -99,7 +99,20 @@ def train(
         opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15
     )
     with _privately(private, model, opt) as (model, opt):
-        return _epochs(model, images, labels, prep, cfg, opt, sched, g, weight, private, on_epoch, desc)
+        return _epochs(
+            model,
+            images,
+            labels,
+            prep,
+            cfg,
+            opt=opt,
+            sched=sched,
+            generator=g,
+            weight=weight,
+            private=private,
+            on_epoch=on_epoch,
+            desc=desc,
+        )
 
 
 @contextlib.contextmanager
@@ -122,9 +135,10 @@ def _epochs(
     labels: torch.Tensor,
     prep: Preprocessing,
     cfg: TrainConfig,
+    *,
     opt: torch.optim.Optimizer,
     sched: torch.optim.lr_scheduler.LRScheduler,
-    g: torch.Generator,
+    generator: torch.Generator,
     weight: torch.Tensor | None,
     private: PrivateTraining | None,
     on_epoch: Callable[[int, float], None] | None,
@@ -140,7 +154,7 @@ def _epochs(
         if private is not None:
             batches = private.batches(labels, weight)
         else:
-            batches = _shuffled_batches(len(images), cfg.batch_size, g)
+            batches = _shuffled_batches(len(images), cfg.batch_size, generator)
         for idx in batches:
             if len(idx) == 0:  # Poisson sampling drew nobody: the step releases nothing
                 sched.step()
@@ -148,7 +162,7 @@ def _epochs(
                 continue
             x = prep(images[idx])
             if augment is not None:
-                x = augment(x, g)
+                x = augment(x, generator)
             # DP-SGD weights classes through its sampling rates: a loss weight would be
             # undone by per-sample clipping, and would tie each sample's gradient to its batch
             logits = model(x)
