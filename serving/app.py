@@ -62,6 +62,68 @@ def health_app(name: str, ready: Callable[[], tuple[bool, str]]) -> FastAPI:
     return app
 
 
+class _Tokens:
+    """The configured bearer tokens, each one client (named by :func:`client_id`)."""
+
+    def __init__(self, tokens: list[str]) -> None:
+        if not tokens:
+            raise ValueError("no client tokens configured: pass --tokens-file FILE or set MEDMPC_TOKENS")
+        self._secrets = [t.encode() for t in tokens]
+        self._clients = [client_id(token=t) for t in tokens]
+
+    def client(self, authorization: str) -> str | None:
+        """The client an ``Authorization`` header authenticates, or None."""
+        scheme, _, token = authorization.partition(" ")
+        # compare against every token, so timing does not tell how many matched
+        matches = [hmac.compare_digest(token.encode(), s) for s in self._secrets]
+        if scheme.lower() != "bearer" or not any(matches):
+            return None
+        return self._clients[matches.index(True)]
+
+
+Guard = Callable[[Request, Callable[[Request], Awaitable[Response]]], Awaitable[Response]]
+
+
+def _guard(tokens: _Tokens, *, party: int, max_body_bytes: int) -> Guard:
+    """Middleware: the API's token and body-size checks, before any body is read."""
+
+    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        if not request.url.path.startswith("/v1/"):
+            return await call_next(request)
+        client = tokens.client(request.headers.get("authorization", ""))
+        if client is None:
+            log("refused", party=party, path=request.url.path, status=401)
+            return _error(401, "missing or invalid bearer token", **{"WWW-Authenticate": "Bearer"})
+        request.state.client = client
+        if request.method == "POST":
+            length = request.headers.get("content-length")
+            if length is None:
+                return _error(411, "a Content-Length header is required")
+            if not length.isdigit() or int(length) > max_body_bytes:
+                log("refused", party=party, path=request.url.path, status=413, bytes=length)
+                return _error(413, f"body of {length} bytes exceeds the limit of {max_body_bytes}")
+        return await call_next(request)
+
+    return guard
+
+
+# how a request that fails with one of these errors is answered: status, and the detail made
+# from the request id and the error
+_REFUSALS: dict[type[Exception], tuple[int, Callable[[str, Exception], str]]] = {
+    WireError: (422, lambda rid, err: str(err)),
+    DuplicateRequest: (409, lambda rid, err: str(err)),
+    QueueFull: (429, lambda rid, err: f"busy: {err}; retry later"),
+    EngineUnavailable: (503, lambda rid, err: f"service unavailable: {err}"),
+    ShareMismatch: (409, lambda rid, err: f"request {rid}: {err}"),
+}
+
+
+def _refusal(request_id: str, err: Exception) -> tuple[int, JSONResponse]:
+    status, detail = next(_REFUSALS[kind] for kind in type(err).__mro__ if kind in _REFUSALS)
+    headers = {"Retry-After": "1"} if status == 429 else {}
+    return status, _error(status, detail(request_id, err), **headers)
+
+
 def compute_app(
     name: str,
     engine: BatchEngine,
@@ -73,15 +135,9 @@ def compute_app(
 ) -> FastAPI:
     """A compute party's app: health plus the authenticated prediction API. A request waits at most
     ``share_timeout_s`` for the other party to hold its partner share, and ``request_timeout_s`` in all."""
-    if not tokens:
-        raise ValueError("no client tokens configured: pass --tokens-file FILE or set MEDMPC_TOKENS")
-    secrets = [t.encode() for t in tokens]
-    clients = [client_id(token=t) for t in tokens]
-
-    def ready() -> tuple[bool, str]:
-        return engine.ready, engine.failure or ("serving" if engine.ready else "starting")
-
-    app = health_app(name, ready)
+    guard = _guard(_Tokens(tokens), party=engine.rank, max_body_bytes=max_body_bytes)
+    app = health_app(name, lambda: (engine.ready, engine.failure or ("serving" if engine.ready else "starting")))
+    app.middleware("http")(guard)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError) -> Response:
@@ -89,26 +145,6 @@ def compute_app(
         # copy share values into responses; say only where and what is wrong
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         return _error(422, f"not a prediction request ({problems})")
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        if not request.url.path.startswith("/v1/"):
-            return await call_next(request)
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        # compare against every token, so timing does not tell how many matched
-        matches = [hmac.compare_digest(token.encode(), s) for s in secrets]
-        if scheme.lower() != "bearer" or not any(matches):
-            log("refused", party=engine.rank, path=request.url.path, status=401)
-            return _error(401, "missing or invalid bearer token", **{"WWW-Authenticate": "Bearer"})
-        request.state.client = clients[matches.index(True)]
-        if request.method == "POST":
-            length = request.headers.get("content-length")
-            if length is None:
-                return _error(411, "a Content-Length header is required")
-            if not length.isdigit() or int(length) > max_body_bytes:
-                log("refused", party=engine.rank, path=request.url.path, status=413, bytes=length)
-                return _error(413, f"body of {length} bytes exceeds the limit of {max_body_bytes}")
-        return await call_next(request)
 
     @app.get("/v1/model")
     def model_card() -> Response:
@@ -140,24 +176,13 @@ def compute_app(
             engine.card.check_input_shape(req.shape)
             share = decode_tensor(req.share, req.shape, req.dtype, what="share")
             future = engine.submit(req.request_id, share, share_timeout_s, client=client)
-        except WireError as err:
-            return done(422, _error(422, str(err)))
-        except DuplicateRequest as err:
-            return done(409, _error(409, str(err)))
-        except QueueFull as err:
-            return done(429, _error(429, f"busy: {err}; retry later", **{"Retry-After": "1"}))
-        except EngineUnavailable as err:
-            return done(503, _error(503, f"service unavailable: {err}"))
-        try:
             result = await asyncio.wait_for(asyncio.wrap_future(future), request_timeout_s)
         except TimeoutError as err:
             engine.forget(req.request_id, client=client)
             why = f"{err} within {share_timeout_s:g} s" if str(err) else f"no result within {request_timeout_s:g} s"
             return done(504, _error(504, f"request {req.request_id}: {why}"))
-        except ShareMismatch as err:
-            return done(409, _error(409, f"request {req.request_id}: {err}"))
-        except EngineUnavailable as err:
-            return done(503, _error(503, f"service unavailable: {err}"))
+        except tuple(_REFUSALS) as err:
+            return done(*_refusal(req.request_id, err))
         share_out = result.logits_share
         return done(
             200,
