@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import copy
 import importlib
+import shutil
+import subprocess
 import sys
+import zipfile
 import tomllib
 from pathlib import Path
 
@@ -71,3 +74,21 @@ def test_only_the_medmpc_namespace_is_importable_from_outside_the_repository(tmp
         with pytest.raises(ModuleNotFoundError):
             importlib.import_module(name)
         assert importlib.import_module(f"medmpc.{name}").__name__ == f"medmpc.{name}"
+
+
+def test_the_wheel_installs_only_the_medmpc_namespace(tmp_path):
+    """`pip install .` puts medmpc/ (and its dist-info) into site-packages, nothing else: no
+    generic top-level `mpc`, `models` or `cli` to collide with other distributions."""
+    source = tmp_path / "source"  # a copy, so that the build leaves nothing in the repository
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".*", "build", "runs", "__pycache__", "*.egg-info"))
+    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)]
+    subprocess.run([*build, str(source)], check=True, timeout=300, capture_output=True)
+    (wheel,) = tmp_path.glob("medmpc-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        entry_points = z.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert {n.split("/")[0] for n in names} == {"medmpc", wheel.name.split("-py")[0] + ".dist-info"}
+    packages = {n.split("/")[1] for n in names if n.startswith("medmpc/")}
+    assert packages == {"mpc", "models", "imaging", "training", "protocols", "serving", "cli"}
+    assert "medmpc/mpc/py.typed" in names and "medmpc/protocols/messages.py" in names
+    assert "medmpc = medmpc.cli.main:main" in entry_points
