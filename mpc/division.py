@@ -9,7 +9,7 @@ differ by at least ``2^64/d`` modulo 2^64 (or not at all), so exactly one of the
 brings the sum into ``|x/d| < 2^62/d``, and the top bits of the sum name it.
 
 Why not CrypTen's truncation: for K > 2 it needs a dealer round over the whole
-vector (about 5 s for 11.2M values here), and its two-party version (each party
+vector (a full extra round of communication and dealer work), and its two-party version (each party
 divides locally, no correction) is wrong by about 2^64/d with probability
 ``|x| / 2^64`` per element, i.e. up to 1 in 4 at the values the guard admits.
 
@@ -54,7 +54,7 @@ def divide_in_place(values: np.ndarray, divisor: int, extra: int = 0) -> None:
     check_divisor(divisor)
     if divisor == 1:
         return
-    # NumPy's integer division (libdivide) is 2-3x faster than torch's or a loop's
+    # NumPy's integer division (libdivide) is faster than torch's or a loop's
     if not extra:
         np.floor_divide(values, divisor, out=values)
         return

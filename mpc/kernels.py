@@ -3,8 +3,8 @@
 Why compiled: encoding an update (scale, round, convert, mask) and decoding an average
 (add the shares, estimate the wrap-around, correct it, scale) are each several
 elementwise steps. As NumPy calls, every step is its own pass over memory; one loop does
-them all in one pass: on 11.2M values here, encoding and masking 19 -> 12 ms, decoding
-52 -> 21-29 ms. ``nogil``: the parties run these from threads that also read sockets.
+them all in one pass, which is what time follows on large vectors. ``nogil``: the parties
+run these from threads that also read sockets.
 ``cache``: compiled once per machine (into ``__pycache__``), not in every party process.
 
 Integer arithmetic here wraps around 2^64, as the ring needs (Numba, like NumPy, does
@@ -88,9 +88,9 @@ def decode_scaled(
 
 def warm_up() -> None:
     """Run each loop that hospitals and the coordinator use once, on one element (each loop
-    after the first costs about 3 ms, so both roles simply load all). The first call in a
-    process loads Numba's runtime and the cached code (about 0.4 s here): done at start-up,
-    that is not paid inside the first aggregation."""
+    after the first is cheap to load, so both roles simply load all). The first call in a
+    process loads Numba's runtime and the cached code: done at start-up, that is not paid
+    inside the first aggregation."""
     ring = np.zeros(1, dtype=np.int64)
     for dtype in (np.float32, np.float64):  # model updates, statistics
         encode_into(np.zeros(1, dtype=dtype), 1.0, ring, True)

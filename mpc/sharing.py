@@ -30,7 +30,7 @@ def check_encodable(x: torch.Tensor, *, n_summands: int, fractional_bits: int, n
     """Refuse values whose sum over ``n_summands`` contributors could overflow the ring."""
     peak = 0.0
     if x.numel():
-        # one pass, 4x faster than abs().max(): aminmax propagates NaN, and Inf is its own extreme
+        # one pass, unlike abs().max(): aminmax propagates NaN, and Inf is its own extreme
         lo, hi = torch.aminmax(x)
         peak = max(-float(lo), float(hi))
     if not math.isfinite(peak):

@@ -1,4 +1,4 @@
-"""An honest-but-curious party attacks encrypted inference from its own view (issue 16).
+"""An honest-but-curious party attacks encrypted inference from its own view.
 
 Each party runs the real protocol in its own process and records what it may
 legitimately know (tests/party_hooks/views.py). The attacks:

@@ -1,4 +1,4 @@
-"""Authenticated, encrypted channels between the federation's parties (issue 17).
+"""Authenticated, encrypted channels between the federation's parties.
 
 Real sockets, real TLS 1.3, real certificates from mpc.pki. Each refusal has its control:
 the same listener accepts the legitimate parties right after the bad ones.

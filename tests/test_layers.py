@@ -8,8 +8,8 @@ import importlib
 import shutil
 import subprocess
 import sys
-import zipfile
 import tomllib
+import zipfile
 from pathlib import Path
 
 import grimp

@@ -60,7 +60,7 @@ def _conv2d(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> LayerClip:
     bias = [g.sum(dim=(2, 3))] if layer.bias is not None else []  # per-sample bias gradients
     if positions * (d_in + c_out) >= d_in * c_out:
         # few channels, many positions: per-sample weight gradients, all in one grouped
-        # convolution (the batch as groups), 3-4x faster than unfold + batched matmul
+        # convolution (the batch as groups), faster there than unfold + batched matmul
         w = torch.nn.grad.conv2d_weight(
             a.reshape(1, n * c_in, *a.shape[2:]),
             (n * c_out, c_in, *layer.kernel_size),
