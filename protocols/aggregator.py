@@ -40,7 +40,11 @@ class Aggregator:
         self.collected: set[str] = set()
 
     def _from_each_hospital(
-        self, hospitals: dict[str, Channel], tag: str, take: Callable[[str, Incoming, Share | Seed | Withdraw], T]
+        self,
+        hospitals: dict[str, Channel],
+        tag: str,
+        numel: int,
+        take: Callable[[str, Incoming, Share | Seed | Withdraw], T],
     ) -> dict[str, T]:
         """One message about ``tag`` from every hospital, all at once: each is read by its own
         thread, parsed, and handed to ``take`` (which reads the payload, if any)."""
@@ -49,11 +53,13 @@ class Aggregator:
         def receive(name: str) -> T:
             incoming = hospitals[name].recv_header(timeout_s=max(0.0, deadline - time.monotonic()))
             try:
-                message = messages.parse(incoming, name, Share, Seed, Withdraw)
+                message = messages.parse(incoming, name, Share, Seed, Withdraw, numel=numel)
             except PeerError as err:
                 raise incoming.reject(str(err).removeprefix(f"{name}: ")) from None
             if message.tag != tag:
                 raise incoming.reject(f"sent a contribution for {message.tag!r}, expected {tag!r}")
+            if isinstance(message, Withdraw) and message.hospital != name:
+                raise incoming.reject(f"withdrew in the name of {message.hospital!r}")
             return take(name, incoming, message)
 
         with ThreadPoolExecutor(len(hospitals)) as pool:
@@ -120,7 +126,7 @@ class Aggregator:
             state.complete(name)
             return "share", work
 
-        results = self._from_each_hospital(hospitals, tag, take)
+        results = self._from_each_hospital(hospitals, tag, state.numel, take)
         withdrawn = {name: str(reason) for name, (kind, reason) in results.items() if kind == "withdrawn"}
         if withdrawn:
             self.state = None  # discard every share of this aggregation
@@ -138,7 +144,7 @@ class Aggregator:
             assert seed is not None
             state.add(name, prg.expand(bytes(seed.numpy()), state.numel))
 
-        self._from_each_hospital(hospitals, state.tag, take)
+        self._from_each_hospital(hospitals, state.tag, state.numel, take)
         self._send_average(coord, state)
 
     def _send_average(self, coord: Channel, state: AggregatorState) -> None:
@@ -161,8 +167,8 @@ class Aggregator:
         hospitals = listener.accept(set(p.hospital_names), traffic=self.traffic, timeout_s=p.timeout_s)
         hospitals = {h: hospitals[h] for h in p.hospital_names}
         try:
-            while (msg := next_command(coord, self.traffic)) is not None:
-                command = messages.parse(msg, "coordinator", Collect, Reveal, Discard)
+            while (received := next_command(coord, self.traffic, Collect, Reveal, Discard)) is not None:
+                command, _ = received
                 if isinstance(command, Collect):
                     try:
                         state = self._state(command)

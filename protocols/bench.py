@@ -28,13 +28,14 @@ import torch
 import torch.distributed as dist
 
 from medmpc.mpc.launch import free_port
-from medmpc.mpc.transport import Listener, PeerError
+from medmpc.mpc.transport import Listener
 from medmpc.protocols import messages
 from medmpc.protocols.commands import next_command
 from medmpc.protocols.coordinator import Coordinator
 from medmpc.protocols.hospital import Hospital
 from medmpc.protocols.messages import Baseline, BaselineDone, Contribute, Prepare, Prepared
 from medmpc.protocols.plan import Plan
+from medmpc.protocols.roles import ROLE_ERRORS
 from medmpc.protocols.simulate import launch_roles
 from medmpc.protocols.strategy import Aggregation
 from medmpc.training.centralised import write_json
@@ -94,8 +95,8 @@ class BenchHospital(Hospital):
 
     def run(self) -> None:
         coord, submitter = self._connect()
-        while (msg := next_command(coord, self.traffic)) is not None:
-            command = messages.parse(msg, "coordinator", Baseline, Prepare, Contribute)
+        while (received := next_command(coord, self.traffic, Baseline, Prepare, Contribute)) is not None:
+            command, _ = received
             if isinstance(command, Baseline):
                 messages.send(coord, BaselineDone(self._baseline()))
             elif isinstance(command, Prepare):
@@ -175,7 +176,9 @@ def run_bench(plan: Plan, bench: Bench, out: Path, *, deadline_s: float | None =
     """Run the benchmark's coordinator and hospitals and the production aggregators, each its own
     process; returns the report (also in out/report.json). The plan's ``rounds`` become
     ``bench.repeat``."""
-    plan = Plan(**(json.loads(plan.to_json()) | {"rounds": bench.repeat, "secure": True}))
+    # an aggregation of the mean, no noise: what the benchmark compares with the all-reduce
+    plain_mean = {"rounds": bench.repeat, "secure": True, "central_dp_noise": None, "stats_noise": None}
+    plan = Plan(**(json.loads(plan.to_json()) | plain_mean))
     bench = Bench(params=bench.params, repeat=bench.repeat, baseline_port=bench.baseline_port or free_port(plan.host))
     me = [sys.executable, "-m", "medmpc.protocols.bench", *bench.args()]
     return launch_roles(
@@ -202,8 +205,8 @@ def main(argv: list[str] | None = None) -> int:
             BenchCoordinator(plan, a.out, bench).run(Listener(*address, identity=plan.identity("coordinator")))
         else:
             BenchHospital(plan, a.index, bench).run()
-    except PeerError as err:
-        print(f"bench {a.role}: {err}", file=sys.stderr)
+    except ROLE_ERRORS as err:
+        print(f"bench {a.role}{a.index if a.role == 'hospital' else ''}: {err}", file=sys.stderr)
         return 3
     return 0
 

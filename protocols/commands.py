@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from medmpc.mpc.transport import Channel, Message, Traffic
 from medmpc.protocols import messages
-from medmpc.protocols.messages import Kind
+from medmpc.protocols.messages import Report, Stop, TrafficReport
 
 
-def next_command(coordinator: Channel, traffic: Traffic) -> Message | None:
-    """The next command for this role's own logic; ``None`` means stop.
-
-    Traffic reports are answered here, so they never reach the role.
-    """
+def next_command(
+    coordinator: Channel, traffic: Traffic, *expected: type, numel: int | None = None
+) -> tuple[Any, Message] | None:
+    """The coordinator's next command for this role's own logic, one of ``expected`` (checked as
+    messages.receive checks, ``numel`` the size of a payload), with its payload; ``None`` means
+    stop. Traffic reports are answered here, so they never reach the role."""
     while True:
-        msg = coordinator.recv()
-        if msg.kind == Kind.STOP:
+        command, msg = messages.receive_any(coordinator, (Stop, Report, *expected), numel=numel)
+        if isinstance(command, Stop):
             return None
-        if msg.kind != Kind.REPORT:
-            return msg
-        messages.send(coordinator, messages.TrafficReport(traffic.as_dict()))
+        if not isinstance(command, Report):
+            return command, msg
+        messages.send(coordinator, TrafficReport(traffic.as_dict()))

@@ -71,10 +71,12 @@ class Coordinator:
         privacy: dict[str, Any] = {}
         train_s = share_s = 0.0
         for name, ch in hospitals.items():
-            reply, msg = messages.receive(ch, Update, Submitted, Refused, OutOfBudget)
+            reply, msg = messages.receive(ch, Update, Submitted, Refused, OutOfBudget, numel=job.numel)
             if isinstance(reply, Update):
+                _check_reply(name, tag, reply)
                 strategy.receive(name, msg)
                 reply, _ = messages.receive(ch, Submitted, Refused, OutOfBudget)
+            _check_reply(name, tag, reply)
             if isinstance(reply, Refused):
                 refused[name] = reply.reason
             elif isinstance(reply, OutOfBudget):
@@ -227,6 +229,14 @@ class Coordinator:
             report["validation"] = rounds[-1]["validation"]
             _plots(report, self.out)
         write_json(report, self.out / "report.json")
+
+
+def _check_reply(hospital: str, tag: str, reply: Update | Submitted | Refused | OutOfBudget) -> None:
+    """A reply about this aggregation, in the sender's own name."""
+    if reply.tag != tag:
+        raise PeerError(hospital, f"answered {tag!r} with a {reply.KIND!r} for {reply.tag!r}")
+    if isinstance(reply, Refused | OutOfBudget) and reply.hospital != hospital:
+        raise PeerError(hospital, f"sent a {reply.KIND!r} in the name of {reply.hospital!r}")
 
 
 class _CentralDP:

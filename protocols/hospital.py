@@ -122,15 +122,15 @@ class Hospital:
         self.data = hospital_partition(self.plan, self.index)
         self.private = self._setup_privacy()  # before connecting: a refused plan never starts
         coord, submitter = self._connect()
-        while (msg := next_command(coord, self.traffic)) is not None:
-            request = messages.parse(msg, "coordinator", Stats, Train)
+        model_numel = to_vector(build_model(self.plan.model, self.plan.num_classes)).numel()
+        while (command := next_command(coord, self.traffic, Stats, Train, numel=model_numel)) is not None:
+            request, msg = command
             tag = check_tag(request)
             train_s = 0.0
             if isinstance(request, Stats):
                 update = local_statistics(self.data)
             else:
-                if msg.tensor is None:
-                    raise PeerError("coordinator", f"sent {tag!r} without the global model")
+                assert msg.tensor is not None  # next_command checked the payload
                 submitter.prepare(tag, msg.tensor.numel())  # masks are made before training ends
                 if self.private is not None:
                     try:

@@ -29,6 +29,7 @@ and ``Prepare``/``Prepared``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Iterator
@@ -38,7 +39,8 @@ from typing import Any, ClassVar, TypeVar, overload
 
 import torch
 
-from medmpc.mpc.transport import Channel, Incoming, Message, PeerError
+from medmpc.mpc.prg import SEED_BYTES
+from medmpc.mpc.transport import Channel, Incoming, Message, PeerError, Traffic
 
 
 class Kind(StrEnum):
@@ -65,6 +67,20 @@ class Kind(StrEnum):
     PREPARED = "prepared"
     CONTRIBUTE = "contribute"
 
+    def __repr__(self) -> str:  # error messages say 'seed', not <Kind.SEED: 'seed'>
+        return repr(self.value)
+
+
+# bounds no honest message comes near; past them a value is an attack or a bug, refused by name
+MAX_NUMEL = 1 << 32  # values in one aggregation
+MAX_ROUND = 1 << 20
+TRAFFIC_COUNTERS = set(Traffic().as_dict())
+
+
+def _require(condition: bool, problem: str) -> None:
+    if not condition:
+        raise ValueError(problem)
+
 
 @dataclass(frozen=True)
 class Stop:
@@ -87,6 +103,10 @@ class TrafficReport:
     KIND: ClassVar[Kind] = Kind.TRAFFIC
     counts: dict[str, int]
 
+    def __post_init__(self) -> None:
+        _require(set(self.counts) == TRAFFIC_COUNTERS, f"counts must be {sorted(TRAFFIC_COUNTERS)}")
+        _require(all(v >= 0 for v in self.counts.values()), "counts must be non-negative")
+
 
 @dataclass(frozen=True)
 class Stats:
@@ -101,11 +121,16 @@ class Train:
     """Coordinator -> hospital: train from the global model (the payload) and contribute the delta."""
 
     KIND: ClassVar[Kind] = Kind.TRAIN
+    PAYLOAD: ClassVar[torch.dtype | None] = torch.float32
     tag: str
     round: int
     mean: float
     std: float
     class_weight: list[float]
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.round <= MAX_ROUND, f"round must be in 1..{MAX_ROUND}")
+        _require(self.std > 0 and all(w >= 0 for w in self.class_weight), "std and class weights must be positive")
 
 
 @dataclass(frozen=True)
@@ -121,6 +146,7 @@ class Update:
     """Hospital -> coordinator, plaintext FedAvg only: the update itself (the payload)."""
 
     KIND: ClassVar[Kind] = Kind.UPDATE
+    PAYLOAD: ClassVar[torch.dtype | None] = torch.float32
     tag: str
 
 
@@ -133,7 +159,11 @@ class Submitted:
     train_s: float
     share_s: float
     send_s: float
-    privacy: dict[str, Any] | None = None
+    privacy: dict[str, float | int | str | None] | None = None
+
+    def __post_init__(self) -> None:
+        _require(min(self.train_s, self.share_s, self.send_s) >= 0, "times must be non-negative")
+        _require(self.privacy is None or isinstance(self.privacy.get("epsilon"), float | int), "privacy needs epsilon")
 
 
 @dataclass(frozen=True)
@@ -161,8 +191,13 @@ class Seed:
     """Hospital -> non-collector aggregator: the seed of its share of my mask (the payload)."""
 
     KIND: ClassVar[Kind] = Kind.SEED
+    PAYLOAD: ClassVar[torch.dtype | None] = torch.uint8
+    PAYLOAD_NUMEL: ClassVar[int | None] = SEED_BYTES
     tag: str
     numel: int
+
+    def __post_init__(self) -> None:
+        _require(0 < self.numel <= MAX_NUMEL, f"numel must be in 1..{MAX_NUMEL}")
 
 
 @dataclass(frozen=True)
@@ -171,6 +206,7 @@ class Share:
     aggregator's share of the average to the coordinator."""
 
     KIND: ClassVar[Kind] = Kind.SHARE
+    PAYLOAD: ClassVar[torch.dtype | None] = torch.int64
     tag: str
 
 
@@ -196,6 +232,11 @@ class Collect:
     divisor: int
     noise_std: float
 
+    def __post_init__(self) -> None:
+        _require(0 < self.numel <= MAX_NUMEL, f"numel must be in 1..{MAX_NUMEL}")
+        _require(0 <= self.round <= MAX_ROUND, f"round must be in 0..{MAX_ROUND}")
+        _require(self.divisor >= 1 and self.noise_std >= 0, "divisor must be positive and noise_std not negative")
+
 
 @dataclass(frozen=True)
 class Ready:
@@ -204,6 +245,9 @@ class Ready:
     KIND: ClassVar[Kind] = Kind.READY
     tag: str
     sum_s: float
+
+    def __post_init__(self) -> None:
+        _require(self.sum_s >= 0, "sum_s must be non-negative")
 
 
 @dataclass(frozen=True)
@@ -244,6 +288,9 @@ class BaselineDone:
     KIND: ClassVar[Kind] = Kind.BASELINE_DONE
     seconds: float
 
+    def __post_init__(self) -> None:
+        _require(self.seconds >= 0, "seconds must be non-negative")
+
 
 @dataclass(frozen=True)
 class Prepare:
@@ -252,6 +299,9 @@ class Prepare:
     KIND: ClassVar[Kind] = Kind.PREPARE
     tag: str
     numel: int
+
+    def __post_init__(self) -> None:
+        _require(0 < self.numel <= MAX_NUMEL, f"numel must be in 1..{MAX_NUMEL}")
 
 
 @dataclass(frozen=True)
@@ -308,17 +358,29 @@ def send_stream(
 
 # parse and receive return the union of the kinds they were told to expect
 @overload
-def parse(msg: Message | Incoming, peer: str, a: type[A], /) -> A: ...
+def parse(msg: Message | Incoming, peer: str, a: type[A], /, *, numel: int | None = None) -> A: ...
 @overload
-def parse(msg: Message | Incoming, peer: str, a: type[A], b: type[B], /) -> A | B: ...
+def parse(msg: Message | Incoming, peer: str, a: type[A], b: type[B], /, *, numel: int | None = None) -> A | B: ...
 @overload
-def parse(msg: Message | Incoming, peer: str, a: type[A], b: type[B], c: type[C], /) -> A | B | C: ...
+def parse(
+    msg: Message | Incoming, peer: str, a: type[A], b: type[B], c: type[C], /, *, numel: int | None = None
+) -> A | B | C: ...
 @overload
-def parse(msg: Message | Incoming, peer: str, a: type[A], b: type[B], c: type[C], d: type[D], /) -> A | B | C | D: ...
-def parse(msg: Message | Incoming, peer: str, *expected: type) -> Any:
+def parse(
+    msg: Message | Incoming, peer: str, a: type[A], b: type[B], c: type[C], d: type[D], /, *, numel: int | None = None
+) -> A | B | C | D: ...
+def parse(msg: Message | Incoming, peer: str, *expected: type, numel: int | None = None) -> Any:
+    return parse_any(msg, peer, expected, numel=numel)
+
+
+def parse_any(msg: Message | Incoming, peer: str, expected: tuple[type, ...], *, numel: int | None = None) -> Any:
     """The typed message behind ``msg`` from ``peer``, which must be one of ``expected``.
-    Raises PeerError naming ``peer`` for another kind, a missing or unknown field, or a field
-    of the wrong type."""
+
+    Raises PeerError naming ``peer`` for another kind, a missing or unknown field, a field of
+    the wrong type (floats must be finite) or out of its range, or a payload the kind does not
+    carry: of another dtype, or of another size than ``numel`` (where the receiver knows it) or
+    than the kind's own. On a header (Incoming) this is all checked before the payload is read.
+    """
     cls = MESSAGES.get(Kind(msg.kind)) if msg.kind in Kind._value2member_map_ else None
     if cls is None or cls not in expected:
         wanted = " or ".join(repr(str(_KINDS[c])) for c in expected)
@@ -332,21 +394,53 @@ def parse(msg: Message | Incoming, peer: str, *expected: type) -> Any:
     for name, value in msg.meta.items():
         if not _conforms(value, hints[name]):
             raise PeerError(peer, f"sent a malformed {msg.kind!r}: {name}={value!r} is not {hints[name]}")
-    return cls(**msg.meta)
+    if isinstance(msg, Incoming):
+        dtype, count = msg.dtype, msg.numel
+    else:
+        dtype, count = (None, 0) if msg.tensor is None else (msg.tensor.dtype, msg.tensor.numel())
+    payload = getattr(cls, "PAYLOAD", None)
+    if dtype != payload:
+        raise PeerError(peer, f"sent {msg.kind!r} with {_describe(dtype)}, expected {_describe(payload)}")
+    size = getattr(cls, "PAYLOAD_NUMEL", None) or numel
+    if payload is not None and size is not None and count != size:
+        raise PeerError(peer, f"sent {msg.kind!r} with {count} values, expected {size}")
+    try:
+        return cls(**msg.meta)
+    except ValueError as err:
+        raise PeerError(peer, f"sent a malformed {msg.kind!r}: {err}") from None
+
+
+def _describe(dtype: torch.dtype | None) -> str:
+    return "no payload" if dtype is None else f"a {dtype} payload"
 
 
 @overload
-def receive(channel: Channel, a: type[A], /) -> tuple[A, Message]: ...
+def receive(channel: Channel, a: type[A], /, *, numel: int | None = None) -> tuple[A, Message]: ...
 @overload
-def receive(channel: Channel, a: type[A], b: type[B], /) -> tuple[A | B, Message]: ...
+def receive(channel: Channel, a: type[A], b: type[B], /, *, numel: int | None = None) -> tuple[A | B, Message]: ...
 @overload
-def receive(channel: Channel, a: type[A], b: type[B], c: type[C], /) -> tuple[A | B | C, Message]: ...
+def receive(
+    channel: Channel, a: type[A], b: type[B], c: type[C], /, *, numel: int | None = None
+) -> tuple[A | B | C, Message]: ...
 @overload
-def receive(channel: Channel, a: type[A], b: type[B], c: type[C], d: type[D], /) -> tuple[A | B | C | D, Message]: ...
-def receive(channel: Channel, *expected: type) -> tuple[Any, Message]:
-    """The next message on ``channel``, which must be one of ``expected``, with its payload."""
-    msg = channel.recv()
-    return parse(msg, channel.peer, *expected), msg
+def receive(
+    channel: Channel, a: type[A], b: type[B], c: type[C], d: type[D], /, *, numel: int | None = None
+) -> tuple[A | B | C | D, Message]: ...
+def receive(channel: Channel, *expected: type, numel: int | None = None) -> tuple[Any, Message]:
+    return receive_any(channel, expected, numel=numel)
+
+
+def receive_any(channel: Channel, expected: tuple[type, ...], *, numel: int | None = None) -> tuple[Any, Message]:
+    """The next message on ``channel``, which must be one of ``expected`` (see :func:`parse_any`),
+    with its payload: the header is checked first, and a payload is read only once accepted."""
+    incoming = channel.recv_header()
+    try:
+        message = parse_any(incoming, channel.peer, expected, numel=numel)
+    except PeerError:
+        if incoming.dtype is not None:
+            channel.close()  # the unread payload would be taken for the next message
+        raise
+    return message, Message(incoming.kind, incoming.meta, incoming.read())
 
 
 def _conforms(value: Any, hint: Any) -> bool:
@@ -359,7 +453,7 @@ def _conforms(value: Any, hint: Any) -> bool:
     if hint is Any:
         return True
     if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if origin is list:

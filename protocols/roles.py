@@ -26,6 +26,9 @@ from medmpc.protocols.strategy import RoundAborted
 from medmpc.training.accountant import BudgetError
 from medmpc.training.dp import DPIncompatibleModel
 
+# what ends a role with one line naming what went wrong (exit status 3), never a traceback
+ROLE_ERRORS = (PeerError, RoundAborted, BudgetError, DPIncompatibleModel, DataError, IdentityError)
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m medmpc.protocols.roles", description=__doc__)
@@ -53,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             from medmpc.protocols.aggregator import Aggregator
 
             Aggregator(plan, a.index).run()
-    except (PeerError, RoundAborted, BudgetError, DPIncompatibleModel, DataError, IdentityError) as err:
+    except ROLE_ERRORS as err:
         print(f"{a.role}{a.index if a.role in ('hospital', 'aggregator') else ''}: {err}", file=sys.stderr)
         return 3
     return 0

@@ -150,6 +150,8 @@ class SecureFedAvg:
     def finish(self) -> tuple[torch.Tensor, dict[str, float]]:
         assert self.job is not None and self._offline is not None
         report, _ = messages.receive(self.collector, Ready, Aborted)  # its report on the collection
+        if report.tag != self.job.tag:
+            raise PeerError(self.collector_name, f"reported on {report.tag!r} during {self.job.tag!r}")
         if isinstance(report, Aborted):
             self._offline.result()
             raise RoundAborted(f"{self.job.tag}: {self.collector_name} reports refused contributions: {report.reasons}")

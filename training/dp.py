@@ -191,7 +191,7 @@ class DPSGD:
         self._optimizer = self._module = None
 
 
-def privacy_summary(dp: DPSGD) -> dict[str, object]:
+def privacy_summary(dp: DPSGD) -> dict[str, float | int | str | None]:
     """What a report or checkpoint states about one data holder's privacy."""
     return {
         "epsilon": dp.epsilon,

@@ -27,6 +27,9 @@ def install() -> None:
     from medmpc.protocols import aggregator, hospital, submit
 
     drills = {party: spec.split(":") for party, spec in json.loads(os.environ[ENV]).items()}
+    for party, spec in drills.items():
+        if len(spec) != 2 or spec[0] not in ("kill", "crash_sending", "nan", "overflow") or not spec[1].isdigit():
+            raise ValueError(f"{ENV}: {party}: {':'.join(spec)!r} is not ACTION:ROUND")
     me: dict[str, str] = {}
 
     def drill(round_: object) -> str | None:
@@ -43,11 +46,11 @@ def install() -> None:
 
     for module in (hospital, aggregator):
 
-        def next_command(coordinator, traffic, _next=module.next_command):
-            msg = _next(coordinator, traffic)
-            if msg is not None and drill(msg.meta.get("round")) == "kill":
+        def next_command(*args, _next=module.next_command, **kwargs):
+            received = _next(*args, **kwargs)
+            if received is not None and drill(received[1].meta.get("round")) == "kill":
                 _die()
-            return msg
+            return received
 
         module.next_command = next_command
 
@@ -71,6 +74,13 @@ def install() -> None:
         return _submit(self, tag, update)
 
     submit.SecureSubmitter.submit = submit_
+
+    def plain_submit(self, tag, update, _submit=submit.PlainSubmitter.submit):
+        if drill(tag.removeprefix("round")) == "crash_sending":
+            _die()  # the update travels in one message here: the nearest crash is before it
+        return _submit(self, tag, update)
+
+    submit.PlainSubmitter.submit = plain_submit
 
 
 def _halfway(pieces, numel):
