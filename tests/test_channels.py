@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from medmpc_cli import medmpc
 
 from medmpc.mpc import pki
 from medmpc.mpc.transport import Listener, PeerError, Traffic, connect
@@ -234,32 +235,10 @@ def test_no_role_runs_without_credentials_unless_told_to_go_plaintext():
 
 @pytest.mark.slow
 def test_every_bench_output_says_which_channels_it_used():
-    import subprocess
-    import sys
 
     def bench(*flags: str) -> dict:
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "medmpc.cli.main",
-                "bench",
-                "secure-aggregation",
-                "--params",
-                "5000",
-                "--hospitals",
-                "2",
-                "--repeat",
-                "1",
-                "--json",
-                *flags,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        return json.loads(proc.stdout)
+        args = ("bench", "secure-aggregation", "--params", 5000, "--hospitals", 2, "--repeat", 1, "--json", *flags)
+        return json.loads(medmpc(*args).stdout)
 
     secure, plain = bench(), bench("--plaintext-transport")
     assert secure["transport"].startswith("TLS 1.3") and "in the clear" in plain["transport"]
@@ -338,27 +317,17 @@ def test_front_ends_refuse_plain_http_beyond_this_machine(tmp_path):
 
 
 def test_predict_sends_one_token_and_never_prints_any(tmp_path):
-    import subprocess
-    import sys
 
     secrets = ["first-secret-token", "second-secret-token"]
     tokens = tmp_path / "tokens"
     tokens.write_text("\n".join(secrets) + "\n")
     image = tmp_path / "x.png"
     image.write_bytes(b"")
-    run = [
-        sys.executable,
-        "-m",
-        "medmpc.cli.main",
-        "predict",
-        "--servers",
-        "http://127.0.0.1:9,http://127.0.0.1:10",
-        str(image),
-    ]
-    proc = subprocess.run([*run, "--token-file", str(tokens)], capture_output=True, text=True, timeout=60)
+    run = ("predict", "--servers", "http://127.0.0.1:9,http://127.0.0.1:10", image, "--token-file", tokens)
+    proc = medmpc(*run, check=False, timeout=60)
     assert proc.returncode != 0 and "holds 2 tokens" in proc.stderr
     tokens.write_text(secrets[0] + "\n")  # control: one token gets as far as the unreachable server
-    proc = subprocess.run([*run, "--token-file", str(tokens)], capture_output=True, text=True, timeout=60)
+    proc = medmpc(*run, check=False, timeout=60)
     assert proc.returncode != 0 and "unreachable" in proc.stderr
     for out in (proc.stdout, proc.stderr):
         assert not any(s in out for s in secrets)

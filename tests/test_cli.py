@@ -1,23 +1,13 @@
 """The medmpc command end to end, as a user runs it (real processes, real files)."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from medmpc_cli import medmpc
 
 from medmpc.training.checkpoint import Checkpoint
-
-
-def medmpc(*args, check=True):
-    proc = subprocess.run(
-        [sys.executable, "-m", "medmpc.cli.main", *map(str, args)], capture_output=True, text=True, timeout=300
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"medmpc {args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return proc
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,11 @@
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from medmpc_cli import medmpc
 from opacus.accountants import RDPAccountant
 
 from medmpc.models import build_model
@@ -170,37 +169,14 @@ def test_federated_run_stops_cleanly_when_the_budget_is_spent(tmp_path):
 
 @pytest.mark.slow
 def test_dp_training_cli_reports_epsilon_per_epoch(tmp_path):
-    cmd = [
-        sys.executable,
-        "-m",
-        "medmpc.cli.main",
-        "train",
-        "--data",
-        "synthetic:240",
-        "--image-size",
-        "32",
-        "--epochs",
-        "2",
-        "--model",
-        "cnn_gn",
-        "--dp-epsilon",
-        "5",
-        "--out",
-        str(tmp_path),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    common = ("train", "--data", "synthetic:240", "--image-size", 32, "--epochs", 2, "--dp-epsilon", 5)
+    proc = medmpc(*common, "--model", "cnn_gn", "--out", tmp_path)
     report = json.loads((tmp_path / "report.json").read_text())
     eps = [h["epsilon"] for h in report["history"]]
     assert 0 < eps[0] < eps[1] <= 5.0 and report["privacy"]["target_epsilon"] == 5.0
     assert Checkpoint.load(tmp_path / "model.pt").info["privacy"]["epsilon"] == pytest.approx(eps[1])
     assert "epsilon" in proc.stdout
-    bad = subprocess.run(
-        cmd[:-6] + ["--model", "cnn", "--dp-epsilon", "5", "--out", str(tmp_path / "x")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    bad = medmpc(*common, "--model", "cnn", "--out", tmp_path / "x", check=False)
     assert bad.returncode == 2 and "BatchNorm2d" in bad.stderr and "cnn_gn" in bad.stderr
 
 

@@ -2,13 +2,12 @@
 
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from medmpc_cli import medmpc
 
 from medmpc.models import build_model
 from medmpc.models.vector import to_vector
@@ -103,28 +102,23 @@ def test_config_file_with_cli_overrides(tmp_path):
 
 def test_simulate_cli_writes_report_model_and_plots(tmp_path):
     out = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "medmpc.cli.main",
+    medmpc(
         "simulate",
         "--data",
         "synthetic:240",
         "--image-size",
-        "32",
+        32,
         "--hospitals",
-        "2",
+        2,
         "--aggregators",
-        "2",
+        2,
         "--rounds",
-        "2",
+        2,
         "--out",
-        str(out),
+        out,
         "--timeout",
-        "60",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+        60,
+    )
     report = json.loads((out / "report.json").read_text())
     assert report["mode"] == "secure" and len(report["rounds"]) == 2
     r = report["rounds"][1]
@@ -139,44 +133,14 @@ def test_simulate_cli_writes_report_model_and_plots(tmp_path):
     assert set(r["traffic"]) == {"coordinator", "hospital0", "hospital1", "aggregator0", "aggregator1"}
     for png in ("learning_curves.png", "communication.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
-    ev = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "medmpc.cli.main",
-            "evaluate",
-            "--model",
-            str(out / "model.pt"),
-            "--data",
-            "synthetic:60",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    ev = medmpc("evaluate", "--model", out / "model.pt", "--data", "synthetic:60", "--json", timeout=120)
     assert json.loads(ev.stdout)["n_images"] == 60
 
 
 def test_bench_cli_json(tmp_path):
-    cmd = [
-        sys.executable,
-        "-m",
-        "medmpc.cli.main",
-        "bench",
-        "secure-aggregation",
-        "--params",
-        "20000",
-        "--hospitals",
-        "2",
-        "--aggregators",
-        "2",
-        "--repeat",
-        "1",
-        "--json",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = medmpc(
+        "bench", "secure-aggregation", "--params", 20000, "--hospitals", 2, "--aggregators", 2, "--repeat", 1, "--json"
+    )
     result = json.loads(proc.stdout)
     for key in ("secure_s", "plaintext_s", "ratio", "bytes_per_party", "max_abs_err"):
         assert key in result

@@ -1,13 +1,12 @@
 """Encrypted inference: BatchNorm folding, the fx compiler, and the three-party engine."""
 
 import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+from medmpc_cli import medmpc
 from torch import nn
 
 from medmpc.imaging.dataset import load_dataset
@@ -61,48 +60,14 @@ def test_encrypted_logits_match_plaintext_for_a_batch_of_real_images(trained_che
 @pytest.mark.slow
 def test_infer_and_bench_commands(trained_checkpoint, chest_xray):
     image = next((chest_xray / "val" / "NORMAL").iterdir())
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "medmpc.cli.main",
-            "infer",
-            "--model",
-            str(trained_checkpoint),
-            "--image",
-            str(image),
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    out = json.loads(proc.stdout)
+    out = json.loads(medmpc("infer", "--model", trained_checkpoint, "--image", image, "--json").stdout)
     pred = out["predictions"][0]
     assert pred["prediction"] in ("normal", "bacterial", "viral")
     assert sum(pred["probabilities"].values()) == pytest.approx(1, abs=1e-4)
     for key in ("online_s", "offline_s", "rounds", "bytes"):
         assert out[key] > 0
     assert out["transport"].startswith("TLS 1.3")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "medmpc.cli.main",
-            "bench",
-            "inference",
-            "--model",
-            "resnet18",
-            "--image-size",
-            "32",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = medmpc("bench", "inference", "--model", "resnet18", "--image-size", 32, "--json", timeout=600)
     bench = json.loads(proc.stdout)
     assert bench["argmax_agree"] is True and bench["max_abs_err"] < 0.05
 

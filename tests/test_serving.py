@@ -10,8 +10,6 @@ import os
 import re
 import socket
 import ssl
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -22,6 +20,7 @@ import httpx
 import pytest
 import torch
 from checkpoints import trained_cnn
+from medmpc_cli import medmpc
 from scipy import stats
 from uniformity import as_unit, looks_uniform
 
@@ -387,36 +386,15 @@ def test_logs_never_hold_shares(service, val_images):
 def test_the_predict_command_prints_the_reconstructed_prediction(service, checkpoint, val_images, tmp_path):
     token = tmp_path / "token"
     token.write_text(TOKEN)
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "medmpc.cli.main",
-            "predict",
-            "--servers",
-            ",".join(service.urls),
-            "--token-file",
-            str(token),
-            "--json",
-            str(val_images[0]),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    out = medmpc(
+        "predict", "--servers", ",".join(service.urls), "--token-file", token, "--json", val_images[0], timeout=120
     )
-    assert out.returncode == 0, out.stderr
     [pred] = json.loads(out.stdout)["predictions"]
     ckpt = Checkpoint.load(checkpoint)
     x = ckpt.preprocessing(read_image(val_images[0], SIZE)[None])
     assert pred["prediction"] == ckpt.classes[int(_plaintext(checkpoint, x).argmax())]
     env = {k: v for k, v in os.environ.items() if k != "MEDMPC_TOKEN"}
-    bad = subprocess.run(
-        [sys.executable, "-m", "medmpc.cli.main", "predict", "--servers", ",".join(service.urls), str(val_images[0])],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-    )
+    bad = medmpc("predict", "--servers", ",".join(service.urls), val_images[0], check=False, timeout=60, env=env)
     assert bad.returncode == 2 and "no bearer token" in bad.stderr
 
 
@@ -474,11 +452,5 @@ def test_tls_and_a_killed_party_fails_requests_fast(checkpoint, tokens_file, val
 
 def test_serve_refuses_to_start_without_client_tokens(checkpoint):
     env = {k: v for k, v in os.environ.items() if k != "MEDMPC_TOKENS"}
-    out = subprocess.run(
-        [sys.executable, "-m", "medmpc.cli.main", "serve", "--model", str(checkpoint)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-    )
+    out = medmpc("serve", "--model", checkpoint, check=False, timeout=60, env=env)
     assert out.returncode == 2 and "no client tokens" in out.stderr

@@ -1,0 +1,22 @@
+"""The ``medmpc`` command as a user runs it: its own process, real files."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def medmpc(
+    *args: object, check: bool = True, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``medmpc ARGS``; with ``check``, a non-zero exit fails the test with the command's stderr."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "medmpc.cli.main", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"medmpc {args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
