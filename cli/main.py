@@ -46,6 +46,14 @@ def _add_json(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout (progress goes to stderr)")
 
 
+def _add_inference_run_args(p: argparse.ArgumentParser) -> None:
+    """How an encrypted inference runs: its deadline, its device, its output and channels."""
+    p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda: where every party keeps and computes its shares")
+    _add_json(p)
+    _add_plaintext_transport(p)
+
+
 def _add_dp_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("differential privacy (DP-SGD)")
     g.add_argument("--dp-epsilon", type=float, help="privacy budget; turns on DP-SGD (needs a GroupNorm model)")
@@ -162,10 +170,7 @@ def _bench(sub: Subcommands) -> None:
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=600.0)
-    p.add_argument("--device", default="cpu", help="cpu or cuda: where every party keeps and computes its shares")
-    _add_json(p)
-    _add_plaintext_transport(p)
+    _add_inference_run_args(p)
     p.set_defaults(func=commands.bench_inference)
 
 
@@ -173,10 +178,7 @@ def _infer(sub: Subcommands) -> None:
     p = sub.add_parser("infer", help="encrypted prediction: secret-shared model on a secret-shared image")
     p.add_argument("--model", type=Path, required=True, help="checkpoint (model.pt)")
     p.add_argument("--image", type=Path, required=True, nargs="+", help="image file(s); several form one batch")
-    p.add_argument("--timeout", type=float, default=600.0)
-    p.add_argument("--device", default="cpu", help="cpu or cuda: where every party keeps and computes its shares")
-    _add_json(p)
-    _add_plaintext_transport(p)
+    _add_inference_run_args(p)
     p.set_defaults(func=commands.infer)
 
 

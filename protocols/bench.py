@@ -13,10 +13,8 @@ ordinary aggregation (no noise, the mean over the hospitals).
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
-import os
 import statistics
 import sys
 import time
@@ -35,7 +33,7 @@ from medmpc.protocols.coordinator import Coordinator
 from medmpc.protocols.hospital import Hospital
 from medmpc.protocols.messages import Baseline, BaselineDone, Contribute, Prepare, Prepared
 from medmpc.protocols.plan import Plan
-from medmpc.protocols.roles import ROLE_ERRORS
+from medmpc.protocols.roles import coordinator_listener, party_of, role_parser, run_role
 from medmpc.protocols.simulate import launch_roles
 from medmpc.protocols.strategy import Aggregation
 from medmpc.training.centralised import write_json
@@ -187,28 +185,21 @@ def run_bench(plan: Plan, bench: Bench, out: Path, *, deadline_s: float | None =
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m medmpc.protocols.bench", description=__doc__)
-    p.add_argument("role", choices=("coordinator", "hospital"))
-    p.add_argument("--plan", type=Path, required=True)
-    p.add_argument("--index", type=int, default=0)
-    p.add_argument("--out", type=Path, help="coordinator: where the report goes")
+    p = role_parser("python -m medmpc.protocols.bench", __doc__, ("coordinator", "hospital"))
     p.add_argument("--params", type=int, required=True)
     p.add_argument("--repeat", type=int, required=True)
     p.add_argument("--baseline-port", type=int, required=True)
     a = p.parse_args(argv)
     plan = Plan.from_json(a.plan.read_text())
     bench = Bench(params=a.params, repeat=a.repeat, baseline_port=a.baseline_port)
-    torch.set_num_threads(max(1, int(os.environ.get("MEDMPC_THREADS", "1"))))
-    try:
+
+    def play() -> None:
         if a.role == "coordinator":
-            address = plan.listen_address("coordinator", plan.coordinator_address())
-            BenchCoordinator(plan, a.out, bench).run(Listener(*address, identity=plan.identity("coordinator")))
+            BenchCoordinator(plan, a.out, bench).run(coordinator_listener(plan))
         else:
             BenchHospital(plan, a.index, bench).run()
-    except ROLE_ERRORS as err:
-        print(f"bench {a.role}{a.index if a.role == 'hospital' else ''}: {err}", file=sys.stderr)
-        return 3
-    return 0
+
+    return run_role(f"bench {party_of(a)}", play)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import torch
 from medmpc.imaging.dataset import ImageSet
 from medmpc.imaging.splits import partition
 from medmpc.imaging.transforms import Preprocessing
-from medmpc.models import build_model
+from medmpc.models import architecture, build_model
 from medmpc.models.vector import load_vector, to_vector
 from medmpc.mpc.sharing import EncodingError
 from medmpc.mpc.transport import Channel, PeerError, Traffic, connect
@@ -122,7 +122,7 @@ class Hospital:
         self.data = hospital_partition(self.plan, self.index)
         self.private = self._setup_privacy()  # before connecting: a refused plan never starts
         coord, submitter = self._connect()
-        model_numel = to_vector(build_model(self.plan.model, self.plan.num_classes)).numel()
+        model_numel = to_vector(architecture(self.plan.model, self.plan.num_classes)).numel()
         while (command := next_command(coord, self.traffic, Stats, Train, numel=model_numel)) is not None:
             request, msg = command
             tag = check_tag(request)

@@ -149,7 +149,10 @@ def random_model_and_input(
 
 
 def randomise_batchnorm(model: torch.nn.Module, generator: torch.Generator) -> torch.nn.Module:
-    """Give every BatchNorm non-trivial statistics and affine terms; returns the model in eval mode."""
+    """Give every BatchNorm non-trivial statistics and affine terms; returns the model in eval mode.
+
+    ``generator`` is torch's on purpose: these are the public benchmark model's parameters, which
+    every party and the plaintext reference rebuild from one seed; no secret depends on them."""
     with torch.no_grad():
         for m in model.modules():
             if not isinstance(m, torch.nn.modules.batchnorm._BatchNorm):

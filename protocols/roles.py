@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,24 +31,48 @@ from medmpc.training.dp import DPIncompatibleModel
 ROLE_ERRORS = (PeerError, RoundAborted, BudgetError, DPIncompatibleModel, DataError, IdentityError)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m medmpc.protocols.roles", description=__doc__)
-    p.add_argument("role", choices=("coordinator", "hospital", "aggregator"))
+def role_parser(prog: str, description: str | None, roles: tuple[str, ...]) -> argparse.ArgumentParser:
+    """The arguments every role process takes: its role, the plan, its index, the coordinator's --out."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("role", choices=roles)
     p.add_argument("--plan", type=Path, required=True)
     p.add_argument("--index", type=int, default=0)
     p.add_argument("--out", type=Path, help="coordinator: where results go")
-    a = p.parse_args(argv)
-    plan = Plan.from_json(a.plan.read_text())
+    return p
+
+
+def party_of(args: argparse.Namespace) -> str:
+    return args.role if args.role == "coordinator" else f"{args.role}{args.index}"
+
+
+def run_role(party: str, play: Callable[[], None]) -> int:
+    """Play one role to its end: exit status 0, or 3 with one line naming the party and what went wrong."""
     # several parties share this machine's cores in a simulation
     torch.set_num_threads(max(1, int(os.environ.get("MEDMPC_THREADS", "1"))))
-    if a.role == "aggregator":
-        crypten_compat.install()  # an aggregator holds its shares as CrypTen arithmetic shares
     try:
+        play()
+    except ROLE_ERRORS as err:
+        print(f"{party}: {err}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def coordinator_listener(plan: Plan) -> Listener:
+    """Where the coordinator takes every other party's connection."""
+    address = plan.listen_address("coordinator", plan.coordinator_address())
+    return Listener(*address, identity=plan.identity("coordinator"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    roles = ("coordinator", "hospital", "aggregator")
+    a = role_parser("python -m medmpc.protocols.roles", __doc__, roles).parse_args(argv)
+    plan = Plan.from_json(a.plan.read_text())
+
+    def play() -> None:
         if a.role == "coordinator":
             from medmpc.protocols.coordinator import Coordinator
 
-            address = plan.listen_address("coordinator", plan.coordinator_address())
-            Coordinator(plan, a.out).run(Listener(*address, identity=plan.identity("coordinator")))
+            Coordinator(plan, a.out).run(coordinator_listener(plan))
         elif a.role == "hospital":
             from medmpc.protocols.hospital import Hospital
 
@@ -55,11 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from medmpc.protocols.aggregator import Aggregator
 
+            crypten_compat.install()  # an aggregator holds its shares as CrypTen arithmetic shares
             Aggregator(plan, a.index).run()
-    except ROLE_ERRORS as err:
-        print(f"{a.role}{a.index if a.role in ('hospital', 'aggregator') else ''}: {err}", file=sys.stderr)
-        return 3
-    return 0
+
+    return run_role(party_of(a), play)
 
 
 if __name__ == "__main__":
