@@ -138,8 +138,8 @@ class Aggregator:
         aggregation (expanded from their seeds); divided, it goes straight to the coordinator."""
 
         def take(name: str, incoming: Incoming, message: Share | Seed | Withdraw) -> None:
-            if not isinstance(message, Seed) or incoming.dtype is None:
-                raise incoming.reject(f"sent {message.KIND!r} without a seed to a seed holder")
+            if not isinstance(message, Seed):  # messages.parse checked the seed's size and type
+                raise incoming.reject(f"sent {message.KIND!r} to a seed holder")
             seed = incoming.read()
             assert seed is not None
             state.add(name, prg.expand(bytes(seed.numpy()), state.numel))

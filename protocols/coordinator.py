@@ -71,23 +71,24 @@ class Coordinator:
         privacy: dict[str, Any] = {}
         train_s = share_s = 0.0
         for name, ch in hospitals.items():
-            reply, msg = messages.receive(ch, Update, Submitted, Refused, OutOfBudget, numel=job.numel)
-            if isinstance(reply, Update):
-                _check_reply(name, tag, reply)
+            first, msg = messages.receive(ch, Update, Submitted, Refused, OutOfBudget, numel=job.numel)
+            _check_reply(name, tag, first)
+            reply: Submitted | Refused | OutOfBudget
+            if isinstance(first, Update):  # plaintext FedAvg: the update itself, then how it went
                 strategy.receive(name, msg)
                 reply, _ = messages.receive(ch, Submitted, Refused, OutOfBudget)
-            _check_reply(name, tag, reply)
+                _check_reply(name, tag, reply)
+            else:
+                reply = first
             if isinstance(reply, Refused):
                 refused[name] = reply.reason
             elif isinstance(reply, OutOfBudget):
                 exhausted[name] = reply.reason
-            elif isinstance(reply, Submitted):
+            else:  # Submitted: messages.receive admits nothing else here
                 train_s = max(train_s, reply.train_s)
                 share_s = max(share_s, reply.share_s + reply.send_s)
                 if reply.privacy is not None:
                     privacy[name] = reply.privacy
-            else:
-                raise PeerError(name, f"sent {reply.KIND!r} in place of its contribution")
         if refused or exhausted:
             strategy.discard()
             reasons = "; ".join((refused | exhausted).values())  # each reason names its hospital

@@ -147,11 +147,17 @@ class SecureFedAvg:
         assert self._offline is not None
         self._offline.result()
 
-    def finish(self) -> tuple[torch.Tensor, dict[str, float]]:
-        assert self.job is not None and self._offline is not None
-        report, _ = messages.receive(self.collector, Ready, Aborted)  # its report on the collection
+    def _collection_report(self) -> Ready | Aborted:
+        """The collector's report on collecting this aggregation (every share in, or withdrawals)."""
+        assert self.job is not None
+        report, _ = messages.receive(self.collector, Ready, Aborted)
         if report.tag != self.job.tag:
             raise PeerError(self.collector_name, f"reported on {report.tag!r} during {self.job.tag!r}")
+        return report
+
+    def finish(self) -> tuple[torch.Tensor, dict[str, float]]:
+        assert self.job is not None and self._offline is not None
+        report = self._collection_report()
         if isinstance(report, Aborted):
             self._offline.result()
             raise RoundAborted(f"{self.job.tag}: {self.collector_name} reports refused contributions: {report.reasons}")
@@ -168,6 +174,6 @@ class SecureFedAvg:
     def discard(self) -> None:
         assert self.job is not None and self._offline is not None
         # wait until the collector has finished collecting, then have it drop its shares
-        messages.receive(self.collector, Ready, Aborted)  # its report on the collection
+        self._collection_report()
         self._offline.result()  # data-independent: dropped unused
         messages.send(self.collector, Discard(self.job.tag))
