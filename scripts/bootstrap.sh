@@ -9,7 +9,7 @@ cd "$root"
 venv=.venv
 stamp=$venv/.medmpc-installed
 want=$({ cat scripts/bootstrap.sh pyproject.toml; git ls-files --cached --others --exclude-standard \
-    mpc models imaging training protocols serving cli 2>/dev/null || find mpc models imaging training protocols serving cli -name '*.py'; } \
+    mpc models imaging training protocols serving cli netlab 2>/dev/null || find mpc models imaging training protocols serving cli netlab -name '*.py'; } \
     | sha256sum | cut -d' ' -f1)
 if [[ -f $stamp && $(cat "$stamp") == "$want" ]]; then
     exit 0

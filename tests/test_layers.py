@@ -53,6 +53,7 @@ def test_the_package_keeps_its_contracts(graph):
         ("medmpc.mpc.transport", "medmpc.protocols.plan", "layers"),  # the engine reaching up to a protocol
         ("medmpc.training.local", "medmpc.protocols.plan", "layers"),
         ("medmpc.models.registry", "medmpc.imaging.images", "layers"),  # independent siblings
+        ("medmpc.netlab.hosts", "medmpc.mpc.launch", "layers"),
         ("medmpc.serving.app", "medmpc.protocols.plan", "layers"),
         ("medmpc.protocols.plan", "medmpc.protocols.coordinator", "cycles"),  # coordinator imports plan
     ],
@@ -69,7 +70,7 @@ def test_only_the_medmpc_namespace_is_importable_from_outside_the_repository(tmp
     """The installed package is medmpc.*; the repository's folder names are not packages of their own."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if Path(p or ".").resolve() != ROOT])
-    for name in ("mpc", "models", "imaging", "training", "protocols", "serving", "cli"):
+    for name in ("mpc", "models", "imaging", "training", "protocols", "serving", "cli", "netlab"):
         sys.modules.pop(name, None)
         with pytest.raises(ModuleNotFoundError):
             importlib.import_module(name)
@@ -89,6 +90,6 @@ def test_the_wheel_installs_only_the_medmpc_namespace(tmp_path):
         entry_points = z.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert {n.split("/")[0] for n in names} == {"medmpc", wheel.name.split("-py")[0] + ".dist-info"}
     packages = {n.split("/")[1] for n in names if n.startswith("medmpc/")}
-    assert packages == {"mpc", "models", "imaging", "training", "protocols", "serving", "cli"}
+    assert packages == {"mpc", "models", "imaging", "training", "protocols", "serving", "cli", "netlab"}
     assert "medmpc/mpc/py.typed" in names and "medmpc/protocols/messages.py" in names
     assert "medmpc = medmpc.cli.main:main" in entry_points
