@@ -3,18 +3,34 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from medmpc.imaging.dataset import ImageSet, load_dataset
 
 if TYPE_CHECKING:
+    from medmpc.mpc.launch import Hosts
     from medmpc.training.dp import DPConfig
 
 
 # what a person reads; cli.main sends it to stdout, or to stderr when stdout carries --json
 _log = logging.getLogger("medmpc").info
+
+
+@contextlib.contextmanager
+def _hosts(profile: str | None, names: list[str]) -> Iterator[Hosts | None]:
+    """Each party on a host of its own, linked by the ``--network`` profile; None: all on this machine."""
+    if profile is None:
+        yield None
+        return
+    from medmpc.netlab.hosts import Network
+
+    with Network(names, profile=profile) as net:
+        _log(f"network {net.profile.describe()}: " + ", ".join(f"{n} at {net.address(n)}" for n in names))
+        yield net
 
 
 def _load(args: argparse.Namespace, *, image_size: int, num_classes: int, split: str) -> ImageSet:
@@ -167,13 +183,22 @@ def simulate(args: argparse.Namespace) -> None:
         f"{plan.rounds} rounds, data {plan.data}{' [synthetic data]' if plan.data.startswith('synthetic') else ''}; "
         f"channels: {plan.transport}"
     )
-    report = run(plan, args.out)
+    with _hosts(args.network, ["coordinator", *plan.hospital_names, *plan.aggregator_names * plan.secure]) as hosts:
+        report = run(plan, args.out, hosts=hosts)
     if "stopped" in report:
         _log(f"stopped early: {report['stopped']}")
     if "validation" in report:
         _log("final validation:\n" + format_metrics(report["validation"]))
     wrote = [args.out / f for f in ("report.json", "model.pt") if (args.out / f).exists()]
     _log(f"wrote {', '.join(map(str, wrote))}" + (" and plots" if "validation" in report else ""))
+
+
+def role(args: argparse.Namespace) -> None:
+    from medmpc.protocols import roles
+
+    status = roles.main(args.args)
+    if status:
+        raise SystemExit(status)
 
 
 def _transport_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -197,15 +222,19 @@ def bench_secure_aggregation(args: argparse.Namespace) -> dict[str, Any] | None:
         timeout_s=args.timeout,
         **_transport_overrides(args),
     )
-    with tempfile.TemporaryDirectory(prefix="medmpc-bench-") as tmp:
+    names = ["coordinator", *plan.hospital_names, *plan.aggregator_names]
+    with tempfile.TemporaryDirectory(prefix="medmpc-bench-") as tmp, _hosts(args.network, names) as hosts:
         bench = Bench(params=args.params, repeat=args.repeat)
-        result = run_bench(plan, bench, Path(tmp), deadline_s=args.timeout * (args.repeat + 1))
+        result = run_bench(plan, bench, Path(tmp), hosts=hosts, deadline_s=args.timeout * (args.repeat + 1))
+    result["network"] = args.network or "loopback"
     if args.json:
         return result
+    allreduce = f", all-reduce {result['plaintext_s']:.3f} s" if "plaintext_s" in result else ""
     _log(
-        f"{args.params:,} params, {args.hospitals} hospitals, {args.aggregators} aggregators: "
-        f"secure {result['secure_s']:.3f} s, plaintext all-reduce {result['plaintext_s']:.3f} s, "
-        f"ratio {result['ratio']:.2f}, max error {result['max_abs_err']:.2e}; channels: {result['transport']}"
+        f"{args.params:,} params, {args.hospitals} hospitals, {args.aggregators} aggregators, network "
+        f"{result['network']}: secure {result['secure_s']:.3f} s, plaintext FedAvg {result['fedavg_s']:.3f} s "
+        f"(ratio {result['ratio_fedavg']:.2f}){allreduce}, max error {result['max_abs_err']:.2e}; "
+        f"channels: {result['transport']}"
     )
     return None
 
@@ -248,17 +277,26 @@ def bench_inference(args: argparse.Namespace) -> dict[str, Any] | None:
     import torch
 
     from medmpc.imaging.transforms import Preprocessing
+    from medmpc.mpc.launch import party_name
     from medmpc.protocols.inference import random_model_and_input, run_inference
     from medmpc.training.checkpoint import Checkpoint
 
     model, x = random_model_and_input(args.model, args.image_size, args.batch, args.seed)
-    with tempfile.TemporaryDirectory(prefix="medmpc-bench-") as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="medmpc-bench-") as tmp,
+        _hosts(args.network, [party_name(r, 2) for r in range(3)]) as hosts,
+    ):
         path = Path(tmp) / "model.pt"
         Checkpoint(
             args.model, ("normal", "bacterial", "viral"), Preprocessing(args.image_size, 0.5, 0.25), model.state_dict()
         ).save(path)
         result = run_inference(
-            str(path), x, timeout_s=args.timeout, device=args.device, plaintext_transport=args.plaintext_transport
+            str(path),
+            x,
+            timeout_s=args.timeout,
+            device=args.device,
+            plaintext_transport=args.plaintext_transport,
+            hosts=hosts,
         )
     with torch.no_grad():
         plain = model(x)
@@ -266,6 +304,7 @@ def bench_inference(args: argparse.Namespace) -> dict[str, Any] | None:
         "model": args.model,
         "image_size": args.image_size,
         "batch": args.batch,
+        "network": args.network or "loopback",
         **{k: result[k] for k in ("device", "online_s", "offline_s", "rounds", "bytes", "transport")},
         "max_abs_err": float((result["logits"] - plain).abs().max()),
         "argmax_agree": bool((result["logits"].argmax(1) == plain.argmax(1)).all()),
@@ -374,6 +413,8 @@ def predict(args: argparse.Namespace) -> dict[str, Any] | None:
     with PredictionClient(
         servers, token, timeout_s=args.timeout, verify=verify, allow_plain_http=args.insecure_http
     ) as client:
+        if args.wait_ready:
+            client.wait_ready(args.wait_ready)
         predictions = client.predict_files(args.image)
     if args.json:
         return {"predictions": [asdict(p) for p in predictions]}
@@ -400,8 +441,9 @@ def pki_init(args: argparse.Namespace) -> None:
 def pki_issue(args: argparse.Namespace) -> None:
     from medmpc.mpc import pki
 
-    pki.issue(args.dir, args.party, days=args.days)
-    _log(f"issued {args.dir / (args.party + '.pem')}")
+    pki.issue(args.dir, args.party, days=args.days, addresses=args.address)
+    also = f" (also HTTPS at {', '.join(args.address)})" if args.address else ""
+    _log(f"issued {args.dir / (args.party + '.pem')}{also}")
 
 
 def pki_revoke(args: argparse.Namespace) -> None:

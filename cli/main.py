@@ -42,6 +42,17 @@ def _add_plaintext_transport(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_network(p: argparse.ArgumentParser) -> None:
+    from medmpc.netlab.profiles import PROFILES
+
+    p.add_argument(
+        "--network",
+        choices=sorted(PROFILES),
+        help="every party on a host of its own (a network namespace; needs root), linked by this profile: "
+        + "; ".join(f"{name}: {prof.about}" for name, prof in sorted(PROFILES.items())),
+    )
+
+
 def _add_json(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout (progress goes to stderr)")
 
@@ -132,6 +143,7 @@ def _simulate(sub: Subcommands) -> None:
     p.add_argument("--host", help="address every role listens on (default 127.0.0.1)")
     p.add_argument("--plaintext", action="store_true", help="plain FedAvg in the clear, for comparison")
     _add_transport_args(p)
+    _add_network(p)
     p.add_argument("--out", type=Path, required=True, help="folder for report.json, model.pt and plots")
     _add_dp_args(p)
     p.add_argument(
@@ -152,9 +164,20 @@ def _simulate(sub: Subcommands) -> None:
     p.set_defaults(func=commands.simulate)
 
 
+def _role(sub: Subcommands) -> None:
+    p = sub.add_parser(
+        "role",
+        help="one federated role on this machine (coordinator, hospital or aggregator), reading a shared plan",
+        description="Same as python -m medmpc.protocols.roles: ROLE --plan plan.json [--index I] [--out DIR]. "
+        "Exit status 3 names the party and what went wrong.",
+    )
+    p.add_argument("args", nargs=argparse.REMAINDER, help="ROLE --plan PLAN [--index I] [--out DIR]")
+    p.set_defaults(func=commands.role)
+
+
 def _bench(sub: Subcommands) -> None:
     bench = sub.add_parser("bench", help="protocol benchmarks").add_subparsers(dest="bench", required=True)
-    p = bench.add_parser("secure-aggregation", help="one secure aggregation vs a plaintext all-reduce")
+    p = bench.add_parser("secure-aggregation", help="one secure aggregation vs plaintext FedAvg")
     p.add_argument("--params", type=int, default=11_200_000, help="float32 values per update (ResNet-18: 11.2M)")
     p.add_argument("--hospitals", type=int, default=3)
     p.add_argument("--aggregators", type=int, default=2)
@@ -163,6 +186,7 @@ def _bench(sub: Subcommands) -> None:
     p.add_argument("--timeout", type=float, default=300.0)
     _add_json(p)
     _add_transport_args(p)
+    _add_network(p)
     p.set_defaults(func=commands.bench_secure_aggregation)
 
     p = bench.add_parser("inference", help="encrypted inference of a random model against plaintext")
@@ -171,6 +195,7 @@ def _bench(sub: Subcommands) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     _add_inference_run_args(p)
+    _add_network(p)
     p.set_defaults(func=commands.bench_inference)
 
 
@@ -222,6 +247,9 @@ def _predict(sub: Subcommands) -> None:
         help="allow plain http:// to a host that is not this machine (every share then crosses the network readable)",
     )
     p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument(
+        "--wait-ready", type=float, default=0.0, metavar="S", help="first wait up to S seconds for both servers' /ready"
+    )
     _add_json(p)
     p.set_defaults(func=commands.predict)
 
@@ -245,6 +273,12 @@ def _pki(sub: Subcommands) -> None:
     p.add_argument("--dir", type=Path, required=True, help="federation folder holding ca.key")
     p.add_argument("party")
     p.add_argument("--days", type=float, default=365.0)
+    p.add_argument(
+        "--address",
+        action="append",
+        default=[],
+        help="IP address or DNS name the certificate also serves HTTPS at (repeatable)",
+    )
     p.set_defaults(func=commands.pki_issue)
     p = pki.add_parser("revoke", help="add a party's certificate to the CRL (copy crl.pem to every party)")
     p.add_argument("--dir", type=Path, required=True, help="federation folder holding ca.key")
@@ -253,7 +287,7 @@ def _pki(sub: Subcommands) -> None:
 
 
 # every subcommand: a function that adds its parser (and sets the function that runs it)
-SUBCOMMANDS = (_train, _evaluate, _partition, _simulate, _bench, _infer, _serve, _predict, _selfcheck, _pki)
+SUBCOMMANDS = (_train, _evaluate, _partition, _simulate, _role, _bench, _infer, _serve, _predict, _selfcheck, _pki)
 
 
 def build_parser() -> argparse.ArgumentParser:

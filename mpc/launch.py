@@ -3,7 +3,9 @@
 Every party is a plain ``python -m medmpc.mpc.party`` process that finds the others
 through explicit addresses (``--parties host:port,...``, one per process) and
 proves who it is with a certificate, so the same command runs unchanged with
-parties on different machines. Locally, the
+parties on different machines. ``Hosts`` says where each party runs: all on this
+machine (``ThisMachine``), or each on a host of its own (``medmpc.netlab.hosts.Network``,
+the same commands run in separate network namespaces). The
 supervisor below starts them, collects their results and, when one party dies
 or the run outlives its deadline, stops all of them and names the culprit.
 Nothing here forks a live interpreter (unlike ``crypten.mpc.run_multiprocess``).
@@ -19,15 +21,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import torch
 
 from medmpc.mpc import pki
 
 DEFAULT_TIMEOUT_S = 120.0
+CRYPTEN_PORT = 29500  # a CrypTen party's listener, where each host's ports are its own
 
 
 class PartyError(RuntimeError):
@@ -51,6 +55,38 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+class Hosts(Protocol):
+    """Where parties run: each party's name is the name of its host."""
+
+    def address(self, host: str) -> str:
+        """The address the others reach ``host`` at."""
+        ...
+
+    def port(self, host: str, wanted: int) -> int:
+        """A port ``host`` may listen on; ``wanted`` where that host's ports are its own."""
+        ...
+
+    def command(self, host: str, argv: Sequence[str]) -> list[str]:
+        """``argv`` run on ``host``."""
+        ...
+
+
+@dataclass(frozen=True)
+class ThisMachine:
+    """Every party on this machine at ``host``, each listener on a free port."""
+
+    host: str = "127.0.0.1"
+
+    def address(self, host: str) -> str:
+        return self.host
+
+    def port(self, host: str, wanted: int) -> int:
+        return free_port(self.host)
+
+    def command(self, host: str, argv: Sequence[str]) -> list[str]:
+        return list(argv)
 
 
 def log_tail(path: Path, n_chars: int = 2000) -> str:
@@ -169,7 +205,7 @@ def run_crypten_job(
     provider: str = "TTP",
     allow_insecure: bool = False,
     timeout_s: float = DEFAULT_TIMEOUT_S,
-    host: str = "127.0.0.1",
+    hosts: Hosts = ThisMachine(),
     plaintext_transport: bool = False,
 ) -> list[Any]:
     """Run ``job`` (``"package.module:function"``) on ``world_size`` CrypTen parties.
@@ -180,13 +216,14 @@ def run_crypten_job(
     (CrypTen's ``TTP`` provider) and learns nothing about the parties' inputs.
     The processes talk over mutually authenticated TLS with certificates from a CA made
     for this run only (its key never written); ``plaintext_transport`` measures without.
+    ``hosts`` places each party (``party0``, ``party1``, ``dealer``) on its host.
     """
     if world_size < 2:
         raise ValueError(f"an MPC job needs at least 2 parties, got world_size={world_size}")
     if dealer != (provider.upper() == "TTP"):
         raise ValueError("the TTP provider needs dealer=True, and only TTP uses a dealer")
     names = [party_name(rank, world_size) for rank in range(world_size + dealer)]
-    addresses = ",".join(f"{host}:{free_port(host)}" for _ in names)
+    addresses = ",".join(f"{hosts.address(n)}:{hosts.port(n, CRYPTEN_PORT)}" for n in names)
     with tempfile.TemporaryDirectory(prefix="medmpc-") as tmp:
         workdir = Path(tmp)
         args_file = workdir / "args.json"
@@ -213,9 +250,9 @@ def run_crypten_job(
             result = workdir / f"result{rank}.pt"
             argv = [sys.executable, "-m", "medmpc.mpc.party", *common, "--rank", str(rank)]
             argv += ["--result-file", str(result)]
-            parties.append(PartyProcess(f"party{rank}", argv, result_file=result))
+            parties.append(PartyProcess(f"party{rank}", hosts.command(f"party{rank}", argv), result_file=result))
         if dealer:
-            argv = [sys.executable, "-m", "medmpc.mpc.party", *common, "--rank", str(world_size)]
-            parties.append(PartyProcess("dealer", argv + ["--dealer"]))
+            argv = [sys.executable, "-m", "medmpc.mpc.party", *common, "--rank", str(world_size), "--dealer"]
+            parties.append(PartyProcess("dealer", hosts.command("dealer", argv)))
         results = supervise(parties, timeout_s=timeout_s + 30, workdir=workdir)
     return [results[f"party{rank}"] for rank in range(world_size)]

@@ -1,8 +1,10 @@
-"""``medmpc bench secure-aggregation``: one secure aggregation against a plaintext all-reduce.
+"""``medmpc bench secure-aggregation``: one secure aggregation against plaintext FedAvg.
 
-Both run among the same hospital processes on the same random updates: the
-baseline is a float32 ``all_reduce`` (gloo) among the hospitals; the secure path
-is the full protocol (encode, share, send, sum, divide in MPC, reveal).
+All run among the same hospital processes on the same random updates: the secure path is
+the full protocol (encode, share, send, sum, divide in MPC, reveal); plaintext FedAvg sends
+each float32 update to the coordinator over the same channels (TLS or not), which averages
+it; and, where all hospitals share one machine, a float32 ``all_reduce`` (gloo, no TLS)
+among the hospitals.
 
 The benchmark has roles of its own (``python -m medmpc.protocols.bench``): a
 coordinator that times aggregations in place of training, and hospitals that
@@ -18,14 +20,14 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from medmpc.mpc.launch import free_port
+from medmpc.mpc.launch import Hosts, free_port
 from medmpc.mpc.transport import Listener
 from medmpc.protocols import messages
 from medmpc.protocols.commands import next_command
@@ -35,7 +37,8 @@ from medmpc.protocols.messages import Baseline, BaselineDone, Contribute, Prepar
 from medmpc.protocols.plan import Plan
 from medmpc.protocols.roles import coordinator_listener, party_of, role_parser, run_role
 from medmpc.protocols.simulate import launch_roles
-from medmpc.protocols.strategy import Aggregation
+from medmpc.protocols.strategy import Aggregation, PlainFedAvg
+from medmpc.protocols.submit import PlainSubmitter
 from medmpc.training.centralised import write_json
 
 R = TypeVar("R")
@@ -44,18 +47,18 @@ R = TypeVar("R")
 @dataclass(frozen=True, kw_only=True)
 class Bench:
     """What to measure: ``repeat`` aggregations of ``params`` float32 values each; the
-    hospitals' plaintext all-reduce meets at ``baseline_port`` on the plan's host."""
+    hospitals' plaintext all-reduce meets at ``allreduce_at`` ("host:port"; empty: no all-reduce)."""
 
     params: int
     repeat: int = 3
-    baseline_port: int = 0
+    allreduce_at: str = ""
 
     def __post_init__(self) -> None:
         if self.params < 1 or self.repeat < 1:
             raise ValueError(f"bench needs params >= 1 and repeat >= 1, got {self.params} and {self.repeat}")
 
     def args(self) -> list[str]:
-        return ["--params", str(self.params), "--repeat", str(self.repeat), "--baseline-port", str(self.baseline_port)]
+        return ["--params", str(self.params), "--repeat", str(self.repeat), "--allreduce-at", self.allreduce_at]
 
 
 def bench_update(plan: Plan, bench: Bench, index: int) -> torch.Tensor:
@@ -72,6 +75,7 @@ class BenchHospital(Hospital):
         super().__init__(plan, index)
         self.bench = bench
         self.update = bench_update(plan, bench, index)
+        self.in_the_clear: PlainSubmitter | None = None
 
     def _baseline(self) -> float:
         """Seconds for one float32 all-reduce of the update among the hospitals."""
@@ -79,7 +83,7 @@ class BenchHospital(Hospital):
         if not dist.is_initialized():
             dist.init_process_group(
                 "gloo",
-                init_method=f"tcp://{p.host}:{self.bench.baseline_port}",
+                init_method=f"tcp://{self.bench.allreduce_at}",
                 rank=self.index,
                 world_size=p.hospitals,
                 timeout=datetime.timedelta(seconds=p.timeout_s),
@@ -100,12 +104,15 @@ class BenchHospital(Hospital):
             elif isinstance(command, Prepare):
                 submitter.prepare(command.tag, command.numel)
                 messages.send(coord, Prepared())
+            elif command.in_the_clear:
+                self.in_the_clear = self.in_the_clear or PlainSubmitter(self.name, coord)
+                self.contribute(coord, self.in_the_clear, command.tag, self.update, train_s=0.0)
             else:
                 self.contribute(coord, submitter, command.tag, self.update, train_s=0.0)
 
 
 class BenchCoordinator(Coordinator):
-    """Times ``bench.repeat`` secure aggregations, each beside a plaintext all-reduce."""
+    """Times ``bench.repeat`` secure aggregations, each beside plaintext FedAvg (and an all-reduce)."""
 
     def __init__(self, plan: Plan, out: Path, bench: Bench) -> None:
         super().__init__(plan, out)
@@ -130,13 +137,20 @@ class BenchCoordinator(Coordinator):
         p, b = self.plan, self.bench
         expected = torch.stack([bench_update(p, b, i) for i in range(p.hospitals)]).double().mean(0).float()
         self.traffic_since_last()
-        secure, plain, offline, errors = [], [], [], []
+        secure, fedavg, allreduce, offline, errors = [], [], [], [], []
         phases: dict[str, list[float]] = {"sharing": [], "reveal": []}
         traffic: dict[str, dict[str, int]] = {}
+        fedavg_traffic: dict[str, dict[str, int]] = {}
         for r in range(1, b.repeat + 1):
-            plain.append(max(done.seconds for done in self._ask(Baseline(), BaselineDone)))
-            self.traffic_since_last()  # the secure traffic below is counted on its own
             noise_std, divisor = p.aggregation(f"round{r}", n_samples=p.hospitals)
+            start = time.perf_counter()
+            in_the_clear = Aggregation(tag=f"round{r}", numel=b.params, round=r, divisor=divisor, noise_std=noise_std)
+            self.aggregate(PlainFedAvg(), in_the_clear, Contribute(in_the_clear.tag, in_the_clear=True))
+            fedavg.append(time.perf_counter() - start)
+            fedavg_traffic = self.traffic_since_last()
+            if b.allreduce_at:
+                allreduce.append(max(done.seconds for done in self._ask(Baseline(), BaselineDone)))
+            self.traffic_since_last()  # the secure traffic below is counted on its own
             job = Aggregation(tag=f"round{r}", numel=b.params, round=r, divisor=divisor, noise_std=noise_std)
             # offline: masks, seeds and the shares made of them do not depend on the updates
             offline_start = time.perf_counter()
@@ -151,7 +165,14 @@ class BenchCoordinator(Coordinator):
             phases["reveal"].append(info["reveal_s"])
             errors.append(float((avg - expected).abs().max()))
             traffic = self.traffic_since_last()
-        secure_s, plaintext_s = statistics.median(secure), statistics.median(plain)
+        secure_s, fedavg_s = statistics.median(secure), statistics.median(fedavg)
+        baseline = {}
+        if allreduce:
+            baseline = {
+                "plaintext_s": statistics.median(allreduce),
+                "ratio": secure_s / statistics.median(allreduce),
+                "plaintext_runs_s": allreduce,
+            }
         return {
             "params": b.params,
             "hospitals": p.hospitals,
@@ -159,28 +180,38 @@ class BenchCoordinator(Coordinator):
             "fractional_bits": p.fractional_bits,
             "repeat": b.repeat,
             "secure_s": secure_s,
-            "plaintext_s": plaintext_s,
-            "ratio": secure_s / plaintext_s,
+            "fedavg_s": fedavg_s,
+            "ratio_fedavg": secure_s / fedavg_s,
+            **baseline,
             "secure_runs_s": secure,
-            "plaintext_runs_s": plain,
+            "fedavg_runs_s": fedavg,
             "offline_s": statistics.median(offline),
             "phases_s": {name: statistics.median(v) for name, v in phases.items()},
             "bytes_per_party": {party: t["bytes_sent"] for party, t in traffic.items()},
+            "fedavg_bytes_per_party": {party: t["bytes_sent"] for party, t in fedavg_traffic.items()},
             "max_abs_err": max(errors),
         }
 
 
-def run_bench(plan: Plan, bench: Bench, out: Path, *, deadline_s: float | None = None) -> dict[str, Any]:
+def run_bench(
+    plan: Plan, bench: Bench, out: Path, *, hosts: Hosts | None = None, deadline_s: float | None = None
+) -> dict[str, Any]:
     """Run the benchmark's coordinator and hospitals and the production aggregators, each its own
-    process; returns the report (also in out/report.json). The plan's ``rounds`` become
-    ``bench.repeat``."""
-    # an aggregation of the mean, no noise: what the benchmark compares with the all-reduce
+    process on its host (default: all on this machine, with the all-reduce too); returns the
+    report (also in out/report.json). The plan's ``rounds`` become ``bench.repeat``."""
+    # an aggregation of the mean, no noise: what the benchmark compares with plaintext FedAvg
     plain_mean = {"rounds": bench.repeat, "secure": True, "central_dp_noise": None, "stats_noise": None}
     plan = Plan(**(json.loads(plan.to_json()) | plain_mean))
-    bench = Bench(params=bench.params, repeat=bench.repeat, baseline_port=bench.baseline_port or free_port(plan.host))
+    if hosts is None and not bench.allreduce_at:
+        bench = replace(bench, allreduce_at=f"{plan.host}:{free_port(plan.host)}")
     me = [sys.executable, "-m", "medmpc.protocols.bench", *bench.args()]
     return launch_roles(
-        plan, out, coordinator=me, hospital=me, deadline_s=deadline_s or plan.timeout_s * (bench.repeat + 2)
+        plan,
+        out,
+        hosts=hosts,
+        coordinator=me,
+        hospital=me,
+        deadline_s=deadline_s or plan.timeout_s * (bench.repeat + 2),
     )
 
 
@@ -188,10 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     p = role_parser("python -m medmpc.protocols.bench", __doc__, ("coordinator", "hospital"))
     p.add_argument("--params", type=int, required=True)
     p.add_argument("--repeat", type=int, required=True)
-    p.add_argument("--baseline-port", type=int, required=True)
+    p.add_argument("--allreduce-at", default="", help="HOST:PORT of the all-reduce's rendezvous; empty: none")
     a = p.parse_args(argv)
     plan = Plan.from_json(a.plan.read_text())
-    bench = Bench(params=a.params, repeat=a.repeat, baseline_port=a.baseline_port)
+    bench = Bench(params=a.params, repeat=a.repeat, allreduce_at=a.allreduce_at)
 
     def play() -> None:
         if a.role == "coordinator":

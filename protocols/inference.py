@@ -24,7 +24,7 @@ import torch
 from medmpc.models import architecture, build_model
 from medmpc.mpc import crypten_compat
 from medmpc.mpc.compile import compile_model
-from medmpc.mpc.launch import run_crypten_job
+from medmpc.mpc.launch import Hosts, ThisMachine, run_crypten_job
 from medmpc.mpc.pki import describe_channels
 from medmpc.training.checkpoint import Checkpoint
 
@@ -105,9 +105,11 @@ def run_inference(
     timeout_s: float = 600.0,
     device: str = "cpu",
     plaintext_transport: bool = False,
+    hosts: Hosts | None = None,
 ) -> dict[str, Any]:
-    """Run model owner, data owner and dealer as local processes on preprocessed ``images``, over
-    mutually authenticated TLS (``plaintext_transport``: without, to measure what TLS costs)."""
+    """Run model owner, data owner and dealer as processes on preprocessed ``images``, over
+    mutually authenticated TLS (``plaintext_transport``: without, to measure what TLS costs);
+    ``hosts`` places each (default: all on this machine)."""
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {device!r} asked for, but this machine has no CUDA GPU")
     ckpt = Checkpoint.load(checkpoint)
@@ -119,6 +121,7 @@ def run_inference(
             world_size=2,
             timeout_s=timeout_s,
             plaintext_transport=plaintext_transport,
+            hosts=hosts or ThisMachine(),
             args={
                 "model_name": ckpt.model_name,
                 "num_classes": len(ckpt.classes),

@@ -135,10 +135,12 @@ class Train:
 
 @dataclass(frozen=True)
 class Contribute:
-    """Coordinator -> benchmark hospital: contribute your random update."""
+    """Coordinator -> benchmark hospital: contribute your random update, secret-shared to the
+    aggregators or, ``in_the_clear``, to the coordinator itself (plaintext FedAvg)."""
 
     KIND: ClassVar[Kind] = Kind.CONTRIBUTE
     tag: str
+    in_the_clear: bool = False
 
 
 @dataclass(frozen=True)

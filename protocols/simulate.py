@@ -1,4 +1,5 @@
-"""Run a whole federated training locally: every role its own OS process on loopback."""
+"""Run a whole federated training: every role its own OS process, all on this machine's
+loopback or each on a host of its own (``mpc.launch.Hosts``), with the production role commands."""
 
 from __future__ import annotations
 
@@ -9,16 +10,21 @@ from pathlib import Path
 from typing import Any
 
 from medmpc.mpc import pki
-from medmpc.mpc.launch import PartyProcess, free_port, supervise
+from medmpc.mpc.launch import Hosts, PartyProcess, ThisMachine, supervise
 from medmpc.protocols.plan import Plan
 
+COORDINATOR_PORT, AGGREGATOR_PORT = 7000, 7100  # where each host's ports are its own
 
-def with_free_ports(plan: Plan) -> Plan:
-    """Fill in any port left at 0 with a free one on ``plan.host``."""
+
+def placed(plan: Plan, hosts: Hosts) -> Plan:
+    """The plan with every listener's address and port: those the plan leaves out come from ``hosts``."""
     values = json.loads(plan.to_json())
-    values["coordinator_port"] = plan.coordinator_port or free_port(plan.host)
-    if plan.secure and len(plan.aggregator_ports) != plan.aggregators:
-        values["aggregator_ports"] = [free_port(plan.host) for _ in range(plan.aggregators)]
+    values["coordinator_host"] = plan.coordinator_host or hosts.address("coordinator")
+    values["coordinator_port"] = plan.coordinator_port or hosts.port("coordinator", COORDINATOR_PORT)
+    if plan.secure:
+        values["aggregator_hosts"] = plan.aggregator_hosts or [hosts.address(a) for a in plan.aggregator_names]
+        if len(plan.aggregator_ports) != plan.aggregators:
+            values["aggregator_ports"] = [hosts.port(a, AGGREGATOR_PORT) for a in plan.aggregator_names]
     return Plan(**values)
 
 
@@ -35,13 +41,19 @@ ROLES = [sys.executable, "-m", "medmpc.protocols.roles"]
 
 
 def role_processes(
-    plan_file: Path, plan: Plan, out: Path, *, coordinator: list[str] = ROLES, hospital: list[str] = ROLES
+    plan_file: Path,
+    plan: Plan,
+    out: Path,
+    *,
+    hosts: Hosts,
+    coordinator: list[str] = ROLES,
+    hospital: list[str] = ROLES,
 ) -> list[PartyProcess]:
-    """One process per role; ``coordinator`` and ``hospital``: the command lines their roles
-    are appended to (the production roles unless a benchmark brings its own)."""
+    """One process per role, each on its host; ``coordinator`` and ``hospital``: the command
+    lines their roles are appended to (the production roles unless a benchmark brings its own)."""
 
     def role(name: str, command: list[str], *args: str) -> PartyProcess:
-        return PartyProcess(name, [*command, *args, "--plan", str(plan_file)])
+        return PartyProcess(name, hosts.command(name, [*command, *args, "--plan", str(plan_file)]))
 
     procs = [role("coordinator", coordinator, "coordinator", "--out", str(out))]
     procs[0].echo = True
@@ -52,12 +64,20 @@ def role_processes(
 
 
 def launch_roles(
-    plan: Plan, out: Path, *, deadline_s: float, coordinator: list[str] = ROLES, hospital: list[str] = ROLES
+    plan: Plan,
+    out: Path,
+    *,
+    deadline_s: float,
+    hosts: Hosts | None = None,
+    coordinator: list[str] = ROLES,
+    hospital: list[str] = ROLES,
 ) -> dict[str, Any]:
-    """Run every role to completion on this machine; returns the coordinator's report (also in
-    out/report.json). Ports left at 0 are picked, and without ``plan.tls_dir`` (and not on the
+    """Run every role to completion, each on its host (default: all on this machine at
+    ``plan.host``); returns the coordinator's report (also in out/report.json). Addresses and
+    ports the plan leaves out come from ``hosts``, and without ``plan.tls_dir`` (and not on the
     plaintext transport) an ephemeral federation CA is made for this run."""
-    plan = with_free_ports(plan)
+    hosts = hosts or ThisMachine(plan.host)
+    plan = placed(plan, hosts)
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="medmpc-sim-") as tmp:
@@ -65,11 +85,11 @@ def launch_roles(
             plan = with_ephemeral_federation(plan, Path(tmp) / "pki")
         plan_file = Path(tmp) / "plan.json"
         plan_file.write_text(plan.to_json())
-        processes = role_processes(plan_file, plan, out, coordinator=coordinator, hospital=hospital)
+        processes = role_processes(plan_file, plan, out, hosts=hosts, coordinator=coordinator, hospital=hospital)
         supervise(processes, timeout_s=deadline_s, workdir=Path(tmp))
     return json.loads((out / "report.json").read_text())  # type: ignore[no-any-return]
 
 
-def simulate(plan: Plan, out: Path, *, deadline_s: float | None = None) -> dict[str, Any]:
+def simulate(plan: Plan, out: Path, *, hosts: Hosts | None = None, deadline_s: float | None = None) -> dict[str, Any]:
     """Run a whole federated training, every role to completion; returns the coordinator's report."""
-    return launch_roles(plan, out, deadline_s=deadline_s or plan.timeout_s * (plan.rounds + 2))
+    return launch_roles(plan, out, hosts=hosts, deadline_s=deadline_s or plan.timeout_s * (plan.rounds + 2))

@@ -5,13 +5,15 @@ from __future__ import annotations
 import subprocess
 import sys
 
+MEDMPC = [sys.executable, "-m", "medmpc.cli.main"]  # the command, in the interpreter running the tests
+
 
 def medmpc(
     *args: object, check: bool = True, timeout: float = 300, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     """Run ``medmpc ARGS``; with ``check``, a non-zero exit fails the test with the command's stderr."""
     proc = subprocess.run(
-        [sys.executable, "-m", "medmpc.cli.main", *map(str, args)],
+        [*MEDMPC, *map(str, args)],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -1,0 +1,104 @@
+"""Runs across separate hosts (``netlab`` namespaces) with the production commands: a party
+that loses its network is named within the timeout and nothing is revealed; an unreachable
+listener is named with its address; encrypted inference with each party on its own host."""
+
+import json
+import threading
+import time
+
+import pytest
+
+from medmpc.mpc.launch import PartyError
+from medmpc.netlab.hosts import Network, unavailable
+from medmpc.protocols.plan import Plan
+from medmpc.protocols.simulate import simulate
+from tests.medmpc_cli import MEDMPC, medmpc
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(unavailable() is not None, reason=f"no separate hosts here: {unavailable()}"),
+]
+
+TIMEOUT_S = 20.0
+
+
+def _plan(rounds: int) -> Plan:
+    return Plan(hospitals=3, aggregators=2, rounds=rounds, data="synthetic:240", image_size=32, timeout_s=TIMEOUT_S)
+
+
+def _federation() -> list[str]:
+    plan = _plan(1)
+    return ["coordinator", *plan.hospital_names, *plan.aggregator_names]
+
+
+def test_a_hospital_that_loses_its_network_mid_round_is_named_and_nothing_is_revealed(tmp_path):
+    out = tmp_path / "run"
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            simulate(_plan(rounds=4), out, hosts=net)
+        except BaseException as err:  # handed to the test thread
+            failure.append(err)
+
+    with Network(_federation(), profile="unshaped") as net:
+        runner = threading.Thread(target=run)
+        runner.start()
+        deadline = time.monotonic() + 300
+        while not (out / "model.pt").exists():  # round 1 is done: the next one is under way
+            assert runner.is_alive() and time.monotonic() < deadline, failure
+            time.sleep(0.05)
+        net.set_link("hospital1", up=False)
+        pulled = time.monotonic()
+        runner.join(timeout=TIMEOUT_S + 60)
+        ended = time.monotonic() - pulled
+        assert not runner.is_alive()
+        [err] = failure
+        assert isinstance(err, PartyError)
+        assert "hospital1: no message within 20 s" in str(err) or "hospital1: connection lost" in str(err), err
+        assert ended < TIMEOUT_S + 15, f"took {ended:.0f} s after the link went down"
+        # nothing of the interrupted round was revealed: the last model and report are round 1's
+        report = json.loads((out / "report.json").read_text())
+        assert [r["round"] for r in report["rounds"]] == [1]
+
+        net.set_link("hospital1", up=True)
+        again = simulate(_plan(rounds=1), tmp_path / "again", hosts=net)
+        assert [r["round"] for r in again["rounds"]] == [1]
+
+
+def test_an_unreachable_coordinator_is_named_with_its_address(tmp_path):
+    with Network(["coordinator", "hospital0"], profile="unshaped") as net:
+        plan = Plan(
+            hospitals=2, secure=False, coordinator_host=net.address("coordinator"), coordinator_port=7000,
+            timeout_s=3, data="synthetic:60", image_size=32, plaintext_transport=True,
+        )  # fmt: skip
+        (tmp_path / "plan.json").write_text(plan.to_json())
+        proc = net.run(
+            "hospital0",
+            [*MEDMPC, "role", "hospital", "--index", "0", "--plan", str(tmp_path / "plan.json")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert f"hospital0: coordinator: cannot connect to {net.address('coordinator')}:7000 within 3 s" in proc.stderr
+
+
+def test_encrypted_inference_with_each_party_on_its_own_host():
+    proc = medmpc("bench", "inference", "--model", "cnn", "--image-size", "32", "--network", "unshaped", "--json")
+    result = json.loads(proc.stdout)
+    assert result["network"] == "unshaped" and result["argmax_agree"] and result["max_abs_err"] < 0.01, result
+    assert "party0 at 198.18.1.2, party1 at 198.18.2.2, dealer at 198.18.3.2" in proc.stderr
+
+
+def test_the_benchmark_times_secure_aggregation_against_fedavg_across_hosts():
+    proc = medmpc(
+        "bench", "secure-aggregation", "--params", "10000", "--hospitals", "3", "--repeat", "1",
+        "--network", "lan", "--json",
+    )  # fmt: skip
+    result = json.loads(proc.stdout)
+    assert result["network"] == "lan" and "plaintext_s" not in result  # no all-reduce across hosts
+    assert result["ratio_fedavg"] == pytest.approx(result["secure_s"] / result["fedavg_s"])
+    assert result["max_abs_err"] <= 3 * 2**-16
+    # FedAvg: each hospital sends its 10,000 float32 values to the coordinator, and a bit more
+    assert all(40_000 <= result["fedavg_bytes_per_party"][f"hospital{i}"] < 60_000 for i in range(3)), result
