@@ -17,9 +17,11 @@ expected (:func:`peer_name`), before any share is exchanged.
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import os
+import re
 import ssl
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,9 +125,11 @@ def issue(
     days: float = 365.0,
     not_before: datetime.datetime | None = None,
     ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None,
+    addresses: Sequence[str] = (),
 ) -> None:
     """Key and certificate for ``party`` (``<party>.key``, ``<party>.pem``), valid ``days`` from
-    ``not_before`` (default now)."""
+    ``not_before`` (default now). ``addresses`` (IP addresses or DNS names) go into its subject
+    alternative names, so that the same certificate serves HTTPS at those addresses."""
     if not party or role_of(party) == "" or not party.replace("-", "").isalnum():
         raise IdentityError(f"party names are a role and an optional index, like hospital0; got {party!r}")
     ca_cert, ca_key = ca or _load_ca(folder)
@@ -144,10 +148,21 @@ def issue(
             x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH, x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]),
             critical=False,
         )
-        .sign(ca_key, hashes.SHA256())
     )
-    (folder / f"{party}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    if addresses:
+        cert = cert.add_extension(x509.SubjectAlternativeName([_alt_name(a) for a in addresses]), critical=False)
+    signed = cert.sign(ca_key, hashes.SHA256())
+    (folder / f"{party}.pem").write_bytes(signed.public_bytes(serialization.Encoding.PEM))
     _write_key(key, folder / f"{party}.key")
+
+
+def _alt_name(address: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(address))
+    except ValueError:
+        if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", address):
+            raise IdentityError(f"{address!r} is neither an IP address nor a DNS name") from None
+        return x509.DNSName(address)
 
 
 def revoke(folder: Path, party: str) -> None:

@@ -13,6 +13,7 @@ client adds them.
 from __future__ import annotations
 
 import ssl
+import time
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -91,6 +92,20 @@ class PredictionClient:
             raise ServiceError(self.servers[party], r.status_code, str(detail))
         body: dict[str, Any] = r.json()
         return body
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Wait until both parties answer ``/ready`` (weights shared, peers alive); ServiceError
+        naming the first party still not ready after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        for party in range(2):
+            while True:
+                try:
+                    self._call(party, "GET", "/ready")
+                    break
+                except ServiceError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(1.0)
 
     def card(self) -> ModelCard:
         """The public model card; both parties must serve the same one."""
