@@ -1,6 +1,6 @@
 """Separate hosts on one machine: each party in its own network namespace, behind one router.
 
-Topology: host ``i`` (in the order given) is alone in namespace ``mm<pid>-<name>`` with one
+Topology: host ``i`` (in the order given) is alone in namespace ``mm<pid>n<k>-<name>`` with one
 interface, ``eth0``, at 198.18.<i+1>.2/24 (the benchmarking range, RFC 2544), and a default
 route to 198.18.<i+1>.1, the router namespace's end of their veth pair. A host reaches
 another only through the router, and nothing else: not the machine's other interfaces, not
@@ -18,9 +18,11 @@ process that no longer exists (killed before its clean-up) are removed by the ne
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -31,7 +33,8 @@ from typing import Any
 from medmpc.netlab import profiles
 from medmpc.netlab.profiles import Profile
 
-_OURS = re.compile(r"^mm(\d+)-")
+_OURS = re.compile(r"^mm(\d+)n\d+-")  # mm<pid>n<k>-<host>: the k-th network of process pid
+_made_here = itertools.count()
 MAX_HOSTS = 250
 HOST_NAME = re.compile(r"^[a-z][a-z0-9]{0,31}$")
 
@@ -40,8 +43,8 @@ class NetlabError(RuntimeError):
     """Setting up or using the namespaces failed; the message names the command and host."""
 
 
-def unavailable() -> str | None:
-    """Why separate hosts cannot be made here, or None if they can."""
+def unavailable(profile: Profile | None = None) -> str | None:
+    """Why separate hosts (linked by ``profile``, if given) cannot be made here, or None if they can."""
     if sys.platform != "linux":
         return "network namespaces need Linux"
     if os.geteuid() != 0:
@@ -49,9 +52,9 @@ def unavailable() -> str | None:
     for tool in ("ip", "tc"):
         if shutil.which(tool) is None:
             return f"`{tool}` is not installed (iproute2)"
-    if not Path("/dev/net/tun").exists():
-        return "/dev/net/tun is missing (the delay line needs a TUN device)"
-    probe = f"mm{os.getpid()}-probe"
+    if profile is not None and profile.rtt_s > 0 and not Path("/dev/net/tun").exists():
+        return f"/dev/net/tun is missing (the delay line of profile {profile.name!r} needs a TUN device)"
+    probe = f"mm{os.getpid()}probe"
     made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
     if made.returncode != 0:
         return f"cannot make a network namespace: {made.stderr.strip()}"
@@ -69,7 +72,7 @@ def _remove_namespace(ns: str) -> None:
     pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
     for pid in pids:
         try:
-            os.kill(int(pid), 9)
+            os.kill(int(pid), signal.SIGKILL)
         except ProcessLookupError:
             pass
     subprocess.run(["ip", "netns", "del", ns], capture_output=True)
@@ -100,7 +103,7 @@ class Network:
             if not HOST_NAME.match(name):
                 raise ValueError(f"host name {name!r}: lower-case letters and digits, starting with a letter")
         self.hosts = list(hosts)
-        self.prefix = f"mm{os.getpid()}-"
+        self.prefix = f"mm{os.getpid()}n{next(_made_here)}-"
         self.router = self.prefix + "router"
         self._made: list[str] = []
         self._delay: subprocess.Popen[bytes] | None = None
@@ -157,7 +160,7 @@ class Network:
         self.close()
 
     def start(self) -> None:
-        reason = unavailable()
+        reason = unavailable(self.profile)
         if reason is not None:
             raise NetlabError(reason)
         remove_stale()

@@ -5,9 +5,11 @@ ends of its veth) and adds ``rtt_s`` between any two hosts (half on the way out,
 way back, by the delay line in ``netlab.delay``). The time a protocol should take on it is
 modelled as
 
-    compute + rounds * rtt + bytes / rate
+    compute + rounds * rtt / 2 + bytes / rate
 
-with ``bytes`` the most any one host sends (every host sends over its own link at once).
+with ``rounds`` the message rounds one after another (each costs one one-way latency: in an MPC
+round both parties send at once; a request and its reply are two rounds) and ``bytes`` what the
+busiest host's link carries in its busier direction (every host has a link of its own).
 """
 
 from __future__ import annotations
@@ -25,10 +27,10 @@ class Profile:
     about: str
 
     def predict(self, *, compute_s: float, rounds: int, bytes_sent: float) -> float:
-        """Seconds the simple model expects: compute, plus a round trip per round, plus the
-        busiest host's bytes through its link."""
+        """Seconds the simple model expects: compute, plus one one-way latency per round, plus
+        the busiest link's bytes at the link rate."""
         wire = 0.0 if self.rate_bit_s is None else 8 * bytes_sent / self.rate_bit_s
-        return compute_s + rounds * self.rtt_s + wire
+        return compute_s + rounds * self.rtt_s / 2 + wire
 
     def describe(self) -> str:
         rate = "unshaped" if self.rate_bit_s is None else f"{self.rate_bit_s / 1e6:g} Mbit/s"

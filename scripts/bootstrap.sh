@@ -15,6 +15,15 @@ if [[ -f $stamp && $(cat "$stamp") == "$want" ]]; then
     exit 0
 fi
 echo "[bootstrap] setting up $venv (torch takes about 2 minutes the first time)" >&2
+# the separate-hosts harness (netlab) needs iproute2 (ip, tc); the walk-through uses openssl
+if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+    missing=()
+    command -v tc >/dev/null || missing+=(iproute2)
+    command -v openssl >/dev/null || missing+=(openssl)
+    if ((${#missing[@]})); then
+        apt-get update -q >/dev/null && apt-get install -y -q "${missing[@]}" >/dev/null
+    fi
+fi
 [[ -x $venv/bin/python ]] || python3.11 -m venv $venv 2>/dev/null || python3 -m venv $venv
 pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 # The CUDA build of torch 2.14.1 is what this pin resolves to; it runs on CPU too.
