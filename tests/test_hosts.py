@@ -57,7 +57,9 @@ def test_a_party_that_loses_its_network_mid_round_is_named_and_nothing_is_reveal
         assert not runner.is_alive()
         [err] = failure
         assert isinstance(err, PartyError)
-        assert re.search(rf"{party}: (no message within 20 s|connection lost|send failed)", str(err)), err
+        # the cut-off party gives up first (its peers have gone silent), or a peer names it
+        peer_named = re.search(rf"{party}: (no message within 20 s|connection lost|send failed)", str(err))
+        assert err.party == party or peer_named, err
         assert ended < TIMEOUT_S + 15, f"took {ended:.0f} s after the link went down"
         # nothing of the interrupted round was revealed: the last model and report are round 1's
         report = json.loads((out / "report.json").read_text())
