@@ -42,7 +42,8 @@ def test_a_profile_gives_its_round_trip_time_and_bandwidth(name, megabytes):
         pytest.skip(unavailable(p))
     with Network(["a", "b"], profile=p) as net:
         link = _measure(net, "a", "b", megabytes)
-    assert p.rtt_s <= link["rtt_s"] <= p.rtt_s * 1.3 + 0.3e-3, link
+    # the delay line releases packets 50 us early to make up for its timer wake-up
+    assert 0.9 * p.rtt_s <= link["rtt_s"] <= p.rtt_s * 1.3 + 0.3e-3, link
     # slow start costs a few round trips of the transfer
     assert 0.6 * p.rate_bit_s / 1e6 <= link["mbit_s"] <= 1.02 * p.rate_bit_s / 1e6, link
 
