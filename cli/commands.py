@@ -183,7 +183,7 @@ def simulate(args: argparse.Namespace) -> None:
         f"{plan.rounds} rounds, data {plan.data}{' [synthetic data]' if plan.data.startswith('synthetic') else ''}; "
         f"channels: {plan.transport}"
     )
-    with _hosts(args.network, ["coordinator", *plan.hospital_names, *plan.aggregator_names * plan.secure]) as hosts:
+    with _hosts(args.network, plan.party_names) as hosts:
         report = run(plan, args.out, hosts=hosts)
     if "stopped" in report:
         _log(f"stopped early: {report['stopped']}")
@@ -222,8 +222,7 @@ def bench_secure_aggregation(args: argparse.Namespace) -> dict[str, Any] | None:
         timeout_s=args.timeout,
         **_transport_overrides(args),
     )
-    names = ["coordinator", *plan.hospital_names, *plan.aggregator_names]
-    with tempfile.TemporaryDirectory(prefix="medmpc-bench-") as tmp, _hosts(args.network, names) as hosts:
+    with tempfile.TemporaryDirectory(prefix="medmpc-bench-") as tmp, _hosts(args.network, plan.party_names) as hosts:
         bench = Bench(params=args.params, repeat=args.repeat)
         result = run_bench(plan, bench, Path(tmp), hosts=hosts, deadline_s=args.timeout * (args.repeat + 1))
     result["network"] = args.network or "loopback"

@@ -75,7 +75,6 @@ class BenchHospital(Hospital):
         super().__init__(plan, index)
         self.bench = bench
         self.update = bench_update(plan, bench, index)
-        self.in_the_clear: PlainSubmitter | None = None
 
     def _baseline(self) -> float:
         """Seconds for one float32 all-reduce of the update among the hospitals."""
@@ -97,6 +96,7 @@ class BenchHospital(Hospital):
 
     def run(self) -> None:
         coord, submitter = self._connect()
+        in_the_clear = PlainSubmitter(self.name, coord)  # plaintext FedAvg, the baseline
         while (received := next_command(coord, self.traffic, Baseline, Prepare, Contribute)) is not None:
             command, _ = received
             if isinstance(command, Baseline):
@@ -104,11 +104,9 @@ class BenchHospital(Hospital):
             elif isinstance(command, Prepare):
                 submitter.prepare(command.tag, command.numel)
                 messages.send(coord, Prepared())
-            elif command.in_the_clear:
-                self.in_the_clear = self.in_the_clear or PlainSubmitter(self.name, coord)
-                self.contribute(coord, self.in_the_clear, command.tag, self.update, train_s=0.0)
             else:
-                self.contribute(coord, submitter, command.tag, self.update, train_s=0.0)
+                via = in_the_clear if command.in_the_clear else submitter
+                self.contribute(coord, via, command.tag, self.update, train_s=0.0)
 
 
 class BenchCoordinator(Coordinator):
@@ -143,15 +141,14 @@ class BenchCoordinator(Coordinator):
         fedavg_traffic: dict[str, dict[str, int]] = {}
         for r in range(1, b.repeat + 1):
             noise_std, divisor = p.aggregation(f"round{r}", n_samples=p.hospitals)
+            job = Aggregation(tag=f"round{r}", numel=b.params, round=r, divisor=divisor, noise_std=noise_std)
             start = time.perf_counter()
-            in_the_clear = Aggregation(tag=f"round{r}", numel=b.params, round=r, divisor=divisor, noise_std=noise_std)
-            self.aggregate(PlainFedAvg(), in_the_clear, Contribute(in_the_clear.tag, in_the_clear=True))
+            self.aggregate(PlainFedAvg(), job, Contribute(job.tag, in_the_clear=True))
             fedavg.append(time.perf_counter() - start)
             fedavg_traffic = self.traffic_since_last()
             if b.allreduce_at:
                 allreduce.append(max(done.seconds for done in self._ask(Baseline(), BaselineDone)))
             self.traffic_since_last()  # the secure traffic below is counted on its own
-            job = Aggregation(tag=f"round{r}", numel=b.params, round=r, divisor=divisor, noise_std=noise_std)
             # offline: masks, seeds and the shares made of them do not depend on the updates
             offline_start = time.perf_counter()
             strategy.begin(job)

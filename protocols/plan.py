@@ -157,6 +157,11 @@ class Plan:
     def aggregator_names(self) -> list[str]:
         return [f"aggregator{j}" for j in range(self.aggregators)] if self.secure else []
 
+    @property
+    def party_names(self) -> list[str]:
+        """Every role's party (and host) name: the coordinator, the hospitals, the aggregators."""
+        return ["coordinator", *self.hospital_names, *self.aggregator_names]
+
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 

@@ -30,8 +30,7 @@ def placed(plan: Plan, hosts: Hosts) -> Plan:
 
 def with_ephemeral_federation(plan: Plan, folder: Path) -> Plan:
     """A CA for this run only, certificates for every role, and the CA's key never written."""
-    parties = ["coordinator", *plan.hospital_names, *plan.aggregator_names]
-    pki.init_federation(folder, parties, days=7, keep_ca_key=False)
+    pki.init_federation(folder, plan.party_names, days=7, keep_ca_key=False)
     values = json.loads(plan.to_json())
     values["tls_dir"] = str(folder)
     return Plan(**values)

@@ -27,11 +27,6 @@ def _plan(rounds: int) -> Plan:
     return Plan(hospitals=3, aggregators=2, rounds=rounds, data="synthetic:240", image_size=32, timeout_s=TIMEOUT_S)
 
 
-def _federation() -> list[str]:
-    plan = _plan(1)
-    return ["coordinator", *plan.hospital_names, *plan.aggregator_names]
-
-
 @pytest.mark.parametrize("party", ["hospital1", "aggregator1"])
 def test_a_party_that_loses_its_network_mid_round_is_named_and_nothing_is_revealed(tmp_path, party):
     out = tmp_path / "run"
@@ -43,7 +38,7 @@ def test_a_party_that_loses_its_network_mid_round_is_named_and_nothing_is_reveal
         except BaseException as err:  # handed to the test thread
             failure.append(err)
 
-    with Network(_federation(), profile="unshaped") as net:
+    with Network(_plan(1).party_names, profile="unshaped") as net:
         runner = threading.Thread(target=run)
         runner.start()
         deadline = time.monotonic() + 300
