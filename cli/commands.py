@@ -314,10 +314,6 @@ def bench_inference(args: argparse.Namespace) -> dict[str, Any] | None:
     return None
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def _one_each(ports: list[int], error: str) -> tuple[int, int, int]:
     """The model owner's, the compute party's and the dealer's port, in that order."""
     if len(ports) != 3:
@@ -326,7 +322,6 @@ def _one_each(ports: list[int], error: str) -> tuple[int, int, int]:
 
 
 def serve(args: argparse.Namespace) -> None:
-    import signal
     import time
 
     from medmpc.serving import party
@@ -380,8 +375,6 @@ def serve(args: argparse.Namespace) -> None:
         max_body_mb=args.max_body_mb,
         log_dir=args.log_dir,
     )
-    # SIGTERM (systemd, docker stop, timeout) must stop the parties too, as Ctrl-C does
-    signal.signal(signal.SIGTERM, _interrupt)
     with service:
         _log(
             f"serving {args.model}: model owner {service.urls[0]}, compute party {service.urls[1]} "

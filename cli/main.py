@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -298,8 +299,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the main thread is, so every ``finally`` runs as for Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise Stopped(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # `kill`, systemd, docker stop and a closed SSH session stop a command as Ctrl-C does: the
+    # launchers' clean-up (party processes, temporary folders) runs on the way out
+    for stopping in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(stopping, _stop)
     # progress and results for a person on stdout; with --json, stdout carries only the JSON object
     stream = sys.stderr if getattr(args, "json", False) else sys.stdout
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=stream, force=True)
@@ -309,6 +326,10 @@ def main(argv: list[str] | None = None) -> int:
         # DataError, PartyError and bad arguments: one clear line, no traceback
         print(f"medmpc {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:
+        signum: int = err.signum if isinstance(err, Stopped) else signal.SIGINT
+        print(f"medmpc {args.command}: stopped by {signal.Signals(signum).name}", file=sys.stderr)
+        return 128 + signum
     if getattr(args, "json", False) and result is not None:
         print(json.dumps(result))
     return 0

@@ -13,6 +13,7 @@ Nothing here forks a live interpreter (unlike ``crypten.mpc.run_multiprocess``).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -89,6 +90,28 @@ class ThisMachine:
         return list(argv)
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Run in a party's process between fork and exec (``preexec_fn``): the kernel kills it
+    when its launcher dies, even by SIGKILL, where no ``finally`` of the launcher runs.
+
+    Each party has a session of its own (so a terminal's Ctrl-C reaches only the launcher,
+    which stops them in order); without this a killed launcher would leave them running.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+
+
+def start_party(argv: Sequence[str], *, log: BinaryIO, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """One party's process: its own session, output to ``log``, killed with its launcher."""
+    return subprocess.Popen(
+        argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent
+    )
+
+
 def log_tail(path: Path, n_chars: int = 2000) -> str:
     try:
         text = path.read_text(errors="replace")
@@ -135,16 +158,7 @@ def supervise(parties: list[PartyProcess], *, timeout_s: float, workdir: Path) -
         for party in parties:
             log = workdir / f"{party.name}.log"
             with open(log, "wb") as out:
-                procs[party.name] = (
-                    subprocess.Popen(
-                        party.argv,
-                        env={**env_base, **party.env},
-                        stdout=out,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,
-                    ),
-                    log,
-                )
+                procs[party.name] = (start_party(party.argv, log=out, env={**env_base, **party.env}), log)
         deadline = time.monotonic() + timeout_s
         running = set(procs)
         echoes = [open(procs[p.name][1], "rb") for p in parties if p.echo]

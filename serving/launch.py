@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from medmpc.mpc.launch import PartyError, channel_args, free_port, log_tail, party_name
+from medmpc.mpc.launch import PartyError, channel_args, free_port, log_tail, party_name, start_party
 from medmpc.serving.options import service_argv
 
 PARTIES = ("model-owner", "compute", "dealer")
@@ -99,13 +99,7 @@ class LocalService:
                 if party == "model-owner":
                     argv += ["--model", str(self.checkpoint)]
                 with open(self.log_file(party), "wb") as log:
-                    self._procs[party] = subprocess.Popen(
-                        argv,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,
-                        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                    )
+                    self._procs[party] = start_party(argv, log=log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
             self.wait_ready(timeout_s=self.peer_timeout_s)
         except BaseException:
             self.__exit__(None, None, None)

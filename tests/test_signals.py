@@ -1,0 +1,109 @@
+"""A stopped launcher leaves no party behind: `medmpc simulate` stopped by SIGTERM or SIGHUP
+(which end in the same KeyboardInterrupt as Ctrl-C) stops its role processes and removes its
+temporary folder; killed outright (SIGKILL, where nothing of it runs) its parties die with it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.medmpc_cli import MEDMPC
+
+pytestmark = pytest.mark.slow
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2 :].split()  # the fields after the command name
+
+
+def _alive(pid: int) -> bool:
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z"  # a zombie has exited; only its parent's wait is missing
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (fields := _stat(int(entry.name))) is not None and int(fields[1]) == pid:
+            kids.append(int(entry.name))
+    return kids
+
+
+def _gone(pids: list[int], within_s: float) -> list[int]:
+    """Those of ``pids`` still alive after ``within_s`` seconds."""
+    deadline = time.monotonic() + within_s
+    while (left := [p for p in pids if _alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGKILL], ids=lambda s: s.name)
+def test_a_stopped_simulate_leaves_no_party_running(tmp_path, sig):
+    tmp, out = tmp_path / "tmp", tmp_path / "out"
+    tmp.mkdir()
+    argv = [*MEDMPC, "simulate", "--rounds", "200", "--data", "synthetic:90", "--image-size", "32", "--out", out]
+    launcher = subprocess.Popen(
+        list(map(str, argv)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TMPDIR": str(tmp)},
+        start_new_session=True,  # as from its own terminal: the signal goes to the launcher only
+    )
+    deadline = time.monotonic() + 180
+    while not (out / "model.pt").exists():  # round 1 done: every party is mid-run
+        assert launcher.poll() is None and time.monotonic() < deadline, launcher.stderr.read()  # type: ignore[union-attr]
+        time.sleep(0.05)
+    parties = _children(launcher.pid)
+    assert len(parties) == 6, parties  # coordinator, 3 hospitals, 2 aggregators
+    os.kill(launcher.pid, sig)
+    code = launcher.wait(timeout=30)
+    assert _gone(parties, within_s=10) == [], "party processes outlived their launcher"
+    rounds = len(json.loads((out / "report.json").read_text())["rounds"])
+    assert rounds < 200
+    time.sleep(1)
+    assert len(json.loads((out / "report.json").read_text())["rounds"]) == rounds, "the run went on"
+    if sig == signal.SIGKILL:
+        assert code == -signal.SIGKILL
+        return
+    assert code == 128 + sig, launcher.stderr.read()  # type: ignore[union-attr]
+    assert f"stopped by {sig.name}" in launcher.stderr.read()  # type: ignore[union-attr]
+    assert list(tmp.iterdir()) == [], "the temporary plan and certificates were left behind"
+
+
+_SPAWNER = """
+import subprocess, sys, time
+from medmpc.mpc.launch import die_with_parent
+child = subprocess.Popen(["sleep", "60"], start_new_session=True,
+                         preexec_fn=die_with_parent if sys.argv[1] == "yes" else None)
+print(child.pid, flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["die_with_parent", "control"])
+def test_a_party_dies_with_its_killed_launcher(tied):
+    """The mechanism on its own, with the control that an untied child outlives its launcher
+    (so the test above would see parties left running)."""
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", _SPAWNER, "yes" if tied else "no"], stdout=subprocess.PIPE, text=True
+    )
+    child = int(launcher.stdout.readline())  # type: ignore[union-attr]
+    try:
+        launcher.kill()
+        launcher.wait()
+        assert (_gone([child], within_s=5) == []) is tied
+    finally:
+        if _alive(child):
+            os.kill(child, signal.SIGKILL)
