@@ -12,7 +12,10 @@ from typing import TYPE_CHECKING, Any
 from medmpc.imaging.dataset import ImageSet, load_dataset
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from medmpc.mpc.launch import Hosts
+    from medmpc.protocols.plan import Plan
     from medmpc.training.dp import DPConfig
 
 
@@ -160,10 +163,10 @@ _PLAN_FLAGS = (
 )
 
 
-def simulate(args: argparse.Namespace) -> None:
+def _simulation_plan(args: argparse.Namespace) -> tuple[Plan, Path]:
+    """The plan and the out folder: from the flags, or with --resume from the saved run."""
     from medmpc.protocols.plan import load_plan
-    from medmpc.protocols.simulate import simulate as run
-    from medmpc.training.metrics import format_metrics
+    from medmpc.protocols.run_state import saved_plan
 
     overrides = {k: getattr(args, k) for k in _PLAN_FLAGS}
     dp = _dp_config(args)
@@ -174,9 +177,28 @@ def simulate(args: argparse.Namespace) -> None:
             "dp_clip": dp.clip,
             "dp_noise": dp.noise_multiplier,
         }
-    if args.plaintext:
-        overrides["secure"] = False
-    plan = load_plan(args.config, overrides | _transport_overrides(args))
+    if args.resume is None:
+        if args.out is None:
+            raise ValueError("--out is needed (or --resume OUT to continue an interrupted run)")
+        if args.plaintext:
+            overrides["secure"] = False
+        return load_plan(args.config, overrides | _transport_overrides(args)), args.out
+    given = [k for k, v in overrides.items() if v is not None]
+    given += [k for k in ("config", "plaintext", "plaintext_transport") if getattr(args, k)]
+    if given or args.out not in (None, args.resume):
+        flags = ", ".join("--" + k.replace("_", "-") for k in given + (["out"] if args.out else []))
+        raise ValueError(f"--resume continues the plan saved in {args.resume}; drop {flags}")
+    plan = saved_plan(args.resume)
+    if args.tls_dir:
+        plan.tls_dir = str(args.tls_dir)
+    return plan, args.resume
+
+
+def simulate(args: argparse.Namespace) -> None:
+    from medmpc.protocols.simulate import simulate as run
+    from medmpc.training.metrics import format_metrics
+
+    plan, out = _simulation_plan(args)
     mode = "secure aggregation" if plan.secure else "PLAINTEXT FedAvg (no protection)"
     _log(
         f"{mode}: {plan.hospitals} hospitals, {plan.aggregators if plan.secure else 0} aggregators, "
@@ -184,12 +206,12 @@ def simulate(args: argparse.Namespace) -> None:
         f"channels: {plan.transport}"
     )
     with _hosts(args.network, plan.party_names) as hosts:
-        report = run(plan, args.out, hosts=hosts)
+        report = run(plan, out, hosts=hosts, resume=args.resume is not None)
     if "stopped" in report:
         _log(f"stopped early: {report['stopped']}")
     if "validation" in report:
         _log("final validation:\n" + format_metrics(report["validation"]))
-    wrote = [args.out / f for f in ("report.json", "model.pt") if (args.out / f).exists()]
+    wrote = [out / f for f in ("report.json", "model.pt") if (out / f).exists()]
     _log(f"wrote {', '.join(map(str, wrote))}" + (" and plots" if "validation" in report else ""))
 
 

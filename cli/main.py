@@ -145,7 +145,14 @@ def _simulate(sub: Subcommands) -> None:
     p.add_argument("--plaintext", action="store_true", help="plain FedAvg in the clear, for comparison")
     _add_transport_args(p)
     _add_network(p)
-    p.add_argument("--out", type=Path, required=True, help="folder for report.json, model.pt and plots")
+    p.add_argument("--out", type=Path, help="folder for report.json, model.pt and plots")
+    p.add_argument(
+        "--resume",
+        type=Path,
+        metavar="OUT",
+        help="continue the run that wrote OUT (its coordinator or machine died) after its last completed round, "
+        "with the plan saved there",
+    )
     _add_dp_args(p)
     p.add_argument(
         "--central-dp-noise",

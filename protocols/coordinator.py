@@ -28,6 +28,7 @@ from medmpc.protocols.messages import (
     Update,
 )
 from medmpc.protocols.plan import Plan, plan_data
+from medmpc.protocols.run_state import CoordinatorState
 from medmpc.protocols.strategy import Aggregation, BudgetExhausted, PlainFedAvg, RoundAborted, SecureFedAvg, Strategy
 from medmpc.training.accountant import PrivacyAccountant
 from medmpc.training.centralised import write_json
@@ -40,8 +41,10 @@ _CURVE_KEYS = ("accuracy", "balanced_accuracy", "roc_auc", "pneumonia_roc_auc")
 
 
 class Coordinator:
-    def __init__(self, plan: Plan, out: Path) -> None:
-        self.plan, self.out = plan, out
+    def __init__(self, plan: Plan, out: Path, *, resume: bool = False) -> None:
+        """``resume``: continue the run whose state this coordinator saved in ``out``
+        (protocols.run_state) at the round after the last completed one."""
+        self.plan, self.out, self.resume = plan, out, resume
         self.traffic = Traffic()
         self.channels: dict[str, Channel] = {}
         self.last_traffic: dict[str, dict[str, int]] = {}
@@ -151,31 +154,62 @@ class Coordinator:
             self.stop_all()
         return report
 
+    def _statistics(self, strategy: Strategy, report: dict[str, Any], classes: tuple[str, ...]) -> torch.Tensor:
+        """Normalisation statistics and class counts, aggregated like updates: no hospital reveals its
+        own; with stats_noise the aggregators add Gaussian noise to each of them inside MPC."""
+        p = self.plan
+        noise_std, divisor = p.aggregation("stats")
+        job = Aggregation(tag="stats", numel=3 + len(classes), round=0, divisor=divisor, noise_std=noise_std)
+        sums, _ = self.aggregate(strategy, job, Stats(job.tag))
+        report["aggregated_statistics"] = Statistics.from_sums(sums).to_dict(classes) | {
+            "privacy": release_privacy(p.stats_release(), noise_std=p.stats_noise, delta=p.dp_delta),
+            "traffic": self.traffic_since_last(),
+        }
+        return sums
+
+    def _start(self, strategy: Strategy, report: dict[str, Any], classes: tuple[str, ...]) -> CoordinatorState:
+        """Round 0: the statistics and the initial model, or the state of the run being resumed."""
+        p = self.plan
+        if not self.resume:
+            sums = self._statistics(strategy, report, classes)
+            vector = to_vector(build_model(p.model, p.num_classes, seed=p.seed))
+            return CoordinatorState(round=0, global_vector=vector, stat_sums=sums, central_dp=None, report=report)
+        state = CoordinatorState.load(self.out, p)
+        resumed = state.report.get("resumed", []) + [{"after_round": state.round}]
+        report.update({k: v for k, v in state.report.items() if k not in report} | {"resumed": resumed})
+        print(f"resuming after round {state.round} of {p.rounds} from {self.out}", flush=True)
+        return state
+
     def _train(self, strategy: Strategy, report: dict[str, Any]) -> None:
         p = self.plan
         _, val = plan_data(p)  # the held-out split, which no hospital trains on
         classes = val.classes
-        n_stats = 3 + len(classes)
-        # Normalisation statistics and class counts, aggregated like updates: no hospital reveals its
-        # own; with stats_noise the aggregators add Gaussian noise to each of them inside MPC.
-        noise_std, divisor = p.aggregation("stats")
-        job = Aggregation(tag="stats", numel=n_stats, round=0, divisor=divisor, noise_std=noise_std)
-        sums, _ = self.aggregate(strategy, job, Stats(job.tag))
-        stats = Statistics.from_sums(sums)
+        origin = self._start(strategy, report, classes)
+        stats = Statistics.from_sums(origin.stat_sums)
         mean, std, n_total = stats.pixel_mean, stats.pixel_std, stats.n_images
         prep = Preprocessing(p.image_size, mean, std)
         weight = class_weights(stats.class_counts)
-        report["aggregated_statistics"] = stats.to_dict(classes) | {
-            "privacy": release_privacy(p.stats_release(), noise_std=p.stats_noise, delta=p.dp_delta),
-            "traffic": self.traffic_since_last(),
-        }
         report["dataset"] = {"source": val.source, "synthetic": val.is_synthetic, "val": val.class_counts()}
 
         model = build_model(p.model, p.num_classes, seed=p.seed)
-        global_vec = to_vector(model)
-        central = _CentralDP(p) if p.central_dp_noise is not None else None
+        global_vec = origin.global_vector
+        load_vector(model, global_vec)
+        central = _CentralDP(p, origin.central_dp) if p.central_dp_noise is not None else None
+
+        def save_state(completed: int) -> None:
+            accountant = central.accountant.to_dict() if central else None
+            CoordinatorState(
+                round=completed,
+                global_vector=global_vec,
+                stat_sums=origin.stat_sums,
+                central_dp=accountant,
+                report=report,
+            ).save(self.out, p)
+
+        if not self.resume:
+            save_state(0)  # the statistics are released once: a resumed run reuses them
         rounds: list[dict[str, Any]] = report.setdefault("rounds", [])
-        bar = tqdm(range(1, p.rounds + 1), desc="federated rounds", unit="round")
+        bar = tqdm(range(origin.round + 1, p.rounds + 1), desc="federated rounds", unit="round")
         for r in bar:
             start = time.perf_counter()
             # central DP averages clipped updates with equal weights; otherwise weight by sample count
@@ -222,6 +256,7 @@ class Coordinator:
                 },
             ).save(self.out / "model.pt")
             write_json(report, self.out / "report.json")
+            save_state(r)
         self._finish(report)
 
     def _finish(self, report: dict[str, Any]) -> None:
@@ -249,12 +284,13 @@ class _CentralDP:
     all of it itself, and the guarantee holds against everyone but the coordinator.
     """
 
-    def __init__(self, plan: Plan) -> None:
+    def __init__(self, plan: Plan, history: dict[str, list[list[float]]] | None = None) -> None:
+        """``history``: the accountant of the rounds before a resumption."""
         z = float(plan.central_dp_noise or 0.0)
         self.plan = plan
         k = plan.aggregators
         self.effective = z * ((k - 1) / k) ** 0.5 if plan.secure else z
-        self.accountant = PrivacyAccountant()
+        self.accountant = PrivacyAccountant.from_dict(history) if history else PrivacyAccountant()
 
     def spend_round(self) -> dict[str, float | None]:
         eps = None  # no noise, no guarantee

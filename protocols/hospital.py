@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
@@ -17,6 +18,7 @@ from medmpc.protocols import messages
 from medmpc.protocols.commands import next_command
 from medmpc.protocols.messages import OutOfBudget, Refused, Stats, Submitted, Train
 from medmpc.protocols.plan import Plan, plan_data
+from medmpc.protocols.run_state import load_accountant, save_accountant
 from medmpc.protocols.secure_aggregation import clip_update
 from medmpc.protocols.submit import PlainSubmitter, SecureSubmitter, Submitter
 from medmpc.training.accountant import BudgetError, PrivacyAccountant
@@ -47,8 +49,11 @@ def check_tag(request: Stats | Train) -> str:
 
 
 class Hospital:
-    def __init__(self, plan: Plan, index: int) -> None:
+    def __init__(self, plan: Plan, index: int, *, state: Path | None = None, resume: bool = False) -> None:
+        """``state``: where this hospital keeps its DP-SGD accountant (protocols.run_state) after
+        every reservation; ``resume``: start from the accountant saved there, if any."""
         self.plan, self.index, self.name = plan, index, f"hospital{index}"
+        self.state, self.resume = state, resume
         self.traffic = Traffic()
         self.data: ImageSet | None = None
         self.private: DPSGD | None = None
@@ -109,7 +114,7 @@ class Hospital:
         assert self.data is not None
         # the noisy statistics release touched the same patients first
         prior = PrivacyAccountant(self.plan.stats_release())
-        return DPSGD(
+        private = DPSGD(
             dp,
             n_samples=len(self.data),
             batch_size=self.plan.batch_size,
@@ -117,6 +122,17 @@ class Hospital:
             who=self.name,
             prior=prior,
         )
+        if self.resume and self.state is not None and self.state.exists():
+            # the noise multiplier was planned for the whole run, as before the interruption
+            private.accountant = PrivacyAccountant.from_dict(load_accountant(self.state, self.plan))
+        return private
+
+    def _reserve(self, private: DPSGD) -> None:
+        """Account for this round's epochs before training, and keep the accountant where a
+        resumed run finds it."""
+        private.reserve(self.plan.local_epochs)
+        if self.state is not None:
+            save_accountant(self.state, self.plan, private.accountant.to_dict())
 
     def run(self) -> None:
         self.data = hospital_partition(self.plan, self.index)
@@ -134,7 +150,7 @@ class Hospital:
                 submitter.prepare(tag, msg.tensor.numel())  # masks are made before training ends
                 if self.private is not None:
                     try:
-                        self.private.reserve(self.plan.local_epochs)
+                        self._reserve(self.private)
                     except BudgetError as err:
                         submitter.withdraw(tag, str(err))
                         messages.send(coord, OutOfBudget(tag, hospital=self.name, reason=str(err)))

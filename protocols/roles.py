@@ -23,12 +23,13 @@ from medmpc.mpc import crypten_compat
 from medmpc.mpc.pki import IdentityError
 from medmpc.mpc.transport import Listener, PeerError
 from medmpc.protocols.plan import Plan
+from medmpc.protocols.run_state import ResumeError
 from medmpc.protocols.strategy import RoundAborted
 from medmpc.training.accountant import BudgetError
 from medmpc.training.dp import DPIncompatibleModel
 
 # what ends a role with one line naming what went wrong (exit status 3), never a traceback
-ROLE_ERRORS = (PeerError, RoundAborted, BudgetError, DPIncompatibleModel, DataError, IdentityError)
+ROLE_ERRORS = (PeerError, RoundAborted, BudgetError, DPIncompatibleModel, DataError, IdentityError, ResumeError)
 
 
 def role_parser(prog: str, description: str | None, roles: tuple[str, ...]) -> argparse.ArgumentParser:
@@ -38,6 +39,12 @@ def role_parser(prog: str, description: str | None, roles: tuple[str, ...]) -> a
     p.add_argument("--plan", type=Path, required=True)
     p.add_argument("--index", type=int, default=0)
     p.add_argument("--out", type=Path, help="coordinator: where results go")
+    p.add_argument("--state", type=Path, help="hospital: the file that keeps its DP-SGD accountant between runs")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run: the coordinator from --out/state.pt, a hospital from --state",
+    )
     return p
 
 
@@ -72,11 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         if a.role == "coordinator":
             from medmpc.protocols.coordinator import Coordinator
 
-            Coordinator(plan, a.out).run(coordinator_listener(plan))
+            Coordinator(plan, a.out, resume=a.resume).run(coordinator_listener(plan))
         elif a.role == "hospital":
             from medmpc.protocols.hospital import Hospital
 
-            Hospital(plan, a.index).run()
+            Hospital(plan, a.index, state=a.state, resume=a.resume).run()
         else:
             from medmpc.protocols.aggregator import Aggregator
 

@@ -14,6 +14,7 @@ from medmpc.mpc.launch import Hosts, PartyProcess, ThisMachine, supervise
 from medmpc.protocols.plan import Plan
 
 COORDINATOR_PORT, AGGREGATOR_PORT = 7000, 7100  # where each host's ports are its own
+HOSPITAL_STATE = "hospital_state"  # in a simulation's out folder: each hospital's DP accountant
 
 
 def placed(plan: Plan, hosts: Hosts) -> Plan:
@@ -47,16 +48,31 @@ def role_processes(
     hosts: Hosts,
     coordinator: list[str] = ROLES,
     hospital: list[str] = ROLES,
+    resume: bool = False,
 ) -> list[PartyProcess]:
     """One process per role, each on its host; ``coordinator`` and ``hospital``: the command
-    lines their roles are appended to (the production roles unless a benchmark brings its own)."""
+    lines their roles are appended to (the production roles unless a benchmark brings its own).
+    Hospitals keep their DP accountants in ``out/HOSPITAL_STATE``; ``resume`` continues the
+    run saved in ``out``."""
 
     def role(name: str, command: list[str], *args: str) -> PartyProcess:
-        return PartyProcess(name, hosts.command(name, [*command, *args, "--plan", str(plan_file)]))
+        again = ["--resume"] if resume else []
+        return PartyProcess(name, hosts.command(name, [*command, *args, "--plan", str(plan_file), *again]))
 
     procs = [role("coordinator", coordinator, "coordinator", "--out", str(out))]
     procs[0].echo = True
-    procs += [role(f"hospital{i}", hospital, "hospital", "--index", str(i)) for i in range(plan.hospitals)]
+    procs += [
+        role(
+            f"hospital{i}",
+            hospital,
+            "hospital",
+            "--index",
+            str(i),
+            "--state",
+            str(out / HOSPITAL_STATE / f"hospital{i}.pt"),
+        )
+        for i in range(plan.hospitals)
+    ]
     if plan.secure:
         procs += [role(f"aggregator{j}", ROLES, "aggregator", "--index", str(j)) for j in range(plan.aggregators)]
     return procs
@@ -70,6 +86,7 @@ def launch_roles(
     hosts: Hosts | None = None,
     coordinator: list[str] = ROLES,
     hospital: list[str] = ROLES,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run every role to completion, each on its host (default: all on this machine at
     ``plan.host``); returns the coordinator's report (also in out/report.json). Addresses and
@@ -84,11 +101,19 @@ def launch_roles(
             plan = with_ephemeral_federation(plan, Path(tmp) / "pki")
         plan_file = Path(tmp) / "plan.json"
         plan_file.write_text(plan.to_json())
-        processes = role_processes(plan_file, plan, out, hosts=hosts, coordinator=coordinator, hospital=hospital)
+        processes = role_processes(
+            plan_file, plan, out, hosts=hosts, coordinator=coordinator, hospital=hospital, resume=resume
+        )
         supervise(processes, timeout_s=deadline_s, workdir=Path(tmp))
     return json.loads((out / "report.json").read_text())  # type: ignore[no-any-return]
 
 
-def simulate(plan: Plan, out: Path, *, hosts: Hosts | None = None, deadline_s: float | None = None) -> dict[str, Any]:
-    """Run a whole federated training, every role to completion; returns the coordinator's report."""
-    return launch_roles(plan, out, hosts=hosts, deadline_s=deadline_s or plan.timeout_s * (plan.rounds + 2))
+def simulate(
+    plan: Plan, out: Path, *, hosts: Hosts | None = None, deadline_s: float | None = None, resume: bool = False
+) -> dict[str, Any]:
+    """Run a whole federated training, every role to completion; returns the coordinator's report.
+
+    ``resume``: continue the run that saved its state in ``out`` (protocols.run_state) after its
+    last completed round; ``plan`` must be that run's (run_state.saved_plan), placed anywhere."""
+    deadline_s = deadline_s or plan.timeout_s * (plan.rounds + 2)
+    return launch_roles(plan, out, hosts=hosts, deadline_s=deadline_s, resume=resume)

@@ -3,7 +3,7 @@
 MEDMPC_TEST_DRILLS is a JSON object, party -> "ACTION:ROUND":
 
 * "kill:R": the party dies (SIGKILL, as a crash or power cut would) when round R's command
-  reaches it;
+  reaches it (the coordinator: when it starts round R, after round R-1 is saved);
 * "crash_sending:R": a hospital dies halfway through streaming its round-R masked update;
 * "nan:R" / "overflow:R": a hospital's round-R update gets a NaN or a 1e30 (a broken update
   that must be refused).
@@ -24,7 +24,7 @@ def _die() -> None:
 
 
 def install() -> None:
-    from medmpc.protocols import aggregator, hospital, submit
+    from medmpc.protocols import aggregator, coordinator, hospital, submit
 
     drills = {party: spec.split(":") for party, spec in json.loads(os.environ[ENV]).items()}
     for party, spec in drills.items():
@@ -43,6 +43,19 @@ def install() -> None:
             _run(self)
 
         role.run = run
+
+    def run_coordinator(self, listener, _run=coordinator.Coordinator.run):
+        me["name"] = "coordinator"
+        return _run(self, listener)
+
+    coordinator.Coordinator.run = run_coordinator
+
+    def aggregate(self, strategy, job, *args, _aggregate=coordinator.Coordinator.aggregate, **kwargs):
+        if drill(job.round) == "kill":
+            _die()
+        return _aggregate(self, strategy, job, *args, **kwargs)
+
+    coordinator.Coordinator.aggregate = aggregate
 
     for module in (hospital, aggregator):
 
