@@ -156,6 +156,7 @@ _PLAN_FLAGS = (
     "fractional_bits",
     "seed",
     "timeout_s",
+    "min_hospitals",
     "host",
     "central_dp_noise",
     "update_clip",
@@ -242,12 +243,15 @@ def bench_secure_aggregation(args: argparse.Namespace) -> dict[str, Any] | None:
         aggregators=args.aggregators,
         fractional_bits=args.fractional_bits,
         timeout_s=args.timeout,
+        min_hospitals=args.min_hospitals,
         **_transport_overrides(args),
     )
     with tempfile.TemporaryDirectory(prefix="medmpc-bench-") as tmp, _hosts(args.network, plan.party_names) as hosts:
         bench = Bench(params=args.params, repeat=args.repeat)
         result = run_bench(plan, bench, Path(tmp), hosts=hosts, deadline_s=args.timeout * (args.repeat + 1))
     result["network"] = args.network or "loopback"
+    # with exclusions possible the aggregators' data-independent shares move from offline to the reveal
+    result["deferred_shares"] = plan.exclusions_possible
     if args.json:
         return result
     allreduce = f", all-reduce {result['plaintext_s']:.3f} s" if "plaintext_s" in result else ""

@@ -141,6 +141,12 @@ def _simulate(sub: Subcommands) -> None:
     p.add_argument(
         "--timeout", dest="timeout_s", type=float, help="seconds a party waits for a peer (covers local training)"
     )
+    p.add_argument(
+        "--min-hospitals",
+        type=int,
+        help="fewest hospitals whose updates make a round (default 3, or all where fewer); with fewer than all, "
+        "a hospital that fails is left out of its round and the run goes on",
+    )
     p.add_argument("--host", help="address every role listens on (default 127.0.0.1)")
     p.add_argument("--plaintext", action="store_true", help="plain FedAvg in the clear, for comparison")
     _add_transport_args(p)
@@ -189,6 +195,11 @@ def _bench(sub: Subcommands) -> None:
     p.add_argument("--params", type=int, default=11_200_000, help="float32 values per update (ResNet-18: 11.2M)")
     p.add_argument("--hospitals", type=int, default=3)
     p.add_argument("--aggregators", type=int, default=2)
+    p.add_argument(
+        "--min-hospitals",
+        type=int,
+        help="as for simulate (default 3): below the hospitals, the aggregators' mask sums wait for the reveal",
+    )
     p.add_argument("--repeat", type=int, default=3, help="runs of each; medians are reported")
     p.add_argument("--fractional-bits", type=int, default=16)
     p.add_argument("--timeout", type=float, default=300.0)

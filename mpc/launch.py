@@ -133,23 +133,27 @@ def _failure(first: str, procs: dict[str, tuple[subprocess.Popen[bytes], Path]],
     which exit is seen first is a race, so every party that failed is listed.
     """
     time.sleep(0.5)
-
-    def status(name: str) -> str:
-        code = procs[name][0].returncode
-        how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
-        return f"{how}; last output:\n{log_tail(procs[name][1])}"
-
     others = [n for n in sorted(running) if procs[n][0].poll() not in (None, 0)]
-    message = status(first)
+    message = _status(procs, first)
     if others:
-        message += "\nalso failed: " + "\n".join(f"{n} {status(n)}" for n in others)
+        message += "\nalso failed: " + "\n".join(f"{n} {_status(procs, n)}" for n in others)
     return PartyError(first, message)
 
 
-def supervise(parties: list[PartyProcess], *, timeout_s: float, workdir: Path) -> dict[str, Any]:
+def _status(procs: dict[str, tuple[subprocess.Popen[bytes], Path]], name: str) -> str:
+    code = procs[name][0].returncode
+    how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
+    return f"{how}; last output:\n{log_tail(procs[name][1])}"
+
+
+def supervise(
+    parties: list[PartyProcess], *, timeout_s: float, workdir: Path, expendable: frozenset[str] = frozenset()
+) -> dict[str, Any]:
     """Run the processes to completion; return each party's result (``None`` if it has none).
 
-    The first party to exit non-zero, or the deadline, stops all of them.
+    The first party to exit non-zero, or the deadline, stops all of them; a party in
+    ``expendable`` (one the protocol goes on without) exiting non-zero is reported on stderr
+    and the others go on. The deadline applies to the rest.
     """
     procs: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
     echoes: list[BinaryIO] = []
@@ -169,7 +173,11 @@ def supervise(parties: list[PartyProcess], *, timeout_s: float, workdir: Path) -
                 if code is None:
                     continue
                 running.discard(name)
-                if code != 0:
+                if code != 0 and name in expendable:
+                    print(
+                        f"{name} {_status(procs, name)}\nthe others go on without {name}", file=sys.stderr, flush=True
+                    )
+                elif code != 0:
                     raise _failure(name, procs, running)
             if running and time.monotonic() > deadline:
                 slow = ", ".join(sorted(running))

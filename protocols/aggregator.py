@@ -4,6 +4,13 @@ Aggregator 0, the collector, receives every hospital's masked update and hands i
 of the average over only once every hospital has contributed. Every other aggregator
 receives one seed per hospital; its share is the sum of those hospitals' masks, known
 before any update exists, so it hands it over as soon as the seeds are in (offline).
+
+Where a round may go on without a hospital (Plan.exclusions_possible), every aggregator keeps
+its share until the coordinator asks for it (Reveal), after every aggregator reported that all
+expected hospitals' shares are in (Ready): a share handed over early would hold the masks of a
+hospital that may yet be left out. A hospital whose channel fails (closed, silent past the
+timeout, or a malformed message) is then reported (Aborted) instead of ending this process, and
+its channel is dropped.
 """
 
 from __future__ import annotations
@@ -37,21 +44,27 @@ class Aggregator:
         self.plan, self.index, self.name = plan, index, f"aggregator{index}"
         self.traffic = Traffic()
         self.state: AggregatorState | None = None
-        self.collected: set[str] = set()
+        self.hospitals: dict[str, Channel] = {}
+        self.released: set[str] = set()
 
     def _from_each_hospital(
         self,
-        hospitals: dict[str, Channel],
+        names: list[str],
         tag: str,
         numel: int,
         take: Callable[[str, Incoming, Share | Seed | Withdraw], T],
-    ) -> dict[str, T]:
-        """One message about ``tag`` from every hospital, all at once: each is read by its own
-        thread, parsed, and handed to ``take`` (which reads the payload, if any)."""
+    ) -> tuple[dict[str, T], dict[str, str]]:
+        """One message about ``tag`` from each of ``names``, all at once: each is read by its own
+        thread, parsed, and handed to ``take`` (which reads the payload, if any). Returns what
+        ``take`` made of each, and the hospitals that failed (hospital -> why); a failure ends
+        this aggregator unless the plan lets a round go on without a hospital."""
         deadline = time.monotonic() + self.plan.timeout_s
 
         def receive(name: str) -> T:
-            incoming = hospitals[name].recv_header(timeout_s=max(0.0, deadline - time.monotonic()))
+            channel = self.hospitals.get(name)
+            if channel is None:
+                raise PeerError(name, "connection lost in an earlier round")
+            incoming = channel.recv_header(timeout_s=max(0.0, deadline - time.monotonic()))
             try:
                 message = messages.parse(incoming, name, Share, Seed, Withdraw, numel=numel)
             except PeerError as err:
@@ -62,8 +75,21 @@ class Aggregator:
                 raise incoming.reject(f"withdrew in the name of {message.hospital!r}")
             return take(name, incoming, message)
 
-        with ThreadPoolExecutor(len(hospitals)) as pool:
-            return dict(zip(hospitals, pool.map(receive, hospitals)))
+        with ThreadPoolExecutor(len(names)) as pool:
+            futures = {name: pool.submit(receive, name) for name in names}
+        results: dict[str, T] = {}
+        failed: dict[str, str] = {}
+        for name, future in futures.items():
+            try:
+                results[name] = future.result()
+            except PeerError as err:
+                if not self.plan.exclusions_possible:
+                    raise
+                failed[name] = str(err).removeprefix(f"{name}: ")
+                channel = self.hospitals.pop(name, None)
+                if channel is not None:  # mid-message or silent: nothing more is read from it
+                    channel.close()
+        return results, failed
 
     def _state(self, collect: Collect) -> AggregatorState:
         """This aggregator's state for the coordinator's request ``collect``; the sum starts
@@ -72,7 +98,9 @@ class Aggregator:
         The noise and the divisor are the plan's (Plan.aggregation), not the coordinator's: a
         coordinator asking for less noise would get averages with less noise than the reported
         epsilon counts. A request naming other values than the plan's, an aggregation the plan does
-        not have, or one already collected (the plan accounts for one release of each), is refused.
+        not have, one whose share this aggregator already handed over (the plan accounts for one
+        release of each; a collection dropped unrevealed may run again), or hospitals that are not
+        the plan's or fewer than its quorum, is refused.
         """
         p, tag = self.plan, collect.tag
         try:
@@ -83,14 +111,20 @@ class Aggregator:
         for key, asked, planned in (("noise_std", collect.noise_std, noise_std), ("divisor", collect.divisor, divisor)):
             if asked != planned:
                 raise PeerError("coordinator", f"asked for {key} {asked} in {tag!r}; the plan says {planned}")
-        if tag in self.collected:
+        if tag in self.released:
             raise PeerError("coordinator", f"asked for {tag!r} twice; the plan accounts for one release of each")
-        self.collected.add(tag)
+        unknown = sorted(set(collect.hospitals) - set(p.hospital_names))
+        if unknown or len(set(collect.hospitals)) != len(collect.hospitals):
+            raise PeerError("coordinator", f"asked for {tag!r} from hospitals {collect.hospitals}, not the plan's")
+        if len(collect.hospitals) < p.quorum:
+            raise PeerError(
+                "coordinator", f"asked for {tag!r} from {len(collect.hospitals)} hospitals; the plan needs {p.quorum}"
+            )
         # this aggregator's part of the noise; no single party knows the total
         start = noise_share(collect.numel, noise_std, p.aggregators, p.fractional_bits) if noise_std > 0 else None
         return AggregatorState(
             tag,
-            p.hospital_names,
+            collect.hospitals,
             collect.numel,
             n_aggregators=p.aggregators,
             divisor=divisor,
@@ -98,9 +132,15 @@ class Aggregator:
             start=start,
         )
 
-    def _collect(self, hospitals: dict[str, Channel], state: AggregatorState) -> Ready | Aborted:
+    def _outcome(self, tag: str, withdrawn: dict[str, str], failed: dict[str, str], sum_s: float) -> Ready | Aborted:
+        if withdrawn or failed:
+            self.state = None  # discard every share of this aggregation
+            return Aborted(tag, reasons=withdrawn | failed, lost=sorted(failed))
+        return Ready(tag, sum_s=sum_s)
+
+    def _collect(self, state: AggregatorState) -> Ready | Aborted:
         """The collector: every hospital's masked update (or its withdrawal), each added piece by
-        piece into the running sum as it arrives; reports readiness or the withdrawals."""
+        piece into the running sum as it arrives; reports readiness, or the withdrawals and failures."""
         self.state, tag = state, state.tag
 
         def take(name: str, incoming: Incoming, message: Share | Seed | Withdraw) -> tuple[str, str | float]:
@@ -126,16 +166,14 @@ class Aggregator:
             state.complete(name)
             return "share", work
 
-        results = self._from_each_hospital(hospitals, tag, state.numel, take)
+        results, failed = self._from_each_hospital(state.expected, tag, state.numel, take)
         withdrawn = {name: str(reason) for name, (kind, reason) in results.items() if kind == "withdrawn"}
-        if withdrawn:
-            self.state = None  # discard every share of this aggregation
-            return Aborted(tag, reasons=withdrawn)
-        return Ready(tag, sum_s=sum(float(seconds) for _, seconds in results.values()))
+        return self._outcome(tag, withdrawn, failed, sum(float(s) for kind, s in results.values() if kind == "share"))
 
-    def _hand_over_masks(self, coord: Channel, hospitals: dict[str, Channel], state: AggregatorState) -> None:
+    def _collect_seeds(self, state: AggregatorState) -> Ready | Aborted:
         """Any other aggregator: its share is the sum of the hospitals' masks for this
-        aggregation (expanded from their seeds); divided, it goes straight to the coordinator."""
+        aggregation (expanded from their seeds), divided."""
+        self.state = state
 
         def take(name: str, incoming: Incoming, message: Share | Seed | Withdraw) -> None:
             if not isinstance(message, Seed):  # messages.parse checked the seed's size and type
@@ -144,13 +182,15 @@ class Aggregator:
             assert seed is not None
             state.add(name, prg.expand(bytes(seed.numpy()), state.numel))
 
-        self._from_each_hospital(hospitals, state.tag, state.numel, take)
-        self._send_average(coord, state)
+        _, failed = self._from_each_hospital(state.expected, state.tag, state.numel, take)
+        return self._outcome(state.tag, {}, failed, 0.0)
 
     def _send_average(self, coord: Channel, state: AggregatorState) -> None:
-        messages.send_stream(
-            coord, Share(state.tag), dtype=torch.int64, shape=[state.numel], pieces=state.average_share()
-        )
+        """Hand this aggregator's share of the average over (refused before anything is sent
+        until every expected hospital contributed); it is released then, once."""
+        pieces = state.average_share()
+        self.released.add(state.tag)
+        messages.send_stream(coord, Share(state.tag), dtype=torch.int64, shape=[state.numel], pieces=pieces)
 
     def run(self) -> None:
         p = self.plan
@@ -164,8 +204,8 @@ class Aggregator:
             timeout_s=p.timeout_s,
             identity=identity,
         )
-        hospitals = listener.accept(set(p.hospital_names), traffic=self.traffic, timeout_s=p.timeout_s)
-        hospitals = {h: hospitals[h] for h in p.hospital_names}
+        accepted = listener.accept(set(p.hospital_names), traffic=self.traffic, timeout_s=p.timeout_s)
+        self.hospitals = {h: accepted[h] for h in p.hospital_names}
         try:
             while (received := next_command(coord, self.traffic, Collect, Reveal, Discard)) is not None:
                 command, _ = received
@@ -175,17 +215,21 @@ class Aggregator:
                     except PeerError as err:
                         coord.send_error(f"{self.name} refuses: {err}")
                         raise
-                    if self.index != COLLECTOR:
-                        self._hand_over_masks(coord, hospitals, state)
-                        continue
-                    messages.send(coord, self._collect(hospitals, state))
+                    if self.index == COLLECTOR:
+                        messages.send(coord, self._collect(state))
+                    elif p.exclusions_possible:
+                        messages.send(coord, self._collect_seeds(state))
+                    else:  # no hospital can be left out: the mask sums go now, before the updates exist
+                        self._collect_seeds(state)
+                        self._send_average(coord, state)
+                        self.state = None
                 elif isinstance(command, Discard):
                     self.state = None
                 elif self.state is None or self.state.tag != command.tag:
                     coord.send_error(f"{self.name}: nothing collected for {command.tag!r}")
                 else:
                     try:
-                        self._send_average(coord, self.state)  # refused before anything is sent
+                        self._send_average(coord, self.state)
                     except RevealRefused as err:
                         coord.send_error(f"{self.name}: {err}")
                         continue

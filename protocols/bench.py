@@ -151,7 +151,7 @@ class BenchCoordinator(Coordinator):
             self.traffic_since_last()  # the secure traffic below is counted on its own
             # offline: masks, seeds and the shares made of them do not depend on the updates
             offline_start = time.perf_counter()
-            strategy.begin(job)
+            strategy.begin(job, p.hospital_names)
             self._ask(Prepare(job.tag, numel=b.params), Prepared)
             strategy.wait_offline()
             offline.append(time.perf_counter() - offline_start)

@@ -47,6 +47,7 @@ class Coordinator:
         self.plan, self.out, self.resume = plan, out, resume
         self.traffic = Traffic()
         self.channels: dict[str, Channel] = {}
+        self.gone: dict[str, str] = {}  # hospitals this coordinator no longer talks to, and why
         self.last_traffic: dict[str, dict[str, int]] = {}
 
     # -- one aggregation -------------------------------------------------
@@ -59,48 +60,120 @@ class Coordinator:
         tensor: torch.Tensor | None = None,
         begun: bool = False,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Send ``request`` (for ``job.tag``) to every hospital; return the revealed average and timings.
+        """Send ``request`` (for ``job.tag``) to every hospital still connected; return the revealed
+        average and timings, with the hospitals that contributed and those left out (and why).
 
-        ``begun``: the caller already called ``strategy.begin`` (to let hospitals prepare first).
+        A hospital that fails (refuses its update, crashes, falls silent past the timeout, loses a
+        connection, sends something malformed) ends the round, unless the plan lets a round go on
+        without it: then this aggregation is dropped unrevealed and run again among the others,
+        who hand in the same update under fresh masks, while at least the plan's quorum remains.
+        An excluded hospital whose connections are intact is invited again next round.
+        ``begun``: the caller already called ``strategy.begin`` for every hospital (to let them
+        prepare first).
         """
-        tag = job.tag
-        if not begun:
-            strategy.begin(job)
-        hospitals = {h: self.channels[h] for h in self.plan.hospital_names}
-        for ch in hospitals.values():
-            messages.send(ch, request, tensor)
-        refused: dict[str, str] = {}
-        exhausted: dict[str, str] = {}
-        privacy: dict[str, Any] = {}
-        train_s = share_s = 0.0
-        for name, ch in hospitals.items():
-            first, msg = messages.receive(ch, Update, Submitted, Refused, OutOfBudget, numel=job.numel)
-            _check_reply(name, tag, first)
-            reply: Submitted | Refused | OutOfBudget
-            if isinstance(first, Update):  # plaintext FedAvg: the update itself, then how it went
-                strategy.receive(name, msg)
-                reply, _ = messages.receive(ch, Submitted, Refused, OutOfBudget)
-                _check_reply(name, tag, reply)
-            else:
-                reply = first
-            if isinstance(reply, Refused):
-                refused[name] = reply.reason
-            elif isinstance(reply, OutOfBudget):
-                exhausted[name] = reply.reason
-            else:  # Submitted: messages.receive admits nothing else here
-                train_s = max(train_s, reply.train_s)
-                share_s = max(share_s, reply.share_s + reply.send_s)
-                if reply.privacy is not None:
-                    privacy[name] = reply.privacy
-        if refused or exhausted:
-            strategy.discard()
-            reasons = "; ".join((refused | exhausted).values())  # each reason names its hospital
-            if refused:
-                raise RoundAborted(f"{tag} aborted, nothing revealed; refused: {reasons}")
-            raise BudgetExhausted(f"{tag} not run, nothing revealed: {reasons}")
+        p, tag = self.plan, job.tag
+        excluded = dict(self.gone)
+        invited = [h for h in p.hospital_names if h not in self.gone]
+        attempts = 0
+        while True:
+            attempts += 1
+            if len(invited) < p.quorum:
+                raise RoundAborted(
+                    f"{tag} not run, nothing revealed: {len(invited)} hospitals left, fewer than the {p.quorum} "
+                    f"the plan needs; left out: {_listed(excluded)}"
+                )
+            if not (begun and attempts == 1):
+                strategy.begin(job, invited)
+            # a rerun asks for the same update again (a benchmark's Contribute is its own rerun)
+            rerun = request if isinstance(request, Contribute) else Contribute(tag)
+            ask, payload = (request, tensor) if attempts == 1 else (rerun, None)
+            replies, failed = self._replies(strategy, tag, invited, ask, payload, numel=job.numel)
+            settled = strategy.settle()
+            failed |= {h: why for h, why in settled.failed.items() if h not in failed}
+            for h in settled.lost:
+                self._drop(h, tag)
+            exhausted = {h: r.reason for h, r in replies.items() if isinstance(r, OutOfBudget)}
+            if exhausted or failed:
+                strategy.discard()
+            if exhausted:
+                raise BudgetExhausted(f"{tag} not run, nothing revealed: {'; '.join(exhausted.values())}")
+            if not failed:
+                break
+            if not p.exclusions_possible:
+                raise RoundAborted(f"{tag} aborted, nothing revealed: {_listed(failed)}")
+            excluded |= failed
+            invited = [h for h in invited if h not in failed]
         avg, timings = strategy.finish()
-        info: dict[str, Any] = {"local_training_s": train_s, "sharing_s": share_s, **timings}
-        return avg, info | ({"privacy": privacy} if privacy else {})
+        submitted = [r for r in replies.values() if isinstance(r, Submitted)]
+        info: dict[str, Any] = {
+            "local_training_s": max(r.train_s for r in submitted),
+            "sharing_s": max(r.share_s + r.send_s for r in submitted),
+            **timings,
+            "contributors": invited,
+            "attempts": attempts,
+        }
+        privacy = {h: r.privacy for h, r in replies.items() if isinstance(r, Submitted) and r.privacy is not None}
+        return avg, info | ({"privacy": privacy} if privacy else {}) | ({"excluded": excluded} if excluded else {})
+
+    def _replies(
+        self,
+        strategy: Strategy,
+        tag: str,
+        invited: list[str],
+        ask: Stats | Train | Contribute,
+        payload: torch.Tensor | None,
+        *,
+        numel: int,
+    ) -> tuple[dict[str, Submitted | OutOfBudget], dict[str, str]]:
+        """Ask each of ``invited`` and read its reply: the replies, and the hospitals that failed
+        (hospital -> why; a failure ends the round here unless the plan allows exclusions)."""
+        replies: dict[str, Submitted | OutOfBudget] = {}
+        failed: dict[str, str] = {}
+
+        def fail(name: str, err: PeerError) -> None:
+            if not self.plan.exclusions_possible:
+                raise err
+            failed[name] = str(err).removeprefix(f"{name}: ")
+            self._drop(name, tag)
+
+        for name in list(invited):
+            try:
+                messages.send(self.channels[name], ask, payload)
+            except PeerError as err:
+                fail(name, err)
+        for name in invited:
+            if name in failed:
+                continue
+            try:
+                reply = self._reply(strategy, name, tag, numel)
+            except PeerError as err:
+                fail(name, err)
+                continue
+            if isinstance(reply, Refused):
+                failed[name] = f"refused: {reply.reason.removeprefix(f'{name}: ')}"
+            else:
+                replies[name] = reply
+        return replies, failed
+
+    def _reply(self, strategy: Strategy, name: str, tag: str, numel: int) -> Submitted | Refused | OutOfBudget:
+        """One hospital's answer to this aggregation (in plaintext FedAvg, its update first)."""
+        ch = self.channels[name]
+        first, msg = messages.receive(ch, Update, Submitted, Refused, OutOfBudget, numel=numel)
+        _check_reply(name, tag, first)
+        if not isinstance(first, Update):
+            return first
+        strategy.receive(name, msg)  # plaintext FedAvg: the update itself, then how it went
+        reply, _ = messages.receive(ch, Submitted, Refused, OutOfBudget)
+        _check_reply(name, tag, reply)
+        return reply
+
+    def _drop(self, hospital: str, tag: str) -> None:
+        """Stop talking to ``hospital`` for the rest of the run: a channel of it failed during
+        ``tag`` (closed, silent, or out of step)."""
+        channel = self.channels.pop(hospital, None)
+        if channel is not None:
+            channel.close()
+        self.gone.setdefault(hospital, f"not invited: its connection failed in {tag}")
 
     def traffic_since_last(self) -> dict[str, dict[str, int]]:
         """Bytes and messages each party sent since the previous call (asks every party)."""
@@ -122,7 +195,11 @@ class Coordinator:
         self.channels = {n: channels[n] for n in self.plan.hospital_names + self.plan.aggregator_names}
         if not self.plan.secure:
             return PlainFedAvg()
-        return SecureFedAvg({a: self.channels[a] for a in self.plan.aggregator_names}, self.plan.fractional_bits)
+        return SecureFedAvg(
+            {a: self.channels[a] for a in self.plan.aggregator_names},
+            self.plan.fractional_bits,
+            deferred=self.plan.exclusions_possible,
+        )
 
     def stop_all(self) -> None:
         for ch in self.channels.values():
@@ -239,6 +316,7 @@ class Coordinator:
                 f"aggregate {timings['aggregation_s']:.2f}s, reveal {timings['reveal_s']:.2f}s)"
                 + (f"  epsilon {max(eps.values()):.2f} (max over hospitals, delta {p.dp_delta:g})" if eps else "")
                 + (f"  central-DP epsilon {timings['central_dp']['epsilon'] or float('inf'):.2f}" if central else "")
+                + (f"  left out: {_listed(timings['excluded'])}" if "excluded" in timings else "")
             )
             # keep the newest global model on disk, so an aborted later round loses nothing
             Checkpoint(
@@ -265,6 +343,10 @@ class Coordinator:
             report["validation"] = rounds[-1]["validation"]
             _plots(report, self.out)
         write_json(report, self.out / "report.json")
+
+
+def _listed(reasons: dict[str, str]) -> str:
+    return "; ".join(f"{h}: {why}" for h, why in reasons.items()) or "none"
 
 
 def _check_reply(hospital: str, tag: str, reply: Update | Submitted | Refused | OutOfBudget) -> None:
@@ -323,7 +405,8 @@ def _plots(report: dict[str, Any], out: Path) -> None:
     )
     parties = sorted(rounds[0]["traffic"])
     plots.stacked_bars_png(
-        {party: [r["traffic"][party]["bytes_sent"] / 1e6 for r in rounds] for party in parties},
+        # a party left out of a run's later rounds sent nothing in them
+        {party: [r["traffic"].get(party, {}).get("bytes_sent", 0) / 1e6 for r in rounds] for party in parties},
         out / "communication.png",
         xlabel="round",
         ylabel="MB sent",

@@ -16,7 +16,7 @@ from medmpc.mpc.sharing import EncodingError
 from medmpc.mpc.transport import Channel, PeerError, Traffic, connect
 from medmpc.protocols import messages
 from medmpc.protocols.commands import next_command
-from medmpc.protocols.messages import OutOfBudget, Refused, Stats, Submitted, Train
+from medmpc.protocols.messages import Contribute, OutOfBudget, Refused, Stats, Submitted, Train
 from medmpc.protocols.plan import Plan, plan_data
 from medmpc.protocols.run_state import load_accountant, save_accountant
 from medmpc.protocols.secure_aggregation import clip_update
@@ -139,8 +139,16 @@ class Hospital:
         self.private = self._setup_privacy()  # before connecting: a refused plan never starts
         coord, submitter = self._connect()
         model_numel = to_vector(architecture(self.plan.model, self.plan.num_classes)).numel()
-        while (command := next_command(coord, self.traffic, Stats, Train, numel=model_numel)) is not None:
+        kept: tuple[str, torch.Tensor] | None = None  # the last contribution, for a rerun of its aggregation
+        while (command := next_command(coord, self.traffic, Stats, Train, Contribute, numel=model_numel)) is not None:
             request, msg = command
+            if isinstance(request, Contribute):  # the same update again, under fresh masks, without training
+                if kept is None or kept[0] != request.tag:
+                    raise PeerError(
+                        "coordinator", f"asked for {request.tag!r} again, which this hospital did not hand in"
+                    )
+                self.contribute(coord, submitter, request.tag, kept[1], train_s=0.0)
+                continue
             tag = check_tag(request)
             train_s = 0.0
             if isinstance(request, Stats):
@@ -156,6 +164,7 @@ class Hospital:
                         messages.send(coord, OutOfBudget(tag, hospital=self.name, reason=str(err)))
                         continue
                 update, train_s = self._local_update(request, msg.tensor)
+            kept = (tag, update)
             self.contribute(coord, submitter, tag, update, train_s=train_s)
 
     def contribute(

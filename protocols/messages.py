@@ -21,6 +21,11 @@ collector; the secure path, then the plaintext one)::
     collector   -> coordinator  Share            its share of the average (online)
     hospital    -> coordinator  Update           plaintext FedAvg only: the update itself
 
+Where a round may go on without a hospital (Plan.exclusions_possible), every aggregator answers
+Collect with Ready | Aborted and waits for Reveal | Discard before it sends its share; after an
+Aborted the coordinator sends ``Contribute`` to the remaining hospitals, which hand in the same
+update again under fresh masks.
+
 and at any time ``coordinator -> anyone: Report`` (answered with ``TrafficReport``)
 and ``Stop``. The benchmark roles (protocols.bench) add ``Baseline``/``BaselineDone``
 and ``Prepare``/``Prepared``.
@@ -135,8 +140,10 @@ class Train:
 
 @dataclass(frozen=True)
 class Contribute:
-    """Coordinator -> benchmark hospital: contribute your random update, secret-shared to the
-    aggregators or, ``in_the_clear``, to the coordinator itself (plaintext FedAvg)."""
+    """Coordinator -> hospital: hand in your update for ``tag`` again (the round's aggregation is
+    run again without the hospitals that failed), or, to a benchmark hospital, your random update;
+    secret-shared to the aggregators or, ``in_the_clear``, to the coordinator itself (plaintext
+    FedAvg)."""
 
     KIND: ClassVar[Kind] = Kind.CONTRIBUTE
     tag: str
@@ -224,8 +231,9 @@ class Withdraw:
 
 @dataclass(frozen=True)
 class Collect:
-    """Coordinator -> aggregators: aggregation ``tag`` of ``numel`` values begins. ``divisor``
-    and ``noise_std`` must be the plan's (Plan.aggregation); an aggregator checks them."""
+    """Coordinator -> aggregators: aggregation ``tag`` of ``numel`` values from ``hospitals``
+    begins. ``divisor`` and ``noise_std`` must be the plan's (Plan.aggregation); an aggregator
+    checks them, and that ``hospitals`` are the plan's and at least its quorum."""
 
     KIND: ClassVar[Kind] = Kind.COLLECT
     tag: str
@@ -233,6 +241,7 @@ class Collect:
     round: int
     divisor: int
     noise_std: float
+    hospitals: list[str]
 
     def __post_init__(self) -> None:
         _require(0 < self.numel <= MAX_NUMEL, f"numel must be in 1..{MAX_NUMEL}")
@@ -242,7 +251,8 @@ class Collect:
 
 @dataclass(frozen=True)
 class Ready:
-    """Collector -> coordinator: every hospital's share of ``tag`` is in."""
+    """Collector (or any aggregator, where exclusions are possible) -> coordinator: every
+    expected hospital's share of ``tag`` is in."""
 
     KIND: ClassVar[Kind] = Kind.READY
     tag: str
@@ -254,17 +264,19 @@ class Ready:
 
 @dataclass(frozen=True)
 class Aborted:
-    """Collector -> coordinator: hospitals withdrew from ``tag`` (hospital -> reason); every
-    share of it is dropped."""
+    """Aggregator -> coordinator: hospitals withdrew from ``tag`` or failed (hospital -> reason);
+    every share of it is dropped. ``lost``: those whose connection to this aggregator is gone."""
 
     KIND: ClassVar[Kind] = Kind.ABORTED
     tag: str
     reasons: dict[str, str]
+    lost: list[str]
 
 
 @dataclass(frozen=True)
 class Reveal:
-    """Coordinator -> collector: send your share of the average of ``tag``."""
+    """Coordinator -> collector (every aggregator, where exclusions are possible): send your
+    share of the average of ``tag``."""
 
     KIND: ClassVar[Kind] = Kind.REVEAL
     tag: str
@@ -272,7 +284,8 @@ class Reveal:
 
 @dataclass(frozen=True)
 class Discard:
-    """Coordinator -> collector: drop every share of ``tag`` unrevealed."""
+    """Coordinator -> collector (every aggregator, where exclusions are possible): drop every
+    share of ``tag`` unrevealed."""
 
     KIND: ClassVar[Kind] = Kind.DISCARD
     tag: str

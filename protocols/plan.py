@@ -40,6 +40,11 @@ class Plan:
     secure: bool = True
     fractional_bits: int = DEFAULT_FRACTIONAL_BITS
     timeout_s: float = 300.0
+    # the fewest hospitals whose updates make a round (None: 3, or every hospital where fewer);
+    # below it the round fails and nothing is revealed. With fewer than all hospitals allowed, a
+    # hospital that fails is left out of its round (protocols.strategy) at the cost of the
+    # aggregators' data-independent shares moving online.
+    min_hospitals: int | None = None
     # Addresses. ``host`` is everyone's address unless a role's own is given (one
     # machine per role); listeners bind to ``bind`` if set (e.g. "0.0.0.0").
     host: str = "127.0.0.1"
@@ -83,6 +88,21 @@ class Plan:
             raise ValueError(f"stats_noise must be positive, got {self.stats_noise}")
         if not 0 < self.fractional_bits <= 32:
             raise ValueError(f"fractional bits must be in 1..32, got {self.fractional_bits}")
+        if self.min_hospitals is not None and not 2 <= self.min_hospitals <= self.hospitals:
+            raise ValueError(
+                f"min_hospitals must be in 2..{self.hospitals} (the hospitals), got {self.min_hospitals}: "
+                "an average of one hospital is that hospital's update"
+            )
+
+    @property
+    def quorum(self) -> int:
+        """The fewest hospitals whose updates make a round."""
+        return self.min_hospitals if self.min_hospitals is not None else min(3, self.hospitals)
+
+    @property
+    def exclusions_possible(self) -> bool:
+        """Whether a round may go on without a hospital that failed (more hospitals than the quorum)."""
+        return self.quorum < self.hospitals
 
     def dp_config(self) -> DPConfig | None:
         if self.dp_epsilon is None:

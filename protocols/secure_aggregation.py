@@ -12,10 +12,11 @@ The shares of aggregators 1..K-1 are sums of masks of several hospitals: they ex
 before any update does and are handed over as soon as the seeds are in (offline).
 The collector's share is the only one that depends on the updates, and the collector
 refuses to hand it over until every expected hospital has contributed: before that the
-average cannot be reconstructed. There is no quorum (an average of fewer hospitals): the
-other aggregators' shares, handed over offline, hold every expected hospital's masks, so
-leaving one out would need its masks revealed, and a late masked update would then be
-in the clear at the collector.
+average cannot be reconstructed. An average of fewer hospitals than were asked is never
+made from these shares: they hold every expected hospital's masks. Where a round may go on
+without a hospital (Plan.min_hospitals), the others' shares are kept until every aggregator
+reported every expected share in, and a round with a failed hospital is collected again,
+among the rest, with fresh masks (protocols.coordinator).
 """
 
 from __future__ import annotations

@@ -104,7 +104,9 @@ def launch_roles(
         processes = role_processes(
             plan_file, plan, out, hosts=hosts, coordinator=coordinator, hospital=hospital, resume=resume
         )
-        supervise(processes, timeout_s=deadline_s, workdir=Path(tmp))
+        # where a round may go on without a hospital, so may the run (the coordinator decides)
+        expendable = frozenset(plan.hospital_names if plan.exclusions_possible else [])
+        supervise(processes, timeout_s=deadline_s, workdir=Path(tmp), expendable=expendable)
     return json.loads((out / "report.json").read_text())  # type: ignore[no-any-return]
 
 

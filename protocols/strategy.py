@@ -44,18 +44,30 @@ class Aggregation:
     noise_std: float = 0.0
 
 
+@dataclass(frozen=True)
+class Settled:
+    """How the aggregation parties' collection went: the hospitals they could not count (hospital
+    -> why), and those of them whose connection is gone."""
+
+    failed: dict[str, str]
+    lost: set[str]
+
+
 class Strategy(Protocol):
-    def begin(self, job: Aggregation) -> None:
-        """Prepare for one aggregation before hospitals are asked to contribute."""
+    def begin(self, job: Aggregation, hospitals: list[str]) -> None:
+        """Prepare for one aggregation of ``hospitals``' contributions before they are asked."""
 
     def receive(self, hospital: str, msg: Message) -> None:
         """A contribution that arrived at the coordinator itself (plaintext only)."""
 
+    def settle(self) -> Settled:
+        """Wait until the contributions are collected; the hospitals the collection failed for."""
+
     def finish(self) -> tuple[torch.Tensor, dict[str, float]]:
-        """The average and timings, once every hospital has contributed."""
+        """The average and timings, once settled with every hospital counted."""
 
     def discard(self) -> None:
-        """Drop every contribution without revealing anything."""
+        """Once settled, drop every contribution without revealing anything."""
 
 
 class PlainFedAvg:
@@ -64,7 +76,7 @@ class PlainFedAvg:
         self.total: torch.Tensor | None = None
         self.work = 0.0
 
-    def begin(self, job: Aggregation) -> None:
+    def begin(self, job: Aggregation, hospitals: list[str]) -> None:
         self.job, self.total, self.work = job, torch.zeros(job.numel, dtype=torch.float64), 0.0
 
     def receive(self, hospital: str, msg: Message) -> None:
@@ -76,6 +88,9 @@ class PlainFedAvg:
         start = time.perf_counter()
         self.total += msg.tensor
         self.work += time.perf_counter() - start
+
+    def settle(self) -> Settled:
+        return Settled({}, set())  # every update came to the coordinator itself
 
     def finish(self) -> tuple[torch.Tensor, dict[str, float]]:
         assert self.total is not None and self.job is not None
@@ -95,10 +110,12 @@ class SecureFedAvg:
     The other aggregators' shares of the average are data-independent: they are received
     in the background from :meth:`begin` on, while the hospitals train. The collector's
     share comes once every hospital has contributed and is decoded range by range as it
-    arrives."""
+    arrives. With ``deferred`` (the plan lets a round go on without a hospital) every
+    aggregator reports on its collection and keeps its share until the reveal, as a share
+    handed over early would hold the masks of a hospital that may yet be left out."""
 
-    def __init__(self, aggregators: dict[str, Channel], fractional_bits: int) -> None:
-        self.aggregators, self.fractional_bits = aggregators, fractional_bits
+    def __init__(self, aggregators: dict[str, Channel], fractional_bits: int, *, deferred: bool = False) -> None:
+        self.aggregators, self.fractional_bits, self.deferred = aggregators, fractional_bits, deferred
         names = list(aggregators)
         self.collector_name = names[COLLECTOR]
         self.collector = aggregators[self.collector_name]
@@ -107,6 +124,7 @@ class SecureFedAvg:
         self._decoder: QuotientDecoder | None = None
         self._average: torch.Tensor | None = None
         self._offline: Future[torch.Tensor] | None = None
+        self._report: Ready | None = None
         self._pool = ThreadPoolExecutor(1)
         # receive buffers (0: the collector's share, 1..: the others'), kept from one aggregation
         # to the next and touched when made: fresh memory is slow to touch the first time
@@ -119,12 +137,20 @@ class SecureFedAvg:
             buf = self._buffers[i] = torch.zeros(numel, dtype=torch.int64)
         return buf
 
-    def begin(self, job: Aggregation) -> None:
-        self.job = job
-        collect = Collect(job.tag, numel=job.numel, round=job.round, divisor=job.divisor, noise_std=job.noise_std)
+    def begin(self, job: Aggregation, hospitals: list[str]) -> None:
+        self.job, self._report = job, None
+        collect = Collect(
+            job.tag,
+            numel=job.numel,
+            round=job.round,
+            divisor=job.divisor,
+            noise_std=job.noise_std,
+            hospitals=hospitals,
+        )
         for ch in self.aggregators.values():
             messages.send(ch, collect)
-        self._offline = self._pool.submit(self._receive_offline, job.numel)
+        if not self.deferred:
+            self._offline = self._pool.submit(self._receive_offline, job.numel)
         self._decoder = reveal_decoder(len(self.aggregators), job.divisor, fractional_bits=self.fractional_bits)
         # the average's and the collector's share's memory, touched now: decoding into
         # never-touched memory is slower (page faults inside the online phase)
@@ -143,37 +169,55 @@ class SecureFedAvg:
         raise PeerError(hospital, "sent its update to the coordinator in a secure run")
 
     def wait_offline(self) -> None:
-        """Block until every data-independent share is in (the offline part)."""
-        assert self._offline is not None
-        self._offline.result()
+        """Block until every data-independent share is in (the offline part; deferred, they come
+        with the reveal)."""
+        if self._offline is not None:
+            self._offline.result()
 
-    def _collection_report(self) -> Ready | Aborted:
-        """The collector's report on collecting this aggregation (every share in, or withdrawals)."""
+    def _collection_report(self, name: str, channel: Channel) -> Ready | Aborted:
+        """One aggregator's report on collecting this aggregation (every share in, or withdrawals
+        and failures)."""
         assert self.job is not None
-        report, _ = messages.receive(self.collector, Ready, Aborted)
+        report, _ = messages.receive(channel, Ready, Aborted)
         if report.tag != self.job.tag:
-            raise PeerError(self.collector_name, f"reported on {report.tag!r} during {self.job.tag!r}")
+            raise PeerError(name, f"reported on {report.tag!r} during {self.job.tag!r}")
         return report
 
+    def settle(self) -> Settled:
+        assert self.job is not None
+        reporting = self.aggregators if self.deferred else {self.collector_name: self.collector}
+        reports = {name: self._collection_report(name, ch) for name, ch in reporting.items()}
+        if not self.deferred:
+            assert self._offline is not None
+            self._offline.result()  # data-independent: used, or dropped unused
+        failed: dict[str, str] = {}
+        lost: set[str] = set()
+        for name, report in reports.items():
+            if isinstance(report, Aborted):
+                failed |= {h: f"{name}: {why}" for h, why in report.reasons.items() if h not in failed}
+                lost |= set(report.lost)
+        collector = reports[self.collector_name]
+        self._report = collector if isinstance(collector, Ready) else None
+        return Settled(failed, lost)
+
     def finish(self) -> tuple[torch.Tensor, dict[str, float]]:
-        assert self.job is not None and self._offline is not None
-        report = self._collection_report()
-        if isinstance(report, Aborted):
-            self._offline.result()
-            raise RoundAborted(f"{self.job.tag}: {self.collector_name} reports refused contributions: {report.reasons}")
-        offline = self._offline.result()
+        assert self.job is not None and self._report is not None
         start = time.perf_counter()
-        messages.send(self.collector, Reveal(self.job.tag))
+        for ch in self.aggregators.values() if self.deferred else [self.collector]:
+            messages.send(ch, Reveal(self.job.tag))
+        if self.deferred:
+            self._offline = self._pool.submit(self._receive_offline, self.job.numel)
+        assert self._offline is not None
+        offline = self._offline.result()
         decoder, avg = self._decoder, self._average
         assert decoder is not None and avg is not None
         self._average = None  # handed to the caller
         online = self._buffer(0, self.job.numel)
         gather([self.collector], Kind.SHARE, [online], lambda lo, hi: decoder.decode([offline, online], avg, lo, hi))
-        return avg, {"aggregation_s": report.sum_s, "reveal_s": time.perf_counter() - start}
+        return avg, {"aggregation_s": self._report.sum_s, "reveal_s": time.perf_counter() - start}
 
     def discard(self) -> None:
-        assert self.job is not None and self._offline is not None
-        # wait until the collector has finished collecting, then have it drop its shares
-        self._collection_report()
-        self._offline.result()  # data-independent: dropped unused
-        messages.send(self.collector, Discard(self.job.tag))
+        assert self.job is not None
+        # every aggregator that still holds shares of this aggregation drops them
+        for ch in self.aggregators.values() if self.deferred else [self.collector]:
+            messages.send(ch, Discard(self.job.tag))
