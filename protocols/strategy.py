@@ -125,6 +125,7 @@ class SecureFedAvg:
         self._average: torch.Tensor | None = None
         self._offline: Future[torch.Tensor] | None = None
         self._report: Ready | None = None
+        self._reports: dict[str, Ready | Aborted] = {}  # each aggregator's on this collection
         self._pool = ThreadPoolExecutor(1)
         # receive buffers (0: the collector's share, 1..: the others'), kept from one aggregation
         # to the next and touched when made: fresh memory is slow to touch the first time
@@ -138,7 +139,7 @@ class SecureFedAvg:
         return buf
 
     def begin(self, job: Aggregation, hospitals: list[str]) -> None:
-        self.job, self._report = job, None
+        self.job, self._report, self._reports = job, None, {}
         collect = Collect(
             job.tag,
             numel=job.numel,
@@ -169,10 +170,13 @@ class SecureFedAvg:
         raise PeerError(hospital, "sent its update to the coordinator in a secure run")
 
     def wait_offline(self) -> None:
-        """Block until every data-independent share is in (the offline part; deferred, they come
-        with the reveal)."""
+        """Block until the data-independent part is done: every such share is in, or, deferred,
+        every seed holder reported its mask sum made (the shares then come with the reveal)."""
         if self._offline is not None:
             self._offline.result()
+        for name, ch in self.aggregators.items():
+            if name != self.collector_name and self.deferred and name not in self._reports:
+                self._reports[name] = self._collection_report(name, ch)
 
     def _collection_report(self, name: str, channel: Channel) -> Ready | Aborted:
         """One aggregator's report on collecting this aggregation (every share in, or withdrawals
@@ -186,7 +190,10 @@ class SecureFedAvg:
     def settle(self) -> Settled:
         assert self.job is not None
         reporting = self.aggregators if self.deferred else {self.collector_name: self.collector}
-        reports = {name: self._collection_report(name, ch) for name, ch in reporting.items()}
+        reports = self._reports
+        for name, ch in reporting.items():
+            if name not in reports:
+                reports[name] = self._collection_report(name, ch)
         if not self.deferred:
             assert self._offline is not None
             self._offline.result()  # data-independent: used, or dropped unused
