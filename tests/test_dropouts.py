@@ -33,8 +33,10 @@ def test_a_hospital_that_dies_mid_round_is_left_out_and_the_run_finishes(tmp_pat
     invite the dead hospital. The secure average equals plaintext FedAvg's with the same dropout
     (an excluded hospital counts as a zero update: the divisor stays the run's total weight)."""
     secure = _drilled(Plan(**FOUR), tmp_path / "secure", {"hospital1": drill})
-    plain = _drilled(Plan(**FOUR, secure=False), tmp_path / "plain", {"hospital1": drill})
-    for report in (secure, plain):  # plaintext: the update travels in one message, so it dies before it
+    runs = [secure]
+    if drill.startswith("kill"):  # (plaintext sends its update in one message: no halfway there)
+        runs.append(_drilled(Plan(**FOUR, secure=False), tmp_path / "plain", {"hospital1": drill}))
+    for report in runs:
         one, two, three = report["rounds"]
         assert one["contributors"] == ["hospital0", "hospital1", "hospital2", "hospital3"] and "excluded" not in one
         assert two["contributors"] == three["contributors"] == OTHERS
@@ -42,10 +44,11 @@ def test_a_hospital_that_dies_mid_round_is_left_out_and_the_run_finishes(tmp_pat
         assert two["attempts"] == 2 and three["attempts"] == 1
         assert three["excluded"]["hospital1"] == "not invited: its connection failed in round2"
     a = Checkpoint.load(tmp_path / "secure" / "model.pt").state_dict
-    b = Checkpoint.load(tmp_path / "plain" / "model.pt").state_dict
-    # fixed-point rounding (2^-16 per value and round) carried through three rounds of training;
-    # a dropped hospital's masks or update in the average would be off by orders of magnitude
-    assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) < 1e-2
+    if len(runs) == 2:
+        b = Checkpoint.load(tmp_path / "plain" / "model.pt").state_dict
+        # fixed-point rounding (2^-16 per value and round) carried through three rounds of training;
+        # a dropped hospital's masks or update in the average would be off by orders of magnitude
+        assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) < 1e-2
     # the seed holder handed over one share of round 2, for the rerun: none for the dropped
     # collection, which held the dead hospital's masks (its share is 8 bytes per value)
     numel = sum(v.numel() for k, v in a.items() if "num_batches" not in k)
