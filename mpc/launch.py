@@ -153,7 +153,8 @@ def supervise(
 
     The first party to exit non-zero, or the deadline, stops all of them; a party in
     ``expendable`` (one the protocol goes on without) exiting non-zero is reported on stderr
-    and the others go on. The deadline applies to the rest.
+    and the others go on, and once every other party has finished, those still running are
+    stopped (as hung). The deadline applies to the rest.
     """
     procs: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
     echoes: list[BinaryIO] = []
@@ -179,6 +180,10 @@ def supervise(
                     )
                 elif code != 0:
                     raise _failure(name, procs, running)
+            if running and running <= expendable and len(procs) > len(expendable):
+                # the others finished: the protocol went on without these (hung, or cut off)
+                print(f"the run is over without {', '.join(sorted(running))}: stopped", file=sys.stderr, flush=True)
+                break
             if running and time.monotonic() > deadline:
                 slow = ", ".join(sorted(running))
                 raise PartyError(

@@ -23,7 +23,18 @@ _CHUNK = 1 << 16
 
 
 class EncodingError(ValueError):
-    """A value cannot be encoded safely (NaN/Inf, or a sum that could overflow)."""
+    """A value cannot be encoded safely (NaN/Inf, or a sum that could overflow).
+
+    ``category``: what is wrong, without any number derived from the values (the message has
+    them, for the data holder's own log; what other parties are told is the category)."""
+
+    def __init__(self, message: str, *, category: str) -> None:
+        super().__init__(message)
+        self.category = category
+
+
+NOT_FINITE = "NaN/Inf values"
+OUT_OF_RANGE = "values that could overflow the fixed-point sum"
 
 
 def check_encodable(x: torch.Tensor, *, n_summands: int, fractional_bits: int, name: str) -> None:
@@ -35,13 +46,14 @@ def check_encodable(x: torch.Tensor, *, n_summands: int, fractional_bits: int, n
         peak = max(-float(lo), float(hi))
     if not math.isfinite(peak):
         bad = int((~torch.isfinite(x)).sum())
-        raise EncodingError(f"{name}: update has {bad} NaN/Inf value(s)")
+        raise EncodingError(f"{name}: update has {bad} NaN/Inf value(s)", category=NOT_FINITE)
     limit = 2.0**OVERFLOW_BITS / (n_summands * 2.0**fractional_bits)
     if peak >= limit:
         raise EncodingError(
             f"{name}: max |value| {peak:.3g} could overflow the fixed-point sum "
             f"({n_summands} x {peak:.3g} x 2^{fractional_bits} >= 2^{OVERFLOW_BITS}); "
-            "clip the update or lower the fractional bits"
+            "clip the update or lower the fractional bits",
+            category=OUT_OF_RANGE,
         )
 
 

@@ -201,18 +201,21 @@ class Channel:
         except OSError as err:
             raise PeerError(self.peer, f"send failed ({err})") from err
 
-    def _recv_exact(self, n: int, deadline: float, into: memoryview | None = None) -> memoryview:
+    def _recv_exact(
+        self, n: int, deadline: float, into: memoryview | None = None, *, wait_s: float | None = None
+    ) -> memoryview:
         view = memoryview(bytearray(n)) if into is None else into
         got = 0
+        silent = f"no message within {self.timeout_s if wait_s is None else wait_s:.0f} s (stalled or dead)"
         while got < n:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise PeerError(self.peer, f"no message within {self.timeout_s:.0f} s (stalled or dead)")
+                raise PeerError(self.peer, silent)
             self.sock.settimeout(left)
             try:
                 k = self.sock.recv_into(view[got:], n - got)
             except TimeoutError as err:
-                raise PeerError(self.peer, f"no message within {self.timeout_s:.0f} s (stalled or dead)") from err
+                raise PeerError(self.peer, silent) from err
             except OSError as err:
                 raise PeerError(self.peer, f"connection lost ({err})") from err
             if k == 0:
@@ -234,8 +237,9 @@ class Channel:
     def recv_header(self, timeout_s: float | None = None) -> Incoming:
         """The next message's header; its payload, if any, must be read next (``Incoming.read``),
         within the same deadline. Lets a receiver check who sent what before taking the payload."""
-        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
-        (n,) = _LEN.unpack(self._recv_exact(_LEN.size, deadline))
+        wait_s = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + wait_s
+        (n,) = _LEN.unpack(self._recv_exact(_LEN.size, deadline, wait_s=wait_s))
         if n > MAX_HEADER:
             raise PeerError(self.peer, f"header of {n} bytes is too large (at most {MAX_HEADER})")
         try:

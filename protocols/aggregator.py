@@ -111,6 +111,13 @@ class Aggregator:
         for key, asked, planned in (("noise_std", collect.noise_std, noise_std), ("divisor", collect.divisor, divisor)):
             if asked != planned:
                 raise PeerError("coordinator", f"asked for {key} {asked} in {tag!r}; the plan says {planned}")
+        if collect.deferred != p.exclusions_possible:
+            # a seed holder that hands its mask sum over early, where a hospital may yet be left
+            # out, would give that hospital's update away (protocols.secure_aggregation)
+            raise PeerError(
+                "coordinator",
+                f"asked for {tag!r} with deferred={collect.deferred}; the plan says {p.exclusions_possible}",
+            )
         if tag in self.released:
             raise PeerError("coordinator", f"asked for {tag!r} twice; the plan accounts for one release of each")
         unknown = sorted(set(collect.hospitals) - set(p.hospital_names))

@@ -37,7 +37,7 @@ from medmpc.protocols.messages import Baseline, BaselineDone, Contribute, Prepar
 from medmpc.protocols.plan import Plan
 from medmpc.protocols.roles import coordinator_listener, party_of, role_parser, run_role
 from medmpc.protocols.simulate import launch_roles
-from medmpc.protocols.strategy import Aggregation, PlainFedAvg
+from medmpc.protocols.strategy import Aggregation, PlainFedAvg, RoundAborted
 from medmpc.protocols.submit import PlainSubmitter
 from medmpc.training.centralised import write_json
 
@@ -143,7 +143,9 @@ class BenchCoordinator(Coordinator):
             noise_std, divisor = p.aggregation(f"round{r}", n_samples=p.hospitals)
             job = Aggregation(tag=f"round{r}", numel=b.params, round=r, divisor=divisor, noise_std=noise_std)
             start = time.perf_counter()
-            self.aggregate(PlainFedAvg(), job, Contribute(job.tag, in_the_clear=True))
+            _, plain = self.aggregate(PlainFedAvg(), job, Contribute(job.tag, in_the_clear=True))
+            if "excluded" in plain:
+                raise RoundAborted(f"benchmark {job.tag} (plaintext FedAvg): left out {plain['excluded']}")
             fedavg.append(time.perf_counter() - start)
             fedavg_traffic = self.traffic_since_last()
             if b.allreduce_at:
@@ -157,6 +159,8 @@ class BenchCoordinator(Coordinator):
             offline.append(time.perf_counter() - offline_start)
             start = time.perf_counter()
             avg, info = self.aggregate(strategy, job, Contribute(job.tag), begun=True)
+            if "excluded" in info:  # a benchmark measures every hospital or nothing
+                raise RoundAborted(f"benchmark {job.tag}: left out {info['excluded']}")
             secure.append(time.perf_counter() - start)
             phases["sharing"].append(info["sharing_s"])
             phases["reveal"].append(info["reveal_s"])

@@ -8,6 +8,11 @@ from medmpc.mpc.transport import Channel, Message, Traffic
 from medmpc.protocols import messages
 from medmpc.protocols.messages import Report, Stop, TrafficReport
 
+# How long a role waits for the coordinator's next command, in timeouts: between two commands a
+# round may spend one timeout on the hospitals' replies and one on the aggregators' reports
+# before the coordinator drops it and asks again (protocols.coordinator).
+COMMAND_WAIT = 3
+
 
 def next_command(
     coordinator: Channel, traffic: Traffic, *expected: type, numel: int | None = None
@@ -16,7 +21,9 @@ def next_command(
     messages.receive checks, ``numel`` the size of a payload), with its payload; ``None`` means
     stop. Traffic reports are answered here, so they never reach the role."""
     while True:
-        command, msg = messages.receive_any(coordinator, (Stop, Report, *expected), numel=numel)
+        command, msg = messages.receive_any(
+            coordinator, (Stop, Report, *expected), numel=numel, timeout_s=COMMAND_WAIT * coordinator.timeout_s
+        )
         if isinstance(command, Stop):
             return None
         if not isinstance(command, Report):

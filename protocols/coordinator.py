@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -75,10 +76,11 @@ class Coordinator:
         excluded = dict(self.gone)
         invited = [h for h in p.hospital_names if h not in self.gone]
         attempts = 0
+        out_of_budget = False
         while True:
             attempts += 1
             if len(invited) < p.quorum:
-                raise RoundAborted(
+                raise (BudgetExhausted if out_of_budget else RoundAborted)(
                     f"{tag} not run, nothing revealed: {len(invited)} hospitals left, fewer than the {p.quorum} "
                     f"the plan needs; left out: {_listed(excluded)}"
                 )
@@ -95,8 +97,12 @@ class Coordinator:
             exhausted = {h: r.reason for h, r in replies.items() if isinstance(r, OutOfBudget)}
             if exhausted or failed:
                 strategy.discard()
-            if exhausted:
+            if exhausted and not p.exclusions_possible:
                 raise BudgetExhausted(f"{tag} not run, nothing revealed: {'; '.join(exhausted.values())}")
+            for h, why in exhausted.items():  # it will refuse every later round too
+                failed[h] = why.removeprefix(f"{h}: ")
+                self.gone[h] = "not invited: out of its privacy budget"
+                out_of_budget = True
             if not failed:
                 break
             if not p.exclusions_possible:
@@ -141,11 +147,14 @@ class Coordinator:
                 messages.send(self.channels[name], ask, payload)
             except PeerError as err:
                 fail(name, err)
-        for name in invited:
-            if name in failed:
-                continue
+        # all at once, so every hospital has the same deadline: read one after another, a silent
+        # hospital would make the coordinator late for the others, who would then give up on it
+        asked = [name for name in invited if name not in failed]
+        with ThreadPoolExecutor(max(1, len(asked))) as pool:
+            pending = {name: pool.submit(self._reply, strategy, name, tag, numel) for name in asked}
+        for name, future in pending.items():
             try:
-                reply = self._reply(strategy, name, tag, numel)
+                reply = future.result()
             except PeerError as err:
                 fail(name, err)
                 continue
@@ -178,9 +187,14 @@ class Coordinator:
     def traffic_since_last(self) -> dict[str, dict[str, int]]:
         """Bytes and messages each party sent since the previous call (asks every party)."""
         now = {"coordinator": self.traffic.as_dict()}
-        for name, ch in self.channels.items():
-            messages.send(ch, Report())
-            now[name] = messages.receive(ch, TrafficReport)[0].counts
+        for name, ch in list(self.channels.items()):
+            try:
+                messages.send(ch, Report())
+                now[name] = messages.receive(ch, TrafficReport)[0].counts
+            except PeerError:
+                if name not in self.plan.hospital_names or not self.plan.exclusions_possible:
+                    raise
+                self._drop(name, "a traffic report")  # the run goes on without it
         delta = {
             party: {k: v - self.last_traffic.get(party, {}).get(k, 0) for k, v in counts.items()}
             for party, counts in now.items()
@@ -240,7 +254,6 @@ class Coordinator:
         sums, _ = self.aggregate(strategy, job, Stats(job.tag))
         report["aggregated_statistics"] = Statistics.from_sums(sums).to_dict(classes) | {
             "privacy": release_privacy(p.stats_release(), noise_std=p.stats_noise, delta=p.dp_delta),
-            "traffic": self.traffic_since_last(),
         }
         return sums
 
@@ -284,32 +297,17 @@ class Coordinator:
             ).save(self.out, p)
 
         if not self.resume:
-            save_state(0)  # the statistics are released once: a resumed run reuses them
+            # saved before anything else can fail: the statistics are released once, and a resumed run reuses them
+            save_state(0)
+            report["aggregated_statistics"]["traffic"] = self.traffic_since_last()
         rounds: list[dict[str, Any]] = report.setdefault("rounds", [])
-        bar = tqdm(range(origin.round + 1, p.rounds + 1), desc="federated rounds", unit="round")
-        for r in bar:
-            start = time.perf_counter()
-            # central DP averages clipped updates with equal weights; otherwise weight by sample count
-            noise_std, divisor = p.aggregation(f"round{r}", n_samples=n_total)
-            job = Aggregation(tag=f"round{r}", numel=global_vec.numel(), round=r, divisor=divisor, noise_std=noise_std)
-            request = Train(job.tag, round=r, mean=mean, std=std, class_weight=weight.tolist())
-            avg, timings = self.aggregate(strategy, job, request, tensor=global_vec)
-            if central:
-                timings["central_dp"] = central.spend_round()
-            global_vec = global_vec + avg
-            load_vector(model, global_vec)
-            m = classification_metrics(predict(model, val.images, prep), val.labels, classes)
-            rounds.append(
-                {
-                    "round": r,
-                    "wall_s": time.perf_counter() - start,
-                    **timings,
-                    "validation": m,
-                    "traffic": self.traffic_since_last(),
-                }
-            )
+
+        def conclude(record: dict[str, Any]) -> None:
+            """Evaluate round ``record['round']``'s model; keep it, the report and the state on disk."""
+            r, timings = record["round"], record
+            m = record["validation"] = classification_metrics(predict(model, val.images, prep), val.labels, classes)
             eps = _epsilons(timings)
-            bar.write(
+            tqdm.write(
                 f"round {r}/{p.rounds}: val accuracy {m['accuracy']:.3f}  balanced {m['balanced_accuracy']:.3f}  "
                 f"pneumonia AUC {m['pneumonia_roc_auc'] or float('nan'):.3f}  "
                 f"(train {timings['local_training_s']:.1f}s, share {timings['sharing_s']:.2f}s, "
@@ -335,6 +333,28 @@ class Coordinator:
             ).save(self.out / "model.pt")
             write_json(report, self.out / "report.json")
             save_state(r)
+
+        if rounds and "validation" not in rounds[-1]:  # revealed, then interrupted before its evaluation
+            rounds[-1]["traffic"] = {}
+            conclude(rounds[-1])
+        bar = tqdm(range(origin.round + 1, p.rounds + 1), desc="federated rounds", unit="round")
+        for r in bar:
+            start = time.perf_counter()
+            # central DP averages clipped updates with equal weights; otherwise weight by sample count
+            noise_std, divisor = p.aggregation(f"round{r}", n_samples=n_total)
+            job = Aggregation(tag=f"round{r}", numel=global_vec.numel(), round=r, divisor=divisor, noise_std=noise_std)
+            request = Train(job.tag, round=r, mean=mean, std=std, class_weight=weight.tolist())
+            avg, timings = self.aggregate(strategy, job, request, tensor=global_vec)
+            if central:
+                timings["central_dp"] = central.spend_round()
+            global_vec = global_vec + avg
+            load_vector(model, global_vec)
+            record = {"round": r, **timings}
+            rounds.append(record)
+            # saved at once: a run resumed after any later failure must not reveal this round again
+            save_state(r)
+            record |= {"wall_s": time.perf_counter() - start, "traffic": self.traffic_since_last()}
+            conclude(record)
         self._finish(report)
 
     def _finish(self, report: dict[str, Any]) -> None:

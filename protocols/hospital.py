@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -174,7 +175,9 @@ class Hospital:
         try:
             timings = submitter.submit(tag, update)
         except EncodingError as err:
-            messages.send(coord, Refused(tag, hospital=self.name, reason=str(err)))
+            # the details (how many values, how large) stay in this hospital's own log
+            print(str(err), file=sys.stderr, flush=True)
+            messages.send(coord, Refused(tag, hospital=self.name, reason=f"{self.name}: update has {err.category}"))
             return  # the update stays here; nothing about it was revealed
         privacy = None if self.private is None else privacy_summary(self.private)
         messages.send(coord, Submitted(tag, train_s=train_s, privacy=privacy, **timings))

@@ -242,6 +242,9 @@ class Collect:
     divisor: int
     noise_std: float
     hospitals: list[str]
+    # the aggregators' mask sums wait for the reveal (the plan lets a round go on without a
+    # hospital): each aggregator checks it against its own plan
+    deferred: bool
 
     def __post_init__(self) -> None:
         _require(0 < self.numel <= MAX_NUMEL, f"numel must be in 1..{MAX_NUMEL}")
@@ -445,10 +448,13 @@ def receive(channel: Channel, *expected: type, numel: int | None = None) -> tupl
     return receive_any(channel, expected, numel=numel)
 
 
-def receive_any(channel: Channel, expected: tuple[type, ...], *, numel: int | None = None) -> tuple[Any, Message]:
+def receive_any(
+    channel: Channel, expected: tuple[type, ...], *, numel: int | None = None, timeout_s: float | None = None
+) -> tuple[Any, Message]:
     """The next message on ``channel``, which must be one of ``expected`` (see :func:`parse_any`),
-    with its payload: the header is checked first, and a payload is read only once accepted."""
-    incoming = channel.recv_header()
+    with its payload: the header is checked first, and a payload is read only once accepted.
+    ``timeout_s``: the wait, if not the channel's own."""
+    incoming = channel.recv_header(timeout_s)
     try:
         message = parse_any(incoming, channel.peer, expected, numel=numel)
     except PeerError:

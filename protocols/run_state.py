@@ -1,8 +1,11 @@
 """What a run needs to continue after its coordinator (or the whole machine) died.
 
-The coordinator keeps ``OUT/state.pt``: the last completed round's global model, the revealed
+The coordinator keeps ``OUT/state.pt``: the last revealed round's global model, the revealed
 statistics sums, the central-DP accountant and the report; a hospital keeps its own DP-SGD
-accountant in a file of its own. Both are written after every step that changes them, atomically
+accountant in a file of its own. The coordinator saves as soon as an average is revealed, before
+anything else can fail, so a resumed run never reveals a round again (the same round over other
+hospitals would give a left-out hospital's update away by subtraction); a round revealed but not
+yet evaluated is evaluated on resumption. Both are written after every step that changes them, atomically
 (a temporary file, fsync, rename), so a crash at any moment leaves the previous state or the new
 one, never half of one. A resumed run starts at the round after the saved one: the statistics
 are not aggregated (or noised, or accounted) again, and a hospital's accountant keeps every epoch
@@ -108,14 +111,16 @@ class CoordinatorState:
         path = out / STATE_FILE
         saved = _load(path)
         _check_plan(saved["plan"], plan, path)
-        if saved["round"] >= plan.rounds:
+        report = json.loads(saved["report"])
+        evaluated = all("validation" in r for r in report.get("rounds", []))
+        if saved["round"] >= plan.rounds and evaluated:
             raise ResumeError(f"{path}: the run already completed all {plan.rounds} rounds")
         return cls(
             round=saved["round"],
             global_vector=saved["global_vector"],
             stat_sums=saved["stat_sums"],
             central_dp=saved["central_dp"],
-            report=json.loads(saved["report"]),
+            report=report,
         )
 
 

@@ -7,6 +7,7 @@ averaging in the clear, kept for comparison runs.
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -71,37 +72,43 @@ class Strategy(Protocol):
 
 
 class PlainFedAvg:
+    """Plaintext FedAvg: every update comes to the coordinator. Updates are read concurrently and
+    summed at the end in the hospitals' order, so a run is repeatable bit for bit."""
+
     def __init__(self) -> None:
         self.job: Aggregation | None = None
-        self.total: torch.Tensor | None = None
-        self.work = 0.0
+        self.updates: dict[str, torch.Tensor] = {}
+        self._lock = threading.Lock()
 
     def begin(self, job: Aggregation, hospitals: list[str]) -> None:
-        self.job, self.total, self.work = job, torch.zeros(job.numel, dtype=torch.float64), 0.0
+        self.job, self.updates = job, {}
 
     def receive(self, hospital: str, msg: Message) -> None:
-        assert self.total is not None
+        assert self.job is not None
         if msg.tensor is None:
             raise PeerError(hospital, "sent an update without its values")
-        if msg.tensor.numel() != self.total.numel():
-            raise PeerError(hospital, f"update has {msg.tensor.numel()} values, expected {self.total.numel()}")
-        start = time.perf_counter()
-        self.total += msg.tensor
-        self.work += time.perf_counter() - start
+        if msg.tensor.numel() != self.job.numel:
+            raise PeerError(hospital, f"update has {msg.tensor.numel()} values, expected {self.job.numel}")
+        with self._lock:
+            self.updates[hospital] = msg.tensor
 
     def settle(self) -> Settled:
         return Settled({}, set())  # every update came to the coordinator itself
 
     def finish(self) -> tuple[torch.Tensor, dict[str, float]]:
-        assert self.total is not None and self.job is not None
+        assert self.job is not None
+        start = time.perf_counter()
+        total = torch.zeros(self.job.numel, dtype=torch.float64)
+        for hospital in sorted(self.updates):
+            total += self.updates[hospital]
+        work = time.perf_counter() - start
         if self.job.noise_std > 0:
-            self.total += prg.gaussian(self.total.numel(), self.job.noise_std)
-        avg = (self.total / self.job.divisor).float()
-        self.total = None
-        return avg, {"aggregation_s": self.work, "reveal_s": 0.0}
+            total += prg.gaussian(total.numel(), self.job.noise_std)
+        self.updates = {}
+        return (total / self.job.divisor).float(), {"aggregation_s": work, "reveal_s": 0.0}
 
     def discard(self) -> None:
-        self.total = None
+        self.updates = {}
 
 
 class SecureFedAvg:
@@ -147,6 +154,7 @@ class SecureFedAvg:
             divisor=job.divisor,
             noise_std=job.noise_std,
             hospitals=hospitals,
+            deferred=self.deferred,
         )
         for ch in self.aggregators.values():
             messages.send(ch, collect)

@@ -12,7 +12,7 @@ from typing import Protocol
 import torch
 
 from medmpc.mpc import kernels
-from medmpc.mpc.sharing import EncodingError, Mask, new_mask
+from medmpc.mpc.sharing import NOT_FINITE, EncodingError, Mask, new_mask
 from medmpc.mpc.transport import Channel
 from medmpc.protocols import messages
 from medmpc.protocols.messages import Seed, Share, Update, Withdraw
@@ -59,7 +59,7 @@ class SecureSubmitter:
                 update, mask, hospital=self.name, n_hospitals=self.n_hospitals, fractional_bits=self.fractional_bits
             )
         except EncodingError as err:
-            self.withdraw(tag, str(err))
+            self.withdraw(tag, err.category)
             raise
         checked = time.perf_counter()
         # encoded while sent: the aggregator adds the first pieces while the later ones are made
@@ -88,6 +88,6 @@ class PlainSubmitter:
         start = time.perf_counter()
         flat = update.reshape(-1).float()
         if not torch.isfinite(flat).all():
-            raise EncodingError(f"{self.name}: update has NaN/Inf value(s)")
+            raise EncodingError(f"{self.name}: update has NaN/Inf value(s)", category=NOT_FINITE)
         messages.send(self.coordinator, Update(tag), flat)
         return {"share_s": 0.0, "send_s": time.perf_counter() - start}

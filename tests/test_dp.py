@@ -295,17 +295,20 @@ def test_aggregators_take_the_noise_and_divisor_from_the_plan_not_the_coordinato
     plan = Plan(hospitals=3, aggregators=2, rounds=2, central_dp_noise=2.0, update_clip=0.5)
     agg, n, H = Aggregator(plan, 0), 4000, plan.hospital_names
     for collect, why in [
-        (Collect("round1", numel=n, round=1, divisor=3, noise_std=0.0, hospitals=H), "noise_std"),
-        (Collect("round1", numel=n, round=1, divisor=1, noise_std=1.0, hospitals=H), "divisor"),
+        (Collect("round1", numel=n, round=1, divisor=3, noise_std=0.0, hospitals=H, deferred=False), "noise_std"),
+        (Collect("round1", numel=n, round=1, divisor=1, noise_std=1.0, hospitals=H, deferred=False), "divisor"),
         (
-            Collect("round3", numel=n, round=3, divisor=3, noise_std=1.0, hospitals=H),
+            Collect("round3", numel=n, round=3, divisor=3, noise_std=1.0, hospitals=H, deferred=False),
             "round3",
         ),  # past the planned rounds
-        (Collect("bench0", numel=n, round=0, divisor=3, noise_std=0.0, hospitals=H), "bench0"),  # no such aggregation
+        (
+            Collect("bench0", numel=n, round=0, divisor=3, noise_std=0.0, hospitals=H, deferred=False),
+            "bench0",
+        ),  # no such aggregation
     ]:
         with pytest.raises(PeerError, match=f"coordinator: .*{why}"):
             agg._state(collect)
-    planned = Collect("round1", numel=n, round=1, divisor=3, noise_std=1.0, hospitals=H)
+    planned = Collect("round1", numel=n, round=1, divisor=3, noise_std=1.0, hospitals=H, deferred=False)
     part = agg._state(planned).shared.share.double() * 2.0**-plan.fractional_bits
     assert float(part.std()) == pytest.approx(2.0 * 0.5 / 2**0.5, rel=0.1)  # this aggregator's part: variance 1/K
     agg._state(planned)  # dropped unrevealed, an aggregation may run again (fresh noise, fresh masks)
@@ -317,10 +320,17 @@ def test_aggregators_take_the_noise_and_divisor_from_the_plan_not_the_coordinato
                            (["hospital0", "hospital0", "hospital1"], "not the plan's"),
                            (["hospital0", "hospital1"], "the plan needs 3")]:  # fmt: skip
         with pytest.raises(PeerError, match=f"coordinator: .*{why}"):
-            agg._state(Collect("round2", numel=n, round=2, divisor=3, noise_std=1.0, hospitals=hospitals))
+            agg._state(
+                Collect("round2", numel=n, round=2, divisor=3, noise_std=1.0, hospitals=hospitals, deferred=False)
+            )
     # sample-weighted rounds: the divisor is the coordinator's (it only scales the average; no noise to lose)
     weighted = Aggregator(Plan(hospitals=3, aggregators=2), 1)
-    assert weighted._state(Collect("round1", numel=8, round=1, divisor=123, noise_std=0.0, hospitals=H)).divisor == 123
+    assert (
+        weighted._state(
+            Collect("round1", numel=8, round=1, divisor=123, noise_std=0.0, hospitals=H, deferred=False)
+        ).divisor
+        == 123
+    )
     # nor can a training update be sent under the statistics' tag (and noise): hospitals refuse it
     from medmpc.protocols.hospital import check_tag
 

@@ -4,6 +4,7 @@ real processes, failure drills injected from outside the production code
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,15 @@ def test_a_hospital_that_dies_mid_round_is_left_out_and_the_run_finishes(tmp_pat
     holder = {r["round"]: r["traffic"]["aggregator1"]["bytes_sent"] for r in secure["rounds"]}
     assert 8 * numel < holder[1] < 9 * numel  # the measure sees one share in a round without a rerun
     assert 8 * numel < holder[2] < 9 * numel
+
+
+def test_a_hospital_that_hangs_is_left_out_after_the_timeout_and_stopped_at_the_end(tmp_path):
+    plan = Plan(**{**FOUR, "rounds": 2, "timeout_s": 8})
+    start = time.monotonic()
+    report = _drilled(plan, tmp_path, {"hospital1": "stall:2"})
+    assert time.monotonic() - start < 60  # one timeout, not the launcher's deadline
+    two = report["rounds"][1]
+    assert two["contributors"] == OTHERS and "no message within 8 s" in two["excluded"]["hospital1"]
 
 
 def test_a_refused_update_leaves_its_hospital_out_of_that_round_only(tmp_path):

@@ -15,7 +15,15 @@ from medmpc.protocols import messages
 from medmpc.protocols.messages import Collect, Kind, Seed, Submitted, TrafficReport, Train, Update
 
 TRAIN = {"tag": "round1", "round": 1, "mean": 0.5, "std": 0.25, "class_weight": [1.0, 2.0, 1.0]}
-COLLECT = {"tag": "round1", "numel": 8, "round": 1, "divisor": 3, "noise_std": 0.0, "hospitals": ["hospital0"]}
+COLLECT = {
+    "tag": "round1",
+    "numel": 8,
+    "round": 1,
+    "divisor": 3,
+    "noise_std": 0.0,
+    "hospitals": ["hospital0"],
+    "deferred": False,
+}
 
 
 def _parse(kind: str, meta: dict, tensor: torch.Tensor | None = None, *expected: type, numel: int | None = None):

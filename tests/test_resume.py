@@ -26,20 +26,25 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
     return Checkpoint.load(out / "model.pt").state_dict
 
 
-def _killed_after_round_2(plan: Plan, out: Path) -> None:
+def _killed_after_round_2(plan: Plan, out: Path, drill: str = "kill:3") -> None:
+    """The coordinator dies as round 3 begins, or (``kill_revealed:2``) just after round 2's
+    average is revealed, before round 2 is evaluated and written to report.json."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PYTHONPATH", os.pathsep.join([str(HOOKS), os.environ.get("PYTHONPATH", "")]))
-        mp.setenv("MEDMPC_TEST_DRILLS", json.dumps({"coordinator": "kill:3"}))
+        mp.setenv("MEDMPC_TEST_DRILLS", json.dumps({"coordinator": drill}))
         with pytest.raises(PartyError, match="coordinator"):
             simulate(plan, out, deadline_s=120)
-    assert [r["round"] for r in json.loads((out / "report.json").read_text())["rounds"]] == [1, 2]
+    written = [1, 2] if drill == "kill:3" else [1]
+    assert [r["round"] for r in json.loads((out / "report.json").read_text())["rounds"]] == written
 
 
 def test_a_resumed_plaintext_run_ends_with_the_uninterrupted_runs_weights(tmp_path):
+    """Killed between round 2's reveal and its evaluation: the resumed run evaluates round 2 and
+    goes on with round 3 (round 2 is never revealed again)."""
     plan = Plan(**FOUR, secure=False)
     whole = simulate(plan, tmp_path / "whole")
-    _killed_after_round_2(plan, tmp_path / "resumed")
-    at_round_2 = _weights(tmp_path / "resumed")
+    _killed_after_round_2(plan, tmp_path / "resumed", "kill_revealed:2")
+    at_round_1 = _weights(tmp_path / "resumed")
     # the CLI, as a user runs it: the plan comes from the saved state
     medmpc("simulate", "--resume", tmp_path / "resumed", timeout=300)
     a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "resumed")
@@ -48,8 +53,9 @@ def test_a_resumed_plaintext_run_ends_with_the_uninterrupted_runs_weights(tmp_pa
     assert [r["round"] for r in report["rounds"]] == [1, 2, 3, 4]
     assert report["resumed"] == [{"after_round": 2}]
     assert report["validation"] == whole["validation"]
-    # control: the comparison tells runs apart (round 2's weights are not round 4's)
-    assert not all(torch.equal(a[k], at_round_2[k]) for k in a)
+    assert report["rounds"][1]["validation"] == whole["rounds"][1]["validation"]  # evaluated on resumption
+    # control: the comparison tells runs apart (round 1's weights are not round 4's)
+    assert not all(torch.equal(a[k], at_round_1[k]) for k in a)
 
 
 def test_a_resumed_secure_run_with_dp_keeps_every_hospitals_budget(tmp_path):

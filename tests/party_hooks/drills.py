@@ -4,6 +4,9 @@ MEDMPC_TEST_DRILLS is a JSON object, party -> "ACTION:ROUND":
 
 * "kill:R": the party dies (SIGKILL, as a crash or power cut would) when round R's command
   reaches it (the coordinator: when it starts round R, after round R-1 is saved);
+* "kill_revealed:R": the coordinator dies just after round R's average is revealed and saved,
+  before it evaluates the round;
+* "stall:R": the party hangs (sleeps, its connections open) when round R's command reaches it;
 * "crash_sending:R": a hospital dies halfway through streaming its round-R masked update;
 * "nan:R" / "overflow:R": a hospital's round-R update gets a NaN or a 1e30 (a broken update
   that must be refused).
@@ -15,8 +18,10 @@ import json
 import math
 import os
 import signal
+import time
 
 ENV = "MEDMPC_TEST_DRILLS"
+ACTIONS = ("kill", "kill_revealed", "stall", "crash_sending", "nan", "overflow")
 
 
 def _die() -> None:
@@ -28,7 +33,7 @@ def install() -> None:
 
     drills = {party: spec.split(":") for party, spec in json.loads(os.environ[ENV]).items()}
     for party, spec in drills.items():
-        if len(spec) != 2 or spec[0] not in ("kill", "crash_sending", "nan", "overflow") or not spec[1].isdigit():
+        if len(spec) != 2 or spec[0] not in ACTIONS or not spec[1].isdigit():
             raise ValueError(f"{ENV}: {party}: {':'.join(spec)!r} is not ACTION:ROUND")
     me: dict[str, str] = {}
 
@@ -57,12 +62,22 @@ def install() -> None:
 
     coordinator.Coordinator.aggregate = aggregate
 
+    def save(self, out, plan, _save=coordinator.CoordinatorState.save):
+        _save(self, out, plan)
+        if drill(self.round) == "kill_revealed" and "validation" not in self.report["rounds"][-1]:
+            _die()
+
+    coordinator.CoordinatorState.save = save
+
     for module in (hospital, aggregator):
 
         def next_command(*args, _next=module.next_command, **kwargs):
             received = _next(*args, **kwargs)
-            if received is not None and drill(received[1].meta.get("round")) == "kill":
+            action = None if received is None else drill(received[1].meta.get("round"))
+            if action == "kill":
                 _die()
+            if action == "stall":
+                time.sleep(3600)
             return received
 
         module.next_command = next_command
