@@ -2,6 +2,7 @@
 that loses its network is named within the timeout and nothing is revealed; an unreachable
 listener is named with its address; encrypted inference with each party on its own host."""
 
+import dataclasses
 import json
 import re
 import threading
@@ -67,6 +68,37 @@ def test_a_party_that_loses_its_network_mid_round_is_named_and_nothing_is_reveal
         net.set_link(party, up=True)
         again = simulate(_plan(rounds=1), tmp_path / "again", hosts=net)
         assert [r["round"] for r in again["rounds"]] == [1]
+
+
+def test_a_hospital_that_loses_its_network_is_left_out_and_the_run_goes_on(tmp_path):
+    """Four hospitals, quorum three: the cut-off hospital is left out after one timeout (its round
+    runs again among the others) and not invited again; the run finishes."""
+    plan = dataclasses.replace(_plan(rounds=3), hospitals=4, min_hospitals=3, timeout_s=8.0)
+    out = tmp_path / "run"
+    result: list[dict] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(simulate(plan, out, hosts=net, deadline_s=240))
+        except BaseException as err:  # handed to the test thread
+            failure.append(err)
+
+    with Network(plan.party_names, profile="unshaped") as net:
+        runner = threading.Thread(target=run)
+        runner.start()
+        deadline = time.monotonic() + 300
+        while not (out / "model.pt").exists():
+            assert runner.is_alive() and time.monotonic() < deadline, failure
+            time.sleep(0.05)
+        net.set_link("hospital1", up=False)
+        runner.join(timeout=240)
+        assert not runner.is_alive() and not failure, failure
+    rounds = result[0]["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert rounds[-1]["contributors"] == ["hospital0", "hospital2", "hospital3"]
+    left_out = [r for r in rounds if "hospital1" in r.get("excluded", {})]
+    assert left_out and any("no message within 8 s" in r["excluded"]["hospital1"] for r in left_out), left_out
 
 
 def test_an_unreachable_coordinator_is_named_with_its_address(tmp_path):

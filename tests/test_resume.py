@@ -11,7 +11,7 @@ from medmpc_cli import medmpc
 
 from medmpc.mpc.launch import PartyError
 from medmpc.protocols.plan import Plan
-from medmpc.protocols.run_state import STATE_FILE, ResumeError, saved_plan
+from medmpc.protocols.run_state import STATE_FILE, CoordinatorState, ResumeError, saved_plan
 from medmpc.protocols.simulate import simulate
 from medmpc.training.accountant import PrivacyAccountant
 from medmpc.training.checkpoint import Checkpoint
@@ -88,10 +88,10 @@ def test_resume_refuses_another_plan_and_a_missing_state(tmp_path):
         saved_plan(tmp_path / "none")
     simulate(plan, tmp_path / "done")
     assert (tmp_path / "done" / STATE_FILE).exists()
-    with pytest.raises(PartyError, match="already completed all 1 rounds"):
-        simulate(plan, tmp_path / "done", resume=True)
+    done = medmpc("simulate", "--resume", tmp_path / "done", check=False)  # the coordinator refuses, named
+    assert done.returncode == 2 and "coordinator: " in done.stderr and "already completed all 1 rounds" in done.stderr
     other = Plan(**{**FOUR, "rounds": 2, "lr": 0.5}, secure=False)
-    with pytest.raises(PartyError, match=r"another plan \(lr: saved 0.002, now 0.5; rounds: saved 1, now 2\)"):
-        simulate(other, tmp_path / "done", resume=True)
+    with pytest.raises(ResumeError, match=r"another plan \(lr: saved 0.002, now 0.5; rounds: saved 1, now 2\)"):
+        CoordinatorState.load(tmp_path / "done", other)
     flags = medmpc("simulate", "--resume", tmp_path / "done", "--rounds", "3", check=False)
     assert flags.returncode == 2 and "drop --rounds" in flags.stderr
