@@ -305,7 +305,15 @@ class Coordinator:
         def conclude(record: dict[str, Any]) -> None:
             """Evaluate round ``record['round']``'s model; keep it, the report and the state on disk."""
             r, timings = record["round"], record
-            m = record["validation"] = classification_metrics(predict(model, val.images, prep), val.labels, classes)
+            logits = predict(model, val.images, prep)
+            if not bool(torch.isfinite(logits).all()):
+                # a poisoned or broken update the average cannot attribute: stop, keeping round r-1's model
+                raise RoundAborted(
+                    f"round{r}: the revealed average makes the global model's outputs NaN/Inf on the validation "
+                    f"split (an update far out of scale; secure aggregation cannot say whose); model.pt keeps round "
+                    f"{r - 1}, and the run cannot continue from this average"
+                )
+            m = record["validation"] = classification_metrics(logits, val.labels, classes)
             eps = _epsilons(timings)
             tqdm.write(
                 f"round {r}/{p.rounds}: val accuracy {m['accuracy']:.3f}  balanced {m['balanced_accuracy']:.3f}  "

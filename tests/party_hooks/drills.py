@@ -9,7 +9,8 @@ MEDMPC_TEST_DRILLS is a JSON object, party -> "ACTION:ROUND":
 * "stall:R": the party hangs (sleeps, its connections open) when round R's command reaches it;
 * "crash_sending:R": a hospital dies halfway through streaming its round-R masked update;
 * "nan:R" / "overflow:R": a hospital's round-R update gets a NaN or a 1e30 (a broken update
-  that must be refused).
+  that must be refused);
+* "boost:R" / "flip:R": a poisoning hospital sends 100 times its round-R update, or -100 times.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import signal
 import time
 
 ENV = "MEDMPC_TEST_DRILLS"
-ACTIONS = ("kill", "kill_revealed", "stall", "crash_sending", "nan", "overflow")
+ACTIONS = ("kill", "kill_revealed", "stall", "crash_sending", "nan", "overflow", "boost", "flip")
 
 
 def _die() -> None:
@@ -87,6 +88,8 @@ def install() -> None:
         action = drill(request.round)
         if action in ("nan", "overflow"):
             update[0] = float("nan") if action == "nan" else 1e30
+        if action in ("boost", "flip"):
+            update = update * (100.0 if action == "boost" else -100.0)
         return update, seconds
 
     hospital.Hospital._local_update = local_update
