@@ -90,6 +90,8 @@ class Coordinator:
             rerun = request if isinstance(request, Contribute) else Contribute(tag)
             ask, payload = (request, tensor) if attempts == 1 else (rerun, None)
             replies, failed = self._replies(strategy, tag, invited, ask, payload, numel=job.numel)
+            if attempts == 1:  # a rerun trains nothing: the round's training time is the first attempt's
+                train_s = max((r.train_s for r in replies.values() if isinstance(r, Submitted)), default=0.0)
             settled = strategy.settle()
             failed |= {h: why for h, why in settled.failed.items() if h not in failed}
             for h in settled.lost:
@@ -112,7 +114,7 @@ class Coordinator:
         avg, timings = strategy.finish()
         submitted = [r for r in replies.values() if isinstance(r, Submitted)]
         info: dict[str, Any] = {
-            "local_training_s": max(r.train_s for r in submitted),
+            "local_training_s": train_s,
             "sharing_s": max(r.share_s + r.send_s for r in submitted),
             **timings,
             "contributors": invited,
