@@ -98,7 +98,9 @@ def test_a_hospital_that_loses_its_network_is_left_out_and_the_run_goes_on(tmp_p
     assert [r["round"] for r in rounds] == [1, 2, 3]
     assert rounds[-1]["contributors"] == ["hospital0", "hospital2", "hospital3"]
     left_out = [r for r in rounds if "hospital1" in r.get("excluded", {})]
-    assert left_out and any("no message within 8 s" in r["excluded"]["hospital1"] for r in left_out), left_out
+    # silent to whoever waited on it first, or a send that could not leave
+    cut_off = re.compile(r"no message within 8 s|send failed|connection lost")
+    assert left_out and any(cut_off.search(r["excluded"]["hospital1"]) for r in left_out), left_out
 
 
 def test_an_unreachable_coordinator_is_named_with_its_address(tmp_path):

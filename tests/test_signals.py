@@ -40,6 +40,14 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
+def _catches(pid: int, sig: signal.Signals) -> bool:
+    """Whether process ``pid`` has a handler for ``sig`` (the SigCgt mask in /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
 def _gone(pids: list[int], within_s: float) -> list[int]:
     """Those of ``pids`` still alive after ``within_s`` seconds."""
     deadline = time.monotonic() + within_s
@@ -92,8 +100,10 @@ def test_sighup_stops_any_command_as_ctrl_c_does(tmp_path):
          "--wait-ready", "120", str(tmp_path / "x.png")],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    time.sleep(4)  # imported and waiting
-    assert waiting.poll() is None
+    deadline = time.monotonic() + 120
+    while not _catches(waiting.pid, signal.SIGHUP):  # its handler is installed (imports take a while)
+        assert waiting.poll() is None and time.monotonic() < deadline, waiting.stderr.read()  # type: ignore[union-attr]
+        time.sleep(0.05)
     waiting.send_signal(signal.SIGHUP)
     assert waiting.wait(timeout=20) == 128 + signal.SIGHUP
     assert "stopped by SIGHUP" in waiting.stderr.read()  # type: ignore[union-attr]
