@@ -195,11 +195,16 @@ class SecureFedAvg:
             raise PeerError(name, f"reported on {report.tag!r} during {self.job.tag!r}")
         return report
 
+    @property
+    def _holding(self) -> dict[str, Channel]:
+        """The aggregators that report on a collection and keep their shares until Reveal or
+        Discard: all of them, deferred; else the collector alone."""
+        return self.aggregators if self.deferred else {self.collector_name: self.collector}
+
     def settle(self) -> Settled:
         assert self.job is not None
-        reporting = self.aggregators if self.deferred else {self.collector_name: self.collector}
         reports = self._reports
-        for name, ch in reporting.items():
+        for name, ch in self._holding.items():
             if name not in reports:
                 reports[name] = self._collection_report(name, ch)
         if not self.deferred:
@@ -218,12 +223,13 @@ class SecureFedAvg:
     def finish(self) -> tuple[torch.Tensor, dict[str, float]]:
         assert self.job is not None and self._report is not None
         start = time.perf_counter()
-        for ch in self.aggregators.values() if self.deferred else [self.collector]:
+        for ch in self._holding.values():
             messages.send(ch, Reveal(self.job.tag))
         if self.deferred:
-            self._offline = self._pool.submit(self._receive_offline, self.job.numel)
-        assert self._offline is not None
-        offline = self._offline.result()
+            offline = self._receive_offline(self.job.numel)
+        else:
+            assert self._offline is not None
+            offline = self._offline.result()
         decoder, avg = self._decoder, self._average
         assert decoder is not None and avg is not None
         self._average = None  # handed to the caller
@@ -234,5 +240,5 @@ class SecureFedAvg:
     def discard(self) -> None:
         assert self.job is not None
         # every aggregator that still holds shares of this aggregation drops them
-        for ch in self.aggregators.values() if self.deferred else [self.collector]:
+        for ch in self._holding.values():
             messages.send(ch, Discard(self.job.tag))
