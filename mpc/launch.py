@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -52,10 +53,33 @@ class PartyProcess:
     echo: bool = False  # copy its output to our stderr as it runs (progress for the user)
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A port free on ``host`` now, for a party to listen on a moment later.
+
+    Not one the kernel would pick (``bind(0)`` and every outgoing connection draw from the
+    ephemeral range): in the gap before the party binds it, a connection made by any process
+    could take such a port and the party would fail with "address already in use"."""
+    low, high = _ephemeral_ports()
+    # above the well-known services' ports, on either side of the ephemeral range
+    ranges = [r for r in ((10000, low), (high + 1, 65536)) if r[1] - r[0] >= 1000]
+    for _ in range(100 if ranges else 0):
+        start, stop = ranges[secrets.randbelow(len(ranges))]
+        port = start + secrets.randbelow(stop - start)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise OSError(f"no free port on {host} outside the ephemeral range {low}-{high}")
 
 
 class Hosts(Protocol):

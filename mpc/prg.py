@@ -12,10 +12,23 @@ import math
 import os
 
 import torch
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms
 
 SEED_BYTES = 32
 _NONCE = bytes(16)  # each seed is used for exactly one stream, so a fixed nonce is safe
+# The plaintext a keystream is read through. cryptography >= 51 refuses to encrypt a buffer in
+# place, and a zero buffer as large as each request would double the memory of a large one.
+_ZEROS = memoryview(bytes(1 << 20))
+
+
+def keystream(cipher: CipherContext, n: int) -> bytearray:
+    """The next ``n`` bytes of a stream cipher's keystream (its encryption of zeros)."""
+    out = bytearray(n)
+    view = memoryview(out)
+    for start in range(0, n, len(_ZEROS)):
+        chunk = view[start : start + len(_ZEROS)]
+        cipher.update_into(_ZEROS[: len(chunk)], chunk)
+    return out
 
 
 def new_seed() -> bytes:
@@ -26,8 +39,7 @@ def expand(seed: bytes, n: int) -> torch.Tensor:
     """``n`` uniformly random int64 ring elements from a 32-byte seed (deterministic)."""
     if len(seed) != SEED_BYTES:
         raise ValueError(f"seed must be {SEED_BYTES} bytes, got {len(seed)}")
-    out = bytearray(8 * n)  # zeros, encrypted in place: the keystream itself, with no second buffer
-    Cipher(algorithms.ChaCha20(seed, _NONCE), mode=None).encryptor().update_into(out, out)
+    out = keystream(Cipher(algorithms.ChaCha20(seed, _NONCE), mode=None).encryptor(), 8 * n)
     return torch.frombuffer(out, dtype=torch.int64) if n else torch.empty(0, dtype=torch.int64)
 
 

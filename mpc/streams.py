@@ -25,6 +25,8 @@ from collections.abc import Callable, Sequence
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
+from medmpc.mpc import prg
+
 KEY_BYTES = 32
 # ChaCha20's 32-bit block counter: 2^32 blocks of 64 bytes, then the keystream would repeat
 _MAX_BYTES = 2**32 * 64
@@ -60,8 +62,7 @@ class ChaChaStream:
         self._used += n
         if self._used > _MAX_BYTES:
             raise RuntimeError("ChaCha20 stream exhausted (256 GiB): its keystream would repeat")
-        out = bytearray(n)  # zeros, encrypted in place: the keystream itself
-        self._cipher.update_into(out, out)
+        out = prg.keystream(self._cipher, n)
         return torch.frombuffer(out, dtype=torch.uint8) if n else torch.empty(0, dtype=torch.uint8)
 
     def ring(self, size: Sequence[int]) -> torch.Tensor:

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Idempotent set-up of .venv/ at the repository root. Re-runs only when this
 # script, pyproject.toml or the set of package modules changed since the last
-# successful run: the strict editable install links each module file, so a new
+# successful run (or scripts/constraints.txt, the versions it installs): the strict editable install links each module file, so a new
 # module needs a new install.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 venv=.venv
 stamp=$venv/.medmpc-installed
-want=$({ cat scripts/bootstrap.sh pyproject.toml; git ls-files --cached --others --exclude-standard \
+want=$({ cat scripts/bootstrap.sh scripts/constraints.txt pyproject.toml; git ls-files --cached --others --exclude-standard \
     mpc models imaging training protocols serving cli netlab 2>/dev/null || find mpc models imaging training protocols serving cli netlab -name '*.py'; } \
     | sha256sum | cut -d' ' -f1)
 if [[ -f $stamp && $(cat "$stamp") == "$want" ]]; then
@@ -26,13 +26,14 @@ if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
 fi
 [[ -x $venv/bin/python ]] || python3.11 -m venv $venv 2>/dev/null || python3 -m venv $venv
 pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
+pin=(-c scripts/constraints.txt)
 # The CUDA build of torch 2.14.1 is what this pin resolves to; it runs on CPU too.
-"${pip[@]}" install torch==2.14.1 torchvision==0.29.1
+"${pip[@]}" install "${pin[@]}" torch==2.14.1 torchvision==0.29.1
 # crypten 0.4.1 lists the deprecated `sklearn` package: install it alone and
 # let pyproject.toml name what it really imports.
-"${pip[@]}" install --no-deps crypten==0.4.1
+"${pip[@]}" install "${pin[@]}" --no-deps crypten==0.4.1
 # Strict editable mode: site-packages sees a tree of links named medmpc/..., so
 # only `medmpc` is importable (never `mpc` or `cli`), and type checkers follow it.
-"${pip[@]}" install -e ".[test]" --config-settings editable_mode=strict
+"${pip[@]}" install "${pin[@]}" -e ".[test]" --config-settings editable_mode=strict
 echo "$want" > "$stamp"
 echo "[bootstrap] done" >&2
