@@ -1,6 +1,6 @@
 """Labelled image sets from the Kaggle chest X-ray layout or the synthetic generator.
 
-Layout: ``ROOT/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg|png``. Three classes by
+Layout: ``ROOT/{train,val,test}/{NORMAL,PNEUMONIA}/*.{jpeg,png,dcm}``. Three classes by
 default: normal, bacterial and viral, the last two read from the file name
 (``personN_bacteria_K.jpeg``, ``personN_virus_K.jpeg``); two classes (normal,
 pneumonia) as an option.

@@ -1,7 +1,15 @@
-"""Reading image files into fixed-size greyscale tensors, with errors that name the file."""
+"""Reading image files into fixed-size greyscale tensors, with errors that name the file.
+
+Every format is first decoded to the 8-bit greyscale picture a viewer would show, whatever
+its bit depth: a 16-bit PNG spans 0..65535 and is scaled onto 0..255, never clipped; a DICOM
+goes through its own display pipeline (``medmpc.imaging.dicom``). Only then is the picture
+resized, the same way for every format, so copies of one image in different formats give the
+same model input within rounding.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -10,15 +18,45 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+from medmpc.imaging.dicom import read_dicom
+
+# PIL's own limit, above which it calls a file a decompression bomb; DICOM gets the same one
+MAX_PIXELS = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
+# PIL's modes for greyscale of more than 8 bits, and the largest value each holds in a PNG
+_DEEP_GREY = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I": 65535}
 
 
 class DataError(ValueError):
     """Input data is missing, unreadable or mislabelled; the message says which and where."""
 
 
+def _read_pil(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            if img.mode in _DEEP_GREY:
+                deep = np.asarray(img, dtype=np.float64)
+                return np.rint(np.clip(deep / _DEEP_GREY[img.mode], 0.0, 1.0) * 255).astype(np.uint8)
+            return np.asarray(img.convert("L"), dtype=np.uint8)
+    except Image.DecompressionBombError as err:
+        raise ValueError(f"image too large ({err})") from err
+
+
+def _read_dicom(path: Path) -> np.ndarray:
+    return read_dicom(path, max_pixels=MAX_PIXELS)
+
+
+_READERS: dict[str, Callable[[Path], np.ndarray]] = {
+    ".png": _read_pil,
+    ".jpg": _read_pil,
+    ".jpeg": _read_pil,
+    ".dcm": _read_dicom,
+    ".dicom": _read_dicom,
+}
+IMAGE_SUFFIXES = tuple(_READERS)
+
+
 def is_image_name(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES
+    return path.suffix.lower() in _READERS
 
 
 def read_image(path: str | Path, image_size: int) -> torch.Tensor:
@@ -31,8 +69,8 @@ def read_image(path: str | Path, image_size: int) -> torch.Tensor:
     if not is_image_name(path):
         raise DataError(f"not an image file (expected {', '.join(IMAGE_SUFFIXES)}): {path}")
     try:
-        with Image.open(path) as img:
-            grey = img.convert("L").resize((image_size, image_size), Image.Resampling.BILINEAR)
+        grey = Image.fromarray(_READERS[path.suffix.lower()](path))
+        grey = grey.resize((image_size, image_size), Image.Resampling.BILINEAR)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DataError(f"cannot read image {path}: {err}") from err
     return torch.from_numpy(np.asarray(grey, dtype=np.uint8).copy()).unsqueeze(0)
