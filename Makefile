@@ -3,7 +3,7 @@
 
 demo:
 	@scripts/bootstrap.sh
-	.venv/bin/medmpc train --data synthetic --model cnn --image-size 64 --epochs 4 --out runs/demo
+	.venv/bin/medmpc demo --out runs/demo --overwrite
 
 # formatting, lint, types and the one-way layers, then the tests
 test: check

@@ -6,14 +6,14 @@ import argparse
 import contextlib
 import json
 import logging
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medmpc.imaging.dataset import ImageSet, load_dataset
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from medmpc.mpc.launch import Hosts
     from medmpc.protocols.plan import Plan
     from medmpc.training.dp import DPConfig
@@ -34,6 +34,31 @@ def _hosts(profile: str | None, names: list[str]) -> Iterator[Hosts | None]:
     with Network(names, profile=profile) as net:
         _log(f"network {net.profile.describe()}: " + ", ".join(f"{n} at {net.address(n)}" for n in names))
         yield net
+
+
+# files only medmpc writes: a folder holding one is an earlier run's, which --overwrite may replace
+_RUN_MARKERS = ("report.json", "summary.json", "metrics.json")
+
+
+def _fresh_out(out: Path, *, overwrite: bool, keep: Path | None = None) -> Path:
+    """``out``, new or empty, so that one run's files never mix with another's. A non-empty folder
+    is refused, or with ``overwrite`` removed first if an earlier run wrote it (and ``keep``, an
+    input of this run, is not inside it)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ValueError(
+                f"--out {out} is not empty (an earlier run's files would mix with this one's): "
+                "choose a new folder, or pass --overwrite to replace that run"
+            )
+        if not any((out / marker).exists() for marker in _RUN_MARKERS):
+            raise ValueError(f"--out {out} holds files no medmpc run wrote; --overwrite replaces only a run's folder")
+        if keep is not None and keep.resolve().is_relative_to(out.resolve()):
+            raise ValueError(f"--overwrite would delete {keep}, which this command reads, with --out {out}")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def _load(args: argparse.Namespace, *, image_size: int, num_classes: int, split: str) -> ImageSet:
@@ -62,6 +87,26 @@ def _dp_config(args: argparse.Namespace) -> DPConfig | None:
     )
 
 
+def demo(args: argparse.Namespace) -> dict[str, Any] | None:
+    from medmpc.cli.demo import describe, run_demo
+
+    summary = run_demo(
+        _fresh_out(args.out, overwrite=args.overwrite),
+        hospitals=args.hospitals,
+        rounds=args.rounds,
+        local_epochs=args.local_epochs,
+        images=args.images,
+        synthetic=args.synthetic,
+        image_size=args.image_size,
+        seed=args.seed,
+        log=_log,
+    )
+    if args.json:
+        return summary
+    _log(describe(summary))
+    return None
+
+
 def train(args: argparse.Namespace) -> None:
     from medmpc.training.centralised import train_centralised
     from medmpc.training.local import TrainConfig
@@ -74,6 +119,7 @@ def train(args: argparse.Namespace) -> None:
         class_weighting=not args.no_class_weights,
         seed=args.seed,
     )
+    _fresh_out(args.out, overwrite=args.overwrite)
     data = _load(args, image_size=args.image_size, num_classes=args.classes, split="train")
     report = train_centralised(
         data,
@@ -97,12 +143,13 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
     from medmpc.training.metrics import format_metrics
 
     ckpt = Checkpoint.load(args.model)
+    if args.out is not None:
+        _fresh_out(args.out, overwrite=args.overwrite, keep=args.model)
     data = _load(args, image_size=ckpt.preprocessing.image_size, num_classes=len(ckpt.classes), split="val")
     metrics = evaluate_checkpoint(ckpt, data)
     if args.out is not None:
         from medmpc.training.plots import confusion_matrix_png
 
-        args.out.mkdir(parents=True, exist_ok=True)
         write_json(metrics, args.out / "metrics.json")
         confusion_matrix_png(metrics, args.out / "confusion_matrix.png", f"{ckpt.model_name} on {data.source}")
     if args.json:
@@ -183,9 +230,10 @@ def _simulation_plan(args: argparse.Namespace) -> tuple[Plan, Path]:
             raise ValueError("--out is needed (or --resume OUT to continue an interrupted run)")
         if args.plaintext:
             overrides["secure"] = False
-        return load_plan(args.config, overrides | _transport_overrides(args)), args.out
+        plan = load_plan(args.config, overrides | _transport_overrides(args))
+        return plan, _fresh_out(args.out, overwrite=args.overwrite)
     given = [k for k, v in overrides.items() if v is not None]
-    given += [k for k in ("config", "plaintext", "plaintext_transport") if getattr(args, k)]
+    given += [k for k in ("config", "plaintext", "plaintext_transport", "overwrite") if getattr(args, k)]
     if given or args.out not in (None, args.resume):
         flags = ", ".join("--" + k.replace("_", "-") for k in given + (["out"] if args.out else []))
         raise ValueError(f"--resume continues the plan saved in {args.resume}; drop {flags}")

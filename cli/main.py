@@ -54,6 +54,14 @@ def _add_network(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_overwrite(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace what an earlier run wrote in --out (a non-empty --out is refused otherwise)",
+    )
+
+
 def _add_json(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout (progress goes to stderr)")
 
@@ -79,6 +87,26 @@ def _add_dp_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _demo(sub: Subcommands) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="the whole mission in a few minutes: secure federated training, then encrypted predictions",
+        description="3 hospitals train with secure aggregation on built-in synthetic data, the model is served "
+        "by the encrypted prediction service, and a few held-out images are predicted through its client.",
+    )
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for everything the demo writes")
+    _add_overwrite(p)
+    p.add_argument("--hospitals", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=12)
+    p.add_argument("--local-epochs", type=int, default=2)
+    p.add_argument("--images", type=int, default=4, help="held-out images predicted through the encrypted service")
+    p.add_argument("--synthetic", type=int, default=1200, help="synthetic training images")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    _add_json(p)
+    p.set_defaults(func=commands.demo)
+
+
 def _train(sub: Subcommands) -> None:
     p = sub.add_parser("train", help="centralised training (the baseline for federated runs)")
     _add_data_args(p, default_size=224)
@@ -93,6 +121,7 @@ def _train(sub: Subcommands) -> None:
     p.add_argument("--no-class-weights", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="folder for model.pt, report.json and plots")
+    _add_overwrite(p)
     _add_dp_args(p)
     p.add_argument(
         "--stats-noise",
@@ -110,6 +139,7 @@ def _evaluate(sub: Subcommands) -> None:
     p.add_argument("--model", type=Path, required=True, help="checkpoint (model.pt)")
     _add_json(p)
     p.add_argument("--out", type=Path, help="folder for metrics.json and confusion_matrix.png")
+    _add_overwrite(p)
     p.set_defaults(func=commands.evaluate)
 
 
@@ -152,6 +182,7 @@ def _simulate(sub: Subcommands) -> None:
     _add_transport_args(p)
     _add_network(p)
     p.add_argument("--out", type=Path, help="folder for report.json, model.pt and plots")
+    _add_overwrite(p)
     p.add_argument(
         "--resume",
         type=Path,
@@ -306,7 +337,20 @@ def _pki(sub: Subcommands) -> None:
 
 
 # every subcommand: a function that adds its parser (and sets the function that runs it)
-SUBCOMMANDS = (_train, _evaluate, _partition, _simulate, _role, _bench, _infer, _serve, _predict, _selfcheck, _pki)
+SUBCOMMANDS = (
+    _demo,
+    _train,
+    _evaluate,
+    _partition,
+    _simulate,
+    _role,
+    _bench,
+    _infer,
+    _serve,
+    _predict,
+    _selfcheck,
+    _pki,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -338,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     # progress and results for a person on stdout; with --json, stdout carries only the JSON object
     stream = sys.stderr if getattr(args, "json", False) else sys.stdout
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=stream, force=True)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per HTTP request is noise to a person
     try:
         result = args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as err:

@@ -76,6 +76,42 @@ def test_errors_are_one_clear_line(trained, tmp_path, small_xray_folder):
     assert "skipped 1 unreadable file" in proc.stdout
 
 
+def test_a_used_out_folder_is_refused_unless_overwritten(trained, tmp_path):
+    """Reusing --out mixed two runs' files (an old plot beside a new report; `evaluate --out` into a
+    training folder replaced its confusion matrix)."""
+    before = {p.name: p.read_bytes() for p in trained.iterdir() if p.is_file()}
+    proc = medmpc("evaluate", "--model", trained / "model.pt", "--data", "synthetic:30", "--out", trained, check=False)
+    assert proc.returncode == 2 and "is not empty" in proc.stderr and "--overwrite" in proc.stderr
+    proc = medmpc(
+        "evaluate",
+        "--model",
+        trained / "model.pt",
+        "--data",
+        "synthetic:30",
+        "--out",
+        trained,
+        "--overwrite",
+        check=False,
+    )
+    assert proc.returncode == 2 and "would delete" in proc.stderr and "model.pt" in proc.stderr
+    assert {p.name: p.read_bytes() for p in trained.iterdir() if p.is_file()} == before  # untouched
+
+    stranger = tmp_path / "home"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("not medmpc's")
+    args = ("evaluate", "--model", trained / "model.pt", "--data", "synthetic:30", "--out", stranger, "--overwrite")
+    proc = medmpc(*args, check=False)
+    assert proc.returncode == 2 and "no medmpc run wrote" in proc.stderr
+    assert (stranger / "notes.txt").exists()
+
+    # an earlier evaluation's folder is replaced whole: nothing of it stays beside the new files
+    earlier = tmp_path / "earlier"
+    medmpc("evaluate", "--model", trained / "model.pt", "--data", "synthetic:30", "--out", earlier)
+    (earlier / "old_plot.png").write_bytes(b"from another run")
+    medmpc("evaluate", "--model", trained / "model.pt", "--data", "synthetic:30", "--out", earlier, "--overwrite")
+    assert sorted(p.name for p in earlier.iterdir()) == ["confusion_matrix.png", "metrics.json"]
+
+
 def test_partition_prints_per_hospital_counts():
     proc = medmpc("partition", "--data", "synthetic:300", "--hospitals", "3", "--partition", "dirichlet:0.5")
     lines = proc.stdout.strip().splitlines()
