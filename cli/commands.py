@@ -16,9 +16,11 @@ from medmpc.imaging.dataset import ImageSet, load_dataset
 if TYPE_CHECKING:
     from medmpc.mpc.launch import Hosts
     from medmpc.protocols.plan import Plan
+    from medmpc.serving.client import PredictionClient
     from medmpc.training.dp import DPConfig
 
 
+SYNTHETIC_MODEL = "note: this model was trained on synthetic images only; its predictions say nothing about a patient"
 # what a person reads; cli.main sends it to stdout, or to stderr when stdout carries --json
 _log = logging.getLogger("medmpc").info
 
@@ -462,9 +464,9 @@ def serve(args: argparse.Namespace) -> None:
             _log("stopping")
 
 
-def predict(args: argparse.Namespace) -> dict[str, Any] | None:
+def _prediction_client(args: argparse.Namespace) -> PredictionClient:
+    """The service's client from --servers, --token-file (else $MEDMPC_TOKEN), --ca-cert and --insecure-http."""
     import os
-    from dataclasses import asdict
 
     from medmpc.serving.client import PredictionClient
 
@@ -476,17 +478,47 @@ def predict(args: argparse.Namespace) -> dict[str, Any] | None:
         raise ValueError("no bearer token: pass --token-file FILE or set MEDMPC_TOKEN")
     servers = [s for s in args.servers.split(",") if s]
     verify = str(args.ca_cert) if args.ca_cert else True
-    with PredictionClient(
-        servers, token, timeout_s=args.timeout, verify=verify, allow_plain_http=args.insecure_http
-    ) as client:
+    return PredictionClient(servers, token, timeout_s=args.timeout, verify=verify, allow_plain_http=args.insecure_http)
+
+
+def predict(args: argparse.Namespace) -> dict[str, Any] | None:
+    from dataclasses import asdict
+
+    with _prediction_client(args) as client:
         if args.wait_ready:
             client.wait_ready(args.wait_ready)
         predictions = client.predict_files(args.image)
+        synthetic = client.card().synthetic
     if args.json:
-        return {"predictions": [asdict(p) for p in predictions]}
+        return {"predictions": [asdict(p) for p in predictions], "model_trained_on_synthetic_data": synthetic}
     for pred in predictions:
         _log(pred.describe())
+    if synthetic:
+        _log(SYNTHETIC_MODEL)
     return None
+
+
+def clinic(args: argparse.Namespace) -> None:
+    import socket
+
+    import uvicorn
+
+    from medmpc.serving.clinic import clinic_app
+    from medmpc.serving.options import is_loopback
+
+    try:  # here, at once, rather than after the page is announced
+        listener = socket.create_server((args.host, args.port))
+    except OSError as err:
+        raise ValueError(f"the clinic page cannot listen at {args.host}:{args.port}: {err.strerror}") from err
+    port = listener.getsockname()[1]
+    names = {args.host, "localhost", "127.0.0.1", "[::1]"} if is_loopback(args.host) else {args.host}
+    with _prediction_client(args) as client:
+        app = clinic_app(
+            client, allowed_hosts={f"{n}:{port}" for n in names}, max_upload_bytes=int(args.max_upload_mb * 2**20)
+        )
+        _log(f"clinic page at http://{args.host}:{port}/ (predictions by {' and '.join(client.servers)}); Ctrl-C stops")
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        server.run(sockets=[listener])
 
 
 def pki_init(args: argparse.Namespace) -> None:

@@ -285,9 +285,8 @@ def _serve(sub: Subcommands) -> None:
     p.set_defaults(func=commands.serve)
 
 
-def _predict(sub: Subcommands) -> None:
-    p = sub.add_parser("predict", help="client of the prediction service: shares an image, reconstructs the result")
-    p.add_argument("image", type=Path, nargs="+", help="image file(s); several form one request")
+def _add_client_args(p: argparse.ArgumentParser) -> None:
+    """How a client reaches the prediction service."""
     p.add_argument("--servers", required=True, help="URL1,URL2 of the model owner and the compute party")
     p.add_argument("--token-file", type=Path, help="file holding the bearer token (else $MEDMPC_TOKEN)")
     p.add_argument("--ca-cert", type=Path, help="CA certificate (PEM) to verify HTTPS servers with")
@@ -296,12 +295,37 @@ def _predict(sub: Subcommands) -> None:
         action="store_true",
         help="allow plain http:// to a host that is not this machine (every share then crosses the network readable)",
     )
-    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a prediction")
+
+
+def _predict(sub: Subcommands) -> None:
+    p = sub.add_parser("predict", help="client of the prediction service: shares an image, reconstructs the result")
+    p.add_argument("image", type=Path, nargs="+", help="image file(s); several form one request")
+    _add_client_args(p)
     p.add_argument(
         "--wait-ready", type=float, default=0.0, metavar="S", help="first wait up to S seconds for both servers' /ready"
     )
     _add_json(p)
     p.set_defaults(func=commands.predict)
+
+
+def _clinic(sub: Subcommands) -> None:
+    p = sub.add_parser(
+        "clinic",
+        help="a web page on this machine: drop X-rays, read encrypted predictions from the service",
+        description="Serves a page for the clinic's browser. Each dropped image is secret-shared by this process "
+        "and only its shares go to the two servers; the page itself never comes from a server.",
+    )
+    _add_client_args(p)
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="where the page listens (default: this machine only; anyone who can reach another address can use "
+        "the clinic's token)",
+    )
+    p.add_argument("--port", type=int, default=8080, help="the page's port (0: any free one)")
+    p.add_argument("--max-upload-mb", type=float, default=64.0, help="largest X-ray file the page accepts")
+    p.set_defaults(func=commands.clinic)
 
 
 def _selfcheck(sub: Subcommands) -> None:
@@ -348,6 +372,7 @@ SUBCOMMANDS = (
     _infer,
     _serve,
     _predict,
+    _clinic,
     _selfcheck,
     _pki,
 )

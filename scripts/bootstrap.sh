@@ -15,11 +15,14 @@ if [[ -f $stamp && $(cat "$stamp") == "$want" ]]; then
     exit 0
 fi
 echo "[bootstrap] setting up $venv (torch takes about 2 minutes the first time)" >&2
-# the separate-hosts harness (netlab) needs iproute2 (ip, tc); the walk-through uses openssl
+# the separate-hosts harness (netlab) needs iproute2 (ip, tc); the walk-through uses openssl; the
+# clinic page's tests drive Debian's chromium (browser downloads are not reachable everywhere)
 if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
     missing=()
     command -v tc >/dev/null || missing+=(iproute2)
     command -v openssl >/dev/null || missing+=(openssl)
+    command -v chromium >/dev/null || missing+=(chromium)
+    command -v chromedriver >/dev/null || missing+=(chromium-driver)
     if ((${#missing[@]})); then
         apt-get update -q >/dev/null && apt-get install -y -q "${missing[@]}" >/dev/null
     fi

@@ -54,7 +54,15 @@ def _setup(rank: int, ckpt: Checkpoint | None, max_batch: int, timeout_s: float)
     if ckpt is not None:
         prep = ckpt.preprocessing
         card = ModelCard(
-            ckpt.model_name, ckpt.classes, 1, prep.image_size, prep.mean, prep.std, FRACTIONAL_BITS, max_batch
+            ckpt.model_name,
+            ckpt.classes,
+            1,
+            prep.image_size,
+            prep.mean,
+            prep.std,
+            FRACTIONAL_BITS,
+            max_batch,
+            synthetic=bool(ckpt.info.get("dataset", {}).get("synthetic", False)),
         )
         program = compile_model(ckpt.build(), input_range=prep.valid_range(), fractional_bits=FRACTIONAL_BITS)
     else:

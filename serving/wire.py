@@ -38,6 +38,7 @@ class ModelCard:
     std: float
     fractional_bits: int
     max_batch: int
+    synthetic: bool = False  # trained on the built-in synthetic images: its predictions mean nothing clinically
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -16,5 +16,6 @@ def trained_cnn(data: ImageSet, *, epochs: int, path: Path) -> Path:
     prep = Preprocessing.fit(data.images)
     model = build_model("cnn", 3, seed=0)
     train(model, data.images, data.labels, prep, TrainConfig(epochs=epochs), num_classes=3)
-    Checkpoint("cnn", data.classes, prep, model.state_dict()).save(path)
+    info = {"dataset": {"source": data.source, "synthetic": data.is_synthetic}}  # as train and simulate record it
+    Checkpoint("cnn", data.classes, prep, model.state_dict(), info=info).save(path)
     return path

@@ -76,6 +76,7 @@ def _plaintext(checkpoint: Path, x: torch.Tensor) -> torch.Tensor:
 def test_predictions_equal_the_plaintext_model_for_every_val_image(service, checkpoint, val_images):
     assert len(val_images) == 16
     with PredictionClient(service.urls, TOKEN) as client:
+        assert client.card().synthetic is False  # trained on real X-rays (the clinic's test has the other case)
         x = client.preprocess(val_images)
         # two concurrent requests of 8 images: the service batches whatever is queued
         with ThreadPoolExecutor(2) as pool:
