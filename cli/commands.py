@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 
 SYNTHETIC_MODEL = "note: this model was trained on synthetic images only; its predictions say nothing about a patient"
+_STARTING = "each loads PyTorch and connects to the others, which takes 10 to 40 s before any progress shows"
 # what a person reads; cli.main sends it to stdout, or to stderr when stdout carries --json
 _log = logging.getLogger("medmpc").info
 
@@ -144,6 +145,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
     from medmpc.training.checkpoint import Checkpoint
     from medmpc.training.metrics import format_metrics
 
+    if args.data is None:
+        raise ValueError("--data is needed: a labelled folder, or 'synthetic' for the built-in synthetic images")
     ckpt = Checkpoint.load(args.model)
     if args.out is not None:
         _fresh_out(args.out, overwrite=args.overwrite, keep=args.model)
@@ -256,6 +259,7 @@ def simulate(args: argparse.Namespace) -> None:
         f"{plan.rounds} rounds, data {plan.data}{' [synthetic data]' if plan.data.startswith('synthetic') else ''}; "
         f"channels: {plan.transport}"
     )
+    _log(f"starting {len(plan.party_names)} processes ({', '.join(plan.party_names)}): {_STARTING}")
     with _hosts(args.network, plan.party_names) as hosts:
         report = run(plan, out, hosts=hosts, resume=args.resume is not None)
     if "stopped" in report:
@@ -296,6 +300,7 @@ def bench_secure_aggregation(args: argparse.Namespace) -> dict[str, Any] | None:
         min_hospitals=args.min_hospitals,
         **_transport_overrides(args),
     )
+    _log(f"starting {len(plan.party_names)} processes: {_STARTING}")
     with tempfile.TemporaryDirectory(prefix="medmpc-bench-") as tmp, _hosts(args.network, plan.party_names) as hosts:
         bench = Bench(params=args.params, repeat=args.repeat)
         result = run_bench(plan, bench, Path(tmp), hosts=hosts, deadline_s=args.timeout * (args.repeat + 1))
@@ -323,6 +328,7 @@ def infer(args: argparse.Namespace) -> dict[str, Any] | None:
 
     ckpt = Checkpoint.load(args.model)
     images = ckpt.preprocessing.read(args.image)
+    _log(f"starting the model owner, the data owner and the dealer: {_STARTING}")
     result = run_inference(
         str(args.model),
         images,
@@ -357,6 +363,7 @@ def bench_inference(args: argparse.Namespace) -> dict[str, Any] | None:
     from medmpc.training.checkpoint import Checkpoint
 
     model, x = random_model_and_input(args.model, args.image_size, args.batch, args.seed)
+    _log(f"starting the model owner, the data owner and the dealer: {_STARTING}")
     with (
         tempfile.TemporaryDirectory(prefix="medmpc-bench-") as tmp,
         _hosts(args.network, [party_name(r, 2) for r in range(3)]) as hosts,
@@ -397,6 +404,21 @@ def _one_each(ports: list[int], error: str) -> tuple[int, int, int]:
     return ports[0], ports[1], ports[2]
 
 
+def _check_free(listeners: dict[str, tuple[str, int]]) -> None:
+    """Fail at once, naming the listener, where an address is taken (a second ``serve`` would
+    otherwise wait for its peers' rendezvous until its timeout)."""
+    import socket
+
+    for what, (host, port) in listeners.items():
+        try:
+            socket.create_server((host, port)).close()
+        except OSError as err:
+            raise ValueError(
+                f"{what} address {host}:{port} is taken ({err.strerror}): is another `medmpc serve` running? "
+                "choose other --ports / --parties"
+            ) from err
+
+
 def serve(args: argparse.Namespace) -> None:
     import time
 
@@ -409,6 +431,13 @@ def serve(args: argparse.Namespace) -> None:
     mpc_ports = _one_each(
         [int(a.rsplit(":", 1)[1]) for a in parties.split(",")], f"--parties takes three HOST:PORT, got {parties!r}"
     )
+    hosts = [a.rsplit(":", 1)[0] for a in parties.split(",")]
+    if args.role == "all":
+        _check_free({f"{name}'s HTTP": (args.host, port) for name, port in zip(party.ROLES, ports)})
+        _check_free({f"{name}'s MPC channel": (h, p) for name, h, p in zip(party.ROLES, hosts, mpc_ports)})
+    else:
+        rank = party.ROLES[args.role]
+        _check_free({f"{args.role}'s HTTP": (args.host, ports[rank])})
     if args.role != "all":
         if args.mpc_tls_dir is None and not args.plaintext_transport:
             raise ValueError("one role needs --mpc-tls-dir (from `medmpc pki`), or --plaintext-transport to measure")
@@ -451,6 +480,7 @@ def serve(args: argparse.Namespace) -> None:
         max_body_mb=args.max_body_mb,
         log_dir=args.log_dir,
     )
+    _log(f"starting the model owner, the compute party and the dealer: {_STARTING}")
     with service:
         _log(
             f"serving {args.model}: model owner {service.urls[0]}, compute party {service.urls[1]} "
@@ -503,21 +533,29 @@ def clinic(args: argparse.Namespace) -> None:
 
     import uvicorn
 
-    from medmpc.serving.clinic import clinic_app
+    from medmpc.serving.clinic import Clinic
     from medmpc.serving.options import is_loopback
 
+    if not is_loopback(args.host):
+        raise ValueError(
+            f"--host {args.host}: the clinic page serves this machine only (a loopback address such as 127.0.0.1); "
+            "run it on each clinician's machine"
+        )
     try:  # here, at once, rather than after the page is announced
         listener = socket.create_server((args.host, args.port))
     except OSError as err:
         raise ValueError(f"the clinic page cannot listen at {args.host}:{args.port}: {err.strerror}") from err
     port = listener.getsockname()[1]
-    names = {args.host, "localhost", "127.0.0.1", "[::1]"} if is_loopback(args.host) else {args.host}
+    names = {args.host, "localhost", "127.0.0.1", "[::1]"}
     with _prediction_client(args) as client:
-        app = clinic_app(
+        page = Clinic(
             client, allowed_hosts={f"{n}:{port}" for n in names}, max_upload_bytes=int(args.max_upload_mb * 2**20)
         )
-        _log(f"clinic page at http://{args.host}:{port}/ (predictions by {' and '.join(client.servers)}); Ctrl-C stops")
-        server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        _log(
+            f"clinic page at http://{args.host}:{port}/?key={page.key} (open it in this machine's browser; "
+            f"predictions by {' and '.join(client.servers)}); Ctrl-C stops"
+        )
+        server = uvicorn.Server(uvicorn.Config(page.app, log_level="warning"))
         server.run(sockets=[listener])
 
 

@@ -3,25 +3,85 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import signal
 import sys
+from collections.abc import Callable
+from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 from medmpc.cli import commands
+from medmpc.imaging.transforms import MIN_IMAGE_SIZE
+from medmpc.protocols.plan import Plan
 from medmpc.serving.options import add_service_options
 
 Subcommands = argparse._SubParsersAction  # what add_subparsers returns
+# `train` defaults to what a default `simulate` trains, so the two default runs compare
+DEFAULTS = Plan()
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``minimum``, refused at parse time."""
+
+    def whole_number(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return whole_number
+
+
+IMAGE_SIZE = _at_least(MIN_IMAGE_SIZE)
+POSITIVE = _at_least(1)
+
+
+class _Help(argparse.HelpFormatter):
+    """Every option's help ends with its default, where it has one worth showing."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and _shows_default(action):
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" not in text and "(default" not in text and _shows_default(action):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _shows_default(action: argparse.Action) -> bool:
+    default = action.default
+    return bool(action.option_strings) and default is not None and default is not False and default != argparse.SUPPRESS
+
+
+class _Parser(argparse.ArgumentParser):
+    """The command's parsers, sub-commands' included: help with defaults."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
 
 
 def _add_data_args(p: argparse.ArgumentParser, *, default_size: int | None) -> None:
-    p.add_argument("--data", default="synthetic", help="data folder (Kaggle layout) or 'synthetic[:N]' (default)")
+    """The data flags; without ``default_size`` (evaluation: the checkpoint's), ``--data`` has no default."""
+    if default_size is None:
+        p.add_argument("--data", help="labelled data folder (Kaggle layout), or 'synthetic[:N]'")
+    else:
+        p.add_argument("--data", default=DEFAULTS.data, help="data folder (Kaggle layout) or 'synthetic[:N]'")
     p.add_argument(
         "--skip-unreadable", action="store_true", help="skip (and count) unreadable files instead of failing"
     )
     if default_size is not None:
-        p.add_argument("--image-size", type=int, default=default_size, help="square input size in pixels")
+        p.add_argument("--image-size", type=IMAGE_SIZE, default=default_size, help="square input size in pixels")
         p.add_argument(
             "--classes", type=int, choices=(2, 3), default=3, help="3: normal/bacterial/viral; 2: normal/pneumonia"
         )
@@ -97,11 +157,11 @@ def _demo(sub: Subcommands) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for everything the demo writes")
     _add_overwrite(p)
     p.add_argument("--hospitals", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=12)
-    p.add_argument("--local-epochs", type=int, default=2)
-    p.add_argument("--images", type=int, default=4, help="held-out images predicted through the encrypted service")
-    p.add_argument("--synthetic", type=int, default=1200, help="synthetic training images")
-    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--rounds", type=POSITIVE, default=12)
+    p.add_argument("--local-epochs", type=POSITIVE, default=2)
+    p.add_argument("--images", type=POSITIVE, default=4, help="held-out images predicted through the encrypted service")
+    p.add_argument("--synthetic", type=POSITIVE, default=1200, help="synthetic training images")
+    p.add_argument("--image-size", type=IMAGE_SIZE, default=64)
     p.add_argument("--seed", type=int, default=0)
     _add_json(p)
     p.set_defaults(func=commands.demo)
@@ -109,13 +169,21 @@ def _demo(sub: Subcommands) -> None:
 
 def _train(sub: Subcommands) -> None:
     p = sub.add_parser("train", help="centralised training (the baseline for federated runs)")
-    _add_data_args(p, default_size=224)
-    p.add_argument("--model", default="cnn", help="cnn, cnn_gn, resnet18, resnet18_gn")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
+    _add_data_args(p, default_size=DEFAULTS.image_size)
+    p.add_argument("--model", default=DEFAULTS.model, help="cnn, cnn_gn, resnet18, resnet18_gn")
     p.add_argument(
-        "--val-fraction", type=float, default=0.15, help="stratified validation split held out of the training data"
+        "--epochs",
+        type=POSITIVE,
+        default=DEFAULTS.rounds * DEFAULTS.local_epochs,
+        help="as many as a default simulate's rounds of local epochs",
+    )
+    p.add_argument("--batch-size", type=POSITIVE, default=DEFAULTS.batch_size)
+    p.add_argument("--lr", type=float, default=DEFAULTS.lr)
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=DEFAULTS.val_fraction,
+        help="stratified validation split held out of the training data",
     )
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--no-class-weights", action="store_true")
@@ -136,7 +204,7 @@ def _train(sub: Subcommands) -> None:
 def _evaluate(sub: Subcommands) -> None:
     p = sub.add_parser("evaluate", help="metrics of a checkpoint on a folder of labelled images")
     _add_data_args(p, default_size=None)
-    p.add_argument("--model", type=Path, required=True, help="checkpoint (model.pt)")
+    p.add_argument("--model", type=Path, required=True, help="checkpoint (model.pt, or the run folder holding it)")
     _add_json(p)
     p.add_argument("--out", type=Path, help="folder for metrics.json and confusion_matrix.png")
     _add_overwrite(p)
@@ -157,12 +225,12 @@ def _simulate(sub: Subcommands) -> None:
     p.add_argument("--config", type=Path, help="TOML file with any of the options below (flags override it)")
     p.add_argument("--hospitals", type=int)
     p.add_argument("--aggregators", type=int)
-    p.add_argument("--rounds", type=int)
+    p.add_argument("--rounds", type=POSITIVE)
     p.add_argument("--local-epochs", type=int)
     p.add_argument("--partition", help="iid, dirichlet:ALPHA or sizes:W1,...,WN")
-    p.add_argument("--data", help="data folder (Kaggle layout) or 'synthetic[:N]' (default)")
+    p.add_argument("--data", help="data folder (Kaggle layout) or 'synthetic[:N]'")
     p.add_argument("--model", help="cnn, cnn_gn, resnet18, resnet18_gn")
-    p.add_argument("--image-size", type=int)
+    p.add_argument("--image-size", type=IMAGE_SIZE)
     p.add_argument("--classes", dest="num_classes", type=int, choices=(2, 3))
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
@@ -206,6 +274,10 @@ def _simulate(sub: Subcommands) -> None:
         help="std of the Gaussian noise added inside MPC to each aggregated "
         "normalisation statistic and class count (accounted; included in DP-SGD budgets)",
     )
+    for action in p._actions:  # unset flags take the config file's value, else the plan's default
+        default = getattr(DEFAULTS, action.dest, None)
+        if action.default is None and default not in (None, "", [], {}) and "(default" not in (action.help or ""):
+            action.help = f"{action.help or ''} (default: {default})".strip()
     p.set_defaults(func=commands.simulate)
 
 
@@ -223,7 +295,7 @@ def _role(sub: Subcommands) -> None:
 def _bench(sub: Subcommands) -> None:
     bench = sub.add_parser("bench", help="protocol benchmarks").add_subparsers(dest="bench", required=True)
     p = bench.add_parser("secure-aggregation", help="one secure aggregation vs plaintext FedAvg")
-    p.add_argument("--params", type=int, default=11_200_000, help="float32 values per update (ResNet-18: 11.2M)")
+    p.add_argument("--params", type=POSITIVE, default=11_200_000, help="float32 values per update (ResNet-18: 11.2M)")
     p.add_argument("--hospitals", type=int, default=3)
     p.add_argument("--aggregators", type=int, default=2)
     p.add_argument(
@@ -231,7 +303,7 @@ def _bench(sub: Subcommands) -> None:
         type=int,
         help="as for simulate (default 3): below the hospitals, the aggregators' mask sums wait for the reveal",
     )
-    p.add_argument("--repeat", type=int, default=3, help="runs of each; medians are reported")
+    p.add_argument("--repeat", type=POSITIVE, default=3, help="runs of each; medians are reported")
     p.add_argument("--fractional-bits", type=int, default=16)
     p.add_argument("--timeout", type=float, default=300.0)
     _add_json(p)
@@ -241,8 +313,8 @@ def _bench(sub: Subcommands) -> None:
 
     p = bench.add_parser("inference", help="encrypted inference of a random model against plaintext")
     p.add_argument("--model", default="resnet18", help="architecture from the registry")
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--image-size", type=IMAGE_SIZE, default=64)
+    p.add_argument("--batch", type=POSITIVE, default=1)
     p.add_argument("--seed", type=int, default=0)
     _add_inference_run_args(p)
     _add_network(p)
@@ -317,12 +389,7 @@ def _clinic(sub: Subcommands) -> None:
         "and only its shares go to the two servers; the page itself never comes from a server.",
     )
     _add_client_args(p)
-    p.add_argument(
-        "--host",
-        default="127.0.0.1",
-        help="where the page listens (default: this machine only; anyone who can reach another address can use "
-        "the clinic's token)",
-    )
+    p.add_argument("--host", default="127.0.0.1", help="loopback address the page listens at (this machine only)")
     p.add_argument("--port", type=int, default=8080, help="the page's port (0: any free one)")
     p.add_argument("--max-upload-mb", type=float, default=64.0, help="largest X-ray file the page accepts")
     p.set_defaults(func=commands.clinic)
@@ -379,7 +446,8 @@ SUBCOMMANDS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medmpc", description="Secure multi-party learning on chest X-rays.")
+    parser = _Parser(prog="medmpc", description="Secure multi-party learning on chest X-rays.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('medmpc')}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in SUBCOMMANDS:
         add(sub)

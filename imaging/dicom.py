@@ -40,6 +40,9 @@ def _output_range(ds: Dataset) -> tuple[float, float]:
 def _check(ds: Dataset) -> None:
     if "PixelData" not in ds:
         raise ValueError("the DICOM file has no pixel data (not an image)")
+    missing = [k for k in ("Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation") if k not in ds]
+    if missing:
+        raise ValueError(f"the DICOM image lacks {', '.join(missing)}")
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames != 1:
         raise ValueError(f"a DICOM image must have one frame, this one has {frames}")
@@ -64,11 +67,16 @@ def read_dicom(path: Path, *, max_pixels: int) -> np.ndarray:
         ds = pydicom.dcmread(path)
     except InvalidDicomError as err:
         raise ValueError(f"not a DICOM file: {err}") from err
+    except (AttributeError, KeyError, TypeError, EOFError) as err:  # pydicom on a damaged file
+        raise ValueError(f"a damaged DICOM file ({type(err).__name__}: {err})") from err
     _check(ds)
     if int(ds.Rows) * int(ds.Columns) > max_pixels:
         raise ValueError(f"image too large: {ds.Columns}x{ds.Rows} pixels, more than {max_pixels}")
-    values = apply_voi_lut(apply_modality_lut(_pixels(ds), ds), ds).astype(np.float64)
+    with np.errstate(all="ignore"):  # a zero slope or a broken LUT shows up as what is checked next
+        values = apply_voi_lut(apply_modality_lut(_pixels(ds), ds), ds).astype(np.float64)
     lo, hi = _output_range(ds)
+    if not (np.isfinite(values).all() and np.isfinite([lo, hi]).all() and hi > lo):
+        raise ValueError(f"its rescale or VOI LUT gives no picture (range {lo:g}..{hi:g}, or values not finite)")
     scaled = np.clip((values - lo) / (hi - lo), 0.0, 1.0)
     if ds.PhotometricInterpretation == "MONOCHROME1":
         scaled = 1.0 - scaled

@@ -20,8 +20,9 @@ from tqdm import tqdm
 
 from medmpc.imaging.dicom import read_dicom
 
-# PIL's own limit, above which it calls a file a decompression bomb; DICOM gets the same one
-MAX_PIXELS = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
+# twice the largest flat-panel X-ray detectors' (about 43 x 43 cm at 0.1 mm: 18.5 million pixels);
+# decoding one costs about 25 bytes a pixel, so a small crafted file cannot take gigabytes
+MAX_PIXELS = 40_000_000
 # PIL's modes for greyscale of more than 8 bits, and the largest value each holds in a PNG
 _DEEP_GREY = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I": 65535}
 
@@ -33,6 +34,8 @@ class DataError(ValueError):
 def _read_pil(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as img:
+            if img.width * img.height > MAX_PIXELS:  # before decoding: open reads only the header
+                raise ValueError(f"image too large: {img.width}x{img.height} pixels, more than {MAX_PIXELS:,}")
             if img.mode in _DEEP_GREY:
                 deep = np.asarray(img, dtype=np.float64)
                 return np.rint(np.clip(deep / _DEEP_GREY[img.mode], 0.0, 1.0) * 255).astype(np.uint8)
@@ -69,8 +72,10 @@ def read_image(path: str | Path, image_size: int) -> torch.Tensor:
     if not is_image_name(path):
         raise DataError(f"not an image file (expected {', '.join(IMAGE_SUFFIXES)}): {path}")
     try:
-        grey = Image.fromarray(_READERS[path.suffix.lower()](path))
-        grey = grey.resize((image_size, image_size), Image.Resampling.BILINEAR)
+        picture = _READERS[path.suffix.lower()](path)
+        if picture.size and picture.min() == picture.max():
+            raise ValueError(f"the picture is blank: every pixel is {picture.flat[0]} (a wrong window or rescale?)")
+        grey = Image.fromarray(picture).resize((image_size, image_size), Image.Resampling.BILINEAR)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DataError(f"cannot read image {path}: {err}") from err
     return torch.from_numpy(np.asarray(grey, dtype=np.uint8).copy()).unsqueeze(0)

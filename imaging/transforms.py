@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 from medmpc.imaging.images import read_image
 
+MIN_IMAGE_SIZE = 16  # the models' four 2x poolings need at least this
+
 
 @dataclass(frozen=True)
 class Preprocessing:
@@ -22,8 +24,8 @@ class Preprocessing:
     std: float
 
     def __post_init__(self) -> None:
-        if self.image_size < 16:
-            raise ValueError(f"image_size must be at least 16, got {self.image_size}")
+        if self.image_size < MIN_IMAGE_SIZE:
+            raise ValueError(f"image_size must be at least {MIN_IMAGE_SIZE}, got {self.image_size}")
         if not self.std > 0:
             raise ValueError(f"normalisation std must be positive, got {self.std}")
 

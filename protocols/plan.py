@@ -9,17 +9,50 @@ from __future__ import annotations
 import json
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medmpc.imaging.dataset import ImageSet, load_dataset
+from medmpc.imaging.splits import parse_scheme
+from medmpc.imaging.transforms import MIN_IMAGE_SIZE
+from medmpc.models import model_names
 from medmpc.mpc.pki import Identity, IdentityError, describe_channels
 from medmpc.mpc.sharing import DEFAULT_FRACTIONAL_BITS
 from medmpc.training.statistics import release_history
 
 if TYPE_CHECKING:
     from medmpc.training.dp import DPConfig
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+# what each annotation of Plan admits: a TOML file or JSON may hold any type in any field
+_TYPES: dict[str, Callable[[Any], bool]] = {
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float": _number,
+    "str": lambda v: isinstance(v, str),
+    "bool": lambda v: isinstance(v, bool),
+    "int | None": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)),
+    "float | None": lambda v: v is None or _number(v),
+    "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    "list[int]": lambda v: isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v),
+    "dict[str, int]": lambda v: isinstance(v, dict) and all(isinstance(x, int) for x in v.values()),
+}
+_TYPE_NAMES = {
+    "int": "a whole number",
+    "float": "a number",
+    "str": "a string",
+    "bool": "true or false",
+    "int | None": "a whole number",
+    "float | None": "a number",
+    "list[str]": "a list of strings",
+    "list[int]": "a list of whole numbers",
+    "dict[str, int]": "a table of whole numbers",
+}
 
 
 @dataclass
@@ -76,6 +109,22 @@ class Plan:
     stats_noise: float | None = None
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not _TYPES[str(f.type)](value):
+                raise ValueError(f"plan setting {f.name} must be {_TYPE_NAMES.get(str(f.type), f.type)}, got {value!r}")
+        if self.model not in model_names():
+            raise ValueError(f"unknown model {self.model!r}; choose one of {', '.join(model_names())}")
+        if self.image_size < MIN_IMAGE_SIZE:
+            raise ValueError(f"image_size must be at least {MIN_IMAGE_SIZE} pixels, got {self.image_size}")
+        if self.num_classes not in (2, 3):
+            raise ValueError(f"num_classes must be 2 or 3, got {self.num_classes}")
+        if self.batch_size < 1 or not self.lr > 0 or not self.timeout_s > 0 or not 0 < self.val_fraction < 1:
+            raise ValueError(
+                "batch_size must be at least 1, lr and timeout_s positive and val_fraction in (0, 1); got "
+                f"{self.batch_size}, {self.lr}, {self.timeout_s} and {self.val_fraction}"
+            )
+        parse_scheme(self.partition, self.hospitals)
         if self.hospitals < 2:
             raise ValueError(f"secure aggregation needs at least 2 hospitals, got {self.hospitals}")
         if self.secure and self.aggregators < 2:
@@ -211,4 +260,7 @@ def load_plan(config: Path | None, overrides: dict[str, Any]) -> Plan:
         if unknown:
             raise ValueError(f"unknown key(s) in {config}: {', '.join(unknown)}")
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return Plan(**values)
+    try:
+        return Plan(**values)
+    except ValueError as err:
+        raise ValueError(f"{err} (in {config} or the flags)" if config else str(err)) from err

@@ -12,6 +12,7 @@ from typing import Any
 from medmpc.mpc import pki
 from medmpc.mpc.launch import Hosts, PartyProcess, ThisMachine, supervise
 from medmpc.protocols.plan import Plan
+from medmpc.training.centralised import write_json
 
 COORDINATOR_PORT, AGGREGATOR_PORT = 7000, 7100  # where each host's ports are its own
 HOSPITAL_STATE = "hospital_state"  # in a simulation's out folder: each hospital's DP accountant
@@ -106,8 +107,22 @@ def launch_roles(
         )
         # where a round may go on without a hospital, so may the run (the coordinator decides)
         expendable = frozenset(plan.hospital_names if plan.exclusions_possible else [])
-        supervise(processes, timeout_s=deadline_s, workdir=Path(tmp), expendable=expendable)
+        try:
+            supervise(processes, timeout_s=deadline_s, workdir=Path(tmp), expendable=expendable)
+        except BaseException as err:  # Ctrl-C and signals too: the report on disk must not pass for whole
+            mark_interrupted(out / "report.json", why=f"{type(err).__name__}: {err}".rstrip(": "))
+            raise
     return json.loads((out / "report.json").read_text())  # type: ignore[no-any-return]
+
+
+def mark_interrupted(report_file: Path, *, why: str) -> None:
+    """Say in a run's report (if it has one yet) that the run ended early, after which round, and why;
+    ``--resume`` continues it and writes a whole report again."""
+    if not report_file.exists():
+        return
+    report = json.loads(report_file.read_text())
+    report["interrupted"] = {"after_round": len(report.get("rounds", [])), "why": why}
+    write_json(report, report_file)
 
 
 def simulate(

@@ -67,6 +67,7 @@ class PredictionClient:
         # a CA file, e.g. a self-signed deployment's own certificate
         tls = ssl.create_default_context(cafile=verify) if isinstance(verify, str) else verify
         self._http = [httpx.Client(base_url=s, headers=headers, timeout=timeout_s, verify=tls) for s in self.servers]
+        self.timeout_s = timeout_s
         self._card: ModelCard | None = None
 
     def close(self) -> None:
@@ -107,9 +108,10 @@ class PredictionClient:
                         raise
                     time.sleep(1.0)
 
-    def card(self) -> ModelCard:
-        """The public model card; both parties must serve the same one."""
-        if self._card is None:
+    def card(self, *, fresh: bool = False) -> ModelCard:
+        """The public model card; both parties must serve the same one. It is read once, or again
+        with ``fresh`` (a long-lived client, whose service may have been given another model)."""
+        if self._card is None or fresh:
             cards = [ModelCard.from_dict(self._call(i, "GET", "/v1/model")) for i in range(2)]
             if cards[0] != cards[1]:
                 raise ValueError(f"the two parties serve different models: {cards[0]} vs {cards[1]}")
@@ -121,7 +123,11 @@ class PredictionClient:
         return Preprocessing(card.image_size, card.mean, card.std).read(paths)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Encrypted logits of a preprocessed batch ``x`` of shape [n, channels, size, size]."""
+        """Encrypted logits of a preprocessed batch ``x`` of shape [n, channels, size, size], in
+        requests of at most the service's ``max_batch`` images."""
+        return torch.cat([self._request(chunk) for chunk in x.split(self.card().max_batch)])
+
+    def _request(self, x: torch.Tensor) -> torch.Tensor:
         card = self.card()
         card.check_input_shape(list(x.shape))
         encoded = sharing.encode(x.float(), card.fractional_bits)
@@ -138,13 +144,31 @@ class PredictionClient:
         ]
         # both at once: each party waits for the other's share before it can compute (threads of
         # this call only, so concurrent calls never queue one party's request behind another's)
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            futures = [pool.submit(self._call, i, "POST", "/v1/predict", json=bodies[i]) for i in range(2)]
-            answers = [f.result() for f in futures]
-        parts = [
-            decode_tensor(a["logits_share"], a["shape"], a["dtype"], what=f"{self.servers[i]} logits share")
-            for i, a in enumerate(answers)
-        ]
+        pool = ThreadPoolExecutor(max_workers=2)
+        futures = [pool.submit(self._call, i, "POST", "/v1/predict", json=bodies[i]) for i in range(2)]
+        # httpx's timeout bounds each read, not the call: a server that trickles its answer is
+        # stopped here, after the whole request's deadline
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            answers = []
+            for i, future in enumerate(futures):
+                try:
+                    answers.append(future.result(timeout=max(0.0, deadline - time.monotonic())))
+                except TimeoutError:
+                    raise ServiceError(self.servers[i], 504, f"no answer within {self.timeout_s:g} s") from None
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+        want = [x.shape[0], len(card.classes)]
+        parts = []
+        for i, answer in enumerate(answers):
+            if answer.get("request_id") != request_id or answer.get("party") != i or answer.get("shape") != want:
+                raise ServiceError(
+                    self.servers[i],
+                    200,
+                    f"answered another request: id, party and shape must be {request_id}, {i} and {want}; got "
+                    f"{answer.get('request_id')!r}, {answer.get('party')!r} and {answer.get('shape')!r}",
+                )
+            parts.append(decode_tensor(answer["logits_share"], want, answer["dtype"], what=f"{self.servers[i]} logits"))
         return sharing.decode(sharing.reconstruct(parts), card.fractional_bits)
 
     def predict_files(self, paths: Sequence[str | Path]) -> list[Prediction]:

@@ -1,35 +1,48 @@
 """The clinic's web page (``medmpc clinic``): drop X-rays, read encrypted predictions.
 
-The page is served by the clinic's own process on the clinic's machine (127.0.0.1 by default),
+The page is served by the clinic's own process on the clinic's machine (a loopback address only),
 never by a compute party. The browser posts each file's bytes to this process, which decodes the
 image, secret-shares it (``serving.client``) and sends one share to each compute party: the image
 never leaves this machine unshared, and only this process reconstructs the logits.
 
-Only a browser on this machine that loaded the page may use its API. A request must name this
-server in ``Host`` (a DNS-rebinding site names its own), and a prediction must carry
-``CLINIC_HEADER``, which a cross-site form cannot send and a cross-site ``fetch`` can send only
-after a CORS preflight this app never grants; so another web site the clinician has open cannot
-spend the clinic's token or read a result.
+Who may use it: whoever opens the address the command printed, which carries a random session key
+(as Jupyter does); the page then holds the key in an HttpOnly, SameSite=Strict cookie. Without it,
+another program or user on this machine gets neither the page nor the API, so cannot spend the
+clinic's token. Against other web sites open in the same browser: a request must name this server
+in ``Host`` (a DNS-rebinding site names its own), and a prediction must carry ``CLINIC_HEADER``,
+which a cross-site form cannot send and a cross-site ``fetch`` can send only after a CORS preflight
+this app never grants; the cookie is not sent cross-site either.
+
+What it does not protect: the result's integrity (either server can shift the logits undetected;
+the protocol is semi-honest), and the screen of the machine it runs on.
 """
 
 from __future__ import annotations
 
+import hmac
+import secrets
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
+import httpx
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from medmpc.imaging.images import IMAGE_SUFFIXES, DataError
 from medmpc.serving.client import PredictionClient, ServiceError
 from medmpc.serving.clinic_page import PAGE, SCRIPT, STYLE
+from medmpc.serving.options import is_loopback
 
 CLINIC_HEADER = "X-Medmpc-Clinic"
 FILENAME_HEADER = "X-Filename"  # percent-encoded, as the page's encodeURIComponent writes it
+SESSION_COOKIE = "medmpc_clinic"
+# images decoded at once: one costs up to about a gigabyte at the pixel limit
+_DECODES = threading.BoundedSemaphore(2)
 
 # what a person reads for the service's refusals, by HTTP status (0: no answer at all)
 _SERVICE_PROBLEMS = {
@@ -44,6 +57,9 @@ _HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
 }
+_NO_KEY = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>medmpc clinic</title></head>
+<body><h1>Open the clinic's own address</h1><p>This page needs the address <code>medmpc clinic</code>
+printed when it started (it ends in <code>?key=...</code>).</p></body></html>"""
 
 
 def _error(status: int, detail: str) -> JSONResponse:
@@ -65,83 +81,125 @@ def _upload_name(raw: str) -> str:
     return name
 
 
-def clinic_app(client: PredictionClient, *, allowed_hosts: set[str], max_upload_bytes: int) -> FastAPI:
-    """The page and its API. ``allowed_hosts``: the ``Host`` values this server answers to."""
-    app = FastAPI(title="medmpc clinic", docs_url=None, redoc_url=None, openapi_url=None)
+def readable_in_transit(servers: list[str]) -> bool:
+    """Whether shares go over plain HTTP to another machine, where anyone on the path reads both."""
+    return any(httpx.URL(s).scheme == "http" and not is_loopback(httpx.URL(s).host) for s in servers)
 
-    @app.middleware("http")
-    async def only_this_machine(request: Request, call_next: Any) -> Response:
-        if request.headers.get("host", "") not in allowed_hosts:
-            return _error(421, f"this clinic page answers only at {', '.join(sorted(allowed_hosts))}")
-        if request.url.path.startswith("/api/") and request.method != "GET" and CLINIC_HEADER not in request.headers:
-            return _error(403, f"requests to the clinic's API come from its own page (no {CLINIC_HEADER} header)")
-        response: Response = await call_next(request)
-        response.headers.update(_HEADERS)
-        return response
 
-    @app.get("/", response_class=HTMLResponse)
-    def page() -> HTMLResponse:
-        return HTMLResponse(PAGE)
+class Clinic:
+    """The page and its API over ``client``. ``allowed_hosts``: the ``Host`` values it answers to;
+    ``key``: the session key in the address a person opens (default: a fresh random one)."""
 
-    @app.get("/clinic.js")
-    def script() -> Response:
-        return Response(SCRIPT, media_type="text/javascript")
+    def __init__(
+        self,
+        client: PredictionClient,
+        *,
+        allowed_hosts: set[str],
+        max_upload_bytes: int,
+        key: str | None = None,
+    ) -> None:
+        self.client = client
+        self.key = key or secrets.token_urlsafe(24)
+        self.allowed_hosts = allowed_hosts
+        self.max_upload_bytes = max_upload_bytes
+        self.app = self._build()
 
-    @app.get("/clinic.css")
-    def style() -> Response:
-        return Response(STYLE, media_type="text/css")
+    def _has_session(self, request: Request) -> bool:
+        return hmac.compare_digest(request.cookies.get(SESSION_COOKIE, "").encode(), self.key.encode())
 
-    @app.get("/api/status")
-    def status() -> JSONResponse:
-        try:
-            card = client.card()
-        except ServiceError as err:
-            return _error(503, service_problem(err))
+    def _build(self) -> FastAPI:
+        app = FastAPI(title="medmpc clinic", docs_url=None, redoc_url=None, openapi_url=None)
+
+        @app.middleware("http")
+        async def only_this_page(request: Request, call_next: Any) -> Response:
+            if request.headers.get("host", "") not in self.allowed_hosts:
+                return _error(421, f"this clinic page answers only at {', '.join(sorted(self.allowed_hosts))}")
+            if request.url.path.startswith("/api/"):
+                if not self._has_session(request):
+                    return _error(401, "no clinic session: open the address `medmpc clinic` printed")
+                if request.method != "GET" and CLINIC_HEADER not in request.headers:
+                    return _error(403, f"the clinic's API answers its own page only (no {CLINIC_HEADER} header)")
+            response: Response = await call_next(request)
+            response.headers.update(_HEADERS)
+            return response
+
+        @app.get("/", response_class=HTMLResponse)
+        def page(request: Request, key: str = "") -> Response:
+            if key:
+                if not hmac.compare_digest(key.encode(), self.key.encode()):
+                    return HTMLResponse(_NO_KEY, status_code=401)
+                # the key moves into a cookie and out of the address bar and the history
+                opened = RedirectResponse("/", status_code=303)
+                opened.set_cookie(SESSION_COOKIE, self.key, httponly=True, samesite="strict", path="/")
+                return opened
+            if not self._has_session(request):
+                return HTMLResponse(_NO_KEY, status_code=401)
+            return HTMLResponse(PAGE)
+
+        @app.get("/clinic.js")
+        def script() -> Response:
+            return Response(SCRIPT, media_type="text/javascript")
+
+        @app.get("/clinic.css")
+        def style() -> Response:
+            return Response(STYLE, media_type="text/css")
+
+        @app.get("/api/status")
+        def status() -> JSONResponse:
+            try:
+                card = self.client.card(fresh=True)
+            except ServiceError as err:
+                return _error(503, service_problem(err))
+            except Exception as err:  # e.g. the two parties serve different models
+                return _error(502, f"the prediction service is inconsistent: {err}")
+            return JSONResponse(
+                {
+                    "servers": self.client.servers,
+                    "model": card.model_name,
+                    "classes": list(card.classes),
+                    "image_size": card.image_size,
+                    "synthetic": card.synthetic,
+                    "readable_in_transit": readable_in_transit(self.client.servers),
+                    "timeout_s": self.client.timeout_s,
+                }
+            )
+
+        @app.post("/api/predict")
+        async def predict(request: Request) -> JSONResponse:
+            try:
+                name = _upload_name(request.headers.get(FILENAME_HEADER, ""))
+            except DataError as err:
+                return _error(415, str(err))
+            length = request.headers.get("content-length", "")
+            if not length.isdigit() or int(length) > self.max_upload_bytes:
+                return _error(413, f"{name}: larger than the clinic accepts ({self.max_upload_bytes // 2**20} MiB)")
+            body = await request.body()
+            if not body:
+                return _error(422, f"{name} is empty")
+            return await run_in_threadpool(self._predict_one, name, body)
+
+        return app
+
+    def _predict_one(self, name: str, body: bytes) -> JSONResponse:
+        """Decode, share and predict one uploaded file, which lives only in a private temporary folder."""
+        start = time.perf_counter()
+        with _DECODES, tempfile.TemporaryDirectory(prefix="medmpc-clinic-") as tmp:
+            path = Path(tmp) / f"upload{Path(name).suffix.lower()}"
+            path.write_bytes(body)
+            try:
+                self.client.card(fresh=True)  # the classes as served now, not as they were at start
+                [prediction] = self.client.predict_files([path])
+            except DataError as err:
+                return _error(422, str(err).replace(str(path), name))
+            except ServiceError as err:
+                return _error(502, service_problem(err))
+            except Exception as err:  # whatever else: said in the page, never a bare 500
+                return _error(502, f"{name}: {type(err).__name__}: {str(err).replace(str(path), name)}")
         return JSONResponse(
             {
-                "servers": client.servers,
-                "model": card.model_name,
-                "classes": list(card.classes),
-                "image_size": card.image_size,
-                "synthetic": card.synthetic,
-                "accepts": list(IMAGE_SUFFIXES),
+                "image": name,
+                "prediction": prediction.prediction,
+                "probabilities": prediction.probabilities,
+                "seconds": round(time.perf_counter() - start, 3),
             }
         )
-
-    @app.post("/api/predict")
-    async def predict(request: Request) -> JSONResponse:
-        try:
-            name = _upload_name(request.headers.get(FILENAME_HEADER, ""))
-        except DataError as err:
-            return _error(415, str(err))
-        length = request.headers.get("content-length", "")
-        if not length.isdigit() or int(length) > max_upload_bytes:
-            return _error(413, f"{name}: larger than the clinic accepts ({max_upload_bytes // 2**20} MiB)")
-        body = await request.body()
-        if not body:
-            return _error(422, f"{name} is empty")
-        return await run_in_threadpool(_predict_one, client, name, body)
-
-    return app
-
-
-def _predict_one(client: PredictionClient, name: str, body: bytes) -> JSONResponse:
-    """Decode, share and predict one uploaded file, which lives only in a private temporary folder."""
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="medmpc-clinic-") as tmp:
-        path = Path(tmp) / f"upload{Path(name).suffix.lower()}"
-        path.write_bytes(body)
-        try:
-            [prediction] = client.predict_files([path])
-        except DataError as err:
-            return _error(422, str(err).replace(str(path), name))
-        except ServiceError as err:
-            return _error(502, service_problem(err))
-    return JSONResponse(
-        {
-            "image": name,
-            "prediction": prediction.prediction,
-            "probabilities": prediction.probabilities,
-            "seconds": round(time.perf_counter() - start, 3),
-        }
-    )

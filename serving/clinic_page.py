@@ -47,6 +47,9 @@ SCRIPT = r"""
 "use strict";
 const SAW = "Each server saw only a random-looking share of this image and learnt nothing from it; " +
   "only this computer put the result together.";
+const READABLE = "WARNING: the shares travelled over plain HTTP to another machine, so anyone on the " +
+  "network path could read both of them, and with them the image.";
+let service = {readable_in_transit: false, timeout_s: 120};
 
 function el(tag, text, cls) {
   const node = document.createElement(tag);
@@ -66,6 +69,7 @@ async function showStatus() {
     const r = await fetch("/api/status");
     if (!r.ok) { status.textContent = "Service problem: " + await detail(r); status.className = "problem"; return; }
     const s = await r.json();
+    service = s;
     status.textContent = "Model " + s.model + " (" + s.classes.join(", ") + "; " + s.image_size +
       " px), served by " + s.servers.join(" and ") + "." +
       (s.synthetic ? " Trained on synthetic images only: its predictions say nothing about a patient." : "");
@@ -97,8 +101,10 @@ function showResult(item, result) {
     list.appendChild(value);
   }
   item.appendChild(list);
-  item.appendChild(el("p", "Took " + result.seconds.toFixed(2) + " s.", "time"));
-  item.appendChild(el("p", SAW, "saw"));
+  item.appendChild(el("p", "Took " + result.seconds.toFixed(2) + " s, finished at " +
+    new Date().toLocaleTimeString() + ".", "time"));
+  item.appendChild(el("p", service.readable_in_transit ? READABLE : SAW,
+    service.readable_in_transit ? "saw problem" : "saw"));
 }
 
 function showError(item, message) {
@@ -115,8 +121,12 @@ async function predict(file) {
   item.appendChild(el("h3", file.name));
   item.appendChild(el("p", "Sharing and predicting\u2026", "state"));
   document.getElementById("results").prepend(item);
+  // the clinic program gives up on the service after its timeout; this page a little later
+  const abort = new AbortController();
+  const timer = setTimeout(() => abort.abort(), 1000 * (2 * service.timeout_s + 30));
   try {
     const r = await fetch("/api/predict", {
+      signal: abort.signal,
       method: "POST",
       headers: {"X-Medmpc-Clinic": "1", "X-Filename": encodeURIComponent(file.name),
                 "Content-Type": "application/octet-stream"},
@@ -126,6 +136,8 @@ async function predict(file) {
     else showError(item, await detail(r));
   } catch (e) {
     showError(item, "the clinic program on this computer did not answer (" + e + ")");
+  } finally {
+    clearTimeout(timer);
   }
 }
 

@@ -1,6 +1,8 @@
 """The medmpc command end to end, as a user runs it (real processes, real files)."""
 
 import json
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -68,7 +70,7 @@ def test_errors_are_one_clear_line(trained, tmp_path, small_xray_folder):
     bad = tmp_path / "model.pt"
     bad.write_bytes(b"junk")
     proc = medmpc("evaluate", "--model", bad, "--data", "synthetic:10", check=False)
-    assert proc.returncode == 2 and "not a readable medmpc checkpoint" in proc.stderr
+    assert proc.returncode == 2 and "is not a medmpc checkpoint: PyTorch cannot read it" in proc.stderr
     (small_xray_folder / "NORMAL" / "scan.jpeg").write_bytes(b"\xff\xd8 truncated")
     proc = medmpc("evaluate", "--model", trained / "model.pt", "--data", small_xray_folder, check=False)
     assert proc.returncode == 2 and "scan.jpeg" in proc.stderr and "Traceback" not in proc.stderr
@@ -124,3 +126,80 @@ def test_partition_prints_per_hospital_counts():
 def test_selfcheck_runs_real_parties():
     proc = medmpc("selfcheck", "--parties", "3")
     assert "match plaintext" in proc.stdout
+
+
+def test_bad_arguments_fail_at_once_in_one_line(tmp_path):
+    """Each of these failed late (inside the party processes, after ~25 s, with tracebacks) or
+    with a misleading message."""
+    start = time.monotonic()
+    out = tmp_path / "out"
+    proc = medmpc("simulate", "--model", "vgg", "--out", out, check=False)
+    assert proc.returncode == 2 and "unknown model 'vgg'" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()  # nothing half-made is left
+    config = tmp_path / "run.toml"
+    config.write_text('rounds = "five"\n')
+    proc = medmpc("simulate", "--config", config, "--out", out, check=False)
+    assert proc.returncode == 2 and "rounds must be a whole number" in proc.stderr and str(config) in proc.stderr
+    proc = medmpc("simulate", "--partition", "dirichlet:-1", "--out", out, check=False)
+    assert proc.returncode == 2 and "positive alpha" in proc.stderr
+    proc = medmpc("train", "--image-size", "0", "--out", out, check=False)
+    assert proc.returncode == 2 and "--image-size: must be at least 16, got 0" in proc.stderr
+    proc = medmpc("bench", "secure-aggregation", "--params", "0", check=False)
+    assert proc.returncode == 2 and "--params: must be at least 1" in proc.stderr
+    assert time.monotonic() - start < 60  # all of them: no party was started
+
+
+def test_a_taken_service_port_fails_at_once_naming_it(trained, tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("t0k3n\n")
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        start = time.monotonic()
+        proc = medmpc(
+            "serve", "--model", trained / "model.pt", "--tokens-file", tokens, "--ports", f"{port},0,0", check=False
+        )
+        assert proc.returncode == 2 and f"model-owner's HTTP address 127.0.0.1:{port} is taken" in proc.stderr
+        proc = medmpc(
+            "serve", "--model", trained / "model.pt", "--tokens-file", tokens, "--parties",
+            f"127.0.0.1:{port},127.0.0.1:0,127.0.0.1:0", "--ports", "0,0,0", check=False,
+        )  # fmt: skip
+        assert proc.returncode == 2 and f"MPC channel address 127.0.0.1:{port} is taken" in proc.stderr
+        assert time.monotonic() - start < 30
+
+
+def test_checkpoint_errors_say_what_to_do(trained, tmp_path):
+    # a run's folder is taken for its model.pt (it said "not found" for a folder that exists)
+    proc = medmpc("evaluate", "--model", trained, "--data", "synthetic:30", "--json")
+    assert json.loads(proc.stdout)["n_images"] == 30
+    proc = medmpc("evaluate", "--model", tmp_path, "--data", "synthetic:30", check=False)
+    assert proc.returncode == 2 and "folder without a model.pt" in proc.stderr
+    # a pickled module: no advice to load it unsafely
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")
+    proc = medmpc("evaluate", "--model", tmp_path / "module.pt", "--data", "synthetic:30", check=False)
+    assert proc.returncode == 2 and "holds Python objects" in proc.stderr and "weights_only" not in proc.stderr
+    # no silent evaluation on synthetic images
+    proc = medmpc("evaluate", "--model", trained, check=False)
+    assert proc.returncode == 2 and "--data is needed" in proc.stderr
+
+
+def test_help_shows_defaults_and_train_defaults_to_simulates_training():
+    from medmpc.cli.main import build_parser
+    from medmpc.protocols.plan import Plan
+
+    assert "(default: 64)" in medmpc("train", "--help").stdout
+    assert "(default: 5)" in medmpc("simulate", "--help").stdout  # the plan's rounds
+    assert medmpc("--version").stdout.startswith("medmpc ")
+    train = build_parser().parse_args(["train", "--out", "x"])
+    plan = Plan()
+    assert (train.image_size, train.model, train.batch_size, train.lr, train.val_fraction, train.seed) == (
+        plan.image_size, plan.model, plan.batch_size, plan.lr, plan.val_fraction, plan.seed
+    )  # fmt: skip
+    assert train.epochs == plan.rounds * plan.local_epochs and train.data == plan.data
+
+
+def test_the_example_config_is_a_valid_plan_of_the_defaults():
+    from medmpc.protocols.plan import Plan, load_plan
+
+    example = Path(__file__).parent.parent / "examples" / "run.toml"
+    assert load_plan(example, {}) == Plan(min_hospitals=3)  # it shows the defaults, spelled out
+    assert load_plan(example, {"rounds": 7}).rounds == 7  # flags override it

@@ -46,7 +46,7 @@ def _token_file(folder: Path, token: str) -> Path:
 
 
 class Clinic:
-    """``medmpc clinic`` in its own process, on a port it picks; ``url`` is its page."""
+    """``medmpc clinic`` in its own process, on a port it picks."""
 
     def __init__(self, servers: list[str], token_file: Path) -> None:
         argv = [*MEDMPC, "clinic", "--servers", ",".join(servers), "--token-file", str(token_file), "--port", "0"]
@@ -56,11 +56,11 @@ class Clinic:
         assert self.proc.stdout is not None
         ready, _, _ = select.select([self.proc.stdout], [], [], WAIT_S)
         line = self.proc.stdout.readline() if ready else ""
-        match = re.search(r"clinic page at (http://\S+/)", line)
+        match = re.search(r"clinic page at ((http://\S+/)\?key=(\S+))", line)
         if match is None:
             self.close()
             raise AssertionError(f"medmpc clinic did not start: {line!r}")
-        self.url = match.group(1)
+        self.address, self.url, self.key = match.groups()  # what a person opens; the page; its session key
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -96,12 +96,12 @@ def browser():
     driver.quit()
 
 
-def _upload(browser, url: str, files: list[Path]) -> list:
+def _upload(browser, address: str, files: list[Path]) -> list:
     """Open the page, choose ``files`` in its file input, and return the finished result items."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    browser.get(url)
+    browser.get(address)
     browser.find_element(By.ID, "files").send_keys("\n".join(str(f) for f in files))
 
     def finished(driver):
@@ -111,6 +111,10 @@ def _upload(browser, url: str, files: list[Path]) -> list:
 
     items = WebDriverWait(browser, WAIT_S).until(finished)
     return list(reversed(items))  # newest first on the page
+
+
+def _xray(chest_xray: Path) -> Path:
+    return sorted((chest_xray / "val" / "PNEUMONIA").glob("*.jpeg"))[0]
 
 
 def _shown(item) -> dict[str, object]:
@@ -134,12 +138,14 @@ def test_a_chosen_xray_shows_the_prediction_medmpc_predict_gives(
 ):
     from selenium.webdriver.common.by import By
 
-    xray = sorted((chest_xray / "val" / "PNEUMONIA").glob("*.jpeg"))[0]
+    xray = _xray(chest_xray)
     broken = tmp_path / "broken scan.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     notes = tmp_path / "notes.txt"
     notes.write_text("not an image")
-    good, bad, wrong_kind = (_shown(i) for i in _upload(browser, clinic.url, [xray, broken, notes]))
+    blank = tmp_path / "blank.png"
+    Image.new("L", (64, 64), 0).save(blank)  # what a wrong window or rescale gives
+    good, bad, wrong_kind, empty = (_shown(i) for i in _upload(browser, clinic.address, [xray, broken, notes, blank]))
 
     token = _token_file(tmp_path, TOKEN)
     cli = medmpc("predict", xray, "--servers", ",".join(service.urls), "--token-file", token, "--json")
@@ -158,6 +164,7 @@ def test_a_chosen_xray_shows_the_prediction_medmpc_predict_gives(
     assert bad["role"] == "alert" and "broken scan.png" in bad["error"] and "cannot read image" in bad["error"]
     assert str(tmp_path) not in bad["error"]  # the clinic's temporary copy is never named
     assert wrong_kind["role"] == "alert" and "notes.txt is not an image file" in wrong_kind["error"]
+    assert "blank.png" in empty["error"] and "blank" in empty["error"]  # never a confident prediction on nothing
 
     screenshot = os.environ.get("MEDMPC_CLINIC_SCREENSHOT")  # docs/clinic.png is made this way
     if screenshot:
@@ -168,45 +175,52 @@ def test_the_page_works_from_the_keyboard(browser, clinic):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    browser.get(clinic.url)
+    browser.get(clinic.address)
     browser.find_element(By.TAG_NAME, "body").send_keys(Keys.TAB)
     focused = browser.switch_to.active_element
     assert focused.get_attribute("id") == "files"  # the first stop is the file chooser
     assert browser.find_element(By.CSS_SELECTOR, "label[for=files]").text  # and it is labelled
 
 
-def test_a_bad_token_is_shown_as_such(browser, service, tmp_path):
+def test_a_bad_token_is_shown_as_such(browser, service, tmp_path, chest_xray):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     stranger = Clinic(service.urls, _token_file(tmp_path, "not-" + TOKEN))
     try:
-        browser.get(stranger.url)
+        browser.get(stranger.address)
         status = WebDriverWait(browser, WAIT_S).until(
             lambda d: (s := d.find_element(By.ID, "status")).get_attribute("class") == "problem" and s
         )
         assert "refused this clinic's token" in status.text
-        image = tmp_path / "xray.png"
-        Image.new("L", (40, 40), 128).save(image)
-        [item] = _upload(browser, stranger.url, [image])
+        [item] = _upload(browser, stranger.address, [_xray(chest_xray)])
         assert "refused this clinic's token" in _shown(item)["error"]
     finally:
         stranger.close()
 
 
-def test_other_web_sites_cannot_use_the_clinic(clinic):
-    """A cross-site form or fetch cannot add the clinic's header; a DNS-rebinding page names its own host."""
-    page = httpx.get(clinic.url, timeout=10)
-    assert page.status_code == 200 and "default-src 'self'" in page.headers["content-security-policy"]
-    upload = {"X-Filename": "x.png", "Content-Type": "application/octet-stream"}
-    forged = httpx.post(clinic.url + "api/predict", content=b"x", headers=upload, timeout=10)
-    assert forged.status_code == 403 and "X-Medmpc-Clinic" in forged.json()["detail"]
-    rebound = httpx.get(clinic.url, headers={"Host": "attacker.example:80"}, timeout=10)
-    assert rebound.status_code == 421
-    control = httpx.post(
-        clinic.url + "api/predict", content=b"x", headers={**upload, "X-Medmpc-Clinic": "1"}, timeout=30
-    )
-    assert control.status_code == 422 and "x.png" in control.json()["detail"]  # the same request from the page
+def test_only_the_printed_address_opens_the_page_and_its_api(clinic):
+    """Another program or user on this machine has no session key; another web site in the browser
+    cannot add the clinic's header, and a DNS-rebinding page names its own host."""
+    upload = {"X-Filename": "x.png", "Content-Type": "application/octet-stream", "X-Medmpc-Clinic": "1"}
+    assert httpx.get(clinic.url, timeout=10).status_code == 401  # no key: no page
+    assert httpx.get(clinic.url + "?key=" + clinic.key[::-1], timeout=10).status_code == 401
+    stranger = httpx.post(clinic.url + "api/predict", content=b"x", headers=upload, timeout=10)
+    assert stranger.status_code == 401 and "no clinic session" in stranger.json()["detail"]
+
+    with httpx.Client(timeout=30) as person:  # opens the printed address, as a browser does
+        page = person.get(clinic.address, follow_redirects=True)
+        assert page.status_code == 200 and "default-src 'self'" in page.headers["content-security-policy"]
+        assert clinic.key not in str(page.url)  # moved into an HttpOnly cookie, out of the address bar
+        session = person.cookies.jar
+        assert any(c.has_nonstandard_attr("HttpOnly") for c in session)
+        forged_headers = {k: v for k, v in upload.items() if k != "X-Medmpc-Clinic"}
+        forged = person.post(clinic.url + "api/predict", content=b"x", headers=forged_headers)
+        assert forged.status_code == 403 and "X-Medmpc-Clinic" in forged.json()["detail"]
+        rebound = person.get(clinic.url, headers={"Host": "attacker.example:80"})
+        assert rebound.status_code == 421
+        control = person.post(clinic.url + "api/predict", content=b"x", headers=upload)  # as the page sends it
+        assert control.status_code == 422 and "x.png" in control.json()["detail"]
 
 
 def test_a_taken_port_fails_at_once_in_one_line(clinic, service, tmp_path):
@@ -217,11 +231,10 @@ def test_a_taken_port_fails_at_once_in_one_line(clinic, service, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_a_party_down_is_shown_in_the_page(browser, clinic, service, tmp_path):
+def test_a_party_down_is_shown_in_the_page(browser, clinic, service, chest_xray):
     """Last in this module: it stops the service's compute party."""
-    image = tmp_path / "xray.png"
-    Image.new("L", (40, 40), 128).save(image)
     service.stop("compute")
-    [item] = _upload(browser, clinic.url, [image])
+    xray = _xray(chest_xray)
+    [item] = _upload(browser, clinic.address, [xray])
     error = _shown(item)["error"]
-    assert "xray.png" in item.text and ("unreachable" in error or "down" in error or "in time" in error)
+    assert xray.name in item.text and ("unreachable" in error or "down" in error or "in time" in error)

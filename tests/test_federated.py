@@ -102,7 +102,7 @@ def test_config_file_with_cli_overrides(tmp_path):
 
 def test_simulate_cli_writes_report_model_and_plots(tmp_path):
     out = tmp_path / "run"
-    medmpc(
+    proc = medmpc(
         "simulate",
         "--data",
         "synthetic:240",
@@ -119,6 +119,8 @@ def test_simulate_cli_writes_report_model_and_plots(tmp_path):
         "--timeout",
         60,
     )
+    # the first line says what the 10-40 s of start-up are
+    assert proc.stdout.splitlines()[1].startswith("starting 5 processes (coordinator, hospital0, hospital1, aggr")
     report = json.loads((out / "report.json").read_text())
     assert report["mode"] == "secure" and len(report["rounds"]) == 2
     r = report["rounds"][1]

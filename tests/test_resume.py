@@ -35,7 +35,9 @@ def _killed_after_round_2(plan: Plan, out: Path, drill: str = "kill:3") -> None:
         with pytest.raises(PartyError, match="coordinator"):
             simulate(plan, out, deadline_s=120)
     written = [1, 2] if drill == "kill:3" else [1]
-    assert [r["round"] for r in json.loads((out / "report.json").read_text())["rounds"]] == written
+    report = json.loads((out / "report.json").read_text())
+    assert [r["round"] for r in report["rounds"]] == written
+    assert report["interrupted"]["after_round"] == len(written) and "coordinator" in report["interrupted"]["why"]
 
 
 def test_a_resumed_plaintext_run_ends_with_the_uninterrupted_runs_weights(tmp_path):
@@ -51,7 +53,7 @@ def test_a_resumed_plaintext_run_ends_with_the_uninterrupted_runs_weights(tmp_pa
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     report = json.loads((tmp_path / "resumed" / "report.json").read_text())
     assert [r["round"] for r in report["rounds"]] == [1, 2, 3, 4]
-    assert report["resumed"] == [{"after_round": 2}]
+    assert report["resumed"] == [{"after_round": 2}] and "interrupted" not in report  # whole again
     assert report["validation"] == whole["validation"]
     assert report["rounds"][1]["validation"] == whole["rounds"][1]["validation"]  # evaluated on resumption
     # control: the comparison tells runs apart (round 1's weights are not round 4's)

@@ -82,12 +82,14 @@ def test_predictions_equal_the_plaintext_model_for_every_val_image(service, chec
         with ThreadPoolExecutor(2) as pool:
             logits = torch.cat(list(pool.map(client.logits, x.split(8))))
         predictions = client.predict_files(val_images[:2])
+        many = client.predict_files(val_images[:10])  # more than the service's max_batch: split, not refused
     plain = _plaintext(checkpoint, x)
     assert (logits - plain).abs().max() < 0.05
     assert torch.equal(logits.argmax(1), plain.argmax(1))
     classes = Checkpoint.load(checkpoint).classes
     assert [p.prediction for p in predictions] == [classes[int(i)] for i in plain[:2].argmax(1)]
     assert abs(sum(predictions[0].probabilities.values()) - 1) < 1e-5
+    assert [p.prediction for p in many] == [classes[int(i)] for i in plain[:10].argmax(1)]
 
 
 def test_concurrent_single_image_requests_share_encrypted_passes(service, val_images):

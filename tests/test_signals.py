@@ -87,6 +87,8 @@ def test_a_stopped_simulate_leaves_no_party_running(tmp_path, sig):
         return
     assert code == 128 + sig, launcher.stderr.read()  # type: ignore[union-attr]
     assert f"stopped by {sig.name}" in launcher.stderr.read()  # type: ignore[union-attr]
+    interrupted = json.loads((out / "report.json").read_text())["interrupted"]  # it does not pass for a whole run
+    assert interrupted["after_round"] == rounds and sig.name in interrupted["why"]
     assert list(tmp.iterdir()) == [], "the temporary plan and certificates were left behind"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,13 +48,28 @@ class Checkpoint:
 
     @classmethod
     def load(cls, path: str | Path) -> Checkpoint:
+        """The checkpoint at ``path``: a model.pt, or a run's folder holding one."""
         path = Path(path)
+        if path.is_dir():
+            if not (path / "model.pt").is_file():
+                raise FileNotFoundError(
+                    f"{path} is a folder without a model.pt: pass a checkpoint file or a run's folder"
+                )
+            path = path / "model.pt"
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint not found: {path}")
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            # torch's own advice is to load it unsafely; a medmpc checkpoint never needs that
+            raise ValueError(
+                f"{path} is not a medmpc checkpoint: it holds Python objects, not only tensors and plain values, "
+                "and is not loaded (unpickling them could run code)"
+            ) from err
         except Exception as err:  # torch raises several unrelated types for a bad file
-            raise ValueError(f"{path} is not a readable medmpc checkpoint: {err}") from err
+            raise ValueError(
+                f"{path} is not a medmpc checkpoint: PyTorch cannot read it ({type(err).__name__}: {err})"
+            ) from err
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise ValueError(f"{path} is not a medmpc checkpoint (expected format {FORMAT})")
         return cls(
