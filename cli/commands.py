@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from medmpc.protocols.plan import Plan
     from medmpc.serving.client import PredictionClient
     from medmpc.training.dp import DPConfig
+    from medmpc.training.predictions import Prediction
 
 
 SYNTHETIC_MODEL = "note: this model was trained on synthetic images only; its predictions say nothing about a patient"
@@ -340,10 +341,13 @@ def infer(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.json:
         return {
             "predictions": [asdict(p) for p in preds],
+            "model_trained_on_synthetic_data": ckpt.synthetic,
             **{k: result[k] for k in ("online_s", "offline_s", "rounds", "bytes", "transport")},
         }
     for pred in preds:
         _log(pred.describe())
+    if ckpt.synthetic:
+        _log(SYNTHETIC_MODEL)
     _log(
         f"online {result['online_s']:.2f} s, offline {result['offline_s']:.2f} s, "
         f"{result['rounds']} rounds, {result['bytes'] / 1e6:.1f} MB; channels: {result['transport']}"
@@ -514,11 +518,16 @@ def _prediction_client(args: argparse.Namespace) -> PredictionClient:
 def predict(args: argparse.Namespace) -> dict[str, Any] | None:
     from dataclasses import asdict
 
-    with _prediction_client(args) as client:
-        if args.wait_ready:
-            client.wait_ready(args.wait_ready)
-        predictions = client.predict_files(args.image)
-        synthetic = client.card().synthetic
+    if (args.servers is None) == (args.model is None):
+        raise ValueError("pass --servers URL1,URL2 (the encrypted service) or --model CKPT (this machine), not both")
+    if args.model is not None:
+        predictions, synthetic = _predict_here(args.model, args.image)
+    else:
+        with _prediction_client(args) as client:
+            if args.wait_ready:
+                client.wait_ready(args.wait_ready)
+            predictions = client.predict_files(args.image)
+            synthetic = client.card().synthetic
     if args.json:
         return {"predictions": [asdict(p) for p in predictions], "model_trained_on_synthetic_data": synthetic}
     for pred in predictions:
@@ -526,6 +535,24 @@ def predict(args: argparse.Namespace) -> dict[str, Any] | None:
     if synthetic:
         _log(SYNTHETIC_MODEL)
     return None
+
+
+def _predict_here(model: Path, images: list[Path]) -> tuple[list[Prediction], bool]:
+    """Plaintext predictions of a checkpoint on this machine, and whether it was trained on synthetic images."""
+    import torch
+
+    from medmpc.training.checkpoint import Checkpoint
+    from medmpc.training.predictions import predictions
+
+    ckpt = Checkpoint.load(model)
+    net = ckpt.build()
+    with torch.no_grad():
+        logits = torch.cat([net(ckpt.preprocessing.read(chunk)) for chunk in _chunks(images, 64)])
+    return predictions(images, logits, ckpt.classes), ckpt.synthetic
+
+
+def _chunks(items: list[Path], size: int) -> list[list[Path]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def clinic(args: argparse.Namespace) -> None:

@@ -357,9 +357,11 @@ def _serve(sub: Subcommands) -> None:
     p.set_defaults(func=commands.serve)
 
 
-def _add_client_args(p: argparse.ArgumentParser) -> None:
+def _add_client_args(p: argparse.ArgumentParser, *, servers_help: str = "") -> None:
     """How a client reaches the prediction service."""
-    p.add_argument("--servers", required=True, help="URL1,URL2 of the model owner and the compute party")
+    p.add_argument(
+        "--servers", required=not servers_help, help=f"URL1,URL2 of the model owner and the compute party{servers_help}"
+    )
     p.add_argument("--token-file", type=Path, help="file holding the bearer token (else $MEDMPC_TOKEN)")
     p.add_argument("--ca-cert", type=Path, help="CA certificate (PEM) to verify HTTPS servers with")
     p.add_argument(
@@ -373,7 +375,12 @@ def _add_client_args(p: argparse.ArgumentParser) -> None:
 def _predict(sub: Subcommands) -> None:
     p = sub.add_parser("predict", help="client of the prediction service: shares an image, reconstructs the result")
     p.add_argument("image", type=Path, nargs="+", help="image file(s); several form one request")
-    _add_client_args(p)
+    _add_client_args(p, servers_help=" (or --model)")
+    p.add_argument(
+        "--model",
+        type=Path,
+        help="instead of the service: this checkpoint (or run folder), in the clear on this machine; nothing leaves it",
+    )
     p.add_argument(
         "--wait-ready", type=float, default=0.0, metavar="S", help="first wait up to S seconds for both servers' /ready"
     )

@@ -372,7 +372,23 @@ class Coordinator:
         if rounds:
             report["validation"] = rounds[-1]["validation"]
             _plots(report, self.out)
+        report["hospitals"] = per_hospital(rounds, self.plan.hospital_names)
         write_json(report, self.out / "report.json")
+
+
+def per_hospital(rounds: list[dict[str, Any]], hospitals: list[str]) -> dict[str, dict[str, Any]]:
+    """Each hospital's part in the run: the rounds its update went into, the rounds it was left out
+    of and why, what it sent, and the privacy budget it spent (never its data or update: secure
+    aggregation reveals only sums)."""
+    view: dict[str, dict[str, Any]] = {}
+    for h in hospitals:
+        spent = [r["privacy"][h] for r in rounds if h in r.get("privacy", {})]
+        view[h] = {
+            "contributed": [r["round"] for r in rounds if h in r["contributors"]],
+            "excluded": {str(r["round"]): r["excluded"][h] for r in rounds if h in r.get("excluded", {})},
+            "bytes_sent": sum(r["traffic"].get(h, {}).get("bytes_sent", 0) for r in rounds),
+        } | ({"epsilon": spent[-1]["epsilon"]} if spent else {})
+    return view
 
 
 def _listed(reasons: dict[str, str]) -> str:

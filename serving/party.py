@@ -62,7 +62,7 @@ def _setup(rank: int, ckpt: Checkpoint | None, max_batch: int, timeout_s: float)
             prep.std,
             FRACTIONAL_BITS,
             max_batch,
-            synthetic=bool(ckpt.info.get("dataset", {}).get("synthetic", False)),
+            synthetic=ckpt.synthetic,
         )
         program = compile_model(ckpt.build(), input_range=prep.valid_range(), fractional_bits=FRACTIONAL_BITS)
     else:

@@ -203,3 +203,17 @@ def test_the_example_config_is_a_valid_plan_of_the_defaults():
     example = Path(__file__).parent.parent / "examples" / "run.toml"
     assert load_plan(example, {}) == Plan(min_hospitals=3)  # it shows the defaults, spelled out
     assert load_plan(example, {"rounds": 7}).rounds == 7  # flags override it
+
+
+def test_predict_runs_locally_without_the_service(trained, small_xray_folder):
+    images = sorted(small_xray_folder.rglob("*.jpeg"))[:3]
+    proc = medmpc("predict", *images, "--model", trained, "--json")
+    answer = json.loads(proc.stdout)
+    ckpt = Checkpoint.load(trained / "model.pt")
+    with torch.no_grad():
+        expected = ckpt.build()(ckpt.preprocessing.read(images)).argmax(1)
+    assert [p["prediction"] for p in answer["predictions"]] == [ckpt.classes[int(i)] for i in expected]
+    assert answer["model_trained_on_synthetic_data"] is True
+    assert "synthetic images only" in medmpc("predict", images[0], "--model", trained).stdout
+    proc = medmpc("predict", images[0], "--model", trained, "--servers", "http://127.0.0.1:1,x", check=False)
+    assert proc.returncode == 2 and "not both" in proc.stderr

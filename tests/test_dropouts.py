@@ -44,6 +44,10 @@ def test_a_hospital_that_dies_mid_round_is_left_out_and_the_run_finishes(tmp_pat
         assert list(two["excluded"]) == list(three["excluded"]) == ["hospital1"]
         assert two["attempts"] == 2 and three["attempts"] == 1
         assert three["excluded"]["hospital1"] == "not invited: its connection failed in round2"
+        dropped = report["hospitals"]["hospital1"]  # the same, hospital by hospital
+        assert dropped["contributed"] == [1] and list(dropped["excluded"]) == ["2", "3"]
+        assert report["hospitals"]["hospital0"]["contributed"] == [1, 2, 3]
+        assert report["hospitals"]["hospital0"]["excluded"] == {}
     a = Checkpoint.load(tmp_path / "secure" / "model.pt").state_dict
     if len(runs) == 2:
         b = Checkpoint.load(tmp_path / "plain" / "model.pt").state_dict

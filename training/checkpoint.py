@@ -25,6 +25,11 @@ class Checkpoint:
     state_dict: dict[str, torch.Tensor]
     info: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def synthetic(self) -> bool:
+        """Whether it was trained on the built-in synthetic images (its predictions mean nothing clinically)."""
+        return bool(self.info.get("dataset", {}).get("synthetic", False))
+
     def build(self) -> nn.Module:
         model = architecture(self.model_name, len(self.classes))
         model.load_state_dict(self.state_dict)
