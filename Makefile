@@ -7,7 +7,7 @@ demo:
 
 # formatting, lint, types and the one-way layers, then the tests
 test: check
-	.venv/bin/python -m pytest -q tests
+	.venv/bin/python -m pytest -q --durations=20 tests
 
 check:
 	@scripts/bootstrap.sh

@@ -173,6 +173,7 @@ def describe(summary: dict[str, Any]) -> str:
     lines += [
         f"Done in {summary['seconds']:.0f} s. Report {files['report']}, plots {', '.join(files['plots'])}, "
         f"checkpoint {files['checkpoint']}; this summary in {Path(files['report']).parent.parent / 'summary.json'}.",
-        f"Next: medmpc evaluate --model {files['checkpoint']} --data YOUR_FOLDER, or see README 'Serve'.",
+        f"Next: medmpc evaluate --model {files['checkpoint']} --data YOUR_FOLDER; medmpc predict --model "
+        f"{files['checkpoint']} IMAGE; or serve it encrypted (README: 'Deployment walk-through').",
     ]
     return "\n".join(lines)

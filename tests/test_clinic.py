@@ -16,7 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+from dicoms import write_dicom
 from medmpc_cli import MEDMPC, medmpc
 from PIL import Image
 
@@ -143,9 +145,15 @@ def test_a_chosen_xray_shows_the_prediction_medmpc_predict_gives(
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     notes = tmp_path / "notes.txt"
     notes.write_text("not an image")
+    with Image.open(xray) as img:  # the same X-ray as a hospital's archive holds it
+        dicom = write_dicom(
+            tmp_path / "xray.dcm", 255 - np.asarray(img.convert("L")), bits=8, photometric="MONOCHROME1"
+        )
     blank = tmp_path / "blank.png"
     Image.new("L", (64, 64), 0).save(blank)  # what a wrong window or rescale gives
-    good, bad, wrong_kind, empty = (_shown(i) for i in _upload(browser, clinic.address, [xray, broken, notes, blank]))
+    good, bad, wrong_kind, empty, from_dicom = (
+        _shown(i) for i in _upload(browser, clinic.address, [xray, broken, notes, blank, dicom])
+    )
 
     token = _token_file(tmp_path, TOKEN)
     cli = medmpc("predict", xray, "--servers", ",".join(service.urls), "--token-file", token, "--json")
@@ -164,6 +172,9 @@ def test_a_chosen_xray_shows_the_prediction_medmpc_predict_gives(
     assert bad["role"] == "alert" and "broken scan.png" in bad["error"] and "cannot read image" in bad["error"]
     assert str(tmp_path) not in bad["error"]  # the clinic's temporary copy is never named
     assert wrong_kind["role"] == "alert" and "notes.txt is not an image file" in wrong_kind["error"]
+    assert from_dicom["prediction"] == good["prediction"]  # DICOM reads as the viewer shows it
+    for name, p in good["probabilities"].items():
+        assert from_dicom["probabilities"][name] == pytest.approx(p, abs=0.3)
     assert "blank.png" in empty["error"] and "blank" in empty["error"]  # never a confident prediction on nothing
 
     screenshot = os.environ.get("MEDMPC_CLINIC_SCREENSHOT")  # docs/clinic.png is made this way

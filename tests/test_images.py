@@ -12,54 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from dicoms import write_dicom
+from medmpc_cli import medmpc
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import (
-    MPEG2MPML,
-    DigitalXRayImageStorageForPresentation,
-    ExplicitVRLittleEndian,
-    RLELossless,
-    generate_uid,
-)
+from pydicom.uid import MPEG2MPML
 
 from medmpc.imaging.dataset import load_folder
 from medmpc.imaging.images import DataError, read_image, read_images
-from tests.medmpc_cli import medmpc
 
 SIZE = 64
-
-
-def write_dicom(
-    path: Path,
-    stored: np.ndarray,
-    *,
-    bits: int,
-    photometric: str = "MONOCHROME2",
-    window: tuple[float, float] | None = None,
-    rescale: tuple[float, float] | None = None,
-    compress: bool = False,
-) -> Path:
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = DigitalXRayImageStorageForPresentation
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
-    ds.Modality = "DX"
-    ds.Rows, ds.Columns = stored.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated = 8 if bits <= 8 else 16
-    ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits - 1, 0
-    ds.PixelData = stored.astype(np.uint8 if bits <= 8 else np.uint16).tobytes()
-    if window is not None:
-        ds.WindowCenter, ds.WindowWidth = window
-    if rescale is not None:
-        ds.RescaleSlope, ds.RescaleIntercept = rescale
-    if compress:
-        ds.compress(RLELossless)
-    ds.save_as(path, enforce_file_format=True)
-    return path
 
 
 @pytest.fixture
@@ -173,23 +135,25 @@ def test_a_decompression_bomb_is_a_clear_error_and_can_be_skipped(xray, tmp_path
     assert kept == [0] and skipped == [bomb] and images.shape == (1, 1, SIZE, SIZE)
 
 
-def test_evaluate_gives_the_same_metrics_on_dicom_and_16_bit_png_copies(
-    small_xray_folder, tmp_path, trained_checkpoint
-):
+def test_evaluate_gives_the_same_metrics_on_dicom_and_16_bit_png_copies(chest_xray, tmp_path, trained_checkpoint):
+    """The official validation images at full resolution, as DICOM (both photometric interpretations,
+    8 and 16 bits) and as 16-bit PNG."""
+    val = chest_xray / "val"
     copies = {"dicom": tmp_path / "dicom", "png16": tmp_path / "png16"}
-    for original in sorted(small_xray_folder.rglob("*.jpeg")):
+    originals = sorted(val.rglob("*.jpeg"))
+    assert len(originals) == 16
+    for i, original in enumerate(originals):
         with Image.open(original) as img:
             grey = np.asarray(img.convert("L"))
-        relative = original.relative_to(small_xray_folder)
+        relative = original.relative_to(val)
         for root in copies.values():
             (root / relative.parent).mkdir(parents=True, exist_ok=True)
-        # alternate the two photometric interpretations across the copies
-        if len(list((copies["dicom"] / relative.parent).iterdir())) % 2:
+        if i % 2:
             write_dicom(copies["dicom"] / relative.with_suffix(".dcm"), 255 - grey, bits=8, photometric="MONOCHROME1")
         else:
             write_dicom(copies["dicom"] / relative.with_suffix(".dcm"), grey.astype(np.uint32) * 257, bits=16)
         Image.fromarray(grey.astype(np.uint16) * 257).save(copies["png16"] / relative.with_suffix(".png"))
-    reference = load_folder(small_xray_folder, image_size=32)
+    reference = load_folder(val, image_size=32)
     for root in copies.values():
         assert torch.equal(load_folder(root, image_size=32).images, reference.images)
 
@@ -197,4 +161,5 @@ def test_evaluate_gives_the_same_metrics_on_dicom_and_16_bit_png_copies(
         proc = medmpc("evaluate", "--model", trained_checkpoint, "--data", folder, "--json")
         return {k: v for k, v in json.loads(proc.stdout).items() if k not in ("data", "dataset")}
 
-    assert metrics(copies["dicom"]) == metrics(small_xray_folder) == metrics(copies["png16"])
+    on_jpeg = metrics(val)
+    assert on_jpeg["n_images"] == 16 and metrics(copies["dicom"]) == on_jpeg == metrics(copies["png16"])

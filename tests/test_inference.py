@@ -60,7 +60,9 @@ def test_encrypted_logits_match_plaintext_for_a_batch_of_real_images(trained_che
 @pytest.mark.slow
 def test_infer_and_bench_commands(trained_checkpoint, chest_xray):
     image = next((chest_xray / "val" / "NORMAL").iterdir())
-    out = json.loads(medmpc("infer", "--model", trained_checkpoint, "--image", image, "--json").stdout)
+    proc = medmpc("infer", "--model", trained_checkpoint, "--image", image, "--json")
+    assert "starting the model owner, the data owner and the dealer" in proc.stderr  # not 15-45 s of silence
+    out = json.loads(proc.stdout)
     pred = out["predictions"][0]
     assert pred["prediction"] in ("normal", "bacterial", "viral")
     assert sum(pred["probabilities"].values()) == pytest.approx(1, abs=1e-4)
@@ -68,6 +70,7 @@ def test_infer_and_bench_commands(trained_checkpoint, chest_xray):
         assert out[key] > 0
     assert out["transport"].startswith("TLS 1.3")
     proc = medmpc("bench", "inference", "--model", "resnet18", "--image-size", 32, "--json", timeout=600)
+    assert "starting the model owner" in proc.stderr
     bench = json.loads(proc.stdout)
     assert bench["argmax_agree"] is True and bench["max_abs_err"] < 0.05
 
