@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 MEDMPC = [sys.executable, "-m", "medmpc.cli.main"]  # the command, in the interpreter running the tests
 
@@ -22,3 +23,9 @@ def medmpc(
     if check and proc.returncode != 0:
         raise AssertionError(f"medmpc {args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
+
+
+def medmpc_each(*calls: tuple[object, ...], workers: int = 3) -> list[subprocess.CompletedProcess[str]]:
+    """Run independent ``medmpc`` commands at once (most of each is Python's start-up), unchecked."""
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(lambda args: medmpc(*args, check=False), calls))

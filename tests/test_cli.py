@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from medmpc_cli import medmpc
+from medmpc_cli import medmpc, medmpc_each
 
 from medmpc.training.checkpoint import Checkpoint
 
@@ -82,28 +82,17 @@ def test_a_used_out_folder_is_refused_unless_overwritten(trained, tmp_path):
     """Reusing --out mixed two runs' files (an old plot beside a new report; `evaluate --out` into a
     training folder replaced its confusion matrix)."""
     before = {p.name: p.read_bytes() for p in trained.iterdir() if p.is_file()}
-    proc = medmpc("evaluate", "--model", trained / "model.pt", "--data", "synthetic:30", "--out", trained, check=False)
-    assert proc.returncode == 2 and "is not empty" in proc.stderr and "--overwrite" in proc.stderr
-    proc = medmpc(
-        "evaluate",
-        "--model",
-        trained / "model.pt",
-        "--data",
-        "synthetic:30",
-        "--out",
-        trained,
-        "--overwrite",
-        check=False,
-    )
-    assert proc.returncode == 2 and "would delete" in proc.stderr and "model.pt" in proc.stderr
-    assert {p.name: p.read_bytes() for p in trained.iterdir() if p.is_file()} == before  # untouched
-
     stranger = tmp_path / "home"
     stranger.mkdir()
     (stranger / "notes.txt").write_text("not medmpc's")
-    args = ("evaluate", "--model", trained / "model.pt", "--data", "synthetic:30", "--out", stranger, "--overwrite")
-    proc = medmpc(*args, check=False)
-    assert proc.returncode == 2 and "no medmpc run wrote" in proc.stderr
+    evaluate = ("evaluate", "--model", trained / "model.pt", "--data", "synthetic:30", "--out")
+    used, own_input, foreign = medmpc_each(
+        (*evaluate, trained), (*evaluate, trained, "--overwrite"), (*evaluate, stranger, "--overwrite")
+    )
+    assert used.returncode == 2 and "is not empty" in used.stderr and "--overwrite" in used.stderr
+    assert own_input.returncode == 2 and "would delete" in own_input.stderr and "model.pt" in own_input.stderr
+    assert {p.name: p.read_bytes() for p in trained.iterdir() if p.is_file()} == before  # untouched
+    assert foreign.returncode == 2 and "no medmpc run wrote" in foreign.stderr
     assert (stranger / "notes.txt").exists()
 
     # an earlier evaluation's folder is replaced whole: nothing of it stays beside the new files
@@ -131,22 +120,24 @@ def test_selfcheck_runs_real_parties():
 def test_bad_arguments_fail_at_once_in_one_line(tmp_path):
     """Each of these failed late (inside the party processes, after ~25 s, with tracebacks) or
     with a misleading message."""
-    start = time.monotonic()
     out = tmp_path / "out"
-    proc = medmpc("simulate", "--model", "vgg", "--out", out, check=False)
-    assert proc.returncode == 2 and "unknown model 'vgg'" in proc.stderr and "Traceback" not in proc.stderr
-    assert not out.exists()  # nothing half-made is left
     config = tmp_path / "run.toml"
     config.write_text('rounds = "five"\n')
-    proc = medmpc("simulate", "--config", config, "--out", out, check=False)
-    assert proc.returncode == 2 and "rounds must be a whole number" in proc.stderr and str(config) in proc.stderr
-    proc = medmpc("simulate", "--partition", "dirichlet:-1", "--out", out, check=False)
-    assert proc.returncode == 2 and "positive alpha" in proc.stderr
-    proc = medmpc("train", "--image-size", "0", "--out", out, check=False)
-    assert proc.returncode == 2 and "--image-size: must be at least 16, got 0" in proc.stderr
-    proc = medmpc("bench", "secure-aggregation", "--params", "0", check=False)
-    assert proc.returncode == 2 and "--params: must be at least 1" in proc.stderr
+    start = time.monotonic()
+    vgg, typed, alpha, size, params = medmpc_each(
+        ("simulate", "--model", "vgg", "--out", out),
+        ("simulate", "--config", config, "--out", out),
+        ("simulate", "--partition", "dirichlet:-1", "--out", out),
+        ("train", "--image-size", "0", "--out", out),
+        ("bench", "secure-aggregation", "--params", "0"),
+    )
     assert time.monotonic() - start < 60  # all of them: no party was started
+    assert vgg.returncode == 2 and "unknown model 'vgg'" in vgg.stderr and "Traceback" not in vgg.stderr
+    assert not out.exists()  # nothing half-made is left
+    assert typed.returncode == 2 and "rounds must be a whole number" in typed.stderr and str(config) in typed.stderr
+    assert alpha.returncode == 2 and "positive alpha" in alpha.stderr
+    assert size.returncode == 2 and "--image-size: must be at least 16, got 0" in size.stderr
+    assert params.returncode == 2 and "--params: must be at least 1" in params.stderr
 
 
 def test_a_taken_service_port_fails_at_once_naming_it(trained, tmp_path):
@@ -168,27 +159,30 @@ def test_a_taken_service_port_fails_at_once_naming_it(trained, tmp_path):
 
 
 def test_checkpoint_errors_say_what_to_do(trained, tmp_path):
-    # a run's folder is taken for its model.pt (it said "not found" for a folder that exists)
-    proc = medmpc("evaluate", "--model", trained, "--data", "synthetic:30", "--json")
-    assert json.loads(proc.stdout)["n_images"] == 30
-    proc = medmpc("evaluate", "--model", tmp_path, "--data", "synthetic:30", check=False)
-    assert proc.returncode == 2 and "folder without a model.pt" in proc.stderr
-    # a pickled module: no advice to load it unsafely
     torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")
-    proc = medmpc("evaluate", "--model", tmp_path / "module.pt", "--data", "synthetic:30", check=False)
-    assert proc.returncode == 2 and "holds Python objects" in proc.stderr and "weights_only" not in proc.stderr
+    run_folder, empty_folder, module, no_data = medmpc_each(
+        ("evaluate", "--model", trained, "--data", "synthetic:30", "--json"),
+        ("evaluate", "--model", tmp_path, "--data", "synthetic:30"),
+        ("evaluate", "--model", tmp_path / "module.pt", "--data", "synthetic:30"),
+        ("evaluate", "--model", trained),
+    )
+    # a run's folder is taken for its model.pt (it said "not found" for a folder that exists)
+    assert json.loads(run_folder.stdout)["n_images"] == 30
+    assert empty_folder.returncode == 2 and "folder without a model.pt" in empty_folder.stderr
+    # a pickled module: no advice to load it unsafely
+    assert module.returncode == 2 and "holds Python objects" in module.stderr and "weights_only" not in module.stderr
     # no silent evaluation on synthetic images
-    proc = medmpc("evaluate", "--model", trained, check=False)
-    assert proc.returncode == 2 and "--data is needed" in proc.stderr
+    assert no_data.returncode == 2 and "--data is needed" in no_data.stderr
 
 
 def test_help_shows_defaults_and_train_defaults_to_simulates_training():
     from medmpc.cli.main import build_parser
     from medmpc.protocols.plan import Plan
 
-    assert "(default: 64)" in medmpc("train", "--help").stdout
-    assert "(default: 5)" in medmpc("simulate", "--help").stdout  # the plan's rounds
-    assert medmpc("--version").stdout.startswith("medmpc ")
+    train_help, simulate_help, version = medmpc_each(("train", "--help"), ("simulate", "--help"), ("--version",))
+    assert "(default: 64)" in train_help.stdout
+    assert "(default: 5)" in simulate_help.stdout  # the plan's rounds
+    assert version.stdout.startswith("medmpc ")
     train = build_parser().parse_args(["train", "--out", "x"])
     plan = Plan()
     assert (train.image_size, train.model, train.batch_size, train.lr, train.val_fraction, train.seed) == (
