@@ -432,19 +432,13 @@ def serve(args: argparse.Namespace) -> None:
 
     ports = _one_each([int(p) for p in args.ports.split(",")], f"--ports takes three ports, got {args.ports!r}")
     parties = args.parties or ",".join(f"{args.host}:{29500 + rank}" for rank in range(3))
-    mpc_ports = _one_each(
-        [int(a.rsplit(":", 1)[1]) for a in parties.split(",")], f"--parties takes three HOST:PORT, got {parties!r}"
-    )
-    hosts = [a.rsplit(":", 1)[0] for a in parties.split(",")]
-    if args.role == "all":
-        _check_free({f"{name}'s HTTP": (args.host, port) for name, port in zip(party.ROLES, ports)})
-        _check_free({f"{name}'s MPC channel": (h, p) for name, h, p in zip(party.ROLES, hosts, mpc_ports)})
-    else:
-        rank = party.ROLES[args.role]
-        _check_free({f"{args.role}'s HTTP": (args.host, ports[rank])})
+    addresses = [a.rpartition(":") for a in parties.split(",")]
+    mpc_ports = _one_each([int(port) for _, _, port in addresses], f"--parties takes three HOST:PORT, got {parties!r}")
     if args.role != "all":
         if args.mpc_tls_dir is None and not args.plaintext_transport:
             raise ValueError("one role needs --mpc-tls-dir (from `medmpc pki`), or --plaintext-transport to measure")
+        port = ports[party.ROLES[args.role]]
+        _check_free({f"{args.role}'s HTTP": (args.host, port)})
         channels = ["--plaintext-transport"] if args.plaintext_transport else ["--mpc-tls-dir", str(args.mpc_tls_dir)]
         argv = [
             "--role",
@@ -455,13 +449,17 @@ def serve(args: argparse.Namespace) -> None:
             "--host",
             args.host,
             "--port",
-            str(ports[party.ROLES[args.role]]),
+            str(port),
             *service_argv(vars(args)),
         ]
         if args.model is not None:
             argv += ["--model", str(args.model)]
         party.main(argv)
         return
+    _check_free(
+        {f"{name}'s HTTP": (args.host, port) for name, port in zip(party.ROLES, ports)}
+        | {f"{name}'s MPC channel": (host, port) for name, (host, _, _), port in zip(party.ROLES, addresses, mpc_ports)}
+    )
     if args.model is None:
         raise ValueError("--model CKPT is needed to serve")
     if args.tokens_file is None and not party.load_tokens(None):
@@ -539,20 +537,11 @@ def predict(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def _predict_here(model: Path, images: list[Path]) -> tuple[list[Prediction], bool]:
     """Plaintext predictions of a checkpoint on this machine, and whether it was trained on synthetic images."""
-    import torch
-
     from medmpc.training.checkpoint import Checkpoint
-    from medmpc.training.predictions import predictions
+    from medmpc.training.predictions import plaintext_logits, predictions
 
     ckpt = Checkpoint.load(model)
-    net = ckpt.build()
-    with torch.no_grad():
-        logits = torch.cat([net(ckpt.preprocessing.read(chunk)) for chunk in _chunks(images, 64)])
-    return predictions(images, logits, ckpt.classes), ckpt.synthetic
-
-
-def _chunks(items: list[Path], size: int) -> list[list[Path]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
+    return predictions(images, plaintext_logits(ckpt, images), ckpt.classes), ckpt.synthetic
 
 
 def clinic(args: argparse.Namespace) -> None:

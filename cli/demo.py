@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from PIL import Image
 
 from medmpc.imaging.dataset import load_dataset
@@ -30,7 +29,7 @@ from medmpc.protocols.simulate import simulate
 from medmpc.serving.client import PredictionClient
 from medmpc.serving.launch import LocalService
 from medmpc.training.checkpoint import Checkpoint
-from medmpc.training.predictions import predictions
+from medmpc.training.predictions import plaintext_logits, predictions
 
 # how far the encrypted logits may be from the plaintext model's (fixed-point rounding)
 LOGIT_TOLERANCE = 0.05
@@ -106,8 +105,7 @@ def run_demo(
         with PredictionClient(service.urls, token) as client:
             encrypted_logits = client.logits(client.preprocess(paths))
     ckpt = Checkpoint.load(checkpoint)
-    with torch.no_grad():
-        plain_logits = ckpt.build()(ckpt.preprocessing.read(paths))
+    plain_logits = plaintext_logits(ckpt, paths)
     encrypted = predictions(paths, encrypted_logits, ckpt.classes)
     plain = predictions(paths, plain_logits, ckpt.classes)
     gap = float((encrypted_logits - plain_logits).abs().max())

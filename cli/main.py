@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 from collections.abc import Callable
+from dataclasses import MISSING, fields
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,10 @@ from medmpc.protocols.plan import Plan
 from medmpc.serving.options import add_service_options
 
 Subcommands = argparse._SubParsersAction  # what add_subparsers returns
-# `train` defaults to what a default `simulate` trains, so the two default runs compare
-DEFAULTS = Plan()
+# the plan's defaults, read off its fields (a Plan() would check its model name, which imports
+# torchvision: two seconds on every command's start-up); `train` defaults to what a default
+# `simulate` trains, so the two default runs compare
+DEFAULTS = {f.name: f.default for f in fields(Plan) if f.default is not MISSING}
 
 
 def _at_least(minimum: int) -> Callable[[str], int]:
@@ -76,7 +79,7 @@ def _add_data_args(p: argparse.ArgumentParser, *, default_size: int | None) -> N
     if default_size is None:
         p.add_argument("--data", help="labelled data folder (Kaggle layout), or 'synthetic[:N]'")
     else:
-        p.add_argument("--data", default=DEFAULTS.data, help="data folder (Kaggle layout) or 'synthetic[:N]'")
+        p.add_argument("--data", default=DEFAULTS["data"], help="data folder (Kaggle layout) or 'synthetic[:N]'")
     p.add_argument(
         "--skip-unreadable", action="store_true", help="skip (and count) unreadable files instead of failing"
     )
@@ -169,20 +172,20 @@ def _demo(sub: Subcommands) -> None:
 
 def _train(sub: Subcommands) -> None:
     p = sub.add_parser("train", help="centralised training (the baseline for federated runs)")
-    _add_data_args(p, default_size=DEFAULTS.image_size)
-    p.add_argument("--model", default=DEFAULTS.model, help="cnn, cnn_gn, resnet18, resnet18_gn")
+    _add_data_args(p, default_size=DEFAULTS["image_size"])
+    p.add_argument("--model", default=DEFAULTS["model"], help="cnn, cnn_gn, resnet18, resnet18_gn")
     p.add_argument(
         "--epochs",
         type=POSITIVE,
-        default=DEFAULTS.rounds * DEFAULTS.local_epochs,
+        default=DEFAULTS["rounds"] * DEFAULTS["local_epochs"],
         help="as many as a default simulate's rounds of local epochs",
     )
-    p.add_argument("--batch-size", type=POSITIVE, default=DEFAULTS.batch_size)
-    p.add_argument("--lr", type=float, default=DEFAULTS.lr)
+    p.add_argument("--batch-size", type=POSITIVE, default=DEFAULTS["batch_size"])
+    p.add_argument("--lr", type=float, default=DEFAULTS["lr"])
     p.add_argument(
         "--val-fraction",
         type=float,
-        default=DEFAULTS.val_fraction,
+        default=DEFAULTS["val_fraction"],
         help="stratified validation split held out of the training data",
     )
     p.add_argument("--no-augment", action="store_true")
@@ -275,7 +278,7 @@ def _simulate(sub: Subcommands) -> None:
         "normalisation statistic and class count (accounted; included in DP-SGD budgets)",
     )
     for action in p._actions:  # unset flags take the config file's value, else the plan's default
-        default = getattr(DEFAULTS, action.dest, None)
+        default = DEFAULTS.get(action.dest)
         if action.default is None and default not in (None, "", [], {}) and "(default" not in (action.help or ""):
             action.help = f"{action.help or ''} (default: {default})".strip()
     p.set_defaults(func=commands.simulate)

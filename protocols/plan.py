@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 from medmpc.imaging.dataset import ImageSet, load_dataset
 from medmpc.imaging.splits import parse_scheme
 from medmpc.imaging.transforms import MIN_IMAGE_SIZE
-from medmpc.models import model_names
 from medmpc.mpc.pki import Identity, IdentityError, describe_channels
 from medmpc.mpc.sharing import DEFAULT_FRACTIONAL_BITS
 from medmpc.training.statistics import release_history
@@ -30,28 +29,24 @@ def _number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-# what each annotation of Plan admits: a TOML file or JSON may hold any type in any field
-_TYPES: dict[str, Callable[[Any], bool]] = {
-    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "float": _number,
-    "str": lambda v: isinstance(v, str),
-    "bool": lambda v: isinstance(v, bool),
-    "int | None": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)),
-    "float | None": lambda v: v is None or _number(v),
-    "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
-    "list[int]": lambda v: isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v),
-    "dict[str, int]": lambda v: isinstance(v, dict) and all(isinstance(x, int) for x in v.values()),
-}
-_TYPE_NAMES = {
-    "int": "a whole number",
-    "float": "a number",
-    "str": "a string",
-    "bool": "true or false",
-    "int | None": "a whole number",
-    "float | None": "a number",
-    "list[str]": "a list of strings",
-    "list[int]": "a list of whole numbers",
-    "dict[str, int]": "a table of whole numbers",
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# what each annotation of Plan admits, and how to say it: a TOML file or JSON may hold any type in any field
+_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "int": (_whole, "a whole number"),
+    "float": (_number, "a number"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "int | None": (lambda v: v is None or _whole(v), "a whole number"),
+    "float | None": (lambda v: v is None or _number(v), "a number"),
+    "list[str]": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"),
+    "list[int]": (lambda v: isinstance(v, list) and all(_whole(x) for x in v), "a list of whole numbers"),
+    "dict[str, int]": (
+        lambda v: isinstance(v, dict) and all(_whole(x) for x in v.values()),
+        "a table of whole numbers",
+    ),
 }
 
 
@@ -111,8 +106,11 @@ class Plan:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if not _TYPES[str(f.type)](value):
-                raise ValueError(f"plan setting {f.name} must be {_TYPE_NAMES.get(str(f.type), f.type)}, got {value!r}")
+            admits, kind = _TYPES[str(f.type)]
+            if not admits(value):
+                raise ValueError(f"plan setting {f.name} must be {kind}, got {value!r}")
+        from medmpc.models import model_names  # torchvision, seconds to import: only where a plan is made
+
         if self.model not in model_names():
             raise ValueError(f"unknown model {self.model!r}; choose one of {', '.join(model_names())}")
         if self.image_size < MIN_IMAGE_SIZE:

@@ -8,6 +8,10 @@ from pathlib import Path
 
 import torch
 
+from medmpc.imaging.images import read_images
+from medmpc.training.checkpoint import Checkpoint
+from medmpc.training.local import predict
+
 
 @dataclass
 class Prediction:
@@ -27,3 +31,9 @@ def predictions(paths: Sequence[str | Path], logits: torch.Tensor, classes: Sequ
         Prediction(str(p), classes[int(pr.argmax())], dict(zip(classes, map(float, pr))), lg.tolist())
         for p, pr, lg in zip(paths, probs, logits)
     ]
+
+
+def plaintext_logits(ckpt: Checkpoint, paths: Sequence[str | Path]) -> torch.Tensor:
+    """The checkpoint's logits for image files, computed in the clear on this machine."""
+    images, _, _ = read_images([Path(p) for p in paths], ckpt.preprocessing.image_size)
+    return predict(ckpt.build(), images, ckpt.preprocessing)
