@@ -38,15 +38,20 @@ FULL_RING = 64
 
 def relu(x: Any, *, bits: int = FULL_RING) -> Any:
     """ReLU of a CrypTen MPCTensor whose values (fixed-point units) are known to lie in
-    [-2^(bits-1), 2^(bits-1)); exact for any value with ``bits=64``. Two CPU parties use the
-    bit-sliced sign test, others CrypTen's (always on the full ring)."""
+    [-2^(bits-1), 2^(bits-1)); exact for any value with ``bits=64`` (as CrypTen's: ``x [x >= 0]``)."""
+    return x * (1 - less_than_zero(x, bits=bits))
+
+
+def less_than_zero(x: Any, *, bits: int = FULL_RING) -> Any:
+    """``[x < 0]`` as an arithmetic MPCTensor of scale 1, for values in [-2^(bits-1), 2^(bits-1));
+    exact for any ring element with ``bits=64``. Two CPU parties use the bit-sliced sign test,
+    others CrypTen's (always on the full ring)."""
     if not 2 <= bits <= FULL_RING:
         raise ValueError(f"comparison ring bits must be in 2..{FULL_RING}, got {bits}")
     crypten = crypten_compat.patched()
-    share = x._tensor.share
-    if crypten.communicator.get().get_world_size() != 2 or share.is_cuda:
-        return x.relu()
-    return x * (1 - _ltz(x, bits))
+    if crypten.communicator.get().get_world_size() != 2 or x._tensor.share.is_cuda:
+        return x._ltz()
+    return _ltz(x, bits)
 
 
 def clamp(x: Any, low: float, high: float) -> Any:

@@ -34,6 +34,7 @@ from medmpc.mpc import pki
 
 DEFAULT_TIMEOUT_S = 120.0
 CRYPTEN_PORT = 29500  # a CrypTen party's listener, where each host's ports are its own
+PARTY_NAMES_ENV = "MEDMPC_PARTY_NAMES"  # every rank's name, the dealer's last (else party<R>, dealer)
 
 
 class PartyError(RuntimeError):
@@ -235,7 +236,14 @@ def supervise(
 
 
 def party_name(rank: int, world_size: int) -> str:
-    """A CrypTen process's name in the federation's certificates."""
+    """A CrypTen process's name in the federation's certificates: PARTY_NAMES_ENV's entry for
+    ``rank`` where a process that has a name of its own (a federation's aggregator) sets it."""
+    names = os.environ.get(PARTY_NAMES_ENV, "")
+    if names:
+        listed = names.split(",")
+        if len(listed) != world_size + 1:
+            raise ValueError(f"{PARTY_NAMES_ENV} names {len(listed)} processes; the world has {world_size + 1}")
+        return listed[rank]
     return "dealer" if rank == world_size else f"party{rank}"
 
 

@@ -11,6 +11,11 @@ expected hospitals' shares are in (Ready): a share handed over early would hold 
 hospital that may yet be left out. A hospital whose channel fails (closed, silent past the
 timeout, or a malformed message) is then reported (Aborted) instead of ending this process, and
 its channel is dropped.
+
+With the update norm check (Plan.update_norm_bound) the aggregators also form a CrypTen world
+with the dealer: when an aggregation begins they agree on a sketch key, each sketches its share
+of every hospital's update as it arrives, and once all are in they learn one bit per hospital
+(protocols.norm_check); a rejected hospital is reported like one that failed.
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ from typing import TypeVar
 import torch
 
 from medmpc.mpc import prg
+from medmpc.mpc.sketch import Sketcher
 from medmpc.mpc.transport import Channel, Incoming, Listener, PeerError, Traffic, connect
-from medmpc.protocols import messages
+from medmpc.protocols import messages, norm_check
 from medmpc.protocols.commands import next_command
 from medmpc.protocols.messages import Aborted, Collect, Discard, Ready, Reveal, Seed, Share, Withdraw
 from medmpc.protocols.plan import Plan
@@ -39,6 +45,16 @@ from medmpc.protocols.secure_aggregation import (
 T = TypeVar("T")
 
 
+class _Check:
+    """One aggregation's norm check at this aggregator: the public bound, and a sketch of each
+    hospital's share under the key the aggregators agreed on for it."""
+
+    def __init__(self, bound: float, hospitals: list[str], numel: int) -> None:
+        key = norm_check.agree_key()
+        self.bound = bound
+        self.sketches = {h: Sketcher(numel, key) for h in hospitals}
+
+
 class Aggregator:
     def __init__(self, plan: Plan, index: int) -> None:
         self.plan, self.index, self.name = plan, index, f"aggregator{index}"
@@ -46,6 +62,7 @@ class Aggregator:
         self.state: AggregatorState | None = None
         self.hospitals: dict[str, Channel] = {}
         self.released: set[str] = set()
+        self.check: _Check | None = None
 
     def _from_each_hospital(
         self,
@@ -105,7 +122,7 @@ class Aggregator:
         p, tag = self.plan, collect.tag
         try:
             # where the plan weights by sample count, the coordinator's total stands: it only scales the average
-            noise_std, divisor = p.aggregation(tag, n_samples=collect.divisor)
+            noise_std, divisor = p.aggregation(tag, n_samples=collect.divisor, n_hospitals=len(collect.hospitals))
         except ValueError as err:
             raise PeerError("coordinator", f"asked for {tag!r}: {err}") from None
         for key, asked, planned in (("noise_std", collect.noise_std, noise_std), ("divisor", collect.divisor, divisor)):
@@ -118,6 +135,7 @@ class Aggregator:
                 "coordinator",
                 f"asked for {tag!r} with deferred={collect.deferred}; the plan says {p.exclusions_possible}",
             )
+        self._check_bound(collect)
         if tag in self.released:
             raise PeerError("coordinator", f"asked for {tag!r} twice; the plan accounts for one release of each")
         unknown = sorted(set(collect.hospitals) - set(p.hospital_names))
@@ -138,6 +156,23 @@ class Aggregator:
             fractional_bits=p.fractional_bits,
             start=start,
         )
+
+    def _check_bound(self, collect: Collect) -> None:
+        """A round's bound is the plan's, or (adaptive) any the ring allows: it derives from averages
+        only the coordinator sees. The statistics are not checked."""
+        p, bound = self.plan, collect.norm_bound
+        checked = p.norm_checked and collect.tag != "stats"
+        if checked != (bound is not None):
+            raise PeerError(
+                "coordinator",
+                f"asked for {collect.tag!r} with norm bound {bound}; the plan says "
+                + ("a bound" if checked else "none"),
+            )
+        if bound is None:
+            return
+        fixed = p.update_norm_factor is None or collect.round == 1
+        if (fixed and bound != p.update_norm_bound) or not bound <= norm_check.max_bound(p.fractional_bits):
+            raise PeerError("coordinator", f"asked for {collect.tag!r} with norm bound {bound}, not the plan's")
 
     def _outcome(self, tag: str, withdrawn: dict[str, str], failed: dict[str, str], sum_s: float) -> Ready | Aborted:
         if withdrawn or failed:
@@ -163,10 +198,14 @@ class Aggregator:
                 raise incoming.reject(str(err)) from None
             work = 0.0
 
+            sketch = self.check.sketches[name] if self.check else None
+
             def add(start: int, piece: torch.Tensor) -> None:
                 nonlocal work
                 began = time.perf_counter()
                 state.add_piece(start, piece)
+                if sketch is not None:
+                    sketch.add(start, piece)
                 work += time.perf_counter() - began
 
             incoming.read(on_piece=add)
@@ -187,10 +226,30 @@ class Aggregator:
                 raise incoming.reject(f"sent {message.KIND!r} to a seed holder")
             seed = incoming.read()
             assert seed is not None
-            state.add(name, prg.expand(bytes(seed.numpy()), state.numel))
+            mask = prg.expand(bytes(seed.numpy()), state.numel)
+            state.add(name, mask)
+            if self.check:
+                self.check.sketches[name].add(0, mask)
 
         _, failed = self._from_each_hospital(state.expected, state.tag, state.numel, take)
         return self._outcome(state.tag, {}, failed, 0.0)
+
+    def _checked(self, outcome: Ready | Aborted) -> Ready | Aborted:
+        """``outcome``, or, where every aggregator has every share and the check rejects hospitals,
+        their rejection (this aggregation's shares are then dropped)."""
+        check, state = self.check, self.state
+        self.check = None
+        if check is None or not norm_check.everyone(isinstance(outcome, Ready)):
+            return outcome  # an aggregator still misses a share: the round is collected again anyway
+        assert state is not None
+        sketches = torch.stack([check.sketches[h].result() for h in state.expected])
+        passed = norm_check.accepted(sketches, bound=check.bound, fractional_bits=self.plan.fractional_bits)
+        rejected = {
+            h: f"rejected: update norm above the bound {check.bound:.6g}"
+            for h, ok in zip(state.expected, passed)
+            if not ok
+        }
+        return self._outcome(state.tag, rejected, {}, 0.0) if rejected else outcome
 
     def _send_average(self, coord: Channel, state: AggregatorState) -> None:
         """Hand this aggregator's share of the average over (refused before anything is sent
@@ -213,7 +272,11 @@ class Aggregator:
         )
         accepted = listener.accept(set(p.hospital_names), traffic=self.traffic, timeout_s=p.timeout_s)
         self.hospitals = {h: accepted[h] for h in p.hospital_names}
+        joined = False
         try:
+            if p.norm_checked:
+                norm_check.join(p.mpc_world(self.name), timeout_s=p.timeout_s)
+                joined = True
             while (received := next_command(coord, self.traffic, Collect, Reveal, Discard)) is not None:
                 command, _ = received
                 if isinstance(command, Collect):
@@ -222,10 +285,12 @@ class Aggregator:
                     except PeerError as err:
                         coord.send_error(f"{self.name} refuses: {err}")
                         raise
+                    if command.norm_bound is not None:
+                        self.check = _Check(command.norm_bound, state.expected, state.numel)
                     if self.index == COLLECTOR:
-                        messages.send(coord, self._collect(state))
+                        messages.send(coord, self._checked(self._collect(state)))
                     elif p.exclusions_possible:
-                        messages.send(coord, self._collect_seeds(state))
+                        messages.send(coord, self._checked(self._collect_seeds(state)))
                     else:  # no hospital can be left out: the mask sums go now, before the updates exist
                         self._collect_seeds(state)
                         self._send_average(coord, state)
@@ -243,3 +308,5 @@ class Aggregator:
                     self.state = None
         finally:
             listener.close()
+            if joined:
+                norm_check.leave()

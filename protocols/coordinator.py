@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,8 @@ class Coordinator:
                     f"{tag} not run, nothing revealed: {len(invited)} hospitals left, fewer than the {p.quorum} "
                     f"the plan needs; left out: {_listed(excluded)}"
                 )
+            if job.norm_bound is not None:  # the mean over the hospitals whose updates go in
+                job = replace(job, divisor=p.aggregation(tag, n_samples=job.divisor, n_hospitals=len(invited))[1])
             if not (begun and attempts == 1):
                 strategy.begin(job, invited)
             # a rerun asks for the same update again (a benchmark's Contribute is its own rerun)
@@ -351,15 +354,25 @@ class Coordinator:
         for r in bar:
             start = time.perf_counter()
             # central DP averages clipped updates with equal weights; otherwise weight by sample count
-            noise_std, divisor = p.aggregation(f"round{r}", n_samples=n_total)
-            job = Aggregation(tag=f"round{r}", numel=global_vec.numel(), round=r, divisor=divisor, noise_std=noise_std)
+            noise_std, divisor = p.aggregation(f"round{r}", n_samples=n_total, n_hospitals=p.hospitals)
+            previous = rounds[-1].get("average_norm") if rounds else None
+            job = Aggregation(
+                tag=f"round{r}",
+                numel=global_vec.numel(),
+                round=r,
+                divisor=divisor,
+                noise_std=noise_std,
+                norm_bound=p.norm_bound(r, previous),
+            )
             request = Train(job.tag, round=r, mean=mean, std=std, class_weight=weight.tolist())
             avg, timings = self.aggregate(strategy, job, request, tensor=global_vec)
             if central:
                 timings["central_dp"] = central.spend_round()
             global_vec = global_vec + avg
             load_vector(model, global_vec)
-            record = {"round": r, **timings}
+            record = {"round": r, **timings, "average_norm": float(avg.double().norm())}
+            if job.norm_bound is not None:
+                record["norm_bound"] = job.norm_bound
             rounds.append(record)
             # saved at once: a run resumed after any later failure must not reveal this round again
             save_state(r)

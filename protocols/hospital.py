@@ -75,7 +75,8 @@ class Hospital:
         return coord, SecureSubmitter(self.name, aggs, n_hospitals=p.hospitals, fractional_bits=p.fractional_bits)
 
     def _local_update(self, request: Train, global_vector: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """Train from the global model; return the sample-weighted delta and the training time."""
+        """Train from the global model; return the delta (sample-weighted, unless the plan averages
+        with equal weights) and the training time."""
         assert self.data is not None
         p = self.plan
         model = build_model(p.model, p.num_classes)
@@ -102,6 +103,8 @@ class Hospital:
             # encoded integers: clipped onto the fixed-point grid)
             clipped = clip_update(delta, clip=self.plan.update_clip, fractional_bits=self.plan.fractional_bits)
             return clipped, time.perf_counter() - start
+        if self.plan.norm_checked:  # the bound is on the update itself, which counts once
+            return delta, time.perf_counter() - start
         return delta * len(self.data), time.perf_counter() - start
 
     def _setup_privacy(self) -> DPSGD | None:

@@ -10,13 +10,15 @@ transport frames them; the message says what the payload is.
 Who sends what, in the order of one aggregation (K aggregators, aggregator 0 the
 collector; the secure path, then the plaintext one)::
 
-    coordinator -> aggregators  Collect          before the hospitals are asked
+    coordinator -> aggregators  Collect          before the hospitals are asked (with the norm
+                                                 check, the aggregators then agree on a sketch key)
     coordinator -> hospitals    Stats | Train    (Train carries the global model)
     hospital    -> aggregators  Seed             the K-1 non-collectors, before training ends
     hospital    -> collector    Share | Withdraw the masked update, streamed; or no update
     hospital    -> coordinator  Submitted | Refused | OutOfBudget
     aggregators -> coordinator  Share            the K-1 data-independent shares (offline)
-    collector   -> coordinator  Ready | Aborted
+    aggregators <-> aggregators (and dealer)     the norm check, in CrypTen: one bit per hospital
+    collector   -> coordinator  Ready | Aborted  (Aborted names the hospitals the check rejected)
     coordinator -> collector    Reveal | Discard
     collector   -> coordinator  Share            its share of the average (online)
     hospital    -> coordinator  Update           plaintext FedAvg only: the update itself
@@ -245,8 +247,11 @@ class Collect:
     # the aggregators' mask sums wait for the reveal (the plan lets a round go on without a
     # hospital): each aggregator checks it against its own plan
     deferred: bool
+    # the public L2 bound every update must pass (protocols.norm_check), or None: no check
+    norm_bound: float | None = None
 
     def __post_init__(self) -> None:
+        _require(self.norm_bound is None or self.norm_bound > 0, "norm_bound must be positive")
         _require(0 < self.numel <= MAX_NUMEL, f"numel must be in 1..{MAX_NUMEL}")
         _require(0 <= self.round <= MAX_ROUND, f"round must be in 0..{MAX_ROUND}")
         _require(self.divisor >= 1 and self.noise_std >= 0, "divisor must be positive and noise_std not negative")

@@ -19,6 +19,7 @@ from medmpc.imaging.splits import parse_scheme
 from medmpc.imaging.transforms import MIN_IMAGE_SIZE
 from medmpc.mpc.pki import Identity, IdentityError, describe_channels
 from medmpc.mpc.sharing import DEFAULT_FRACTIONAL_BITS
+from medmpc.protocols.norm_check import max_bound, world_environment
 from medmpc.training.statistics import release_history
 
 if TYPE_CHECKING:
@@ -102,6 +103,16 @@ class Plan:
     # noise on the aggregated normalisation statistics and class counts: standard deviation
     # of the Gaussian noise on each of them (added inside MPC like central_dp_noise)
     stats_noise: float | None = None
+    # the update norm check (protocols.norm_check): the aggregators reject, inside MPC, every
+    # update of L2 norm above update_norm_bound (round 1's, and every round's unless
+    # update_norm_factor makes round r's that factor times the norm of round r-1's revealed
+    # average update); updates are then averaged with equal weights over the accepted hospitals
+    update_norm_bound: float | None = None
+    update_norm_factor: float | None = None
+    # where the aggregators' check runs: their CrypTen listeners, and the dealer's
+    aggregator_mpc_ports: list[int] = field(default_factory=list)
+    dealer_host: str = ""
+    dealer_port: int = 0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -135,11 +146,47 @@ class Plan:
             raise ValueError(f"stats_noise must be positive, got {self.stats_noise}")
         if not 0 < self.fractional_bits <= 32:
             raise ValueError(f"fractional bits must be in 1..32, got {self.fractional_bits}")
+        self._check_norm_bound()
         if self.min_hospitals is not None and not 2 <= self.min_hospitals <= self.hospitals:
             raise ValueError(
                 f"min_hospitals must be in 2..{self.hospitals} (the hospitals), got {self.min_hospitals}: "
                 "an average of one hospital is that hospital's update"
             )
+
+    def _check_norm_bound(self) -> None:
+        if self.update_norm_bound is None:
+            if self.update_norm_factor is not None:
+                raise ValueError("update_norm_factor needs update_norm_bound, the bound of round 1")
+            return
+        top = max_bound(self.fractional_bits)
+        if not self.secure:
+            raise ValueError("the update norm check runs inside MPC: it needs a secure run")
+        if not 0 < self.update_norm_bound <= top:
+            raise ValueError(
+                f"update_norm_bound must be in (0, {top:g}] at {self.fractional_bits} fractional bits, "
+                f"got {self.update_norm_bound}"
+            )
+        if self.update_norm_factor is not None and not self.update_norm_factor > 0:
+            raise ValueError(f"update_norm_factor must be positive, got {self.update_norm_factor}")
+        if not self.exclusions_possible:
+            raise ValueError(
+                f"the update norm check leaves rejected hospitals out: it needs min_hospitals below the "
+                f"{self.hospitals} hospitals (got {self.quorum})"
+            )
+
+    @property
+    def norm_checked(self) -> bool:
+        return self.update_norm_bound is not None
+
+    def norm_bound(self, round_: int, previous_average_norm: float | None) -> float | None:
+        """Round ``round_``'s update norm bound: the plan's, or update_norm_factor times the norm of
+        the previous round's revealed average update (never above what the ring allows)."""
+        if self.update_norm_bound is None:
+            return None
+        if self.update_norm_factor is None or round_ == 1 or previous_average_norm is None:
+            return self.update_norm_bound
+        floor = 2.0**-self.fractional_bits  # a zero average must not make a bound nobody passes
+        return min(max(self.update_norm_factor * previous_average_norm, floor), max_bound(self.fractional_bits))
 
     @property
     def quorum(self) -> int:
@@ -165,14 +212,18 @@ class Plan:
         counted = (self.aggregators - 1) / self.aggregators if self.secure else 1.0
         return release_history(self.stats_noise, counted=counted)
 
-    def aggregation(self, tag: str, *, n_samples: int | None = None) -> tuple[float, int]:
+    def aggregation(
+        self, tag: str, *, n_samples: int | None = None, n_hospitals: int | None = None
+    ) -> tuple[float, int]:
         """The total standard deviation of the Gaussian noise added to the sum of aggregation ``tag``,
         and the divisor of the sum: the coordinator and the aggregators both take them from here,
         so the aggregators never take the noise (what the accounting counts) from the coordinator.
 
         * "stats" (the statistics release): noise stats_noise, divisor 1 (the sums themselves);
         * "round1".."round{rounds}": with central DP, noise central_dp_noise * update_clip and the
-          mean over hospitals of their clipped updates; otherwise no noise, and the divisor is
+          mean over hospitals of their clipped updates; with the norm check, no noise and the mean
+          over the ``n_hospitals`` whose updates go in (an accepted update counts once, whatever
+          its data size: a sample count the hospital reports is one more lever); otherwise no noise, and the divisor is
           ``n_samples``, the total sample count, which only the statistics reveal (a wrong one
           scales the average, nothing more).
 
@@ -185,6 +236,10 @@ class Plan:
             raise ValueError(f"the plan has no aggregation {tag!r}: it has stats and round1..round{self.rounds}")
         if self.central_dp_noise is not None:
             return self.central_dp_noise * self.update_clip, self.hospitals
+        if self.norm_checked:
+            if n_hospitals is None:
+                raise ValueError(f"{tag!r} is averaged over the accepted hospitals: its divisor needs n_hospitals")
+            return 0.0, n_hospitals
         if n_samples is None:
             raise ValueError(f"{tag!r} is weighted by sample count: its divisor needs n_samples")
         return 0.0, n_samples
@@ -226,8 +281,25 @@ class Plan:
 
     @property
     def party_names(self) -> list[str]:
-        """Every role's party (and host) name: the coordinator, the hospitals, the aggregators."""
-        return ["coordinator", *self.hospital_names, *self.aggregator_names]
+        """Every role's party (and host) name: the coordinator, the hospitals, the aggregators, and
+        the dealer of the norm check."""
+        return ["coordinator", *self.hospital_names, *self.aggregator_names, *(["dealer"] if self.norm_checked else [])]
+
+    def mpc_world(self, party: str) -> dict[str, str]:
+        """The environment in which ``party`` (an aggregator or the dealer) joins the aggregators'
+        CrypTen world for the norm check: their listeners by index, the dealer's last."""
+        hosts = self.aggregator_hosts or [self.host] * self.aggregators
+        addresses = [f"{h}:{port}" for h, port in zip(hosts, self.aggregator_mpc_ports, strict=True)]
+        addresses.append(f"{self.dealer_host or self.host}:{self.dealer_port}")
+        names = [*self.aggregator_names, "dealer"]
+        rank = names.index(party)
+        plaintext = self.identity(party) is None  # refuses a plan with neither credentials nor plaintext
+        env = world_environment(
+            rank=rank, names=names, addresses=addresses, tls_dir=None if plaintext else self.tls_dir
+        )
+        if self.bind:
+            env["MEDMPC_LISTEN"] = f"{self.bind}:{addresses[rank].rsplit(':', 1)[1]}"
+        return env
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -6,6 +6,7 @@ plan with reachable addresses and ports, then start on each machine::
     python -m medmpc.protocols.roles coordinator --plan plan.json --out results/
     python -m medmpc.protocols.roles aggregator --index J --plan plan.json
     python -m medmpc.protocols.roles hospital --index I --plan plan.json
+    python -m medmpc.protocols.roles dealer --plan plan.json   # with the update norm check
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def role_parser(prog: str, description: str | None, roles: tuple[str, ...]) -> a
 
 
 def party_of(args: argparse.Namespace) -> str:
-    return args.role if args.role == "coordinator" else f"{args.role}{args.index}"
+    return args.role if args.role in ("coordinator", "dealer") else f"{args.role}{args.index}"
 
 
 def run_role(party: str, play: Callable[[], None]) -> int:
@@ -71,7 +72,7 @@ def coordinator_listener(plan: Plan) -> Listener:
 
 
 def main(argv: list[str] | None = None) -> int:
-    roles = ("coordinator", "hospital", "aggregator")
+    roles = ("coordinator", "hospital", "aggregator", "dealer")
     a = role_parser("python -m medmpc.protocols.roles", __doc__, roles).parse_args(argv)
     plan = Plan.from_json(a.plan.read_text())
 
@@ -84,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
             from medmpc.protocols.hospital import Hospital
 
             Hospital(plan, a.index, state=a.state, resume=a.resume).run()
+        elif a.role == "dealer":
+            from medmpc.protocols import norm_check
+
+            norm_check.serve_dealer(plan.mpc_world("dealer"), timeout_s=plan.timeout_s)
         else:
             from medmpc.protocols.aggregator import Aggregator
 

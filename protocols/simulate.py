@@ -14,7 +14,7 @@ from medmpc.mpc.launch import Hosts, PartyProcess, ThisMachine, supervise
 from medmpc.protocols.plan import Plan
 from medmpc.training.centralised import write_json
 
-COORDINATOR_PORT, AGGREGATOR_PORT = 7000, 7100  # where each host's ports are its own
+COORDINATOR_PORT, AGGREGATOR_PORT, DEALER_PORT = 7000, 7100, 7200  # where each host's ports are its own
 HOSPITAL_STATE = "hospital_state"  # in a simulation's out folder: each hospital's DP accountant
 
 
@@ -27,6 +27,11 @@ def placed(plan: Plan, hosts: Hosts) -> Plan:
         values["aggregator_hosts"] = plan.aggregator_hosts or [hosts.address(a) for a in plan.aggregator_names]
         if len(plan.aggregator_ports) != plan.aggregators:
             values["aggregator_ports"] = [hosts.port(a, AGGREGATOR_PORT) for a in plan.aggregator_names]
+    if plan.norm_checked:
+        values["dealer_host"] = plan.dealer_host or hosts.address("dealer")
+        values["dealer_port"] = plan.dealer_port or hosts.port("dealer", DEALER_PORT)
+        if len(plan.aggregator_mpc_ports) != plan.aggregators:
+            values["aggregator_mpc_ports"] = [hosts.port(a, DEALER_PORT + 1) for a in plan.aggregator_names]
     return Plan(**values)
 
 
@@ -76,6 +81,8 @@ def role_processes(
     ]
     if plan.secure:
         procs += [role(f"aggregator{j}", ROLES, "aggregator", "--index", str(j)) for j in range(plan.aggregators)]
+    if plan.norm_checked:
+        procs.append(role("dealer", ROLES, "dealer"))
     return procs
 
 

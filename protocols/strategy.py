@@ -43,6 +43,7 @@ class Aggregation:
     round: int
     divisor: int
     noise_std: float = 0.0
+    norm_bound: float | None = None  # every update's public L2 bound (protocols.norm_check)
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,7 @@ class SecureFedAvg:
             noise_std=job.noise_std,
             hospitals=hospitals,
             deferred=self.deferred,
+            norm_bound=job.norm_bound,
         )
         for ch in self.aggregators.values():
             messages.send(ch, collect)

@@ -57,3 +57,17 @@ def generator_kinds(*, rank: int, world_size: int) -> dict[str, tuple[str, tuple
     gens = {name: gens[torch.device("cpu")] for name, gens in crypten.generators.items()}
     gens["dealer"] = TTPClient.get().get_generator("cpu")
     return {name: (type(g).__name__, tuple(g.ring((2,)).tolist())) for name, g in gens.items()}
+
+
+def recorded_norm_check(
+    *, rank: int, world_size: int, sketches: str, bound: float, fractional_bits: int
+) -> dict[str, Any]:
+    """``protocols.norm_check.accepted`` on this party's sketch shares (``sketches``: a file of
+    every party's, by rank), returning this party's view beside the bits."""
+    from medmpc.protocols import norm_check
+
+    view: dict[str, list[Any]] = {"opened": [], "own_shares": []}
+    _record_view(view)
+    mine = torch.load(sketches, weights_only=True)[rank]
+    bits = norm_check.accepted(mine, bound=bound, fractional_bits=fractional_bits)
+    return {"result": bits, "view": view}

@@ -1,0 +1,116 @@
+"""A squared-norm sketch of a secret-shared vector: linear, so each party sketches its own share.
+
+For a key drawn after the vector is fixed, ``sketch(x, key)`` is ``r`` independent
+CountSketches of ``x`` in ``k = BUCKETS`` buckets (int64, wrapping: the sketch of a sum of
+shares is the sum of their sketches), and each repetition's squared length estimates
+``||x||^2`` without bias. Each repetition is two levels, both keyed by a ChaCha20 stream:
+
+* level 1, one pass over ``x``: ``x`` is cut into rows of ``W = WIDE`` values; row ``b`` is
+  multiplied by a random sign ``s_b`` and, coordinate-wise, by one random sign pattern ``p``
+  (``W`` values), then added into ``W`` buckets rotated by a random offset ``o_b``. Two values
+  of one row never meet; values of different rows meet with probability ``1/W``.
+* level 2: the ``W`` level-1 buckets go to ``k`` buckets by a fully random hash and sign.
+
+Variance, for any fixed ``x`` (independent uniform signs, offsets and hash; the proof is in
+docs/protocols.md): ``Var(||y||^2) <= (2/k + 6/W + 12/(k W)) ||x||^4``. With
+``k = 1024, W = 65536`` that is at most ``2.1 ||x||^4 / k``. By Chebyshev one repetition
+underestimates ``||x||^2`` by a factor ``1 - e`` with probability at most ``2.1 / (k e^2)``,
+and all ``r`` independent ones do so with at most the ``r``-th power of that.
+
+The estimate is over the integers only while no bucket wraps around the ring: a check built on
+it (protocols.norm_check) range-checks every bucket first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from medmpc.mpc.streams import KEY_BYTES, ChaChaStream
+
+BUCKETS = 1024  # k: the variance and each check's comparisons scale with 1/k and k
+WIDE = 1 << 16  # W: level 1's row width; a pass over x costs len(x) / W Python-level adds
+REPETITIONS = 4  # r: soundness error of an all-must-pass check is the r-th power of one's
+
+
+def variance_factor(*, buckets: int = BUCKETS, wide: int = WIDE) -> float:
+    """``c`` in ``Var(||sketch||^2) <= c ||x||^4`` for one repetition."""
+    return 2 / buckets + 6 / wide + 12 / (buckets * wide)
+
+
+def _repetition_stream(key: bytes, t: int) -> ChaChaStream:
+    if len(key) != KEY_BYTES:
+        raise ValueError(f"a sketch key is {KEY_BYTES} bytes, got {len(key)}")
+    return ChaChaStream(hashlib.sha256(key + t.to_bytes(4, "little")).digest())
+
+
+def _signs(stream: ChaChaStream, n: int) -> torch.Tensor:
+    return 1 - 2 * stream.bits([n], 1)
+
+
+class Sketcher:
+    """The sketch of one flat int64 vector of ``numel`` values under ``key``, fed piece by piece
+    (any order, pieces not overlapping) as the vector arrives; :meth:`result` once all are in."""
+
+    def __init__(
+        self,
+        numel: int,
+        key: bytes,
+        *,
+        buckets: int = BUCKETS,
+        wide: int = WIDE,
+        repetitions: int = REPETITIONS,
+    ) -> None:
+        if wide % buckets:
+            raise ValueError(f"the row width {wide} must be a multiple of the buckets {buckets}")
+        self.numel, self.buckets, self.wide = numel, buckets, wide
+        rows = -(-numel // wide)
+        self._keys, self._patterns, self._row_signs, self._offsets = [], [], [], []
+        for t in range(repetitions):
+            stream = _repetition_stream(key, t)
+            self._patterns.append(_signs(stream, wide))
+            self._row_signs.append(_signs(stream, rows).tolist())
+            self._offsets.append(stream.bits([rows], 64).remainder(wide).tolist())
+            self._keys.append(stream)  # level 2 reads on from here, in result()
+        # rotation by o: values go to o..o+W-1 of a 2W buffer, whose tail folds back onto its head
+        self._level1 = torch.zeros(repetitions, 2 * wide, dtype=torch.int64)
+
+    def add(self, start: int, piece: torch.Tensor) -> None:
+        if piece.dtype != torch.int64 or piece.dim() != 1 or not 0 <= start <= self.numel - piece.numel():
+            raise ValueError(f"a piece of {piece.numel()} {piece.dtype} values does not fit at {start}")
+        w, end = self.wide, start + piece.numel()
+        lo = start
+        while lo < end:
+            b = lo // w
+            hi = min(end, (b + 1) * w)
+            a, z = lo - b * w, hi - b * w
+            chunk = piece[lo - start : hi - start]
+            for t, level1 in enumerate(self._level1):
+                o = self._offsets[t][b]
+                level1[o + a : o + z].addcmul_(chunk, self._patterns[t][a:z], value=self._row_signs[t][b])
+            lo = hi
+
+    def result(self) -> torch.Tensor:
+        """``(repetitions, buckets)`` int64, in the ring."""
+        w = self.wide
+        out = torch.empty(len(self._keys), self.buckets, dtype=torch.int64)
+        for t, stream in enumerate(self._keys):
+            folded = self._level1[t, :w] + self._level1[t, w:]
+            bucket, sign = stream.bits([w], 64).remainder(self.buckets), _signs(stream, w)
+            out[t] = torch.zeros(self.buckets, dtype=torch.int64).index_add_(0, bucket, folded * sign)
+        return out
+
+
+def sketch(x: torch.Tensor, key: bytes, **sizes: int) -> torch.Tensor:
+    """The sketch of a whole flat int64 vector (:class:`Sketcher`'s sizes as keywords)."""
+    if x.dtype != torch.int64 or x.dim() != 1:
+        raise ValueError(f"a sketch takes a flat int64 vector, got {x.dtype} of shape {list(x.shape)}")
+    sketcher = Sketcher(x.numel(), key, **sizes)
+    sketcher.add(0, x)
+    return sketcher.result()
+
+
+def estimates(y: torch.Tensor) -> torch.Tensor:
+    """Each repetition's estimate of ``||x||^2`` from a sketch of plaintext (float64, no wrapping)."""
+    return y.double().square().sum(dim=1)

@@ -1,0 +1,186 @@
+"""The update norm check (issue 20): the sketch's statistics, the check's bits and what the
+aggregators see while computing them (real CrypTen processes with a dealer), and the plan's rules."""
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from uniformity import looks_uniform
+
+from medmpc.mpc import sketch
+from medmpc.mpc.launch import run_crypten_job
+from medmpc.protocols import norm_check
+from medmpc.protocols.plan import Plan
+
+HOOKS = Path(__file__).parent / "party_hooks"
+F = 16  # fractional bits
+BOUND = 2.0
+
+
+def _ring(n: int, g: torch.Generator) -> torch.Tensor:
+    return torch.randint(-(2**63), 2**63 - 1, (n,), dtype=torch.int64, generator=g)
+
+
+def _dense(norm: float, n: int, g: torch.Generator) -> torch.Tensor:
+    v = torch.randn(n, generator=g, dtype=torch.float64)
+    return (v / v.norm() * norm * 2**F).round().long()
+
+
+def test_the_sketch_is_linear_in_the_ring_and_may_be_fed_piece_by_piece():
+    g = torch.Generator().manual_seed(1)
+    a, b, key = _ring(300_001, g), _ring(300_001, g), os.urandom(32)
+    assert torch.equal(sketch.sketch(a, key) + sketch.sketch(b, key), sketch.sketch(a + b, key))
+    streamed = sketch.Sketcher(a.numel(), key)
+    cuts = [0, 7, 65_536, 65_540, 200_000, a.numel()]
+    for lo, hi in reversed(list(zip(cuts, cuts[1:]))):
+        streamed.add(lo, a[lo:hi])
+    assert torch.equal(streamed.result(), sketch.sketch(a, key))
+    assert not torch.equal(sketch.sketch(a, os.urandom(32)), sketch.sketch(a, key))
+    with pytest.raises(ValueError, match="does not fit"):
+        streamed.add(300_000, a[:2])
+    with pytest.raises(ValueError, match="32 bytes"):
+        sketch.Sketcher(10, b"short")
+
+
+def test_the_sketch_estimates_the_squared_norm_within_its_proven_variance():
+    g = torch.Generator().manual_seed(2)
+    x = _dense(3.0, 200_000, g)
+    truth = float(x.double().square().sum())
+    est = torch.cat([sketch.estimates(sketch.sketch(x, os.urandom(32))) for _ in range(60)]) / truth
+    assert abs(float(est.mean()) - 1) < 0.03
+    assert float(est.var()) <= 1.5 * sketch.variance_factor()  # sampling slack over the bound
+    assert float((est - 1).abs().max()) < 0.25  # dense: spread about sqrt(2/k) = 0.044
+
+
+def _fooled(x: torch.Tensor, *, offsets: bool, trials: int = 150) -> int:
+    """How many fresh keys make every repetition estimate below a quarter of ||x||^2."""
+    truth = float(x.double().square().sum())
+    fooled = 0
+    for _ in range(trials):
+        sketcher = sketch.Sketcher(x.numel(), os.urandom(32))
+        if not offsets:  # control: level 1 without its random rotations
+            sketcher._offsets = [[0] * len(o) for o in sketcher._offsets]
+        sketcher.add(0, x)
+        fooled += bool((sketch.estimates(sketcher.result()) < truth / 4).all())
+    return fooled
+
+
+def test_an_update_built_to_cancel_in_the_sketch_is_caught_by_the_random_rotations():
+    """Two rows of level 1 with one constant value each meet in every bucket whatever the rotation
+    if there is none: with opposite row signs (half of the keys) they cancel completely."""
+    x = torch.zeros(2 * sketch.WIDE, dtype=torch.int64)
+    x[:] = 1 << 20
+    assert _fooled(x, offsets=False) >= 5  # control: the attack works without rotations
+    assert _fooled(x, offsets=True) == 0
+
+
+# ---- the check, in MPC -----------------------------------------------------------------
+
+
+def _cases(g: torch.Generator, n: int) -> dict[str, torch.Tensor]:
+    honest = _dense(0.8 * BOUND, n, g)
+    edge = torch.zeros(n, dtype=torch.int64)
+    edge[[3, 70_001]] = -(2**63)  # cancel mod 2^64 when they share a bucket; |value| 1.4e14
+    wrap = torch.zeros(n, dtype=torch.int64)
+    wrap[::1000] = 1 << 32  # every bucket a multiple of 2^32: its square wraps to 0
+    return {
+        "zero": torch.zeros(n, dtype=torch.int64),
+        "honest": honest,
+        "boosted": honest * 100,
+        "flipped": honest * -100,
+        "above": _dense(1.25 * BOUND, n, g),
+        "edge": edge,
+        "wrap": wrap,
+    }
+
+
+ACCEPTED = {"zero": True, "honest": True, "boosted": False, "flipped": False, "above": False, "edge": False}
+
+
+@pytest.fixture(scope="module")
+def checked() -> dict:
+    """Every case secret-shared between two aggregators, sketched under one key and checked in
+    MPC (each aggregator its own process, the dealer a third), with each aggregator's view."""
+    g = torch.Generator().manual_seed(3)
+    cases = _cases(g, 140_000)
+    key = os.urandom(32)
+    masks = [_ring(x.numel(), g) for x in cases.values()]
+    shares = [[x - m for x, m in zip(cases.values(), masks)], masks]
+    sketches = [torch.stack([sketch.sketch(s, key) for s in mine]) for mine in shares]
+    with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYTHONPATH", os.pathsep.join([str(HOOKS), os.environ.get("PYTHONPATH", "")]))
+        path = Path(tmp) / "sketches.pt"
+        torch.save(sketches, path)
+        args = {"sketches": str(path), "bound": BOUND, "fractional_bits": F}
+        parties = run_crypten_job("views:recorded_norm_check", world_size=2, args=args, timeout_s=120)
+    return {"cases": cases, "key": key, "sketches": sketches, "parties": parties}
+
+
+def test_the_check_accepts_updates_within_the_bound_and_rejects_the_others(checked):
+    bits = [dict(zip(checked["cases"], p["result"])) for p in checked["parties"]]
+    assert bits[0] == bits[1]  # both aggregators learn the same bits
+    assert {name: bits[0][name] for name in ACCEPTED} == ACCEPTED
+    assert bits[0]["wrap"] is False
+
+
+def test_without_its_range_checks_the_wrapping_update_would_pass(checked):
+    """Control for the range checks: the ``wrap`` update's squared sketch lengths, computed in
+    the ring as a check without them would, are 0, far below the bound."""
+    wrap = list(checked["cases"]).index("wrap")
+    y = checked["sketches"][0][wrap] + checked["sketches"][1][wrap]
+    assert (y.square().sum(dim=1) == 0).all()
+    assert float(checked["cases"]["wrap"].double().norm()) / 2**F > 1000 * BOUND
+
+
+def _peer_messages(view: dict) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """What the peer sent in every opening but the last (the revealed bits): words, and single bits."""
+    words, bits = [], []
+    for opening in view["opened"][:-1]:
+        for mine, opened in zip(opening["mine"], opening["opened"]):
+            peer = (opened ^ mine) if opening["xor"] else (opened - mine)
+            is_bit = bool(((opened == 0) | (opened == 1)).all())
+            (bits if is_bit else words).append(peer.reshape(-1))
+    return words, bits
+
+
+def test_each_aggregator_sees_only_uniformly_random_messages_and_the_bits(checked):
+    for party in checked["parties"]:
+        words, bits = _peer_messages(party["view"])
+        assert sum(w.numel() for w in words) > 10_000 and looks_uniform(torch.cat(words))
+        if bits:
+            b = torch.cat(bits).double()
+            assert abs(float(b.mean()) - 0.5) < 5 * 0.5 / b.numel() ** 0.5
+    # control: had the sketch itself been opened, the uniformity test would say so
+    honest = list(checked["cases"]).index("honest")
+    assert not looks_uniform(checked["sketches"][0][honest] + checked["sketches"][1][honest])
+
+
+# ---- the plan ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "settings, problem",
+    [
+        ({"update_norm_bound": 5.0, "secure": False}, "needs a secure run"),
+        ({"update_norm_bound": 5.0, "hospitals": 3}, "needs min_hospitals below"),
+        ({"update_norm_bound": 1e6, "min_hospitals": 2}, "update_norm_bound must be in"),
+        ({"update_norm_bound": -1.0, "min_hospitals": 2}, "update_norm_bound must be in"),
+        ({"update_norm_factor": 3.0}, "needs update_norm_bound"),
+        ({"update_norm_bound": 5.0, "update_norm_factor": 0.0, "min_hospitals": 2}, "must be positive"),
+    ],
+)
+def test_the_plan_refuses_a_norm_check_it_cannot_run(settings, problem):
+    with pytest.raises(ValueError, match=problem):
+        Plan(**settings)
+
+
+def test_an_adaptive_bound_follows_the_previous_average():
+    plan = Plan(update_norm_bound=50.0, update_norm_factor=3.0, min_hospitals=2)
+    assert plan.norm_bound(1, None) == 50.0
+    assert plan.norm_bound(2, 4.0) == 12.0
+    assert plan.norm_bound(3, 1e9) == norm_check.max_bound(plan.fractional_bits)
+    assert Plan(update_norm_bound=50.0, min_hospitals=2).norm_bound(5, 4.0) == 50.0
+    assert plan.aggregation("round2", n_samples=999, n_hospitals=2) == (0.0, 2)
+    assert "dealer" in plan.party_names and "dealer" not in Plan().party_names
