@@ -22,7 +22,8 @@ from medmpc.training import plots
 PARAMS = int(os.environ.get("MEDMPC_BENCH_PARAMS", 11_200_000))
 
 
-def _bench(hospitals: int, aggregators: int) -> dict:
+def run(hospitals: int, aggregators: int, *extra: str) -> dict:
+    """``medmpc bench secure-aggregation --json`` of PARAMS values, medians of 5 runs; ``extra``: more flags."""
     cmd = [
         sys.executable,
         "-m",
@@ -38,6 +39,7 @@ def _bench(hospitals: int, aggregators: int) -> dict:
         "--repeat",
         "5",
         "--json",
+        *extra,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -72,7 +74,7 @@ def plot(rows: dict[str, dict]) -> None:
 @pytest.mark.parametrize("aggregators", [2, 3])
 @pytest.mark.parametrize("hospitals", [2, 3, 5, 10])
 def test_secure_aggregation_vs_allreduce(benchmark, hospitals, aggregators):
-    result = benchmark.pedantic(_bench, args=(hospitals, aggregators), rounds=1, iterations=1)
+    result = benchmark.pedantic(run, args=(hospitals, aggregators), rounds=1, iterations=1)
     # encoding rounds to half a unit of 2^-16; the division truncates by up to K-1 more units
     assert result["max_abs_err"] <= (aggregators + 1) * 2**-16
     benchmark.extra_info.update(

@@ -214,6 +214,8 @@ _PLAN_FLAGS = (
     "central_dp_noise",
     "update_clip",
     "stats_noise",
+    "update_norm_bound",
+    "update_norm_factor",
 )
 
 
@@ -299,6 +301,7 @@ def bench_secure_aggregation(args: argparse.Namespace) -> dict[str, Any] | None:
         fractional_bits=args.fractional_bits,
         timeout_s=args.timeout,
         min_hospitals=args.min_hospitals,
+        update_norm_bound=args.update_norm_bound,
         **_transport_overrides(args),
     )
     _log(f"starting {len(plan.party_names)} processes: {_STARTING}")
@@ -315,7 +318,13 @@ def bench_secure_aggregation(args: argparse.Namespace) -> dict[str, Any] | None:
         f"{args.params:,} params, {args.hospitals} hospitals, {args.aggregators} aggregators, network "
         f"{result['network']}: secure {result['secure_s']:.3f} s, plaintext FedAvg {result['fedavg_s']:.3f} s "
         f"(ratio {result['ratio_fedavg']:.2f}){allreduce}, max error {result['max_abs_err']:.2e}; "
-        f"channels: {result['transport']}"
+        + (
+            f"norm check {result['norm_check_s']:.3f} s online, {result['norm_check_bytes'] / 1e6:.1f} MB and "
+            f"{result['norm_check_rounds']:.0f} rounds per aggregator; "
+            if plan.norm_checked
+            else ""
+        )
+        + f"channels: {result['transport']}"
     )
     return None
 

@@ -277,6 +277,20 @@ def _simulate(sub: Subcommands) -> None:
         help="std of the Gaussian noise added inside MPC to each aggregated "
         "normalisation statistic and class count (accounted; included in DP-SGD budgets)",
     )
+    p.add_argument(
+        "--update-norm-bound",
+        type=float,
+        metavar="B",
+        help="reject, inside MPC, every hospital update of L2 norm above B (one accept bit per hospital; "
+        "needs --min-hospitals below --hospitals); updates then count with equal weights",
+    )
+    p.add_argument(
+        "--update-norm-factor",
+        type=float,
+        metavar="F",
+        help="with --update-norm-bound (round 1's bound): each later round's bound is F times the norm of the "
+        "previous round's average update",
+    )
     for action in p._actions:  # unset flags take the config file's value, else the plan's default
         default = DEFAULTS.get(action.dest)
         if action.default is None and default not in (None, "", [], {}) and "(default" not in (action.help or ""):
@@ -307,6 +321,13 @@ def _bench(sub: Subcommands) -> None:
         help="as for simulate (default 3): below the hospitals, the aggregators' mask sums wait for the reveal",
     )
     p.add_argument("--repeat", type=POSITIVE, default=3, help="runs of each; medians are reported")
+    p.add_argument(
+        "--update-norm-bound",
+        type=float,
+        metavar="B",
+        help="with the norm check (as for simulate; needs --min-hospitals below --hospitals): every random "
+        "update has norm B/2",
+    )
     p.add_argument("--fractional-bits", type=int, default=16)
     p.add_argument("--timeout", type=float, default=300.0)
     _add_json(p)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import torch
 
 from medmpc.mpc.streams import KEY_BYTES, ChaChaStream
@@ -66,37 +67,39 @@ class Sketcher:
             raise ValueError(f"the row width {wide} must be a multiple of the buckets {buckets}")
         self.numel, self.buckets, self.wide = numel, buckets, wide
         rows = -(-numel // wide)
-        self._keys, self._patterns, self._row_signs, self._offsets = [], [], [], []
-        for t in range(repetitions):
-            stream = _repetition_stream(key, t)
-            self._patterns.append(_signs(stream, wide))
-            self._row_signs.append(_signs(stream, rows).tolist())
-            self._offsets.append(stream.bits([rows], 64).remainder(wide).tolist())
-            self._keys.append(stream)  # level 2 reads on from here, in result()
+        self._streams = [_repetition_stream(key, t) for t in range(repetitions)]  # level 2 reads on in result()
+        self._patterns = np.stack([_signs(s, wide).numpy() for s in self._streams])
+        self._adds = [[bool(v > 0) for v in _signs(s, rows)] for s in self._streams]  # else subtract: the row sign
+        self._offsets = [s.bits([rows], 64).remainder(wide).tolist() for s in self._streams]
         # rotation by o: values go to o..o+W-1 of a 2W buffer, whose tail folds back onto its head
-        self._level1 = torch.zeros(repetitions, 2 * wide, dtype=torch.int64)
+        self._level1 = np.zeros((repetitions, 2 * wide), dtype=np.int64)
+        self._signed = np.empty((repetitions, wide), dtype=np.int64)  # a row times each pattern
 
     def add(self, start: int, piece: torch.Tensor) -> None:
         if piece.dtype != torch.int64 or piece.dim() != 1 or not 0 <= start <= self.numel - piece.numel():
             raise ValueError(f"a piece of {piece.numel()} {piece.dtype} values does not fit at {start}")
-        w, end = self.wide, start + piece.numel()
+        values = piece.numpy()
+        w, end = self.wide, start + values.size
         lo = start
         while lo < end:
             b = lo // w
             hi = min(end, (b + 1) * w)
             a, z = lo - b * w, hi - b * w
-            chunk = piece[lo - start : hi - start]
+            # NumPy's int64 multiply and add run several times faster than torch's addcmul here
+            signed = self._signed[:, : z - a]
+            np.multiply(self._patterns[:, a:z], values[lo - start : hi - start], out=signed)
             for t, level1 in enumerate(self._level1):
                 o = self._offsets[t][b]
-                level1[o + a : o + z].addcmul_(chunk, self._patterns[t][a:z], value=self._row_signs[t][b])
+                dest = level1[o + a : o + z]
+                (np.add if self._adds[t][b] else np.subtract)(dest, signed[t], out=dest)
             lo = hi
 
     def result(self) -> torch.Tensor:
         """``(repetitions, buckets)`` int64, in the ring."""
         w = self.wide
-        out = torch.empty(len(self._keys), self.buckets, dtype=torch.int64)
-        for t, stream in enumerate(self._keys):
-            folded = self._level1[t, :w] + self._level1[t, w:]
+        out = torch.empty(len(self._streams), self.buckets, dtype=torch.int64)
+        for t, stream in enumerate(self._streams):
+            folded = torch.from_numpy(self._level1[t, :w] + self._level1[t, w:])
             bucket, sign = stream.bits([w], 64).remainder(self.buckets), _signs(stream, w)
             out[t] = torch.zeros(self.buckets, dtype=torch.int64).index_add_(0, bucket, folded * sign)
         return out

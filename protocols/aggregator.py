@@ -23,6 +23,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import TypeVar
 
 import torch
@@ -49,10 +50,21 @@ class _Check:
     """One aggregation's norm check at this aggregator: the public bound, and a sketch of each
     hospital's share under the key the aggregators agreed on for it."""
 
-    def __init__(self, bound: float, hospitals: list[str], numel: int) -> None:
+    def __init__(self, bound: float, hospitals: list[str], numel: int, *, fractional_bits: int) -> None:
         key = norm_check.agree_key()
-        self.bound = bound
+        self.bound, self.fractional_bits = bound, fractional_bits
         self.sketches = {h: Sketcher(numel, key) for h in hospitals}
+        norm_check.prepare(len(hospitals), bound=bound, fractional_bits=fractional_bits)
+
+    def run(self, ready: Ready) -> tuple[list[bool], Ready]:
+        """Online, once every expected share is in: each hospital's bit, and ``ready`` with the
+        check's cost here."""
+        start, (sent, rounds) = time.perf_counter(), norm_check.traffic()
+        sketches = torch.stack([sketcher.result() for sketcher in self.sketches.values()])
+        passed = norm_check.accepted(sketches, bound=self.bound, fractional_bits=self.fractional_bits)
+        now_sent, now_rounds = norm_check.traffic()
+        elapsed = time.perf_counter() - start
+        return passed, replace(ready, check_s=elapsed, check_bytes=now_sent - sent, check_rounds=now_rounds - rounds)
 
 
 class Aggregator:
@@ -241,15 +253,14 @@ class Aggregator:
         self.check = None
         if check is None or not norm_check.everyone(isinstance(outcome, Ready)):
             return outcome  # an aggregator still misses a share: the round is collected again anyway
-        assert state is not None
-        sketches = torch.stack([check.sketches[h].result() for h in state.expected])
-        passed = norm_check.accepted(sketches, bound=check.bound, fractional_bits=self.plan.fractional_bits)
+        assert state is not None and isinstance(outcome, Ready)
+        passed, ready = check.run(outcome)
         rejected = {
             h: f"rejected: update norm above the bound {check.bound:.6g}"
             for h, ok in zip(state.expected, passed)
             if not ok
         }
-        return self._outcome(state.tag, rejected, {}, 0.0) if rejected else outcome
+        return self._outcome(state.tag, rejected, {}, 0.0) if rejected else ready
 
     def _send_average(self, coord: Channel, state: AggregatorState) -> None:
         """Hand this aggregator's share of the average over (refused before anything is sent
@@ -286,11 +297,17 @@ class Aggregator:
                         coord.send_error(f"{self.name} refuses: {err}")
                         raise
                     if command.norm_bound is not None:
-                        self.check = _Check(command.norm_bound, state.expected, state.numel)
+                        self.check = _Check(
+                            command.norm_bound, state.expected, state.numel, fractional_bits=p.fractional_bits
+                        )
                     if self.index == COLLECTOR:
                         messages.send(coord, self._checked(self._collect(state)))
                     elif p.exclusions_possible:
-                        messages.send(coord, self._checked(self._collect_seeds(state)))
+                        # reported at once (the coordinator waits for it before the updates are sent);
+                        # the collector reports the check, which needs every update
+                        outcome = self._collect_seeds(state)
+                        messages.send(coord, outcome)
+                        self._checked(outcome)
                     else:  # no hospital can be left out: the mask sums go now, before the updates exist
                         self._collect_seeds(state)
                         self._send_average(coord, state)

@@ -65,7 +65,10 @@ def bench_update(plan: Plan, bench: Bench, index: int) -> torch.Tensor:
     """Hospital ``index``'s random update; the coordinator regenerates it to measure the error."""
     # torch's generator on purpose: public random updates that the coordinator regenerates
     g = torch.Generator().manual_seed(plan.seed * 100 + index)
-    return torch.randn(bench.params, generator=g)
+    update = torch.randn(bench.params, generator=g)
+    if plan.update_norm_bound is not None:  # well inside the bound: every hospital is accepted
+        update *= plan.update_norm_bound / 2 / update.norm()
+    return update
 
 
 class BenchHospital(Hospital):
@@ -137,11 +140,19 @@ class BenchCoordinator(Coordinator):
         self.traffic_since_last()
         secure, fedavg, allreduce, offline, errors = [], [], [], [], []
         phases: dict[str, list[float]] = {"sharing": [], "reveal": []}
+        check: dict[str, list[float]] = {"norm_check_s": [], "norm_check_bytes": [], "norm_check_rounds": []}
         traffic: dict[str, dict[str, int]] = {}
         fedavg_traffic: dict[str, dict[str, int]] = {}
         for r in range(1, b.repeat + 1):
-            noise_std, divisor = p.aggregation(f"round{r}", n_samples=p.hospitals)
-            job = Aggregation(tag=f"round{r}", numel=b.params, round=r, divisor=divisor, noise_std=noise_std)
+            noise_std, divisor = p.aggregation(f"round{r}", n_samples=p.hospitals, n_hospitals=p.hospitals)
+            job = Aggregation(
+                tag=f"round{r}",
+                numel=b.params,
+                round=r,
+                divisor=divisor,
+                noise_std=noise_std,
+                norm_bound=p.norm_bound(r, None),
+            )
             start = time.perf_counter()
             _, plain = self.aggregate(PlainFedAvg(), job, Contribute(job.tag, in_the_clear=True))
             if "excluded" in plain:
@@ -164,6 +175,9 @@ class BenchCoordinator(Coordinator):
             secure.append(time.perf_counter() - start)
             phases["sharing"].append(info["sharing_s"])
             phases["reveal"].append(info["reveal_s"])
+            for key, values in check.items():
+                if key in info:
+                    values.append(info[key])
             errors.append(float((avg - expected).abs().max()))
             traffic = self.traffic_since_last()
         secure_s, fedavg_s = statistics.median(secure), statistics.median(fedavg)
@@ -191,6 +205,7 @@ class BenchCoordinator(Coordinator):
             "bytes_per_party": {party: t["bytes_sent"] for party, t in traffic.items()},
             "fedavg_bytes_per_party": {party: t["bytes_sent"] for party, t in fedavg_traffic.items()},
             "max_abs_err": max(errors),
+            **{key: statistics.median(values) for key, values in check.items() if values},
         }
 
 

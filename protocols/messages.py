@@ -265,9 +265,13 @@ class Ready:
     KIND: ClassVar[Kind] = Kind.READY
     tag: str
     sum_s: float
+    # the norm check's online cost at this aggregator (protocols.norm_check), where it ran
+    check_s: float = 0.0
+    check_bytes: int = 0
+    check_rounds: int = 0
 
     def __post_init__(self) -> None:
-        _require(self.sum_s >= 0, "sum_s must be non-negative")
+        _require(min(self.sum_s, self.check_s, self.check_bytes, self.check_rounds) >= 0, "costs must be non-negative")
 
 
 @dataclass(frozen=True)

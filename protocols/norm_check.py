@@ -59,10 +59,11 @@ def world_environment(*, rank: int, names: list[str], addresses: list[str], tls_
     }
 
 
-def join(environment: dict[str, str], *, timeout_s: float) -> Any:
+def join(environment: dict[str, str], *, timeout_s: float) -> None:
     """Join the aggregators' CrypTen world (blocks until every aggregator and the dealer are in)."""
     os.environ.update(environment)
-    return crypten_compat.init_party(timeout_s=timeout_s)
+    crypten = crypten_compat.init_party(timeout_s=timeout_s)
+    crypten.cfg.communicator.verbose = True  # count the check's rounds and bytes
 
 
 def serve_dealer(environment: dict[str, str], *, timeout_s: float) -> None:
@@ -88,6 +89,26 @@ def everyone(flag: bool) -> bool:
     crypten = crypten_compat.patched()
     flags = crypten.communicator.get().all_gather(torch.tensor([int(flag)], dtype=torch.int64))
     return all(int(f) for f in flags)
+
+
+def prepare(n_hospitals: int, *, bound: float, fractional_bits: int) -> None:
+    """Offline, before any update exists: the dealer makes every triple the check of
+    ``n_hospitals`` will use (a pass on zero sketches records them, CrypTen's provider caches them)."""
+    crypten = crypten_compat.patched()
+    provider = crypten.mpc.get_default_provider()
+    provider.trace(True)
+    try:
+        placeholder = torch.zeros(n_hospitals, sketch.REPETITIONS, sketch.BUCKETS, dtype=torch.int64)
+        accepted(placeholder, bound=bound, fractional_bits=fractional_bits)
+    finally:
+        provider.trace(False)
+    provider.fill_cache()
+
+
+def traffic() -> tuple[int, int]:
+    """Bytes this aggregator has sent in the check's world, and the rounds, so far."""
+    stats = crypten_compat.patched().communicator.get().get_communication_stats()
+    return int(stats["bytes"]), int(stats["rounds"])
 
 
 def _below_zero(x: Any, *, bits: int = comparison.FULL_RING) -> Any:

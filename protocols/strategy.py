@@ -237,7 +237,15 @@ class SecureFedAvg:
         self._average = None  # handed to the caller
         online = self._buffer(0, self.job.numel)
         gather([self.collector], Kind.SHARE, [online], lambda lo, hi: decoder.decode([offline, online], avg, lo, hi))
-        return avg, {"aggregation_s": self._report.sum_s, "reveal_s": time.perf_counter() - start}
+        timings = {"aggregation_s": self._report.sum_s, "reveal_s": time.perf_counter() - start}
+        if self.job.norm_bound is not None:
+            r = self._report
+            timings |= {
+                "norm_check_s": r.check_s,
+                "norm_check_bytes": r.check_bytes,
+                "norm_check_rounds": r.check_rounds,
+            }
+        return avg, timings
 
     def discard(self) -> None:
         assert self.job is not None

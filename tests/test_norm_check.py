@@ -54,7 +54,7 @@ def test_the_sketch_estimates_the_squared_norm_within_its_proven_variance():
     assert float((est - 1).abs().max()) < 0.25  # dense: spread about sqrt(2/k) = 0.044
 
 
-def _fooled(x: torch.Tensor, *, offsets: bool, trials: int = 150) -> int:
+def _fooled(x: torch.Tensor, *, offsets: bool, trials: int = 400) -> int:
     """How many fresh keys make every repetition estimate below a quarter of ||x||^2."""
     truth = float(x.double().square().sum())
     fooled = 0
@@ -72,7 +72,7 @@ def test_an_update_built_to_cancel_in_the_sketch_is_caught_by_the_random_rotatio
     if there is none: with opposite row signs (half of the keys) they cancel completely."""
     x = torch.zeros(2 * sketch.WIDE, dtype=torch.int64)
     x[:] = 1 << 20
-    assert _fooled(x, offsets=False) >= 5  # control: the attack works without rotations
+    assert _fooled(x, offsets=False) >= 10  # control: 1 key in 16 (4 repetitions) without rotations
     assert _fooled(x, offsets=True) == 0
 
 
