@@ -301,7 +301,8 @@ def _simulate(sub: Subcommands) -> None:
 def _role(sub: Subcommands) -> None:
     p = sub.add_parser(
         "role",
-        help="one federated role on this machine (coordinator, hospital or aggregator), reading a shared plan",
+        help="one federated role on this machine (coordinator, hospital, aggregator, or the norm check's dealer), "
+        "reading a shared plan",
         description="Same as python -m medmpc.protocols.roles: ROLE --plan plan.json [--index I] [--out DIR]. "
         "Exit status 3 names the party and what went wrong.",
     )

@@ -286,7 +286,8 @@ class Aggregator:
         joined = False
         try:
             if p.norm_checked:
-                norm_check.join(p.mpc_world(self.name), timeout_s=p.timeout_s)
+                # a seed holder waits in the check for the collector, which may wait a whole timeout for updates
+                norm_check.join(p.mpc_world(self.name), timeout_s=2 * p.timeout_s)
                 joined = True
             while (received := next_command(coord, self.traffic, Collect, Reveal, Discard)) is not None:
                 command, _ = received

@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         elif a.role == "dealer":
             from medmpc.protocols import norm_check
 
-            norm_check.serve_dealer(plan.mpc_world("dealer"), timeout_s=plan.timeout_s)
+            # between two checks lies a round (training, evaluation): the dealer waits as long as the run may
+            norm_check.serve_dealer(plan.mpc_world("dealer"), timeout_s=plan.timeout_s * (plan.rounds + 2))
         else:
             from medmpc.protocols.aggregator import Aggregator
 

@@ -184,3 +184,32 @@ def test_an_adaptive_bound_follows_the_previous_average():
     assert Plan(update_norm_bound=50.0, min_hospitals=2).norm_bound(5, 4.0) == 50.0
     assert plan.aggregation("round2", n_samples=999, n_hospitals=2) == (0.0, 2)
     assert "dealer" in plan.party_names and "dealer" not in Plan().party_names
+
+
+def test_aggregators_take_the_bound_and_divisor_from_the_plan_not_the_coordinator():
+    """A coordinator asking to skip the check, for another fixed bound, for a bound the ring cannot
+    hold, or for a divisor other than the number of hospitals whose updates go in, is refused."""
+    from medmpc.mpc.transport import PeerError
+    from medmpc.protocols.aggregator import Aggregator
+    from medmpc.protocols.messages import Collect
+
+    fixed = Plan(hospitals=4, rounds=3, update_norm_bound=5.0)
+    adaptive = Plan(hospitals=4, rounds=3, update_norm_bound=5.0, update_norm_factor=3.0)
+    H = fixed.hospital_names[:3]
+
+    def collect(round_: int, bound: float | None, divisor: int = 3, tag: str = "") -> Collect:
+        return Collect(tag or f"round{round_}", numel=8, round=round_, divisor=divisor, noise_std=0.0,
+                       hospitals=H, deferred=True, norm_bound=bound)  # fmt: skip
+
+    for plan, asked, why in [
+        (fixed, collect(1, None), "norm bound None"),
+        (fixed, collect(2, 7.0), "norm bound 7.0"),
+        (adaptive, collect(1, 7.0), "norm bound 7.0"),  # round 1 takes the plan's
+        (adaptive, collect(2, 1e6), "norm bound 1000000.0"),
+        (fixed, collect(0, 5.0, divisor=1, tag="stats"), "norm bound 5.0"),  # the statistics are not checked
+        (fixed, collect(2, 5.0, divisor=4), "divisor"),
+    ]:
+        with pytest.raises(PeerError, match=f"coordinator: .*{why}"):
+            Aggregator(plan, 0)._state(asked)
+    assert Aggregator(fixed, 0)._state(collect(2, 5.0)).divisor == 3
+    assert Aggregator(adaptive, 1)._state(collect(2, 0.25)).divisor == 3
