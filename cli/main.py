@@ -288,8 +288,8 @@ def _simulate(sub: Subcommands) -> None:
         "--update-norm-factor",
         type=float,
         metavar="F",
-        help="with --update-norm-bound (round 1's bound): each later round's bound is F times the norm of the "
-        "previous round's average update",
+        help="with --update-norm-bound B: each later round's bound is F times the norm of the previous round's "
+        "average update where that is below B",
     )
     for action in p._actions:  # unset flags take the config file's value, else the plan's default
         default = DEFAULTS.get(action.dest)

@@ -5,10 +5,13 @@ CountSketches of ``x`` in ``k = BUCKETS`` buckets (int64, wrapping: the sketch o
 shares is the sum of their sketches), and each repetition's squared length estimates
 ``||x||^2`` without bias. Each repetition is two levels, both keyed by a ChaCha20 stream:
 
-* level 1, one pass over ``x``: ``x`` is cut into rows of ``W = WIDE`` values; row ``b`` is
+* level 1, one pass over ``x``: ``x`` is cut into rows of ``L = W / 2`` values; row ``b`` is
   multiplied by a random sign ``s_b`` and, coordinate-wise, by one random sign pattern ``p``
-  (``W`` values), then added into ``W`` buckets rotated by a random offset ``o_b``. Two values
-  of one row never meet; values of different rows meet with probability ``1/W``.
+  (``L`` values), then added into ``W = WIDE`` buckets from a random offset ``o_b`` on (cyclic).
+  Two values of one row never meet; values of different rows meet with probability ``1/W``.
+  A row covers a random half of the buckets, not all of them: rows that each covered every
+  bucket once would let values of 2^63 in an even number of whole rows cancel in every bucket
+  (2^63 = -2^63 in the ring) whatever the key.
 * level 2: the ``W`` level-1 buckets go to ``k`` buckets by a fully random hash and sign.
 
 Variance, for any fixed ``x`` (independent uniform signs, offsets and hash; the proof is in
@@ -18,7 +21,8 @@ underestimates ``||x||^2`` by a factor ``1 - e`` with probability at most ``2.1 
 and all ``r`` independent ones do so with at most the ``r``-th power of that.
 
 The estimate is over the integers only while no bucket wraps around the ring: a check built on
-it (protocols.norm_check) range-checks every bucket first.
+it (protocols.norm_check) range-checks every bucket first, and the coordinator checks the norm of
+the average it reveals.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import torch
 from medmpc.mpc.streams import KEY_BYTES, ChaChaStream
 
 BUCKETS = 1024  # k: the variance and each check's comparisons scale with 1/k and k
-WIDE = 1 << 16  # W: level 1's row width; a pass over x costs len(x) / W Python-level adds
+WIDE = 1 << 16  # W: level 1's buckets; a pass over x costs 2 len(x) / W Python-level adds
 REPETITIONS = 4  # r: soundness error of an all-must-pass check is the r-th power of one's
 
 
@@ -52,7 +56,8 @@ def _signs(stream: ChaChaStream, n: int) -> torch.Tensor:
 
 class Sketcher:
     """The sketch of one flat int64 vector of ``numel`` values under ``key``, fed piece by piece
-    (any order, pieces not overlapping) as the vector arrives; :meth:`result` once all are in."""
+    (any order, pieces not overlapping) as the vector arrives; :meth:`result` once all are in.
+    ``row``: level 1's row length (at most ``wide``)."""
 
     def __init__(
         self,
@@ -61,30 +66,33 @@ class Sketcher:
         *,
         buckets: int = BUCKETS,
         wide: int = WIDE,
+        row: int | None = None,
         repetitions: int = REPETITIONS,
     ) -> None:
-        if wide % buckets:
-            raise ValueError(f"the row width {wide} must be a multiple of the buckets {buckets}")
-        self.numel, self.buckets, self.wide = numel, buckets, wide
-        rows = -(-numel // wide)
-        self._streams = [_repetition_stream(key, t) for t in range(repetitions)]  # level 2 reads on in result()
-        self._patterns = np.stack([_signs(s, wide).numpy() for s in self._streams])
-        self._adds = [[bool(v > 0) for v in _signs(s, rows)] for s in self._streams]  # else subtract: the row sign
-        self._offsets = [s.bits([rows], 64).remainder(wide).tolist() for s in self._streams]
-        # rotation by o: values go to o..o+W-1 of a 2W buffer, whose tail folds back onto its head
-        self._level1 = np.zeros((repetitions, 2 * wide), dtype=np.int64)
-        self._signed = np.empty((repetitions, wide), dtype=np.int64)  # a row times each pattern
+        row = wide // 2 if row is None else row
+        if wide % buckets or not 0 < row <= wide:
+            raise ValueError(f"the width {wide} must be a multiple of the buckets {buckets}, the row {row} at most it")
+        self.numel, self.buckets, self.wide, self.row = numel, buckets, wide, row
+        rows = -(-numel // row)
+        streams = [_repetition_stream(key, t) for t in range(repetitions)]
+        self._patterns = np.stack([_signs(s, row).numpy() for s in streams])
+        self._adds = [[bool(v > 0) for v in _signs(s, rows)] for s in streams]  # else subtract: the row sign
+        self._offsets = [s.bits([rows], 64).remainder(wide).tolist() for s in streams]
+        self._level2 = [(s.bits([wide], 64).remainder(buckets), _signs(s, wide)) for s in streams]
+        # values go to o..o+row-1 of a buffer of W + row, whose tail folds back onto its head
+        self._level1 = np.zeros((repetitions, wide + row), dtype=np.int64)
+        self._signed = np.empty((repetitions, row), dtype=np.int64)  # a row times each pattern
 
     def add(self, start: int, piece: torch.Tensor) -> None:
         if piece.dtype != torch.int64 or piece.dim() != 1 or not 0 <= start <= self.numel - piece.numel():
             raise ValueError(f"a piece of {piece.numel()} {piece.dtype} values does not fit at {start}")
         values = piece.numpy()
-        w, end = self.wide, start + values.size
+        n, end = self.row, start + values.size
         lo = start
         while lo < end:
-            b = lo // w
-            hi = min(end, (b + 1) * w)
-            a, z = lo - b * w, hi - b * w
+            b = lo // n
+            hi = min(end, (b + 1) * n)
+            a, z = lo - b * n, hi - b * n
             # NumPy's int64 multiply and add run several times faster than torch's addcmul here
             signed = self._signed[:, : z - a]
             np.multiply(self._patterns[:, a:z], values[lo - start : hi - start], out=signed)
@@ -97,11 +105,11 @@ class Sketcher:
     def result(self) -> torch.Tensor:
         """``(repetitions, buckets)`` int64, in the ring."""
         w = self.wide
-        out = torch.empty(len(self._streams), self.buckets, dtype=torch.int64)
-        for t, stream in enumerate(self._streams):
-            folded = torch.from_numpy(self._level1[t, :w] + self._level1[t, w:])
-            bucket, sign = stream.bits([w], 64).remainder(self.buckets), _signs(stream, w)
-            out[t] = torch.zeros(self.buckets, dtype=torch.int64).index_add_(0, bucket, folded * sign)
+        out = torch.empty(len(self._level2), self.buckets, dtype=torch.int64)
+        for t, (bucket, sign) in enumerate(self._level2):
+            folded = self._level1[t, :w].copy()
+            folded[: self.row] += self._level1[t, w:]
+            out[t] = torch.zeros(self.buckets, dtype=torch.int64).index_add_(0, bucket, torch.from_numpy(folded) * sign)
         return out
 
 

@@ -170,8 +170,8 @@ class Aggregator:
         )
 
     def _check_bound(self, collect: Collect) -> None:
-        """A round's bound is the plan's, or (adaptive) any the ring allows: it derives from averages
-        only the coordinator sees. The statistics are not checked."""
+        """A round's bound is the plan's, or (adaptive) any up to it: it derives from averages only
+        the coordinator sees. The statistics are not checked."""
         p, bound = self.plan, collect.norm_bound
         checked = p.norm_checked and collect.tag != "stats"
         if checked != (bound is not None):
@@ -183,7 +183,7 @@ class Aggregator:
         if bound is None:
             return
         fixed = p.update_norm_factor is None or collect.round == 1
-        if (fixed and bound != p.update_norm_bound) or not bound <= norm_check.max_bound(p.fractional_bits):
+        if (fixed and bound != p.update_norm_bound) or not bound <= (p.update_norm_bound or 0.0):
             raise PeerError("coordinator", f"asked for {collect.tag!r} with norm bound {bound}, not the plan's")
 
     def _outcome(self, tag: str, withdrawn: dict[str, str], failed: dict[str, str], sum_s: float) -> Ready | Aborted:

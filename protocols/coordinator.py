@@ -366,6 +366,7 @@ class Coordinator:
             )
             request = Train(job.tag, round=r, mean=mean, std=std, class_weight=weight.tolist())
             avg, timings = self.aggregate(strategy, job, request, tensor=global_vec)
+            _check_average(job, avg)
             if central:
                 timings["central_dp"] = central.spend_round()
             global_vec = global_vec + avg
@@ -406,6 +407,19 @@ def per_hospital(rounds: list[dict[str, Any]], hospitals: list[str]) -> dict[str
 
 def _listed(reasons: dict[str, str]) -> str:
     return "; ".join(f"{h}: {why}" for h, why in reasons.items()) or "none"
+
+
+def _check_average(job: Aggregation, avg: torch.Tensor) -> None:
+    """Under the norm check, refuse an average no accepted updates could make: every accepted update
+    has norm below about the bound (twice it, but for a chance below 1e-9), and so has their mean.
+    Only an update that wrapped the ring past the check could (mpc.sketch); nothing is applied."""
+    norm = float(avg.double().norm())
+    if job.norm_bound is not None and not norm <= 2 * job.norm_bound:
+        raise RoundAborted(
+            f"{job.tag}: the revealed average update has norm {norm:.6g}, above twice the bound {job.norm_bound:.6g}, "
+            "which no average of accepted updates reaches: an update passed the check by wrapping around the ring "
+            "(secure aggregation cannot say whose); the model keeps the previous round"
+        )
 
 
 def _check_reply(hospital: str, tag: str, reply: Update | Submitted | Refused | OutOfBudget) -> None:

@@ -96,6 +96,9 @@ def prepare(n_hospitals: int, *, bound: float, fractional_bits: int) -> None:
     ``n_hospitals`` will use (a pass on zero sketches records them, CrypTen's provider caches them)."""
     crypten = crypten_compat.patched()
     provider = crypten.mpc.get_default_provider()
+    # CrypTen's provider keeps every request it ever traced (and refills them all) and the tuples
+    # an unchecked collection left; the aggregators drop both at the same point, so stay in step
+    provider.request_cache, provider.tuple_cache = [], {}
     provider.trace(True)
     try:
         placeholder = torch.zeros(n_hospitals, sketch.REPETITIONS, sketch.BUCKETS, dtype=torch.int64)

@@ -104,9 +104,9 @@ class Plan:
     # of the Gaussian noise on each of them (added inside MPC like central_dp_noise)
     stats_noise: float | None = None
     # the update norm check (protocols.norm_check): the aggregators reject, inside MPC, every
-    # update of L2 norm above update_norm_bound (round 1's, and every round's unless
-    # update_norm_factor makes round r's that factor times the norm of round r-1's revealed
-    # average update); updates are then averaged with equal weights over the accepted hospitals
+    # update of L2 norm above update_norm_bound, or, with update_norm_factor, above that factor
+    # times the norm of round r-1's revealed average update where that is smaller; updates are
+    # then averaged with equal weights over the accepted hospitals
     update_norm_bound: float | None = None
     update_norm_factor: float | None = None
     # where the aggregators' check runs: their CrypTen listeners, and the dealer's
@@ -179,14 +179,15 @@ class Plan:
         return self.update_norm_bound is not None
 
     def norm_bound(self, round_: int, previous_average_norm: float | None) -> float | None:
-        """Round ``round_``'s update norm bound: the plan's, or update_norm_factor times the norm of
-        the previous round's revealed average update (never above what the ring allows)."""
+        """Round ``round_``'s update norm bound: update_norm_bound, or, adaptive, update_norm_factor
+        times the norm of the previous round's revealed average update where that is smaller (never
+        larger: hospitals pushing the average up would otherwise raise the bound round by round)."""
         if self.update_norm_bound is None:
             return None
         if self.update_norm_factor is None or round_ == 1 or previous_average_norm is None:
             return self.update_norm_bound
         floor = 2.0**-self.fractional_bits  # a zero average must not make a bound nobody passes
-        return min(max(self.update_norm_factor * previous_average_norm, floor), max_bound(self.fractional_bits))
+        return min(max(self.update_norm_factor * previous_average_norm, floor), self.update_norm_bound)
 
     @property
     def quorum(self) -> int:

@@ -11,7 +11,6 @@ from uniformity import looks_uniform
 
 from medmpc.mpc import sketch
 from medmpc.mpc.launch import run_crypten_job
-from medmpc.protocols import norm_check
 from medmpc.protocols.plan import Plan
 
 HOOKS = Path(__file__).parent / "party_hooks"
@@ -70,10 +69,35 @@ def _fooled(x: torch.Tensor, *, offsets: bool, trials: int = 400) -> int:
 def test_an_update_built_to_cancel_in_the_sketch_is_caught_by_the_random_rotations():
     """Two rows of level 1 with one constant value each meet in every bucket whatever the rotation
     if there is none: with opposite row signs (half of the keys) they cancel completely."""
-    x = torch.zeros(2 * sketch.WIDE, dtype=torch.int64)
-    x[:] = 1 << 20
+    x = torch.full((sketch.WIDE,), 1 << 20, dtype=torch.int64)  # two rows of W / 2
     assert _fooled(x, offsets=False) >= 10  # control: 1 key in 16 (4 repetitions) without rotations
     assert _fooled(x, offsets=True) == 0
+
+
+def test_whole_rows_of_2_63_cancel_only_where_a_row_covers_every_bucket():
+    """2^63 = -2^63 in the ring: added to an even number of rows that each reach every level-1
+    bucket once, it cancels in every bucket for every key (the control, rows as wide as the
+    buckets); rows covering a random half of the buckets leave it in the sketch."""
+    g = torch.Generator().manual_seed(4)
+    honest = _dense(1.0, 3 * sketch.WIDE, g)
+    attack = honest.clone()
+    attack[: 2 * sketch.WIDE] += -(2**63)
+    keys = [os.urandom(32) for _ in range(3)]
+    assert all(
+        torch.equal(sketch.sketch(attack, k, row=sketch.WIDE), sketch.sketch(honest, k, row=sketch.WIDE)) for k in keys
+    )
+    assert not any(torch.equal(sketch.sketch(attack, k), sketch.sketch(honest, k)) for k in keys)
+
+
+def test_the_coordinator_refuses_an_average_no_accepted_updates_make():
+    from medmpc.protocols.coordinator import _check_average
+    from medmpc.protocols.strategy import Aggregation, RoundAborted
+
+    job = Aggregation(tag="round2", numel=4, round=2, divisor=3, norm_bound=1.0)
+    _check_average(job, torch.tensor([1.0, 1.0, 1.0, 0.0]))  # norm 1.7: below twice the bound
+    with pytest.raises(RoundAborted, match="round2: the revealed average update has norm 3.*wrapping"):
+        _check_average(job, torch.tensor([3.0, 0.0, 0.0, 0.0]))
+    _check_average(Aggregation(tag="round2", numel=1, round=2, divisor=3), torch.tensor([1e9]))  # no check
 
 
 # ---- the check, in MPC -----------------------------------------------------------------
@@ -85,6 +109,8 @@ def _cases(g: torch.Generator, n: int) -> dict[str, torch.Tensor]:
     edge[[3, 70_001]] = -(2**63)  # cancel mod 2^64 when they share a bucket; |value| 1.4e14
     wrap = torch.zeros(n, dtype=torch.int64)
     wrap[::1000] = 1 << 32  # every bucket a multiple of 2^32: its square wraps to 0
+    rows = honest.clone()
+    rows[: 2 * sketch.WIDE] += -(2**63)  # whole rows of 2^63 (see the test above)
     return {
         "zero": torch.zeros(n, dtype=torch.int64),
         "honest": honest,
@@ -93,10 +119,19 @@ def _cases(g: torch.Generator, n: int) -> dict[str, torch.Tensor]:
         "above": _dense(1.25 * BOUND, n, g),
         "edge": edge,
         "wrap": wrap,
+        "rows": rows,
     }
 
 
-ACCEPTED = {"zero": True, "honest": True, "boosted": False, "flipped": False, "above": False, "edge": False}
+ACCEPTED = {
+    "zero": True,
+    "honest": True,
+    "boosted": False,
+    "flipped": False,
+    "above": False,
+    "edge": False,
+    "rows": False,
+}
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +215,7 @@ def test_an_adaptive_bound_follows_the_previous_average():
     plan = Plan(update_norm_bound=50.0, update_norm_factor=3.0, min_hospitals=2)
     assert plan.norm_bound(1, None) == 50.0
     assert plan.norm_bound(2, 4.0) == 12.0
-    assert plan.norm_bound(3, 1e9) == norm_check.max_bound(plan.fractional_bits)
+    assert plan.norm_bound(3, 1e9) == 50.0  # never above the plan's: attackers cannot ratchet it up
     assert Plan(update_norm_bound=50.0, min_hospitals=2).norm_bound(5, 4.0) == 50.0
     assert plan.aggregation("round2", n_samples=999, n_hospitals=2) == (0.0, 2)
     assert "dealer" in plan.party_names and "dealer" not in Plan().party_names
@@ -205,7 +240,7 @@ def test_aggregators_take_the_bound_and_divisor_from_the_plan_not_the_coordinato
         (fixed, collect(1, None), "norm bound None"),
         (fixed, collect(2, 7.0), "norm bound 7.0"),
         (adaptive, collect(1, 7.0), "norm bound 7.0"),  # round 1 takes the plan's
-        (adaptive, collect(2, 1e6), "norm bound 1000000.0"),
+        (adaptive, collect(2, 7.0), "norm bound 7.0"),  # adaptive bounds only tighten the plan's
         (fixed, collect(0, 5.0, divisor=1, tag="stats"), "norm bound 5.0"),  # the statistics are not checked
         (fixed, collect(2, 5.0, divisor=4), "divisor"),
     ]:
