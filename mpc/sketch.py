@@ -36,7 +36,7 @@ from medmpc.mpc.streams import KEY_BYTES, ChaChaStream
 
 BUCKETS = 1024  # k: the variance and each check's comparisons scale with 1/k and k
 WIDE = 1 << 16  # W: level 1's buckets; a pass over x costs 2 len(x) / W Python-level adds
-REPETITIONS = 4  # r: soundness error of an all-must-pass check is the r-th power of one's
+REPETITIONS = 3  # r: soundness error of an all-must-pass check is the r-th power of one's
 
 
 def variance_factor(*, buckets: int = BUCKETS, wide: int = WIDE) -> float:
