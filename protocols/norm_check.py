@@ -18,9 +18,10 @@ send anything), except the last, on the count, which is below 2^15.
 What a pass means, for a key the hospital did not know (mpc.sketch's bound, ``e = 1 - 1/c^2``):
 an update of norm ``c B`` passes with probability at most ``(2.1 / (k e^2))^r``; updates whose
 entries are far beyond any model's (so large that a bucket's integer sum wraps the ring) pass
-only where every such bucket cancels to within ``T`` in every repetition. An honest dense
-update of norm ``B / 1.25`` is rejected with probability at most ``r 2.1 / (k 0.5625^2)``
-(Chebyshev; for dense updates the estimate's relative spread is about ``sqrt(2/k)``).
+only where every such bucket cancels to within ``T`` in every repetition (behind this, the
+coordinator refuses an average above ``2B``). An honest update of norm ``B / 1.25`` is rejected
+with probability at most ``r 2.1 / (k 0.5625^2)`` (Chebyshev, any update; for dense updates the
+estimate's relative spread is about ``sqrt(2/k)``).
 """
 
 from __future__ import annotations
