@@ -56,6 +56,7 @@ from typing import Any
 import torch
 
 from medmpc.mpc import streams
+from medmpc.mpc.launch import TIMEOUT_ENV
 
 _SECURE_PROVIDERS = ("TTP",)
 _INSECURE_PROVIDERS = ("TFP",)
@@ -313,9 +314,7 @@ def init_party(*, timeout_s: float, provider: str = "TTP", allow_insecure: bool 
 
 
 def _set_peer_timeout(timeout_s: float) -> None:
-    from medmpc.mpc import tls_communicator  # after install(), which it needs
-
-    os.environ[tls_communicator.TIMEOUT_ENV] = str(timeout_s)
+    os.environ[TIMEOUT_ENV] = str(timeout_s)
 
 
 def run_dealer(*, timeout_s: float) -> None:

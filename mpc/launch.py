@@ -34,7 +34,22 @@ from medmpc.mpc import pki
 
 DEFAULT_TIMEOUT_S = 120.0
 CRYPTEN_PORT = 29500  # a CrypTen party's listener, where each host's ports are its own
+# how a CrypTen process finds the others (mpc.tls_communicator reads them)
+PARTIES_ENV, LISTEN_ENV, TLS_DIR_ENV = "MEDMPC_PARTIES", "MEDMPC_LISTEN", "MEDMPC_TLS_DIR"
+PLAINTEXT_ENV, TIMEOUT_ENV = "MEDMPC_PLAINTEXT_TRANSPORT", "MEDMPC_PEER_TIMEOUT"
 PARTY_NAMES_ENV = "MEDMPC_PARTY_NAMES"  # every rank's name, the dealer's last (else party<R>, dealer)
+
+
+def channel_environment(*, parties: str, tls_dir: str | None, listen: str = "") -> dict[str, str]:
+    """The environment mpc.tls_communicator connects by: ``parties``, every rank's HOST:PORT (the
+    dealer's last); ``listen``, where this process binds if not at its own entry; ``tls_dir``, the
+    federation folder, or None for the plaintext transport (measurements only)."""
+    return {
+        PARTIES_ENV: parties,
+        LISTEN_ENV: listen,
+        TLS_DIR_ENV: tls_dir or "",
+        PLAINTEXT_ENV: "1" if tls_dir is None else "",
+    }
 
 
 class PartyError(RuntimeError):

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from medmpc.mpc import crypten_compat
+from medmpc.mpc.launch import channel_environment
 
 
 def resolve_job(spec: str) -> Callable[..., Any]:
@@ -61,12 +62,9 @@ def add_channel_args(p: argparse.ArgumentParser) -> None:
 
 
 def channel_env(a: argparse.Namespace) -> dict[str, str]:
-    return {
-        "MEDMPC_PARTIES": a.parties,
-        "MEDMPC_LISTEN": a.listen or "",
-        "MEDMPC_TLS_DIR": a.mpc_tls_dir or "",
-        "MEDMPC_PLAINTEXT_TRANSPORT": "1" if a.plaintext_transport else "",
-    }
+    """The channel environment from :func:`add_channel_args`' flags."""
+    tls_dir = None if a.plaintext_transport else a.mpc_tls_dir
+    return channel_environment(parties=a.parties, tls_dir=tls_dir, listen=a.listen or "")
 
 
 def main(argv: list[str] | None = None) -> None:

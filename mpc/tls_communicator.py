@@ -33,14 +33,11 @@ from crypten.communicator.communicator import Communicator, _logging
 from torch.distributed import ReduceOp
 
 from medmpc.mpc import pki
-from medmpc.mpc.launch import party_name
+from medmpc.mpc.launch import LISTEN_ENV, PARTIES_ENV, PLAINTEXT_ENV, TIMEOUT_ENV, TLS_DIR_ENV, party_name
 from medmpc.mpc.transport import Channel, Listener, PeerError, Traffic, connect
 
 # the two message kinds between CrypTen parties: a tensor, and a pickled object (restricted unpickler)
 TENSOR, OBJECT = "t", "obj"
-
-PARTIES_ENV, TLS_DIR_ENV, TIMEOUT_ENV = "MEDMPC_PARTIES", "MEDMPC_TLS_DIR", "MEDMPC_PEER_TIMEOUT"
-PLAINTEXT_ENV, LISTEN_ENV = "MEDMPC_PLAINTEXT_TRANSPORT", "MEDMPC_LISTEN"
 
 
 def _plain(tensor: Any) -> torch.Tensor:

@@ -63,7 +63,8 @@ class Bench:
 
 def bench_update(plan: Plan, bench: Bench, index: int) -> torch.Tensor:
     """Hospital ``index``'s random update; the coordinator regenerates it to measure the error."""
-    # torch's generator on purpose: public random updates that the coordinator regenerates
+    # torch's generator on purpose: public random updates that the coordinator regenerates to
+    # measure the error; no secret depends on them (the masks and seeds come from mpc.prg)
     g = torch.Generator().manual_seed(plan.seed * 100 + index)
     update = torch.randn(bench.params, generator=g)
     if plan.update_norm_bound is not None:  # well inside the bound: every hospital is accepted

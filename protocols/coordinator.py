@@ -366,12 +366,13 @@ class Coordinator:
             )
             request = Train(job.tag, round=r, mean=mean, std=std, class_weight=weight.tolist())
             avg, timings = self.aggregate(strategy, job, request, tensor=global_vec)
-            _check_average(job, avg)
+            average_norm = float(avg.double().norm())
+            _check_average(job, average_norm)
             if central:
                 timings["central_dp"] = central.spend_round()
             global_vec = global_vec + avg
             load_vector(model, global_vec)
-            record = {"round": r, **timings, "average_norm": float(avg.double().norm())}
+            record = {"round": r, **timings, "average_norm": average_norm}
             if job.norm_bound is not None:
                 record["norm_bound"] = job.norm_bound
             rounds.append(record)
@@ -409,11 +410,11 @@ def _listed(reasons: dict[str, str]) -> str:
     return "; ".join(f"{h}: {why}" for h, why in reasons.items()) or "none"
 
 
-def _check_average(job: Aggregation, avg: torch.Tensor) -> None:
-    """Under the norm check, refuse an average no accepted updates could make: every accepted update
-    has norm below about the bound (twice it, but for a chance below 1e-9), and so has their mean.
-    Only an update that wrapped the ring past the check could (mpc.sketch); nothing is applied."""
-    norm = float(avg.double().norm())
+def _check_average(job: Aggregation, norm: float) -> None:
+    """Under the norm check, refuse an average (of L2 norm ``norm``) no accepted updates could make:
+    every accepted update has norm below about the bound (twice it, but for a chance below 1e-7),
+    and so has their mean. Only an update that wrapped the ring past the check could (mpc.sketch);
+    nothing is applied."""
     if job.norm_bound is not None and not norm <= 2 * job.norm_bound:
         raise RoundAborted(
             f"{job.tag}: the revealed average update has norm {norm:.6g}, above twice the bound {job.norm_bound:.6g}, "

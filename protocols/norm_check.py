@@ -29,12 +29,11 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from typing import Any
 
 import torch
 
 from medmpc.mpc import comparison, crypten_compat, sketch
-from medmpc.mpc.launch import PARTY_NAMES_ENV
+from medmpc.mpc.launch import PARTY_NAMES_ENV, channel_environment
 from medmpc.mpc.streams import KEY_BYTES
 
 _COUNT_BITS = 16  # the violation count is at most 2 r k + r, below 2^15
@@ -45,19 +44,14 @@ def max_bound(fractional_bits: int, *, buckets: int = sketch.BUCKETS) -> float:
     return math.floor(math.sqrt(2.0**62 / buckets)) / 2.0**fractional_bits
 
 
-def world_environment(*, rank: int, names: list[str], addresses: list[str], tls_dir: str | None) -> dict[str, str]:
+def world_environment(
+    *, rank: int, names: list[str], addresses: list[str], tls_dir: str | None, listen: str = ""
+) -> dict[str, str]:
     """The environment that makes CrypTen (mpc.tls_communicator) join the aggregators' world as
-    ``names[rank]``: ``names`` and ``addresses`` list the aggregators by index, the dealer last;
-    ``tls_dir``: the federation folder, or None for the plaintext transport (measurements only)."""
-    return {
-        "RANK": str(rank),
-        "WORLD_SIZE": str(len(names) - 1),
-        PARTY_NAMES_ENV: ",".join(names),
-        "MEDMPC_PARTIES": ",".join(addresses),
-        "MEDMPC_LISTEN": "",
-        "MEDMPC_TLS_DIR": tls_dir or "",
-        "MEDMPC_PLAINTEXT_TRANSPORT": "1" if tls_dir is None else "",
-    }
+    ``names[rank]``: ``names`` and ``addresses`` list the aggregators by index, the dealer last
+    (``tls_dir`` and ``listen`` as for :func:`mpc.launch.channel_environment`)."""
+    world = {"RANK": str(rank), "WORLD_SIZE": str(len(names) - 1), PARTY_NAMES_ENV: ",".join(names)}
+    return world | channel_environment(parties=",".join(addresses), tls_dir=tls_dir, listen=listen)
 
 
 def join(environment: dict[str, str], *, timeout_s: float) -> None:
@@ -115,25 +109,19 @@ def traffic() -> tuple[int, int]:
     return int(stats["bytes"]), int(stats["rounds"])
 
 
-def _below_zero(x: Any, *, bits: int = comparison.FULL_RING) -> Any:
-    return comparison.less_than_zero(x, bits=bits)
-
-
 def accepted(sketches: torch.Tensor, *, bound: float, fractional_bits: int) -> list[bool]:
     """Run by every aggregator at once on its shares of the hospitals' sketches, ``(N, r, k)``
     int64 in hospital order: whether each hospital's update passes the bound ``bound``."""
     n, _, buckets = sketches.shape
-    if not 0 < bound <= max_bound(fractional_bits, buckets=buckets):
-        raise ValueError(
-            f"update norm bound {bound} is outside (0, {max_bound(fractional_bits, buckets=buckets):g}] "
-            f"at {fractional_bits} fractional bits"
-        )
+    top = max_bound(fractional_bits, buckets=buckets)
+    if not 0 < bound <= top:
+        raise ValueError(f"update norm bound {bound} is outside (0, {top:g}] at {fractional_bits} fractional bits")
     crypten = crypten_compat.patched()
     limit = math.floor(bound * 2.0**fractional_bits)
     y = crypten.mpc.MPCTensor.from_shares(sketches, precision=0)
     # y < -T, y > T and the squared lengths above T^2, compared at once (one comparison's rounds)
     squares = y.square().sum(dim=2)
     tests = crypten.cat([(y + limit).view(n, -1), (limit - y).view(n, -1), limit * limit - squares], dim=1)
-    count = _below_zero(tests).sum(dim=1)
-    accept = _below_zero(count - 1, bits=_COUNT_BITS)
+    count = comparison.less_than_zero(tests).sum(dim=1)
+    accept = comparison.less_than_zero(count - 1, bits=_COUNT_BITS)
     return [bool(v) for v in accept.get_plain_text().round().long().tolist()]

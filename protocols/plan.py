@@ -295,12 +295,10 @@ class Plan:
         names = [*self.aggregator_names, "dealer"]
         rank = names.index(party)
         plaintext = self.identity(party) is None  # refuses a plan with neither credentials nor plaintext
-        env = world_environment(
-            rank=rank, names=names, addresses=addresses, tls_dir=None if plaintext else self.tls_dir
+        listen = f"{self.bind}:{addresses[rank].rsplit(':', 1)[1]}" if self.bind else ""
+        return world_environment(
+            rank=rank, names=names, addresses=addresses, tls_dir=None if plaintext else self.tls_dir, listen=listen
         )
-        if self.bind:
-            env["MEDMPC_LISTEN"] = f"{self.bind}:{addresses[rank].rsplit(':', 1)[1]}"
-        return env
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
