@@ -31,15 +31,38 @@ from typing import Any
 import numpy as np
 import torch
 
-from medmpc.mpc import crypten_compat
+from medmpc.mpc import crypten_compat, relu_gate
 
 FULL_RING = 64
 
 
 def relu(x: Any, *, bits: int = FULL_RING) -> Any:
     """ReLU of a CrypTen MPCTensor whose values (fixed-point units) are known to lie in
-    [-2^(bits-1), 2^(bits-1)); exact for any value with ``bits=64`` (as CrypTen's: ``x [x >= 0]``)."""
+    [-2^(bits-1), 2^(bits-1)); exact for any value with ``bits=64`` (as CrypTen's: ``x [x >= 0]``).
+    Two CPU parties with a dealer use its one-round key (mpc.relu_gate), others ``x [x >= 0]``."""
+    crypten = crypten_compat.patched()
+    if _one_round(crypten, x):
+        return _gate_relu(crypten, x, bits)
     return x * (1 - less_than_zero(x, bits=bits))
+
+
+def _one_round(crypten: Any, x: Any) -> bool:
+    two_parties = crypten.communicator.get().get_world_size() == 2
+    return two_parties and not x._tensor.share.is_cuda and crypten.cfg.mpc.provider == "TTP"
+
+
+def _gate_relu(crypten: Any, x: Any, bits: int) -> Any:
+    """One opening of ``x + r mod 2^bits`` (packed to the smallest word), then local evaluation."""
+    if not 2 <= bits <= FULL_RING:
+        raise ValueError(f"comparison ring bits must be in 2..{FULL_RING}, got {bits}")
+    share = x._tensor.share
+    flat = share.reshape(-1).contiguous().numpy().view(np.uint64)
+    key = crypten.mpc.get_default_provider().relu_keys(flat.size, bits)
+    mine = torch.from_numpy(relu_gate.pack(relu_gate.masked_share(key, flat), bits))
+    parts = crypten.communicator.get().all_gather(mine)
+    out = relu_gate.evaluate(key, relu_gate.combine([p.numpy() for p in parts], bits, flat.size))
+    result = torch.from_numpy(out.view(np.int64)).reshape(share.shape)
+    return crypten.mpc.MPCTensor.from_shares(result, precision=x.encoder._precision_bits)
 
 
 def less_than_zero(x: Any, *, bits: int = FULL_RING) -> Any:

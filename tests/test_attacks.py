@@ -14,6 +14,11 @@ legitimately know (tests/party_hooks/views.py). The attacks:
 With ChaCha20 streams (mpc.streams) the same attacks must find nothing; the control
 runs the very same protocol with MT19937 streams (tests/party_hooks/weak_stream.py)
 and the attacks must succeed there, each within one fixed-point step.
+
+Inference's ReLUs take the dealer's one-round keys (mpc.relu_gate), which open no AND; the
+views here are recorded with the bit-sliced comparison that the norm check and three or more
+parties still use (``MEDMPC_TEST_COMPARISON=bit-sliced``), the protocol whose first AND shows
+raw stream words. tests/test_relu_gate.py attacks the one-round openings.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import mersenne
 import numpy as np
 import pytest
 import torch
+from scipy import stats
 
 from medmpc.imaging.dataset import load_dataset
 from medmpc.mpc import prg, streams
@@ -71,12 +77,14 @@ def images(trained_checkpoint, chest_xray) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def chacha_views(trained_checkpoint, images) -> list[dict]:
-    return _recorded_inference(trained_checkpoint, images)
+    return _recorded_inference(trained_checkpoint, images, MEDMPC_TEST_COMPARISON="bit-sliced")
 
 
 @pytest.fixture(scope="module")
 def mersenne_views(trained_checkpoint, images) -> list[dict]:
-    return _recorded_inference(trained_checkpoint, images, MEDMPC_TEST_STREAM="mt19937")
+    return _recorded_inference(
+        trained_checkpoint, images, MEDMPC_TEST_STREAM="mt19937", MEDMPC_TEST_COMPARISON="bit-sliced"
+    )
 
 
 # ---- the attacker's side: nothing but its own view ----------------------------------------
@@ -144,6 +152,25 @@ def predicts_peer_stream(view: dict, attacker: int) -> bool:
 def _conv_weights(checkpoint: Path) -> dict[torch.Size, torch.Tensor]:
     params = compile_model(Checkpoint.load(checkpoint).build()).parameters
     return {v.shape: v for v in params.values() if v.dim() == 4}
+
+
+def _looks_uniform_below(values: np.ndarray, bits: int) -> bool:
+    """Every one of the ``bits`` low bit positions set about half the time (5 sigma), and a KS test
+    for uniformity on [0, 2^bits)."""
+    ones = np.stack([(values >> np.uint64(b)) & np.uint64(1) for b in range(bits)], 1).mean(0)
+    sigma = 0.5 / values.size**0.5
+    unit = values.astype(np.float64) / 2.0**bits
+    return bool((np.abs(ones - 0.5) < 5 * sigma).all()) and stats.kstest(unit, "uniform").pvalue > 1e-4
+
+
+def gate_openings_look_uniform(view: dict) -> bool:
+    """Whether every one-round ReLU opening of the online pass (the second half: the offline pass
+    ran the same gates on a zero placeholder) looks uniform in its ring, pooled by ring size."""
+    online = view["gate"][len(view["gate"]) // 2 :]
+    by_bits: dict[int, list[np.ndarray]] = {}
+    for g in online:
+        by_bits.setdefault(g["bits"], []).append(g["opened"])
+    return bool(online) and all(_looks_uniform_below(np.concatenate(v), b) for b, v in by_bits.items())
 
 
 # ---- the tests ----------------------------------------------------------------------------
@@ -232,3 +259,23 @@ def test_a_service_request_draws_nothing_from_torch_or_numpy_generators(trained_
         with pytest.raises(PartyError, match="not a CSPRNG"):
             with LocalService(trained_checkpoint, tokens, peer_timeout_s=20):
                 pass
+
+
+@pytest.fixture(scope="module")
+def gate_views(trained_checkpoint, images) -> list[dict]:
+    return _recorded_inference(trained_checkpoint, images)
+
+
+def test_one_round_relu_openings_look_uniform_to_each_party(trained_checkpoint, images, gate_views):
+    """Each party's view of the one-round ReLUs: every opened ``x + r mod 2^L`` looks uniform, and
+    no AND is opened at all; the control masks with zero, and the openings are the activations."""
+    with torch.no_grad():
+        plain = Checkpoint.load(trained_checkpoint).build()(images)
+    assert (gate_views[1]["result"]["logits"] - plain).abs().max() < 0.05
+    for party in gate_views:
+        assert party["view"]["gate"] and not any(r["xor"] for r in party["view"]["opened"])
+        assert gate_openings_look_uniform(party["view"])
+    unmasked = _recorded_inference(trained_checkpoint, images, MEDMPC_TEST_GATE_MASK="zero")
+    assert (unmasked[1]["result"]["logits"] - plain).abs().max() < 0.05  # the same answers, unprotected
+    for party in unmasked:
+        assert not gate_openings_look_uniform(party["view"])

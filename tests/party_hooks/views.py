@@ -1,8 +1,10 @@
 """Party jobs for the attack tests: an encrypted inference during which a party records its view.
 
 A party's view is what it may legitimately know: every value it helped open (its own
-contribution and the opened result, so the peer's message is their difference, or XOR)
-and its own share of every tensor shared with ``crypten_compat.encrypt``.
+contribution and the opened result, so the peer's message is their difference, or XOR;
+for a gathered opening, every party's contribution, and for a one-round ReLU the opened
+masked input with its ring) and its own share of every tensor shared with
+``crypten_compat.encrypt``.
 """
 
 from __future__ import annotations
@@ -11,14 +13,14 @@ from typing import Any
 
 import torch
 
-from medmpc.mpc import crypten_compat
+from medmpc.mpc import crypten_compat, relu_gate
 from medmpc.protocols import inference
 
 
 def _record_view(view: dict[str, list[Any]]) -> None:
     crypten = crypten_compat.patched()
     comm = crypten.communicator.get()
-    all_reduce, encrypt = comm.all_reduce, crypten_compat.encrypt
+    all_reduce, all_gather, encrypt = comm.all_reduce, comm.all_gather, crypten_compat.encrypt
 
     def recording_all_reduce(tensors: Any, op: Any = torch.distributed.ReduceOp.SUM, batched: bool = False) -> Any:
         mine = [t.clone() for t in (tensors if batched else [tensors])]
@@ -32,18 +34,32 @@ def _record_view(view: dict[str, list[Any]]) -> None:
         )
         return opened
 
+    def recording_all_gather(tensor: Any) -> Any:
+        parts = all_gather(tensor)
+        view["gathered"].append({"mine": tensor.clone(), "parts": [p.clone() for p in parts]})
+        return parts
+
     def recording_encrypt(tensor: torch.Tensor, *, src: int = 0) -> Any:
         shared = encrypt(tensor, src=src)
         view["own_shares"].append(shared._tensor.share.clone())
         return shared
 
+    combine = relu_gate.combine
+
+    def recording_combine(parts: list[Any], bits: int, size: int) -> Any:
+        opened = combine(parts, bits, size)
+        view["gate"].append({"bits": bits, "opened": opened.copy()})
+        return opened
+
     comm.all_reduce = recording_all_reduce
+    comm.all_gather = recording_all_gather
+    relu_gate.combine = recording_combine
     crypten_compat.encrypt = recording_encrypt
 
 
 def recorded_forward(*, rank: int, world_size: int, **kwargs: Any) -> dict[str, Any]:
     """``protocols.inference.encrypted_forward``, returning this party's view beside its result."""
-    view: dict[str, list[Any]] = {"opened": [], "own_shares": []}
+    view: dict[str, list[Any]] = {"opened": [], "gathered": [], "gate": [], "own_shares": []}
     _record_view(view)
     return {"result": inference.encrypted_forward(rank=rank, world_size=world_size, **kwargs), "view": view}
 
@@ -66,7 +82,7 @@ def recorded_norm_check(
     every party's, by rank), returning this party's view beside the bits."""
     from medmpc.protocols import norm_check
 
-    view: dict[str, list[Any]] = {"opened": [], "own_shares": []}
+    view: dict[str, list[Any]] = {"opened": [], "gathered": [], "gate": [], "own_shares": []}
     _record_view(view)
     mine = torch.load(sketches, weights_only=True)[rank]
     bits = norm_check.accepted(mine, bound=bound, fractional_bits=fractional_bits)

@@ -1,0 +1,325 @@
+"""Distributed comparison functions: two keys that secret-share ``beta * [x < alpha]`` at any ``x``.
+
+Boyle, Chandran, Gilboa, Gupta, Ishai, Kumar and Rathee, "Function secret sharing for
+mixed-mode and fixed-point secure computation" (Eurocrypt 2021), Fig. 1. The dealer knows
+``alpha`` (an ``n``-bit integer) and ``beta`` (``m`` elements of Z/2^64) and makes keys
+``k0, k1``; for every public ``x`` in [0, 2^n), ``eval(0, k0, x) + eval(1, k1, x) =
+beta * [x < alpha]`` (mod 2^64), and each key alone is pseudorandom: it reveals nothing of
+``alpha`` or ``beta`` to a party that does not also hold the other key.
+
+A key is a 128-bit root seed and, per level of the binary tree over ``x``'s bits (most
+significant first), a seed correction word, two control-bit corrections and ``m`` value
+corrections, plus a last value correction: ``16 + n (16 + 8m) + 2n/8 + 8m`` bytes.
+Evaluating one key walks one path of the tree: ``n`` expansions of one seed.
+
+The PRG is fixed-key AES-128 in Matyas-Meyer-Oseas form, ``G(s)_j = AES_K(s ^ j) ^ s ^ j``
+with a public key ``K`` and output block index ``j``, as in the FSS implementations this
+follows (LLAMA, Orca): a pseudorandom generator if AES with a fixed key is a random
+permutation. Because every output block has its own index, a party evaluates only the
+blocks of the child it walks to. Every element is independent: one call makes or
+evaluates keys for a whole tensor of comparisons, vectorised over NumPy arrays of uint64.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from medmpc.mpc import prg
+
+_AES_KEY = b"medmpc DCF PRG\x00\x01"  # public: the PRG's security rests on the seeds alone
+SEED_WORDS = 2  # a 128-bit seed as two uint64
+_CHUNK = 1 << 15  # elements walked together: their seeds, sums and blocks stay in the CPU's caches
+
+
+@dataclass
+class Key:
+    """One party's key for ``N`` comparisons over ``n``-bit inputs with ``m``-element outputs.
+
+    ``seeds`` (N, 2), ``seed_cw`` (n, N, 2), ``bit_cw`` (n, N, 2) of 0/1 (left, right), ``value_cw``
+    (n, N, m), ``last_cw`` (N, m): all uint64 but ``bit_cw`` (uint8). Used once: :func:`evaluate`
+    refuses a key it has evaluated before, since two evaluations of one key reveal the difference
+    of two comparisons with one secret threshold."""
+
+    party: int
+    seeds: np.ndarray
+    seed_cw: np.ndarray
+    bit_cw: np.ndarray
+    value_cw: np.ndarray
+    last_cw: np.ndarray
+    used: bool = False
+
+    @property
+    def bits(self) -> int:
+        return int(self.seed_cw.shape[0])
+
+    @property
+    def size(self) -> int:
+        return int(self.seeds.shape[0])
+
+    @property
+    def outputs(self) -> int:
+        return int(self.last_cw.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes on the wire: control bits packed eight to a byte."""
+        packed_bits = math.ceil(self.bit_cw.size / 8)
+        return self.seeds.nbytes + self.seed_cw.nbytes + packed_bits + self.value_cw.nbytes + self.last_cw.nbytes
+
+
+def _value_blocks(m: int) -> int:
+    return math.ceil(m / 2)
+
+
+def _encrypt(blocks: np.ndarray) -> np.ndarray:
+    """``AES_K(b)`` for every 128-bit block of ``blocks`` (C-contiguous uint64, last axis 2)."""
+    room = np.empty(blocks.size + 2, np.uint64)  # cryptography wants a block of room past the output
+    encryptor = Cipher(algorithms.AES(_AES_KEY), modes.ECB()).encryptor()
+    encryptor.update_into(blocks.data.cast("B"), room.data.cast("B"))
+    return room[: blocks.size].reshape(blocks.shape)
+
+
+def _aes(blocks: np.ndarray) -> np.ndarray:
+    """``AES_K(b) ^ b`` (the PRG's output) for every block."""
+    data = np.ascontiguousarray(blocks)
+    out = _encrypt(data)
+    out ^= data
+    return out
+
+
+def _expand(seeds: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """``G(seed)_j`` for every seed (N, 2) and every block index j in ``indices`` (N, k):
+    (N, k, 2) uint64."""
+    blocks = np.repeat(seeds[:, None, :], indices.shape[1], axis=1)
+    blocks[:, :, 0] ^= indices.astype(np.uint64)
+    return _aes(blocks)
+
+
+def _leaf(seeds: np.ndarray, m: int) -> np.ndarray:
+    """``m`` value words from each leaf seed (N, m)."""
+    vb = _value_blocks(m)
+    indices = np.broadcast_to(2 + 2 * vb + np.arange(vb), (seeds.shape[0], vb))  # after the levels' indices
+    return _expand(seeds, indices).reshape(seeds.shape[0], 2 * vb)[:, :m]
+
+
+def _signed(values: np.ndarray, negative: np.ndarray) -> np.ndarray:
+    """``values`` (N, m) negated (mod 2^64) where ``negative`` (N,) is 1."""
+    flip = negative.astype(bool)[:, None]
+    return np.where(flip, np.uint64(0) - values, values)
+
+
+def _times(bit: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``bit * values``: rows of ``values`` kept where ``bit`` (N,) is 1, else zero."""
+    return values * bit.astype(np.uint64).reshape(-1, *([1] * (values.ndim - 1)))
+
+
+def _random_seeds(n: int) -> np.ndarray:
+    seeds = prg.random_ring(SEED_WORDS * n).numpy().view(np.uint64).reshape(n, SEED_WORDS).copy()
+    seeds[:, 0] &= ~np.uint64(1)
+    return seeds
+
+
+def _check_inputs(values: np.ndarray, bits: int, what: str) -> np.ndarray:
+    if not 1 <= bits <= 64:
+        raise ValueError(f"DCF input bits must be in 1..64, got {bits}")
+    values = np.asarray(values)
+    if values.dtype != np.uint64 or values.ndim != 1:
+        raise ValueError(f"{what} must be a 1-d uint64 array, got {values.dtype} with shape {values.shape}")
+    if bits < 64 and values.size and int(values.max()) >> bits:
+        raise ValueError(f"{what} has values of more than {bits} bits")
+    return values
+
+
+def generate(alpha: np.ndarray, beta: np.ndarray, bits: int) -> tuple[Key, Key]:
+    """Keys for ``beta[i] * [x < alpha[i]]`` over ``bits``-bit inputs: ``alpha`` (N,) uint64 below
+    2^bits, ``beta`` (N, m) uint64; seeds from the CSPRNG (mpc.prg)."""
+    alpha = _check_inputs(alpha, bits, "alpha")
+    beta = np.ascontiguousarray(beta, dtype=np.uint64)
+    if beta.ndim != 2 or beta.shape[0] != alpha.size:
+        raise ValueError(f"beta must be (N, m) with N = {alpha.size}, got shape {beta.shape}")
+    n_elems, m = beta.shape
+    vb = _value_blocks(m)
+    roots = np.stack([_random_seeds(n_elems), _random_seeds(n_elems)])
+    seeds = roots.copy()
+    control = np.zeros((2, n_elems), np.uint8)
+    control[1] = 1
+    v_alpha = np.zeros((n_elems, m), np.uint64)
+    seed_cw = np.empty((bits, n_elems, SEED_WORDS), np.uint64)
+    bit_cw = np.empty((bits, n_elems, 2), np.uint8)
+    value_cw = np.empty((bits, n_elems, m), np.uint64)
+    blocks = np.empty((2, n_elems, 2 + 2 * vb, 2), np.uint64)  # both parties, both children
+    for level in range(bits):
+        shift = bits - 1 - level
+        _both_children(seeds, blocks)
+        _deal_step(
+            blocks,
+            _encrypt(blocks),
+            alpha,
+            shift,
+            beta,
+            v_alpha,
+            control,
+            seeds,
+            seed_cw[level],
+            bit_cw[level],
+            value_cw[level],
+        )
+    last_cw = _leaf(seeds[1], m) - _leaf(seeds[0], m) - v_alpha
+    last_cw = _signed(last_cw, control[1])
+    return tuple(  # type: ignore[return-value]
+        Key(b, roots[b], seed_cw, bit_cw, value_cw, last_cw) for b in (0, 1)
+    )
+
+
+@numba.njit(cache=True, nogil=True)
+def _both_children(seeds: np.ndarray, blocks: np.ndarray) -> None:
+    """Every PRG input block of both parties' seeds: block ``q`` is the seed with index ``q``."""
+    for p in range(2):
+        for i in range(seeds.shape[1]):
+            for q in range(blocks.shape[2]):
+                blocks[p, i, q, 0] = seeds[p, i, 0] ^ q
+                blocks[p, i, q, 1] = seeds[p, i, 1]
+
+
+@numba.njit(cache=True, nogil=True)
+def _deal_step(
+    blocks: np.ndarray,
+    out: np.ndarray,
+    alpha: np.ndarray,
+    shift: int,
+    beta: np.ndarray,
+    v_alpha: np.ndarray,
+    control: np.ndarray,
+    seeds: np.ndarray,
+    seed_cw: np.ndarray,
+    bit_cw: np.ndarray,
+    value_cw: np.ndarray,
+) -> None:
+    """One level of Gen (Boyle et al., Fig. 1) for every element, from AES's ``out`` on ``blocks``:
+    the correction words that keep both parties' walks apart below ``alpha`` and equal elsewhere."""
+    m = beta.shape[1]
+    vb = (m + 1) // 2
+    for i in range(alpha.size):
+        a = (alpha[i] >> shift) & 1  # 1: alpha goes right, so the left child is lost
+        lose, keep = 1 - a, a
+        t1 = control[1, i]
+        s_lose0 = (out[0, i, lose, 0] ^ blocks[0, i, lose, 0]) & ~np.uint64(1)
+        s_lose1 = (out[1, i, lose, 0] ^ blocks[1, i, lose, 0]) & ~np.uint64(1)
+        cw0 = s_lose0 ^ s_lose1
+        cw1 = (out[0, i, lose, 1] ^ blocks[0, i, lose, 1]) ^ (out[1, i, lose, 1] ^ blocks[1, i, lose, 1])
+        seed_cw[i, 0] = cw0
+        seed_cw[i, 1] = cw1
+        for j in range(m):
+            ql, qk = 2 + lose * vb + j // 2, 2 + keep * vb + j // 2
+            w = j % 2
+            v_lose = (out[1, i, ql, w] ^ blocks[1, i, ql, w]) - (out[0, i, ql, w] ^ blocks[0, i, ql, w])
+            v_keep = (out[1, i, qk, w] ^ blocks[1, i, qk, w]) - (out[0, i, qk, w] ^ blocks[0, i, qk, w])
+            cw = v_lose - v_alpha[i, j]
+            if a == 1:
+                cw += beta[i, j]
+            if t1:
+                cw = np.uint64(0) - cw
+            value_cw[i, j] = cw
+            v_alpha[i, j] = v_alpha[i, j] - v_keep + (np.uint64(0) - cw if t1 else cw)
+        bits_l = ((out[0, i, 0, 0] ^ blocks[0, i, 0, 0]) ^ (out[1, i, 0, 0] ^ blocks[1, i, 0, 0])) & 1
+        bits_r = ((out[0, i, 1, 0] ^ blocks[0, i, 1, 0]) ^ (out[1, i, 1, 0] ^ blocks[1, i, 1, 0])) & 1
+        bit_cw[i, 0] = bits_l ^ a ^ 1
+        bit_cw[i, 1] = bits_r ^ a
+        keep_cw = bit_cw[i, keep]
+        for p in range(2):
+            tp = control[p, i]
+            s0 = out[p, i, keep, 0] ^ blocks[p, i, keep, 0]
+            s1 = out[p, i, keep, 1] ^ blocks[p, i, keep, 1]
+            bit = s0 & 1
+            s0 ^= bit
+            if tp:
+                s0 ^= cw0
+                s1 ^= cw1
+                bit ^= keep_cw
+            seeds[p, i, 0] = s0
+            seeds[p, i, 1] = s1
+            control[p, i] = bit
+
+
+def evaluate(key: Key, x: np.ndarray) -> np.ndarray:
+    """This party's share (N, m) uint64 of ``beta * [x < alpha]`` at the public inputs ``x`` (N,)."""
+    if key.used:
+        raise ValueError(f"DCF key of party {key.party} evaluated twice: a key is used for one input only")
+    x = _check_inputs(x, key.bits, "x")
+    if x.size != key.size:
+        raise ValueError(f"DCF key holds {key.size} comparisons, got {x.size} inputs")
+    key.used = True
+    total = np.empty((key.size, key.outputs), np.uint64)
+    for lo in range(0, key.size, _CHUNK):
+        part = slice(lo, lo + _CHUNK)
+        total[part] = _walk(key, x[part], part)
+    return np.uint64(0) - total if key.party else total
+
+
+def _walk(key: Key, x: np.ndarray, part: slice) -> np.ndarray:
+    """The unsigned sum of values along the walks of ``x``, for the elements ``part`` of ``key``."""
+    n_elems, m = x.size, key.outputs
+    vb = _value_blocks(m)
+    seeds = key.seeds[part].copy()
+    t = np.full(n_elems, key.party, np.uint8)
+    total = np.zeros((n_elems, m), np.uint64)
+    blocks = np.empty((n_elems, 1 + vb, 2), np.uint64)
+    for level in range(key.bits):
+        shift = key.bits - 1 - level
+        _walk_inputs(seeds, x, shift, vb, blocks)
+        corrections = key.seed_cw[level, part], key.bit_cw[level, part], key.value_cw[level, part]
+        _walk_step(blocks, _encrypt(blocks), x, shift, *corrections, t, seeds, total)
+    total += _leaf(seeds, m) + _times(t, key.last_cw[part])
+    return total
+
+
+@numba.njit(cache=True, nogil=True)
+def _walk_inputs(seeds: np.ndarray, x: np.ndarray, shift: int, vb: int, blocks: np.ndarray) -> None:
+    """The PRG input blocks of the child each ``x`` walks to: its seed block, then its value blocks."""
+    for i in range(seeds.shape[0]):
+        side = (x[i] >> shift) & 1
+        blocks[i, 0, 0] = seeds[i, 0] ^ side
+        blocks[i, 0, 1] = seeds[i, 1]
+        for k in range(vb):
+            blocks[i, 1 + k, 0] = seeds[i, 0] ^ (2 + side * vb + k)
+            blocks[i, 1 + k, 1] = seeds[i, 1]
+
+
+@numba.njit(cache=True, nogil=True)
+def _walk_step(
+    blocks: np.ndarray,
+    out: np.ndarray,
+    x: np.ndarray,
+    shift: int,
+    seed_cw: np.ndarray,
+    bit_cw: np.ndarray,
+    value_cw: np.ndarray,
+    t: np.ndarray,
+    seeds: np.ndarray,
+    total: np.ndarray,
+) -> None:
+    """One level of every walk, from AES's output ``out`` on ``blocks`` (XOR-ed here: MMO):
+    add the child's values (corrected where the control bit is set), move to its seed."""
+    m = total.shape[1]
+    for i in range(seeds.shape[0]):
+        side = (x[i] >> shift) & 1
+        ti = t[i]
+        for j in range(m):
+            word = out[i, 1 + j // 2, j % 2] ^ blocks[i, 1 + j // 2, j % 2]
+            total[i, j] += word + ti * value_cw[i, j]
+        s0 = out[i, 0, 0] ^ blocks[i, 0, 0]
+        s1 = out[i, 0, 1] ^ blocks[i, 0, 1]
+        bit = s0 & 1
+        s0 ^= bit
+        if ti:
+            s0 ^= seed_cw[i, 0]
+            s1 ^= seed_cw[i, 1]
+            bit ^= bit_cw[i, side]
+        seeds[i, 0] = s0
+        seeds[i, 1] = s1
+        t[i] = bit

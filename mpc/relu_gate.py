@@ -1,0 +1,203 @@
+"""ReLU in one round: the dealer's function-secret-shared key for "ReLU at a masked input".
+
+For values ``x`` known to lie in [-2^(L-1), 2^(L-1)) (fixed-point units; mpc.bounds proves L),
+the dealer draws a mask ``r`` uniform in Z/2^L and gives each party a share of ``r`` and a key.
+The parties open ``xh = x + r mod 2^L`` (one round, L bits per value) and each computes, from
+``xh`` and its key alone, its Z/2^64 share of ``ReLU(x)``.
+
+Why it works. Split ``xh`` and ``r`` into their top bit and their low L-1 bits: ``xh = (h, xl)``,
+``r = (rm, rl)``. With the borrow ``c = [xl < rl]`` of the low subtraction, the sign bit of
+``x`` is ``d = h ^ rm ^ c``, and for ``x >= 0`` its value is ``xl - rl + 2^(L-1) c``. With
+``s = h ^ rm``, ``1 - d = (1 - s) + (2s - 1) c`` and, as ``(1 - d) c = s c``,
+
+    ReLU(x) = (1 - s)(xl - rl) + c * ((2s - 1)(xl - rl) + 2^(L-1) s).
+
+``h`` and ``xl`` are public; ``rm`` and ``rl`` are the dealer's. A DCF key (mpc.dcf) on the
+L-1 low bits with ``alpha = rl`` gives shares of ``beta * c`` for a vector ``beta`` of the
+dealer's choosing; with ``sigma = 2 rm - 1`` and ``beta = (sigma, -sigma rl + 2^(L-1) rm,
+2^(L-1))``, and shares of ``rm``, ``rm rl`` and ``rl``, both cases of ``h`` are linear in what
+each party holds:
+
+    h = 0:  ReLU = (1 - rm)(xl - rl) + u1 xl + u2
+    h = 1:  ReLU = rm (xl - rl) - u1 xl - u2 + u3        (u = shares of beta * c).
+
+Security (semi-honest, dealer colluding with neither party): the opened ``xh`` is ``x`` plus a
+fresh uniform mask, so it is uniform; each party's key and shares are pseudorandom on their
+own (mpc.dcf). A key is used once: evaluating it on a second input is refused.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from medmpc.mpc import dcf, prg
+
+OUTPUTS = 3  # the DCF's payload: (sigma, -sigma rl + 2^(L-1) rm, 2^(L-1))
+
+
+@dataclass
+class GateKey:
+    """One party's key for ``N`` ReLUs on ``bits``-bit values: its share of the mask ``r``, of
+    ``(rm, rm rl, rl)`` (N, 3), and its DCF key."""
+
+    bits: int
+    mask: np.ndarray
+    constants: np.ndarray
+    comparison: dcf.Key
+
+    @property
+    def party(self) -> int:
+        return self.comparison.party
+
+    @property
+    def size(self) -> int:
+        return self.comparison.size
+
+    @property
+    def nbytes(self) -> int:
+        return self.mask.nbytes + self.constants.nbytes + self.comparison.nbytes
+
+
+def _check_bits(bits: int) -> None:
+    if not 2 <= bits <= 64:
+        raise ValueError(f"ReLU gate ring bits must be in 2..64, got {bits}")
+
+
+def _low(bits: int) -> np.uint64:
+    return np.uint64((1 << bits) - 1)
+
+
+def _random(n: int) -> np.ndarray:
+    return prg.random_ring(n).numpy().view(np.uint64).copy()
+
+
+def _shares(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    first = _random(values.size).reshape(values.shape)
+    return first, values - first
+
+
+def deal(size: int, bits: int) -> tuple[GateKey, GateKey]:
+    """The dealer's keys for ``size`` ReLUs of values in [-2^(bits-1), 2^(bits-1)), from the CSPRNG."""
+    _check_bits(bits)
+    r = _random(size) & _low(bits)
+    top = r >> np.uint64(bits - 1)
+    low = r & _low(bits - 1)
+    sigma = np.uint64(2) * top - np.uint64(1)  # +1 or -1 (mod 2^64)
+    half = np.uint64(1 << (bits - 1))
+    beta = np.stack([sigma, np.uint64(0) - sigma * low + half * top, np.full(size, half)], axis=1)
+    keys = dcf.generate(low, beta, bits - 1)
+    masks = _shares(r)
+    constants = _shares(np.stack([top, top * low, low], axis=1))
+    return GateKey(bits, masks[0], constants[0], keys[0]), GateKey(bits, masks[1], constants[1], keys[1])
+
+
+def masked_share(key: GateKey, share: np.ndarray) -> np.ndarray:
+    """This party's part of the opening: ``x_b + r_b mod 2^bits`` (uint64)."""
+    if share.shape != (key.size,):
+        raise ValueError(f"ReLU key holds {key.size} values, got a share of shape {share.shape}")
+    masked: np.ndarray = (share + key.mask) & _low(key.bits)
+    return masked
+
+
+def evaluate(key: GateKey, opened: np.ndarray) -> np.ndarray:
+    """This party's Z/2^64 share of ``ReLU(x)`` from the opened ``x + r mod 2^bits``."""
+    bits = key.bits
+    top = (opened >> np.uint64(bits - 1)).astype(bool)
+    low = opened & _low(bits - 1)
+    u = dcf.evaluate(key.comparison, low)
+    q_top, q_product, q_low = key.constants.T
+    own = low if key.party == 0 else np.zeros_like(low)  # public terms, added once
+    below = own - q_top * low - q_low + q_product + u[:, 0] * low + u[:, 1]
+    above = q_top * low - q_product - u[:, 0] * low - u[:, 1] + u[:, 2]
+    share: np.ndarray = np.where(top, above, below)
+    return share
+
+
+# ---- the opening on the wire: values of `bits` bits packed into whole int64 words ----------
+
+
+def wire_dtype(bits: int) -> np.dtype:
+    """The smallest unsigned type that holds ``bits``-bit values."""
+    for dtype in (np.uint8, np.uint16, np.uint32, np.uint64):
+        if bits <= 8 * np.dtype(dtype).itemsize:
+            return np.dtype(dtype)
+    raise ValueError(f"no wire type for {bits} bits")
+
+
+def pack(values: np.ndarray, bits: int) -> np.ndarray:
+    """``values`` (below 2^bits) in the smallest type, padded and viewed as int64 words."""
+    narrow = values.astype(wire_dtype(bits))
+    per_word = 8 // narrow.itemsize
+    padded = np.zeros(math.ceil(values.size / per_word) * per_word, narrow.dtype)
+    padded[: values.size] = narrow
+    return padded.view(np.int64)
+
+
+def unpack(words: np.ndarray, bits: int, size: int) -> np.ndarray:
+    return words.view(wire_dtype(bits))[:size].astype(np.uint64)
+
+
+def combine(parts: list[np.ndarray], bits: int, size: int) -> np.ndarray:
+    """The opened ``x + r mod 2^bits`` from every party's packed :func:`masked_share`."""
+    total = np.zeros(size, np.uint64)
+    for words in parts:
+        total += unpack(words, bits, size)
+    return total & _low(bits)
+
+
+# ---- a key as int64 words, as the dealer sends it ------------------------------------------
+
+
+def _sections(size: int, bits: int) -> list[tuple[str, tuple[int, ...]]]:
+    n = bits - 1
+    return [
+        ("mask", (size,)),
+        ("constants", (size, 3)),
+        ("seeds", (size, dcf.SEED_WORDS)),
+        ("seed_cw", (n, size, dcf.SEED_WORDS)),
+        ("value_cw", (n, size, OUTPUTS)),
+        ("last_cw", (size, OUTPUTS)),
+    ]
+
+
+def _bit_words(size: int, bits: int) -> int:
+    return math.ceil((bits - 1) * size * 2 / 64)
+
+
+def word_count(size: int, bits: int) -> int:
+    """How many int64 words :func:`to_words` makes of a key for ``size`` ReLUs of ``bits`` bits."""
+    return sum(math.prod(shape) for _, shape in _sections(size, bits)) + _bit_words(size, bits)
+
+
+def to_words(key: GateKey) -> np.ndarray:
+    """The key as one int64 array (control-bit corrections packed 64 to a word)."""
+    k = key.comparison
+    parts = [key.mask, key.constants, k.seeds, k.seed_cw, k.value_cw, k.last_cw]
+    bits = np.zeros(_bit_words(key.size, key.bits) * 8, np.uint8)
+    packed = np.packbits(k.bit_cw.reshape(-1))
+    bits[: packed.size] = packed
+    return np.concatenate([p.reshape(-1) for p in parts] + [bits.view(np.uint64)]).view(np.int64)
+
+
+def from_words(words: np.ndarray, *, party: int, size: int, bits: int) -> GateKey:
+    """The key :func:`to_words` made, for party ``party``; ValueError if the length is not that of
+    a key for ``size`` ReLUs of ``bits`` bits."""
+    _check_bits(bits)
+    if words.shape != (word_count(size, bits),):
+        raise ValueError(
+            f"a ReLU key for {size} values of {bits} bits is {word_count(size, bits)} words, got {words.shape}"
+        )
+    flat = words.view(np.uint64)
+    parts: dict[str, np.ndarray] = {}
+    start = 0
+    for name, shape in _sections(size, bits):
+        end = start + math.prod(shape)
+        parts[name] = flat[start:end].reshape(shape)
+        start = end
+    n = bits - 1
+    bit_cw = np.unpackbits(flat[start:].view(np.uint8))[: n * size * 2].reshape(n, size, 2)
+    comparison = dcf.Key(party, parts["seeds"], parts["seed_cw"], bit_cw, parts["value_cw"], parts["last_cw"])
+    return GateKey(bits, parts["mask"], parts["constants"], comparison)

@@ -1,0 +1,98 @@
+"""The dealer's function-secret-shared keys (mpc.dcf, mpc.relu_gate), both parties in one process:
+exact at the edges of their rings, used once, and pseudorandom key by key."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from uniformity import looks_uniform
+
+from medmpc.mpc import dcf, prg, relu_gate
+
+RNG = np.random.default_rng(7)
+
+
+def _below(bits: int, n: int) -> np.ndarray:
+    return RNG.integers(0, 2**bits, n, dtype=np.uint64) if bits < 64 else RNG.integers(0, 2**64, n, dtype=np.uint64)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 17, 64])
+@pytest.mark.parametrize("outputs", [1, 3])
+def test_dcf_shares_beta_below_alpha_at_every_edge(bits, outputs):
+    top = np.uint64((1 << bits) - 1)
+    alpha = np.concatenate([np.array([0, 1, top, top], np.uint64), _below(bits, 400)])
+    beta = RNG.integers(0, 2**64, (alpha.size, outputs), dtype=np.uint64)
+    # every input at alpha - 1, alpha, alpha + 1 (wrapping inside the domain), 0 and the top
+    x = np.concatenate([alpha - np.uint64(1), alpha, alpha + np.uint64(1)]) & top
+    x[:4] = [0, 0, top, 0]
+    k0, k1 = dcf.generate(np.tile(alpha, 3), np.tile(beta, (3, 1)), bits)
+    got = dcf.evaluate(k0, x) + dcf.evaluate(k1, x)
+    want = np.tile(beta, (3, 1)) * (x < np.tile(alpha, 3))[:, None].astype(np.uint64)
+    assert np.array_equal(got, want)
+    assert (x < np.tile(alpha, 3)).any() and (x >= np.tile(alpha, 3)).any()
+
+
+def test_a_key_is_evaluated_once():
+    k0, _ = dcf.generate(_below(8, 5), RNG.integers(0, 9, (5, 1), dtype=np.uint64), 8)
+    dcf.evaluate(k0, _below(8, 5))
+    with pytest.raises(ValueError, match="evaluated twice"):
+        dcf.evaluate(k0, _below(8, 5))
+    g0, _ = relu_gate.deal(5, 8)
+    relu_gate.evaluate(g0, _below(8, 5))
+    with pytest.raises(ValueError, match="evaluated twice"):  # the gate's key is a DCF key
+        relu_gate.evaluate(g0, _below(8, 5))
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(ValueError, match="more than 4 bits"):
+        dcf.generate(np.array([16], np.uint64), np.zeros((1, 1), np.uint64), 4)
+    k0, _ = dcf.generate(np.array([3], np.uint64), np.zeros((1, 1), np.uint64), 4)
+    with pytest.raises(ValueError, match="holds 1 comparisons, got 2"):
+        dcf.evaluate(k0, np.array([1, 2], np.uint64))
+    with pytest.raises(ValueError, match="2..64"):
+        relu_gate.deal(3, 1)
+    g0, _ = relu_gate.deal(3, 8)
+    with pytest.raises(ValueError, match="words, got"):
+        relu_gate.from_words(np.zeros(7, np.int64), party=0, size=3, bits=8)
+
+
+def _relu_in_process(x: np.ndarray, bits: int) -> np.ndarray:
+    """Both parties' evaluation of the gate on random shares of ``x`` (int64), through the wire format."""
+    first = RNG.integers(-(2**63), 2**63, x.size, dtype=np.int64).view(np.uint64)
+    shares = [first, x.view(np.uint64) - first]
+    words = [relu_gate.to_words(k) for k in relu_gate.deal(x.size, bits)]
+    keys = [relu_gate.from_words(w, party=b, size=x.size, bits=bits) for b, w in enumerate(words)]
+    parts = [relu_gate.pack(relu_gate.masked_share(k, s), bits) for k, s in zip(keys, shares)]
+    assert parts[0].nbytes <= x.size * relu_gate.wire_dtype(bits).itemsize + 8  # packed on the wire
+    opened = relu_gate.combine(parts, bits, x.size)
+    return (relu_gate.evaluate(keys[0], opened) + relu_gate.evaluate(keys[1], opened)).view(np.int64)
+
+
+@pytest.mark.parametrize("bits", [2, 8, 24, 33, 64])
+def test_relu_is_exact_across_its_whole_ring(bits):
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    edges = [low, low + 1, -1, 0, 1, high - 1, high]
+    x = np.concatenate([edges, RNG.integers(low, high, 500, dtype=np.int64, endpoint=True)]).astype(np.int64)
+    assert np.array_equal(_relu_in_process(x, bits), np.maximum(x, 0))
+
+
+def test_relu_outside_its_ring_is_wrong():
+    """The control for the bound: values past 2^(bits-1) wrap, as the ring size says they will."""
+    x = np.array([2**23, 2**23 + 5, -(2**23) - 5], np.int64)
+    assert not np.array_equal(_relu_in_process(x, 24), np.maximum(x, 0))
+    assert np.array_equal(_relu_in_process(x, 26), np.maximum(x, 0))
+
+
+def test_a_party_key_looks_uniform_and_needs_the_csprng(monkeypatch):
+    """One party's key: its correction words and shares look uniformly random; the control draws the
+    dealer's seeds and masks from zeros, and the same words are structured (they follow the mask)."""
+
+    def words(key: relu_gate.GateKey) -> torch.Tensor:
+        k = key.comparison  # (the low seed word's lowest bit is the control bit's place: always 0)
+        parts = [k.seed_cw[..., 1], k.value_cw, k.last_cw, key.mask, key.constants]
+        return torch.from_numpy(np.concatenate([p.reshape(-1) for p in parts]).view(np.int64))
+
+    assert looks_uniform(words(relu_gate.deal(4000, 20)[1]))
+    monkeypatch.setattr(prg, "random_ring", lambda n: torch.zeros(n, dtype=torch.int64))
+    assert not looks_uniform(words(relu_gate.deal(4000, 20)[1]))
