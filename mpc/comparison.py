@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medmpc.mpc import crypten_compat, relu_gate
+from medmpc.mpc import clamp_gate, crypten_compat, opening
 
 FULL_RING = 64
 
@@ -42,7 +42,9 @@ def relu(x: Any, *, bits: int = FULL_RING) -> Any:
     Two CPU parties with a dealer use its one-round key (mpc.relu_gate), others ``x [x >= 0]``."""
     crypten = crypten_compat.patched()
     if _one_round(crypten, x):
-        return _gate_relu(crypten, x, bits)
+        if not 2 <= bits <= FULL_RING:
+            raise ValueError(f"comparison ring bits must be in 2..{FULL_RING}, got {bits}")
+        return _gate(crypten, x, "relu", bits, bits)
     return x * (1 - less_than_zero(x, bits=bits))
 
 
@@ -51,16 +53,20 @@ def _one_round(crypten: Any, x: Any) -> bool:
     return two_parties and not x._tensor.share.is_cuda and crypten.cfg.mpc.provider == "TTP"
 
 
-def _gate_relu(crypten: Any, x: Any, bits: int) -> Any:
-    """One opening of ``x + r mod 2^bits`` (packed to the smallest word), then local evaluation."""
-    if not 2 <= bits <= FULL_RING:
-        raise ValueError(f"comparison ring bits must be in 2..{FULL_RING}, got {bits}")
+def _fixed(x: Any, value: float) -> int:
+    return int(round(value * x.encoder.scale))
+
+
+def _gate(crypten: Any, x: Any, kind: str, bits: int, *params: int) -> Any:
+    """A one-round gate of the dealer's (crypten_compat.GATES): one opening of ``x + r mod 2^bits``
+    (packed to the smallest word), then local evaluation."""
+    gate = crypten_compat.GATES[kind]
     share = x._tensor.share
     flat = share.reshape(-1).contiguous().numpy().view(np.uint64)
-    key = crypten.mpc.get_default_provider().relu_keys(flat.size, bits)
-    mine = torch.from_numpy(relu_gate.pack(relu_gate.masked_share(key, flat), bits))
+    key = crypten.mpc.get_default_provider().gate_keys(kind, flat.size, *params)
+    mine = torch.from_numpy(opening.pack(gate.masked_share(key, flat), bits))
     parts = crypten.communicator.get().all_gather(mine)
-    out = relu_gate.evaluate(key, relu_gate.combine([p.numpy() for p in parts], bits, flat.size))
+    out = gate.evaluate(key, opening.combine([p.numpy() for p in parts], bits, flat.size))
     result = torch.from_numpy(out.view(np.int64)).reshape(share.shape)
     return crypten.mpc.MPCTensor.from_shares(result, precision=x.encoder._precision_bits)
 
@@ -80,8 +86,9 @@ def less_than_zero(x: Any, *, bits: int = FULL_RING) -> Any:
 def clamp(x: Any, low: float, high: float) -> Any:
     """``min(max(x, low), high)`` for every ring element ``x`` (its signed value), ``low <= 0 <= high``.
 
-    A client may send shares of anything, so ``x - high`` could wrap around the ring. Split
-    instead: ``p = relu(x)`` and ``n = relu(-x)`` are in [0, 2^63), so ``p - high`` and ``n + low``
+    A client may send shares of anything, so ``x - high`` could wrap around the ring. Two CPU
+    parties with a dealer use its one-round key (mpc.clamp_gate), exact for every element. Others
+    split: ``p = relu(x)`` and ``n = relu(-x)`` are in [0, 2^63), so ``p - high`` and ``n + low``
     cannot wrap, and ``x`` clamped is ``min(p, high) - min(n, -low)``. Two batched full-ring
     comparisons. The one exception is -2^63, whose negation wraps to itself: it gives 0, still
     inside [low, high].
@@ -89,6 +96,8 @@ def clamp(x: Any, low: float, high: float) -> Any:
     if not low <= 0 <= high:
         raise ValueError(f"clamp needs low <= 0 <= high, got [{low}, {high}]")
     crypten = crypten_compat.patched()
+    if _one_round(crypten, x):
+        return _gate(crypten, x, "clamp", clamp_gate.BITS, _fixed(x, low), _fixed(x, high))
     parts = relu(crypten.stack([x, -x]))
     p, n = parts[0], parts[1]
     excess = relu(crypten.stack([p - high, n + low]))

@@ -179,10 +179,24 @@ class Program:
                 conv.recording = False
         provider.fill_cache()
         pending = [p for conv in convs for p in conv.prepare(encrypted_params[f"{conv.key}.weight"])]
-        if pending:  # every weight mask opened in one round
-            opened = crypten.communicator.get().all_reduce([masked for masked, _ in pending], batched=True)
-            for delta, (_, keep) in zip(opened, pending):
-                keep(delta)
+        if pending:  # every weight mask (and every shared input's mask offset) opened in one round
+            flat = [masked for opening, _ in pending for masked in opening]
+            opened = crypten.communicator.get().all_reduce(flat, batched=True)
+            start = 0
+            for opening, keep in pending:
+                keep(opened[start : start + len(opening)])
+                start += len(opening)
+
+
+@dataclass
+class _Mask:
+    """One online run's prepared input mask: ``a``, this party's share of ``a*W``, and for a
+    convolution that shares its input with an earlier one, the public ``a - a_earlier``."""
+
+    shape: torch.Size
+    a: torch.Tensor
+    aw: torch.Tensor
+    offset: torch.Tensor | None
 
 
 class Conv:
@@ -193,10 +207,13 @@ class Conv:
     is known before the image: offline, the parties open ``delta`` and keep shares of
     ``a*W = c + a*delta``; online they open ``eps`` only and compute one local product,
     ``eps*W + a*W`` (CrypTen: two openings, including the weights, and three products).
-    Without prepared masks (or on CUDA) it is CrypTen's convolution.
+    A convolution on the same input as an earlier one (a ResNet shortcut's) opens nothing
+    online: offline the parties open ``a - a_earlier``, and its ``eps`` is the earlier one's
+    less that (``x`` is masked once, by ``a_earlier``). Without prepared masks (or on CUDA)
+    it is CrypTen's convolution.
     """
 
-    def __init__(self, mod: nn.Conv2d, key: str) -> None:
+    def __init__(self, mod: nn.Conv2d, key: str, *, shares_input_with: Conv | None = None) -> None:
         if isinstance(mod.padding, str):
             raise UnsupportedLayer(f"conv {key!r} uses string padding {mod.padding!r}")
         self.key = key
@@ -206,18 +223,22 @@ class Conv:
             "dilation": mod.dilation,
             "groups": mod.groups,
         }
+        self.earlier = shares_input_with
         self.recording = False
         self.shapes: list[torch.Size] = []  # input shapes seen while recording
-        self.masks: list[tuple[torch.Size, torch.Tensor, torch.Tensor]] = []  # (shape, a, a*W), each used once
+        self.drawn: list[torch.Tensor] = []  # the input masks drawn by the last prepare, for later convs
+        self.masks: list[_Mask] = []  # each used once
+        self.opened: torch.Tensor | None = None  # this run's eps, for later convs on the same input
         self.prepared_runs = 0
 
     def __call__(self, x: Any, params: dict[str, Any]) -> Any:
         weight = params[f"{self.key}.weight"]
+        self.opened = None
         if self.recording:  # shape only: a placeholder, so that no randomness is spent
             self.shapes.append(x.size())
             shape = torch.nn.functional.conv2d(torch.zeros(x.size()), torch.zeros(weight.size()), **self.kwargs).shape
             out = crypten_compat.encrypt(torch.zeros(shape), src=0)
-        elif self.masks and self.masks[0][0] == x.size():
+        elif self.masks and self.masks[0].shape == x.size():
             out = self._online(x, weight)
         else:
             out = x.conv2d(weight, **self.kwargs)
@@ -225,28 +246,41 @@ class Conv:
             out = out + params[f"{self.key}.bias"].reshape(1, -1, 1, 1)
         return out
 
-    def prepare(self, weight: Any) -> list[tuple[Any, Callable[[torch.Tensor], None]]]:
-        """Offline: draw a triple per recorded shape; returns the ``W - b`` to open, each with
-        what to do with the opened value (the caller opens them all in one round)."""
+    def prepare(self, weight: Any) -> list[tuple[list[torch.Tensor], Callable[[list[torch.Tensor]], None]]]:
+        """Offline: draw a triple per recorded shape; returns what to open (``W - b``, and
+        ``a - a_earlier`` for a shared input), each with what to do with the opened values (the
+        caller opens them all in one round)."""
         crypten = crypten_compat.patched()
         provider = crypten.mpc.get_default_provider()
-        pending: list[tuple[Any, Callable[[torch.Tensor], None]]] = []
-        for shape in self.shapes:
+        pending: list[tuple[list[torch.Tensor], Callable[[list[torch.Tensor]], None]]] = []
+        self.drawn = []
+        for i, shape in enumerate(self.shapes):
             a, b, c = provider.generate_additive_triple(shape, weight.size(), "conv2d", **self.kwargs)
-            pending.append((weight._tensor.share - b.share, functools.partial(self._keep, shape, a.share, c.share)))
+            self.drawn.append(a.share)
+            opening = [weight._tensor.share - b.share]
+            if self.earlier is not None:
+                opening.append(a.share - self.earlier.drawn[i])
+            pending.append((opening, functools.partial(self._keep, shape, a.share, c.share)))
         self.shapes = []
         return pending
 
-    def _keep(self, shape: torch.Size, a: torch.Tensor, c: torch.Tensor, delta: torch.Tensor) -> None:
+    def _keep(self, shape: torch.Size, a: torch.Tensor, c: torch.Tensor, opened: list[torch.Tensor]) -> None:
         """With the opened ``delta = W - b``: store ``a`` and this party's share of ``a*W = c + a*delta``."""
-        self.masks.append((shape, a, c + torch.conv2d(a, delta, **self.kwargs)))
+        offset = opened[1] if self.earlier is not None else None
+        self.masks.append(_Mask(shape, a, c + torch.conv2d(a, opened[0], **self.kwargs), offset))
 
     def _online(self, x: Any, weight: Any) -> Any:
         crypten = crypten_compat.patched()
-        _, a, aw = self.masks.pop(0)
+        mask = self.masks.pop(0)
         self.prepared_runs += 1
-        eps = crypten.communicator.get().all_reduce(x._tensor.share - a)
-        product = torch.conv2d(eps, weight._tensor.share, **self.kwargs) + aw  # scale 2^2f
+        if mask.offset is None:
+            eps = crypten.communicator.get().all_reduce(x._tensor.share - mask.a)
+            self.opened = eps
+        elif self.earlier is None or self.earlier.opened is None:
+            raise RuntimeError(f"conv {self.key!r} shares its input, but the convolution before it opened none")
+        else:
+            eps = self.earlier.opened - mask.offset  # x - a = (x - a_earlier) - (a - a_earlier)
+        product = torch.conv2d(eps, weight._tensor.share, **self.kwargs) + mask.aw  # scale 2^2f
         out = crypten.mpc.MPCTensor.from_shares(product, precision=x.encoder._precision_bits)
         return out.div(x.encoder.scale)  # CrypTen's truncation, as after its own products
 
@@ -259,9 +293,11 @@ def _linear(key: str, has_bias: bool) -> Callable[..., Any]:
     return fn
 
 
-def _module_step(key: str, mod: nn.Module, site: ComparisonSite) -> Callable[..., Any]:
+def _module_step(
+    key: str, mod: nn.Module, site: ComparisonSite, *, then_relu: bool = False, earlier: Conv | None = None
+) -> Callable[..., Any]:
     if isinstance(mod, nn.Conv2d):
-        return Conv(mod, key)
+        return Conv(mod, key, shares_input_with=earlier)
     if isinstance(mod, nn.Linear):
         return _linear(key, mod.bias is not None)
     if isinstance(mod, nn.ReLU):
@@ -270,7 +306,7 @@ def _module_step(key: str, mod: nn.Module, site: ComparisonSite) -> Callable[...
         if mod.dilation not in (1, (1, 1)) or mod.ceil_mode:
             raise UnsupportedLayer(f"layer {key!r}: MaxPool2d with dilation or ceil_mode")
         k, s, p = (_pair(v) for v in (mod.kernel_size, mod.stride or mod.kernel_size, mod.padding))
-        return lambda x, params: max_pool2d(x, k, s, p, bits=site.bits, pad=site.pad)
+        return lambda x, params: max_pool2d(x, k, s, p, bits=site.bits, pad=site.pad, then_relu=then_relu)
     if isinstance(mod, nn.AvgPool2d):
         kernel, stride, padding = mod.kernel_size, mod.stride, mod.padding
         return lambda x, params: x.avg_pool2d(kernel, stride=stride, padding=padding)
@@ -302,8 +338,10 @@ def max_pool2d(
     *,
     bits: int = comparison.FULL_RING,
     pad: float = DEFAULT_POOL_PAD,
+    then_relu: bool = False,
 ) -> Any:
-    """Max pooling on shares, separably: over each window's columns, then over its rows.
+    """Max pooling on shares, separably: over each window's columns, then over its rows; with
+    ``then_relu``, ``relu(maxpool(x))``: zero joins every row window, at no extra level.
 
     CrypTen's max_pool2d also computes the one-hot argmax of every window (pairwise, k^2 (k^2-1)
     comparisons for a k x k window, for the backward pass) and was 73 % of ResNet-18's online
@@ -313,19 +351,23 @@ def max_pool2d(
     difference of two values must fit the ``bits``-bit comparison ring.
     """
     if x._tensor.share.is_cuda:  # the GPU path keeps CrypTen's, as measured on the H100
-        return x.max_pool2d(kernel, padding=padding, stride=stride)
+        pooled = x.max_pool2d(kernel, padding=padding, stride=stride)
+        return comparison.relu(pooled, bits=bits) if then_relu else pooled
     if any(padding):
         x = x.pad((padding[1], padding[1], padding[0], padding[0]), value=pad)
-    return _window_max(_window_max(x, 3, kernel[1], stride[1], bits), 2, kernel[0], stride[0], bits)
+    columns = _window_max(x, 3, kernel[1], stride[1], bits)
+    return _window_max(columns, 2, kernel[0], stride[0], bits, with_zero=then_relu)
 
 
-def _window_max(x: Any, dim: int, k: int, s: int, bits: int) -> Any:
+def _window_max(x: Any, dim: int, k: int, s: int, bits: int, *, with_zero: bool = False) -> Any:
     n = (x.size(dim) - k) // s + 1
     index: list[slice] = [slice(None)] * x.dim()
     views = []
     for i in range(k):
         index[dim] = slice(i, i + s * (n - 1) + 1, s)
         views.append(x[tuple(index)])
+    if with_zero:  # max(0, window): the same tree depth for k = 3 (4 leaves), one round less than a ReLU after
+        views.append(views[0] * 0)
     crypten = crypten_compat.patched()
     while len(views) > 1:  # a tree: one batched comparison per level
         half = len(views) // 2
@@ -361,6 +403,8 @@ def compile_model(
     steps: list[Step] = []
     sites: list[ComparisonSite] = []
     input_name = output_name = ""
+    fused = _relus_after_pools(gm, modules)  # each ReLU's max-pooling computes it
+    first_conv: dict[str, Conv] = {}  # by input node: the first convolution of it, which opens it
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             if input_name:
@@ -370,11 +414,17 @@ def compile_model(
             output_name = node.args[0].name
         elif node.op in ("call_module", "call_function"):
             site = ComparisonSite(node.name, pools=_pools(node, modules))
-            if node.op == "call_module":
-                fn = _module_step(node.target, modules[node.target], site)
+            if node in fused:
+                fn: Callable[..., Any] = lambda x, params: x
+            elif node.op == "call_module":
+                source = node.args[0].name if node.args and isinstance(node.args[0], fx.Node) else ""
+                then_relu, earlier = node in fused.values(), first_conv.get(source)
+                fn = _module_step(node.target, modules[node.target], site, then_relu=then_relu, earlier=earlier)
+                if isinstance(fn, Conv) and earlier is None:
+                    first_conv[source] = fn
             else:
                 fn = _function_step(node, site)
-            if site.pools or _is_relu(node, modules):
+            if site.pools or (_is_relu(node, modules) and node not in fused):
                 sites.append(site)
             steps.append(Step(node.name, fn, [a.name for a in node.args if isinstance(a, fx.Node)]))
         else:
@@ -384,6 +434,16 @@ def compile_model(
     if input_range is not None:
         _size_comparisons(program, gm, input_range, fractional_bits)
     return program
+
+
+def _relus_after_pools(gm: fx.GraphModule, modules: dict[str, nn.Module]) -> dict[fx.Node, fx.Node]:
+    """Each ReLU whose input is a max-pooling used by nothing else, with that max-pooling."""
+    fused = {}
+    for node in gm.graph.nodes:
+        pool = node.args[0] if _is_relu(node, modules) else None
+        if isinstance(pool, fx.Node) and _pools(pool, modules) and len(pool.users) == 1:
+            fused[node] = pool
+    return fused
 
 
 def _pools(node: fx.Node, modules: dict[str, nn.Module]) -> bool:

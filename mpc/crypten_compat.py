@@ -39,8 +39,8 @@ applies them all. Code that uses CrypTen afterwards gets the patched module from
   CrypTen's two sampling functions refuse a ``torch.Generator``.
 * CrypTen's dealer only makes randomness that one party's share of can be drawn from a
   stream it shares with the dealer. :func:`install` teaches it (and the provider's
-  offline cache) one more kind, ``relu_keys``: mpc.relu_gate's function-secret-shared
-  keys for one-round ReLUs, which the dealer sends to each party whole.
+  offline cache) one more kind, ``gate_keys``: the function-secret-shared keys of the
+  one-round gates (mpc.relu_gate, mpc.clamp_gate), which the dealer sends to each party whole.
 * CrypTen's Beaver protocol computes three products per party
   (``eps*b + a*delta + eps*delta``, the last added by party 0 only, yet computed by
   all). By bilinearity ``eps*(b + delta) + a*delta`` is the same with two: a third
@@ -60,7 +60,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medmpc.mpc import relu_gate, streams
+from medmpc.mpc import clamp_gate, relu_gate, streams
 from medmpc.mpc.launch import TIMEOUT_ENV
 
 _SECURE_PROVIDERS = ("TTP",)
@@ -96,7 +96,7 @@ def install() -> Any:
         _install_exact_cuda_conv(crypten)
         _install_two_product_beaver(crypten)
         _install_stream_randomness(crypten)
-        _install_relu_keys(crypten)
+        _install_gate_keys(crypten)
         _install_tls_communicator()
         _patched = crypten
     return _patched
@@ -212,34 +212,41 @@ def _install_stream_randomness(crypten: Any) -> None:
     ttp_provider.TTPServer._setup_generators = dealer_streams
 
 
-def _install_relu_keys(crypten: Any) -> None:
-    """``provider.relu_keys(size, bits)``: this party's mpc.relu_gate key, made by the dealer on
-    party 0's request (as CrypTen's other kinds) and sent to each party; traced and cached offline
-    like CrypTen's own kinds."""
+# the dealer's one-round gates, by the name a party asks for them with
+GATES: dict[str, Any] = {"relu": relu_gate, "clamp": clamp_gate}
+
+
+def _install_gate_keys(crypten: Any) -> None:
+    """``provider.gate_keys(kind, size, *params)``: this party's key for ``size`` gates of a kind in
+    :data:`GATES`, made by the dealer on party 0's request (as CrypTen's other kinds) and sent to
+    each party; traced and cached offline like CrypTen's own kinds."""
     from crypten.mpc.provider import provider, ttp_provider
 
-    if "relu_keys" not in provider.TupleProvider.TRACEABLE_FUNCTIONS:
-        provider.TupleProvider.TRACEABLE_FUNCTIONS.append("relu_keys")
+    if "gate_keys" not in provider.TupleProvider.TRACEABLE_FUNCTIONS:
+        provider.TupleProvider.TRACEABLE_FUNCTIONS.append("gate_keys")
 
-    def party_keys(self: Any, size: int, bits: int, device: Any = None) -> relu_gate.GateKey:
+    def party_keys(self: Any, kind: str, size: int, *params: int, device: Any = None) -> Any:
+        gate = GATES[kind]
         comm = crypten.communicator.get()
         rank = comm.get_rank()
         if rank == 0:
-            words = ttp_provider.TTPClient.get().ttp_request("relu_keys", None, size, bits)
+            words = ttp_provider.TTPClient.get().ttp_request("gate_keys", None, kind, size, *params)
         else:
-            words = comm.recv(torch.empty(relu_gate.word_count(size, bits), dtype=torch.int64), comm.get_ttp_rank())
-        return relu_gate.from_words(words.numpy(), party=rank, size=size, bits=bits)
+            words = comm.recv(torch.empty(gate.word_count(size, *params), dtype=torch.int64), comm.get_ttp_rank())
+        return gate.from_words(words.numpy().view(np.uint64), rank, size, *params)
 
-    def dealer_keys(self: Any, size: int, bits: int) -> torch.Tensor:
+    def dealer_keys(self: Any, kind: str, size: int, *params: int) -> torch.Tensor:
         comm = crypten.communicator.get()
         if comm.get_world_size() != 2:
-            raise ValueError(f"ReLU keys are for two parties, this dealer serves {comm.get_world_size()}")
-        first, second = relu_gate.deal(size, bits)
-        comm.send(torch.from_numpy(relu_gate.to_words(second)), 1)
-        return torch.from_numpy(np.ascontiguousarray(relu_gate.to_words(first)))
+            raise ValueError(f"gate keys are for two parties, this dealer serves {comm.get_world_size()}")
+        if kind not in GATES:
+            raise ValueError(f"party 0 asked for keys of an unknown gate {kind!r}; known: {sorted(GATES)}")
+        first, second = GATES[kind].deal(size, *params)
+        comm.send(torch.from_numpy(GATES[kind].to_words(second).view(np.int64)), 1)
+        return torch.from_numpy(GATES[kind].to_words(first).view(np.int64))
 
-    ttp_provider.TrustedThirdParty.relu_keys = party_keys
-    ttp_provider.TTPServer.relu_keys = dealer_keys
+    ttp_provider.TrustedThirdParty.gate_keys = party_keys
+    ttp_provider.TTPServer.gate_keys = dealer_keys
 
 
 def _install_two_product_beaver(crypten: Any) -> None:

@@ -119,7 +119,7 @@ def _times(bit: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 
 def _random_seeds(n: int) -> np.ndarray:
-    seeds = prg.random_ring(SEED_WORDS * n).numpy().view(np.uint64).reshape(n, SEED_WORDS).copy()
+    seeds = prg.random_ring(SEED_WORDS * n).numpy().view(np.uint64).reshape(n, SEED_WORDS)
     seeds[:, 0] &= ~np.uint64(1)
     return seeds
 
@@ -323,3 +323,43 @@ def _walk_step(
         seeds[i, 0] = s0
         seeds[i, 1] = s1
         t[i] = bit
+
+
+# ---- a key as uint64 words, as the dealer sends it -----------------------------------------
+
+
+def _bit_words(size: int, bits: int) -> int:
+    return math.ceil(bits * size * 2 / 64)
+
+
+def _sections(size: int, bits: int, outputs: int) -> list[tuple[int, ...]]:
+    return [(size, SEED_WORDS), (bits, size, SEED_WORDS), (bits, size, outputs), (size, outputs)]
+
+
+def word_count(size: int, bits: int, outputs: int) -> int:
+    """How many uint64 words :func:`to_words` makes of a key."""
+    return sum(math.prod(shape) for shape in _sections(size, bits, outputs)) + _bit_words(size, bits)
+
+
+def to_words(key: Key) -> np.ndarray:
+    """The key as one uint64 array (control-bit corrections packed 64 to a word)."""
+    packed = np.zeros(_bit_words(key.size, key.bits) * 8, np.uint8)
+    bits = np.packbits(key.bit_cw.reshape(-1))
+    packed[: bits.size] = bits
+    parts = [key.seeds, key.seed_cw, key.value_cw, key.last_cw]
+    return np.concatenate([p.reshape(-1) for p in parts] + [packed.view(np.uint64)])
+
+
+def from_words(words: np.ndarray, *, party: int, size: int, bits: int, outputs: int) -> Key:
+    """The key :func:`to_words` made; ValueError if ``words`` is not that of such a key."""
+    if words.dtype != np.uint64 or words.shape != (word_count(size, bits, outputs),):
+        raise ValueError(
+            f"a DCF key for {size} comparisons of {bits} bits is {word_count(size, bits, outputs)} uint64 words, "
+            f"got {words.shape} of {words.dtype}"
+        )
+    parts, start = [], 0
+    for shape in _sections(size, bits, outputs):
+        parts.append(words[start : start + math.prod(shape)].reshape(shape))
+        start += math.prod(shape)
+    bit_cw = np.unpackbits(words[start:].view(np.uint8))[: bits * size * 2].reshape(bits, size, 2)
+    return Key(party, parts[0], parts[1], bit_cw, parts[2], parts[3])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 
+import numpy as np
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms
 
@@ -46,6 +47,18 @@ def expand(seed: bytes, n: int) -> torch.Tensor:
 def random_ring(n: int) -> torch.Tensor:
     """``n`` uniformly random int64 ring elements from a fresh OS-seeded stream."""
     return expand(new_seed(), n)
+
+
+def random_words(n: int) -> np.ndarray:
+    """``n`` uniformly random uint64 words (NumPy) from a fresh OS-seeded stream."""
+    words: np.ndarray = random_ring(n).numpy().view(np.uint64)
+    return words
+
+
+def additive_shares(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two uint64 arrays, each uniformly random, that sum to ``values`` mod 2^64."""
+    first = random_words(values.size).reshape(values.shape)
+    return first, values - first
 
 
 def uniform(n: int) -> torch.Tensor:

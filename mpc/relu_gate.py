@@ -28,12 +28,11 @@ own (mpc.dcf). A key is used once: evaluating it on a second input is refused.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from medmpc.mpc import dcf, prg
+from medmpc.mpc import dcf, opening, prg
 
 OUTPUTS = 3  # the DCF's payload: (sigma, -sigma rl + 2^(L-1) rm, 2^(L-1))
 
@@ -66,39 +65,26 @@ def _check_bits(bits: int) -> None:
         raise ValueError(f"ReLU gate ring bits must be in 2..64, got {bits}")
 
 
-def _low(bits: int) -> np.uint64:
-    return np.uint64((1 << bits) - 1)
-
-
-def _random(n: int) -> np.ndarray:
-    return prg.random_ring(n).numpy().view(np.uint64).copy()
-
-
-def _shares(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    first = _random(values.size).reshape(values.shape)
-    return first, values - first
-
-
 def deal(size: int, bits: int) -> tuple[GateKey, GateKey]:
     """The dealer's keys for ``size`` ReLUs of values in [-2^(bits-1), 2^(bits-1)), from the CSPRNG."""
     _check_bits(bits)
-    r = _random(size) & _low(bits)
+    r = prg.random_words(size) & opening.low_bits(bits)
     top = r >> np.uint64(bits - 1)
-    low = r & _low(bits - 1)
+    low = r & opening.low_bits(bits - 1)
     sigma = np.uint64(2) * top - np.uint64(1)  # +1 or -1 (mod 2^64)
     half = np.uint64(1 << (bits - 1))
     beta = np.stack([sigma, np.uint64(0) - sigma * low + half * top, np.full(size, half)], axis=1)
     keys = dcf.generate(low, beta, bits - 1)
-    masks = _shares(r)
-    constants = _shares(np.stack([top, top * low, low], axis=1))
+    masks = prg.additive_shares(r)
+    constants = prg.additive_shares(np.stack([top, top * low, low], axis=1))
     return GateKey(bits, masks[0], constants[0], keys[0]), GateKey(bits, masks[1], constants[1], keys[1])
 
 
 def masked_share(key: GateKey, share: np.ndarray) -> np.ndarray:
-    """This party's part of the opening: ``x_b + r_b mod 2^bits`` (uint64)."""
+    """This party's part of the opening: ``x_b + r_b mod 2^bits`` (uint64; mpc.opening packs it)."""
     if share.shape != (key.size,):
         raise ValueError(f"ReLU key holds {key.size} values, got a share of shape {share.shape}")
-    masked: np.ndarray = (share + key.mask) & _low(key.bits)
+    masked: np.ndarray = (share + key.mask) & opening.low_bits(key.bits)
     return masked
 
 
@@ -106,7 +92,7 @@ def evaluate(key: GateKey, opened: np.ndarray) -> np.ndarray:
     """This party's Z/2^64 share of ``ReLU(x)`` from the opened ``x + r mod 2^bits``."""
     bits = key.bits
     top = (opened >> np.uint64(bits - 1)).astype(bool)
-    low = opened & _low(bits - 1)
+    low = opened & opening.low_bits(bits - 1)
     u = dcf.evaluate(key.comparison, low)
     q_top, q_product, q_low = key.constants.T
     own = low if key.party == 0 else np.zeros_like(low)  # public terms, added once
@@ -116,73 +102,19 @@ def evaluate(key: GateKey, opened: np.ndarray) -> np.ndarray:
     return share
 
 
-# ---- the opening on the wire: values of `bits` bits packed into whole int64 words ----------
-
-
-def wire_dtype(bits: int) -> np.dtype:
-    """The smallest unsigned type that holds ``bits``-bit values."""
-    for dtype in (np.uint8, np.uint16, np.uint32, np.uint64):
-        if bits <= 8 * np.dtype(dtype).itemsize:
-            return np.dtype(dtype)
-    raise ValueError(f"no wire type for {bits} bits")
-
-
-def pack(values: np.ndarray, bits: int) -> np.ndarray:
-    """``values`` (below 2^bits) in the smallest type, padded and viewed as int64 words."""
-    narrow = values.astype(wire_dtype(bits))
-    per_word = 8 // narrow.itemsize
-    padded = np.zeros(math.ceil(values.size / per_word) * per_word, narrow.dtype)
-    padded[: values.size] = narrow
-    return padded.view(np.int64)
-
-
-def unpack(words: np.ndarray, bits: int, size: int) -> np.ndarray:
-    return words.view(wire_dtype(bits))[:size].astype(np.uint64)
-
-
-def combine(parts: list[np.ndarray], bits: int, size: int) -> np.ndarray:
-    """The opened ``x + r mod 2^bits`` from every party's packed :func:`masked_share`."""
-    total = np.zeros(size, np.uint64)
-    for words in parts:
-        total += unpack(words, bits, size)
-    return total & _low(bits)
-
-
-# ---- a key as int64 words, as the dealer sends it ------------------------------------------
-
-
-def _sections(size: int, bits: int) -> list[tuple[str, tuple[int, ...]]]:
-    n = bits - 1
-    return [
-        ("mask", (size,)),
-        ("constants", (size, 3)),
-        ("seeds", (size, dcf.SEED_WORDS)),
-        ("seed_cw", (n, size, dcf.SEED_WORDS)),
-        ("value_cw", (n, size, OUTPUTS)),
-        ("last_cw", (size, OUTPUTS)),
-    ]
-
-
-def _bit_words(size: int, bits: int) -> int:
-    return math.ceil((bits - 1) * size * 2 / 64)
+# ---- a key as uint64 words, as the dealer sends it -----------------------------------------
 
 
 def word_count(size: int, bits: int) -> int:
-    """How many int64 words :func:`to_words` makes of a key for ``size`` ReLUs of ``bits`` bits."""
-    return sum(math.prod(shape) for _, shape in _sections(size, bits)) + _bit_words(size, bits)
+    """How many uint64 words :func:`to_words` makes of a key for ``size`` ReLUs of ``bits`` bits."""
+    return size * (1 + 3) + dcf.word_count(size, bits - 1, OUTPUTS)
 
 
 def to_words(key: GateKey) -> np.ndarray:
-    """The key as one int64 array (control-bit corrections packed 64 to a word)."""
-    k = key.comparison
-    parts = [key.mask, key.constants, k.seeds, k.seed_cw, k.value_cw, k.last_cw]
-    bits = np.zeros(_bit_words(key.size, key.bits) * 8, np.uint8)
-    packed = np.packbits(k.bit_cw.reshape(-1))
-    bits[: packed.size] = packed
-    return np.concatenate([p.reshape(-1) for p in parts] + [bits.view(np.uint64)]).view(np.int64)
+    return np.concatenate([key.mask, key.constants.reshape(-1), dcf.to_words(key.comparison)])
 
 
-def from_words(words: np.ndarray, *, party: int, size: int, bits: int) -> GateKey:
+def from_words(words: np.ndarray, party: int, size: int, bits: int) -> GateKey:
     """The key :func:`to_words` made, for party ``party``; ValueError if the length is not that of
     a key for ``size`` ReLUs of ``bits`` bits."""
     _check_bits(bits)
@@ -190,14 +122,5 @@ def from_words(words: np.ndarray, *, party: int, size: int, bits: int) -> GateKe
         raise ValueError(
             f"a ReLU key for {size} values of {bits} bits is {word_count(size, bits)} words, got {words.shape}"
         )
-    flat = words.view(np.uint64)
-    parts: dict[str, np.ndarray] = {}
-    start = 0
-    for name, shape in _sections(size, bits):
-        end = start + math.prod(shape)
-        parts[name] = flat[start:end].reshape(shape)
-        start = end
-    n = bits - 1
-    bit_cw = np.unpackbits(flat[start:].view(np.uint8))[: n * size * 2].reshape(n, size, 2)
-    comparison = dcf.Key(party, parts["seeds"], parts["seed_cw"], bit_cw, parts["value_cw"], parts["last_cw"])
-    return GateKey(bits, parts["mask"], parts["constants"], comparison)
+    comparison = dcf.from_words(words[4 * size :], party=party, size=size, bits=bits - 1, outputs=OUTPUTS)
+    return GateKey(bits, words[:size], words[size : 4 * size].reshape(size, 3), comparison)

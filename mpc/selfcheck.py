@@ -126,8 +126,15 @@ def expected(world_size: int, size: int = 16, seed: int = 0) -> dict[str, torch.
         "relu_wide": torch.relu(x - y),
         "maxpool": pools,
         **{f"relu_edges_{bits}": edge_values(bits).clamp(min=0) for bits in EDGE_BITS},
-        "clamp": torch.where(CLAMP_VALUES == -(2**63), 0, CLAMP_VALUES.clamp(*(int(v * _UNIT) for v in CLAMP_RANGE))),
+        "clamp": _clamped(world_size),
     }
+
+
+def _clamped(world_size: int) -> torch.Tensor:
+    """CLAMP_VALUES clamped as the parties do: exactly with two (the dealer's one-round gate); with
+    more, the split into ``relu(x)`` and ``relu(-x)`` takes -2^63 (its own negation) to 0."""
+    exact = CLAMP_VALUES.clamp(*(int(v * _UNIT) for v in CLAMP_RANGE))
+    return exact if world_size == 2 else torch.where(CLAMP_VALUES == -(2**63), 0, exact)
 
 
 def crash_on_rank1(*, rank: int, world_size: int) -> None:

@@ -18,7 +18,7 @@ and the attacks must succeed there, each within one fixed-point step.
 Inference's ReLUs take the dealer's one-round keys (mpc.relu_gate), which open no AND; the
 views here are recorded with the bit-sliced comparison that the norm check and three or more
 parties still use (``MEDMPC_TEST_COMPARISON=bit-sliced``), the protocol whose first AND shows
-raw stream words. tests/test_relu_gate.py attacks the one-round openings.
+raw stream words. tests/test_gates.py attacks the one-round openings.
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ def gate_openings_look_uniform(view: dict) -> bool:
     online = view["gate"][len(view["gate"]) // 2 :]
     by_bits: dict[int, list[np.ndarray]] = {}
     for g in online:
-        by_bits.setdefault(g["bits"], []).append(g["opened"])
+        by_bits.setdefault(g["bits"], []).append(g["opened"].numpy().view(np.uint64))
     return bool(online) and all(_looks_uniform_below(np.concatenate(v), b) for b, v in by_bits.items())
 
 

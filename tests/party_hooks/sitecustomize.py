@@ -5,7 +5,7 @@ MEDMPC_TEST_FORBID_WEAK_RNG=1: every draw from torch's or NumPy's generators rai
 CrypTen's are (the control that shows an attack test can succeed). MEDMPC_TEST_DRILLS: failure
 drills in the federated roles (drills). MEDMPC_TEST_COMPARISON=bit-sliced: ReLU takes the
 bit-sliced comparison (mpc.comparison) instead of the dealer's one-round key, whose first AND
-shows raw stream words. MEDMPC_TEST_GATE_MASK=zero: the dealer masks one-round ReLU openings
+shows raw stream words. MEDMPC_TEST_GATE_MASK=zero: the dealer masks one-round gate openings
 with zero (the control that shows an opening test can fail).
 """
 
@@ -34,6 +34,6 @@ if os.environ.get("MEDMPC_TEST_COMPARISON") == "bit-sliced":
 if os.environ.get("MEDMPC_TEST_GATE_MASK") == "zero":
     import numpy as np
 
-    from medmpc.mpc import relu_gate
+    from medmpc.mpc import prg
 
-    relu_gate._random = lambda n: np.zeros(n, np.uint64)
+    prg.random_words = lambda n: np.zeros(n, np.uint64)

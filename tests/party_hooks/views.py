@@ -2,7 +2,7 @@
 
 A party's view is what it may legitimately know: every value it helped open (its own
 contribution and the opened result, so the peer's message is their difference, or XOR;
-for a gathered opening, every party's contribution, and for a one-round ReLU the opened
+for a gathered opening, every party's contribution, and for a one-round gate the opened
 masked input with its ring) and its own share of every tensor shared with
 ``crypten_compat.encrypt``.
 """
@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from medmpc.mpc import crypten_compat, relu_gate
+from medmpc.mpc import crypten_compat, opening
 from medmpc.protocols import inference
 
 
@@ -44,16 +44,16 @@ def _record_view(view: dict[str, list[Any]]) -> None:
         view["own_shares"].append(shared._tensor.share.clone())
         return shared
 
-    combine = relu_gate.combine
+    combine = opening.combine
 
     def recording_combine(parts: list[Any], bits: int, size: int) -> Any:
         opened = combine(parts, bits, size)
-        view["gate"].append({"bits": bits, "opened": opened.copy()})
+        view["gate"].append({"bits": bits, "opened": torch.from_numpy(opened.view("int64").copy())})
         return opened
 
     comm.all_reduce = recording_all_reduce
     comm.all_gather = recording_all_gather
-    relu_gate.combine = recording_combine
+    opening.combine = recording_combine
     crypten_compat.encrypt = recording_encrypt
 
 

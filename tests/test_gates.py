@@ -1,5 +1,5 @@
-"""The dealer's function-secret-shared keys (mpc.dcf, mpc.relu_gate), both parties in one process:
-exact at the edges of their rings, used once, and pseudorandom key by key."""
+"""The dealer's function-secret-shared keys (mpc.dcf, mpc.relu_gate, mpc.clamp_gate), both parties
+in one process: exact at the edges of their rings, used once, and pseudorandom key by key."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from uniformity import looks_uniform
 
-from medmpc.mpc import dcf, prg, relu_gate
+from medmpc.mpc import clamp_gate, dcf, opening, prg, relu_gate
 
 RNG = np.random.default_rng(7)
 
@@ -54,7 +54,7 @@ def test_bad_inputs_are_named():
         relu_gate.deal(3, 1)
     g0, _ = relu_gate.deal(3, 8)
     with pytest.raises(ValueError, match="words, got"):
-        relu_gate.from_words(np.zeros(7, np.int64), party=0, size=3, bits=8)
+        relu_gate.from_words(np.zeros(7, np.uint64), 0, 3, 8)
 
 
 def _relu_in_process(x: np.ndarray, bits: int) -> np.ndarray:
@@ -62,10 +62,10 @@ def _relu_in_process(x: np.ndarray, bits: int) -> np.ndarray:
     first = RNG.integers(-(2**63), 2**63, x.size, dtype=np.int64).view(np.uint64)
     shares = [first, x.view(np.uint64) - first]
     words = [relu_gate.to_words(k) for k in relu_gate.deal(x.size, bits)]
-    keys = [relu_gate.from_words(w, party=b, size=x.size, bits=bits) for b, w in enumerate(words)]
-    parts = [relu_gate.pack(relu_gate.masked_share(k, s), bits) for k, s in zip(keys, shares)]
-    assert parts[0].nbytes <= x.size * relu_gate.wire_dtype(bits).itemsize + 8  # packed on the wire
-    opened = relu_gate.combine(parts, bits, x.size)
+    keys = [relu_gate.from_words(w, b, x.size, bits) for b, w in enumerate(words)]
+    parts = [opening.pack(relu_gate.masked_share(k, s), bits) for k, s in zip(keys, shares)]
+    assert parts[0].nbytes <= x.size * opening.wire_dtype(bits).itemsize + 8  # packed on the wire
+    opened = opening.combine(parts, bits, x.size)
     return (relu_gate.evaluate(keys[0], opened) + relu_gate.evaluate(keys[1], opened)).view(np.int64)
 
 
@@ -96,3 +96,31 @@ def test_a_party_key_looks_uniform_and_needs_the_csprng(monkeypatch):
     assert looks_uniform(words(relu_gate.deal(4000, 20)[1]))
     monkeypatch.setattr(prg, "random_ring", lambda n: torch.zeros(n, dtype=torch.int64))
     assert not looks_uniform(words(relu_gate.deal(4000, 20)[1]))
+
+
+@pytest.mark.parametrize("low, high", [(-2 * 2**16, 3 * 2**16), (0, 0), (-(2**62), 2**61)])
+def test_clamp_is_exact_for_every_ring_element(low, high):
+    ends = [-(2**63), -(2**63) + 1, 2**63 - 1, 2**63 - 2, -1, 0, 1]
+    edges = [low - 1, low, low + 1, high - 1, high, high + 1]
+    x = np.concatenate(
+        [np.array(ends + edges, np.int64), RNG.integers(-(2**63), 2**63 - 1, 300, dtype=np.int64)]
+        + [RNG.integers(low - 1000, high + 1000, 300, dtype=np.int64)]
+    )
+    first = RNG.integers(0, 2**64, x.size, dtype=np.uint64)
+    shares = [first, x.view(np.uint64) - first]
+    words = [clamp_gate.to_words(k) for k in clamp_gate.deal(x.size, low, high)]
+    keys = [clamp_gate.from_words(w, b, x.size, low, high) for b, w in enumerate(words)]
+    opened = opening.combine(
+        [opening.pack(clamp_gate.masked_share(k, s), clamp_gate.BITS) for k, s in zip(keys, shares)],
+        clamp_gate.BITS,
+        x.size,
+    )
+    got = (clamp_gate.evaluate(keys[0], opened) + clamp_gate.evaluate(keys[1], opened)).view(np.int64)
+    assert np.array_equal(got, np.clip(x, low, high))
+    with pytest.raises(ValueError, match="evaluated twice"):
+        clamp_gate.evaluate(keys[0], opened)
+
+
+def test_a_clamp_range_without_zero_is_refused():
+    with pytest.raises(ValueError, match="low <= 0 <= high"):
+        clamp_gate.deal(3, 5, 9)
