@@ -269,25 +269,33 @@ def _walk(key: Key, x: np.ndarray, part: slice) -> np.ndarray:
     t = np.full(n_elems, key.party, np.uint8)
     total = np.zeros((n_elems, m), np.uint64)
     blocks = np.empty((n_elems, 1 + vb, 2), np.uint64)
+    room = np.empty(blocks.size + 2, np.uint64)  # cryptography wants a block of room past the output
+    encryptor = Cipher(algorithms.AES(_AES_KEY), modes.ECB()).encryptor()  # ECB: no state between calls
+    _walk_inputs(seeds, x, key.bits - 1, vb, blocks)
     for level in range(key.bits):
-        shift = key.bits - 1 - level
-        _walk_inputs(seeds, x, shift, vb, blocks)
+        encryptor.update_into(blocks.data.cast("B"), room.data.cast("B"))
         corrections = key.seed_cw[level, part], key.bit_cw[level, part], key.value_cw[level, part]
-        _walk_step(blocks, _encrypt(blocks), x, shift, *corrections, t, seeds, total)
+        out = room[: blocks.size].reshape(blocks.shape)
+        _walk_step(blocks, out, x, key.bits - 1 - level, *corrections, t, seeds, total)
     total += _leaf(seeds, m) + _times(t, key.last_cw[part])
     return total
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _child_blocks(blocks: np.ndarray, i: int, s0: np.uint64, s1: np.uint64, side: np.uint64, vb: int) -> None:
+    """Element ``i``'s PRG input blocks for the child on ``side``: its seed block, then its value blocks."""
+    blocks[i, 0, 0] = s0 ^ side
+    blocks[i, 0, 1] = s1
+    for k in range(vb):
+        blocks[i, 1 + k, 0] = s0 ^ (2 + side * vb + k)
+        blocks[i, 1 + k, 1] = s1
+
+
 @numba.njit(cache=True, nogil=True)
 def _walk_inputs(seeds: np.ndarray, x: np.ndarray, shift: int, vb: int, blocks: np.ndarray) -> None:
-    """The PRG input blocks of the child each ``x`` walks to: its seed block, then its value blocks."""
+    """The first level's PRG input blocks."""
     for i in range(seeds.shape[0]):
-        side = (x[i] >> shift) & 1
-        blocks[i, 0, 0] = seeds[i, 0] ^ side
-        blocks[i, 0, 1] = seeds[i, 1]
-        for k in range(vb):
-            blocks[i, 1 + k, 0] = seeds[i, 0] ^ (2 + side * vb + k)
-            blocks[i, 1 + k, 1] = seeds[i, 1]
+        _child_blocks(blocks, i, seeds[i, 0], seeds[i, 1], (x[i] >> shift) & 1, vb)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -303,9 +311,11 @@ def _walk_step(
     seeds: np.ndarray,
     total: np.ndarray,
 ) -> None:
-    """One level of every walk, from AES's output ``out`` on ``blocks`` (XOR-ed here: MMO):
-    add the child's values (corrected where the control bit is set), move to its seed."""
+    """One level of every walk, from AES's output ``out`` on ``blocks`` (XOR-ed here: MMO): add
+    the child's values (corrected where the control bit is set), move to its seed, and write the
+    next level's blocks in place."""
     m = total.shape[1]
+    vb = blocks.shape[1] - 1
     for i in range(seeds.shape[0]):
         side = (x[i] >> shift) & 1
         ti = t[i]
@@ -323,6 +333,8 @@ def _walk_step(
         seeds[i, 0] = s0
         seeds[i, 1] = s1
         t[i] = bit
+        if shift > 0:
+            _child_blocks(blocks, i, s0, s1, (x[i] >> (shift - 1)) & 1, vb)
 
 
 # ---- a key as uint64 words, as the dealer sends it -----------------------------------------

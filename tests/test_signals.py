@@ -102,6 +102,7 @@ def test_sighup_and_ctrl_c_stop_any_command_in_one_line(tmp_path, sig):
         [*MEDMPC, "predict", "--servers", "http://127.0.0.1:9,http://127.0.0.1:9", "--token-file", str(token),
          "--wait-ready", "120", str(tmp_path / "x.png")],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONFAULTHANDLER": "1"},  # SIGABRT prints every thread's stack
     )  # fmt: skip
     deadline = time.monotonic() + 120
     while not _catches(waiting.pid, signal.SIGHUP):  # its handlers are installed (imports take a while)
@@ -112,7 +113,13 @@ def test_sighup_and_ctrl_c_stop_any_command_in_one_line(tmp_path, sig):
     # the signal may land in a long C call (loading torch's libraries takes seconds on a busy
     # machine), which Python finishes before it handles it; a command that ignored the signal
     # would wait for its --wait-ready of 120 s
-    assert waiting.wait(timeout=60) == 128 + sig
+    try:
+        code = waiting.wait(timeout=60)
+    except subprocess.TimeoutExpired:  # say where it waits, for the one run in many that did
+        waiting.send_signal(signal.SIGABRT)
+        waiting.wait(timeout=30)
+        pytest.fail(f"still running 60 s after {sig.name}; its stacks:\n{waiting.stderr.read()}")  # type: ignore[union-attr]
+    assert code == 128 + sig
     said = waiting.stderr.read()  # type: ignore[union-attr]
     assert f"stopped by {sig.name}" in said and "Traceback" not in said
 
