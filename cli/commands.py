@@ -345,6 +345,7 @@ def infer(args: argparse.Namespace) -> dict[str, Any] | None:
         timeout_s=args.timeout,
         device=args.device,
         plaintext_transport=args.plaintext_transport,
+        nonlinear=args.nonlinear,
     )
     preds = predictions(args.image, result["logits"], ckpt.classes)
     if args.json:
@@ -392,6 +393,7 @@ def bench_inference(args: argparse.Namespace) -> dict[str, Any] | None:
             device=args.device,
             plaintext_transport=args.plaintext_transport,
             hosts=hosts,
+            nonlinear=args.nonlinear,
         )
     with torch.no_grad():
         plain = model(x)
@@ -400,7 +402,8 @@ def bench_inference(args: argparse.Namespace) -> dict[str, Any] | None:
         "image_size": args.image_size,
         "batch": args.batch,
         "network": args.network or "loopback",
-        **{k: result[k] for k in ("device", "online_s", "offline_s", "rounds", "bytes", "transport")},
+        **{k: result[k] for k in ("device", "nonlinear", "online_s", "offline_s", "rounds", "bytes", "key_bytes")},
+        "transport": result["transport"],
         "max_abs_err": float((result["logits"] - plain).abs().max()),
         "argmax_agree": bool((result["logits"].argmax(1) == plain.argmax(1)).all()),
     }

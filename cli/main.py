@@ -133,8 +133,20 @@ def _add_inference_run_args(p: argparse.ArgumentParser) -> None:
     """How an encrypted inference runs: its deadline, its device, its output and channels."""
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--device", default="cpu", help="cpu or cuda: where every party keeps and computes its shares")
+    _add_nonlinear(p)
     _add_json(p)
     _add_plaintext_transport(p)
+
+
+def _add_nonlinear(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--nonlinear",
+        choices=("fss", "bit-sliced"),
+        default="fss",
+        help="ReLU and the input clamp: 'fss', one round each from the dealer's keys (which grow with the "
+        "image: gigabytes per party for a 224-px ResNet-18), or 'bit-sliced', several times the rounds and "
+        "bytes online but little dealer material (for large images on fast links)",
+    )
 
 
 def _add_dp_args(p: argparse.ArgumentParser) -> None:

@@ -26,6 +26,7 @@ arithmetic with CrypTen's B2A and multiplies ``x`` as in CrypTen's ReLU.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -34,6 +35,32 @@ import torch
 from medmpc.mpc import clamp_gate, crypten_compat, opening
 
 FULL_RING = 64
+FSS, BIT_SLICED = "fss", "bit-sliced"
+NONLINEAR = (FSS, BIT_SLICED)
+
+
+@dataclass
+class _Settings:
+    nonlinear: str = FSS
+    key_bytes: int = 0  # of the dealer's keys evaluated in this process
+
+
+_settings = _Settings()
+
+
+def configure(*, nonlinear: str) -> None:
+    """How two CPU parties with a dealer compute ReLU and the input clamp in this process: ``"fss"``
+    (default: the dealer's one-round keys, mpc.relu_gate and mpc.clamp_gate) or ``"bit-sliced"``
+    (a round per level of the comparison, but only a few dealer bytes per value: for large
+    images on fast links, whose keys would not fit)."""
+    if nonlinear not in NONLINEAR:
+        raise ValueError(f"nonlinear must be one of {', '.join(NONLINEAR)}, got {nonlinear!r}")
+    _settings.nonlinear = nonlinear
+
+
+def gate_key_bytes() -> int:
+    """Bytes of the dealer's keys this process has evaluated so far (one party's)."""
+    return _settings.key_bytes
 
 
 def relu(x: Any, *, bits: int = FULL_RING) -> Any:
@@ -50,7 +77,8 @@ def relu(x: Any, *, bits: int = FULL_RING) -> Any:
 
 def _one_round(crypten: Any, x: Any) -> bool:
     two_parties = crypten.communicator.get().get_world_size() == 2
-    return two_parties and not x._tensor.share.is_cuda and crypten.cfg.mpc.provider == "TTP"
+    dealer = crypten.cfg.mpc.provider == "TTP"
+    return _settings.nonlinear == FSS and two_parties and dealer and not x._tensor.share.is_cuda
 
 
 def _fixed(x: Any, value: float) -> int:
@@ -63,7 +91,12 @@ def _gate(crypten: Any, x: Any, kind: str, bits: int, *params: int) -> Any:
     gate = crypten_compat.GATES[kind]
     share = x._tensor.share
     flat = share.reshape(-1).contiguous().numpy().view(np.uint64)
-    key = crypten.mpc.get_default_provider().gate_keys(kind, flat.size, *params)
+    provider = crypten.mpc.get_default_provider()
+    if provider.tracing:  # the offline pass on a placeholder: record the request, deal nothing yet
+        provider.request_cache.append(("gate_keys", (kind, flat.size, *params), {}))
+        return x * 0
+    key = provider.gate_keys(kind, flat.size, *params)
+    _settings.key_bytes += key.nbytes
     mine = torch.from_numpy(opening.pack(gate.masked_share(key, flat), bits))
     parts = crypten.communicator.get().all_gather(mine)
     out = gate.evaluate(key, opening.combine([p.numpy() for p in parts], bits, flat.size))

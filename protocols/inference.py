@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from medmpc.models import architecture, build_model
-from medmpc.mpc import crypten_compat
+from medmpc.mpc import comparison, crypten_compat
 from medmpc.mpc.compile import compile_model
 from medmpc.mpc.launch import Hosts, ThisMachine, run_crypten_job
 from medmpc.mpc.pki import describe_channels
@@ -46,12 +46,15 @@ def encrypted_forward(
     checkpoint: str | None = None,
     images: str | None = None,
     device: str = "cpu",
+    nonlinear: str = comparison.FSS,
 ) -> dict[str, Any] | None:
     """The job every party runs. The model owner reads only ``checkpoint``, the data owner
     only ``images`` (a saved float tensor of preprocessed images of ``shape``). With
-    ``device="cuda"`` every share lives and is computed on the GPU."""
+    ``device="cuda"`` every share lives and is computed on the GPU; ``nonlinear`` as for
+    mpc.comparison.configure."""
     crypten = crypten_compat.patched()
     crypten.cfg.communicator.verbose = True  # count rounds and bytes
+    comparison.configure(nonlinear=nonlinear)
     if rank == MODEL_OWNER:
         if checkpoint is None:
             raise ValueError("the model owner runs with a checkpoint")
@@ -72,6 +75,7 @@ def encrypted_forward(
         raise ValueError("the data owner runs with images")
     x = torch.load(images, weights_only=True) if images is not None and rank == DATA_OWNER else torch.zeros(shape)
     crypten.communicator.get().reset_communication_stats()
+    keys_before = comparison.gate_key_bytes()
     _synchronize(device)
     start = time.perf_counter()
     x = crypten_compat.encrypt(x.to(device), src=DATA_OWNER)
@@ -79,6 +83,7 @@ def encrypted_forward(
     _synchronize(device)
     online_s = time.perf_counter() - start
     traffic = _traffic(crypten)
+    key_bytes = comparison.gate_key_bytes() - keys_before
     if rank != DATA_OWNER:
         return None  # the model owner learns nothing about the result
     return {
@@ -89,6 +94,8 @@ def encrypted_forward(
         "prepared_convs": program.prepared_runs,
         "comparison_bits": [site.bits for site in program.sites],
         "bounds_proven": program.bounds_proven,
+        "nonlinear": nonlinear,
+        "key_bytes": key_bytes,  # the dealer's keys this party used online (made offline)
         **traffic,
     }
 
@@ -106,10 +113,13 @@ def run_inference(
     device: str = "cpu",
     plaintext_transport: bool = False,
     hosts: Hosts | None = None,
+    nonlinear: str = comparison.FSS,
 ) -> dict[str, Any]:
     """Run model owner, data owner and dealer as processes on preprocessed ``images``, over
     mutually authenticated TLS (``plaintext_transport``: without, to measure what TLS costs);
-    ``hosts`` places each (default: all on this machine)."""
+    ``hosts`` places each (default: all on this machine); ``nonlinear`` as for
+    mpc.comparison.configure."""
+    comparison.configure(nonlinear=nonlinear)  # refuses a bad name before any process starts
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {device!r} asked for, but this machine has no CUDA GPU")
     ckpt = Checkpoint.load(checkpoint)
@@ -129,6 +139,7 @@ def run_inference(
                 "checkpoint": str(checkpoint),
                 "images": str(image_file),
                 "device": device,
+                "nonlinear": nonlinear,
             },
         )
     if results[MODEL_OWNER] is not None:

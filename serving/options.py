@@ -24,6 +24,7 @@ _OPTIONS: list[tuple[str, type, object, str]] = [
     ("--request-timeout", float, 60.0, "seconds a request may wait for its result"),
     ("--peer-timeout", float, 120.0, "seconds before a silent party is an error"),
     ("--max-body-mb", float, 16.0, "largest accepted request body"),
+    ("--nonlinear", str, "fss", "ReLU and the input clamp: 'fss' (one round each, large dealer keys) or 'bit-sliced'"),
 ]
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from medmpc.models import architecture
-from medmpc.mpc import crypten_compat
+from medmpc.mpc import comparison, crypten_compat
 from medmpc.mpc.compile import compile_model
 from medmpc.mpc.party import add_channel_args, channel_env
 from medmpc.serving.app import compute_app, health_app
@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> None:
         p.error("the model owner needs --model CKPT")
     if a.max_batch < 1 or a.max_queue < 1 or (a.per_client_queue is not None and a.per_client_queue < 1):
         p.error("--max-batch, --max-queue and --per-client-queue must be at least 1")
+    if a.nonlinear not in comparison.NONLINEAR:
+        p.error(f"--nonlinear must be one of {', '.join(comparison.NONLINEAR)}, got {a.nonlinear!r}")
+    comparison.configure(nonlinear=a.nonlinear)
 
     rank = ROLES[a.role]
     ckpt = Checkpoint.load(a.model) if rank == LEADER else None  # a bad checkpoint fails here, before serving

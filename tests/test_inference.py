@@ -73,6 +73,14 @@ def test_infer_and_bench_commands(trained_checkpoint, chest_xray):
     assert "starting the model owner" in proc.stderr
     bench = json.loads(proc.stdout)
     assert bench["argmax_agree"] is True and bench["max_abs_err"] < 0.05
+    # one round per non-linear layer (the clamp, max-pooling's two levels a pass, 16 ReLUs), one per
+    # opened convolution input, the fc and the result: 40; the keys that buy it came from the dealer
+    assert bench["nonlinear"] == "fss" and bench["rounds"] <= 40 and bench["key_bytes"] > 0
+    proc = medmpc("bench", "inference", "--model", "resnet18", "--image-size", 32, "--nonlinear", "bit-sliced",
+                  "--json", timeout=600)  # fmt: skip
+    sliced = json.loads(proc.stdout)
+    assert sliced["argmax_agree"] is True and sliced["max_abs_err"] < 0.05
+    assert sliced["rounds"] > 4 * bench["rounds"] and sliced["bytes"] > 4 * bench["bytes"] and sliced["key_bytes"] == 0
 
 
 def test_relu_moves_after_maxpool_without_changing_outputs():

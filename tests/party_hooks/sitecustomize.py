@@ -3,10 +3,8 @@
 MEDMPC_TEST_FORBID_WEAK_RNG=1: every draw from torch's or NumPy's generators raises
 (rng_guard). MEDMPC_TEST_STREAM=mt19937: CrypTen's generators become MT19937, as stock
 CrypTen's are (the control that shows an attack test can succeed). MEDMPC_TEST_DRILLS: failure
-drills in the federated roles (drills). MEDMPC_TEST_COMPARISON=bit-sliced: ReLU takes the
-bit-sliced comparison (mpc.comparison) instead of the dealer's one-round key, whose first AND
-shows raw stream words. MEDMPC_TEST_GATE_MASK=zero: the dealer masks one-round gate openings
-with zero (the control that shows an opening test can fail).
+drills in the federated roles (drills). MEDMPC_TEST_GATE_MASK=zero: the dealer masks one-round
+gate openings with zero (the control that shows an opening test can fail).
 """
 
 import os
@@ -25,11 +23,6 @@ if os.environ.get("MEDMPC_TEST_DRILLS"):
     import drills
 
     drills.install()
-
-if os.environ.get("MEDMPC_TEST_COMPARISON") == "bit-sliced":
-    from medmpc.mpc import comparison
-
-    comparison._one_round = lambda crypten, x: False
 
 if os.environ.get("MEDMPC_TEST_GATE_MASK") == "zero":
     import numpy as np
