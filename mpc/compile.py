@@ -162,14 +162,25 @@ class Program:
         """How many convolutions ran online on masks prepared offline."""
         return sum(s.fn.prepared_runs for s in self.steps if isinstance(s.fn, Conv))
 
+    def discard_prepared(self) -> None:
+        """Drop every run :meth:`trace` prepared and no run has used: the convolutions' masks and the
+        dealer material CrypTen's provider caches."""
+        crypten = crypten_compat.patched()
+        crypten.mpc.get_default_provider().tuple_cache = {}
+        for step in self.steps:
+            if isinstance(step.fn, Conv):
+                step.fn.masks = []
+
     def trace(self, x: Any, encrypted_params: dict[str, Any]) -> None:
         """Offline, on a placeholder input of the real shape: CrypTen's provider records the
-        randomness every step will need, and each convolution prepares its input mask."""
+        randomness every step will need, and each convolution prepares its input mask. Each call
+        prepares one more run of that shape (the material of earlier calls stays until used)."""
         crypten = crypten_compat.patched()
         provider = crypten.mpc.get_default_provider()
         convs = [s.fn for s in self.steps if isinstance(s.fn, Conv)] if not x._tensor.share.is_cuda else []
         for conv in convs:
             conv.recording = True
+        provider.request_cache = []  # CrypTen keeps every request it traced, and would refill them all
         provider.trace(True)
         try:
             self.run(x, encrypted_params)

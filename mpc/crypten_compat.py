@@ -41,6 +41,10 @@ applies them all. Code that uses CrypTen afterwards gets the patched module from
   stream it shares with the dealer. :func:`install` teaches it (and the provider's
   offline cache) one more kind, ``gate_keys``: the function-secret-shared keys of the
   one-round gates (mpc.relu_gate, mpc.clamp_gate), which the dealer sends to each party whole.
+* CrypTen's provider cache (the offline pass's randomness) keeps a request's entry once its
+  list is used up, and the next such request pops from the empty list (IndexError): fine for
+  one inference per process, fatal for a service that prepares batch after batch.
+  :func:`install` makes an empty entry a miss, served by the dealer as without a cache.
 * CrypTen's Beaver protocol computes three products per party
   (``eps*b + a*delta + eps*delta``, the last added by party 0 only, yet computed by
   all). By bilinearity ``eps*(b + delta) + a*delta`` is the same with two: a third
@@ -97,6 +101,7 @@ def install() -> Any:
         _install_two_product_beaver(crypten)
         _install_stream_randomness(crypten)
         _install_gate_keys(crypten)
+        _install_cache_misses(crypten)
         _install_tls_communicator()
         _patched = crypten
     return _patched
@@ -247,6 +252,31 @@ def _install_gate_keys(crypten: Any) -> None:
 
     ttp_provider.TrustedThirdParty.gate_keys = party_keys
     ttp_provider.TTPServer.gate_keys = dealer_keys
+
+
+def _install_cache_misses(crypten: Any) -> None:
+    """CrypTen's ``TupleProvider.__getattribute__`` with a used-up cache entry counted as a miss."""
+    from crypten.mpc.provider.provider import TupleProvider
+
+    def lookup(self: Any, func_name: str) -> Any:
+        if func_name not in TupleProvider.TRACEABLE_FUNCTIONS:
+            return object.__getattribute__(self, func_name)
+        function = object.__getattribute__(self, func_name)
+        if self.tracing:
+
+            def traced(*args: Any, **kwargs: Any) -> Any:
+                self.request_cache.append((func_name, args, kwargs))
+                return function(*args, **kwargs)
+
+            return traced
+
+        def cached(*args: Any, **kwargs: Any) -> Any:
+            ready = self.tuple_cache.get((func_name, args, frozenset(kwargs.items())))
+            return ready.pop() if ready else function(*args, **kwargs)
+
+        return cached
+
+    TupleProvider.__getattribute__ = lookup
 
 
 def _install_two_product_beaver(crypten: Any) -> None:

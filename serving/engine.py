@@ -22,6 +22,13 @@ deadline; it never blocks the others. When idle, the leader still offers (an emp
 list) every ``heartbeat_s`` and both parties ask the dealer for one tiny triple, so
 neither the peer nor the dealer hits its silence timeout.
 
+Idle with nothing prepared for the size of the last batch (one image at first), both parties
+prepare that size instead: the offline pass of mpc.compile, which has the dealer make that
+batch's keys and triples and opens the convolutions' weight masks, so a batch of that size
+runs online only. One size is kept at a time (material for another is dropped: one 64-px
+ResNet-18 image's gate keys are hundreds of megabytes); a batch of another size asks the
+dealer as it goes.
+
 Admission: at most ``max_queue`` requests wait at a party, and at most
 ``per_client_queue`` of them from one client, so one client cannot fill the queue
 and starve the others.
@@ -190,12 +197,15 @@ class BatchEngine:
         comm = crypten.communicator.get()
         last_dealer_contact = time.monotonic()
         retry = False
+        prepared: int | None = None  # the batch size whose dealer material is ready, if any
+        last_size = 1  # prepare for the size of the last batch (one image at first)
         while True:
             if self.rank == LEADER:
                 self._wait_for_work(retry)
                 ids = self._offer()
                 keepalive = time.monotonic() - last_dealer_contact > self.heartbeat_s
-                offer = {"ids": ids, "keepalive": keepalive}
+                prepare = last_size if not ids and prepared != last_size else None
+                offer = {"ids": ids, "keepalive": keepalive, "prepare": prepare}
             else:
                 offer = None
             cycle_start = time.monotonic()
@@ -211,7 +221,14 @@ class BatchEngine:
             batch = self._claim(answer["have"], dict((rid, shape) for rid, shape in offer["ids"]))
             retry = bool(offer["ids"]) and not batch
             if batch:
+                last_size = sum(p.share.shape[0] for _, p in batch)
+                if last_size == prepared:
+                    prepared = None  # the batch takes it
                 self._run_batch(model, batch)
+                last_dealer_contact = time.monotonic()
+            elif offer["prepare"] is not None:
+                prepared = offer["prepare"]
+                self._prepare(model, prepared)
                 last_dealer_contact = time.monotonic()
             elif offer["keepalive"]:
                 size = torch.Size([1])
@@ -268,6 +285,20 @@ class BatchEngine:
             # a request the caller gave up on in the meantime is still computed (the peer
             # expects it); its result is simply dropped
             return [(rid, self._pending.pop(rid) if rid in self._pending else _abandoned(shapes[rid])) for rid in batch]
+
+    def _prepare(self, model: Model, images: int) -> None:
+        """While idle: the dealer's material for the next batch of ``images`` (its keys, triples and
+        the convolutions' masks), so that batch does not wait for the dealer."""
+        crypten = crypten_compat.patched()
+        start = time.perf_counter()
+        model.program.discard_prepared()  # one batch size at a time: the last one seen
+        card = model.card
+        shape = (images, card.channels, card.image_size, card.image_size)
+        placeholder = crypten.mpc.MPCTensor.from_shares(
+            torch.zeros(shape, dtype=torch.int64), precision=card.fractional_bits
+        )
+        model.program.trace(placeholder, model.weights)
+        log("prepared", party=self.rank, images=images, seconds=round(time.perf_counter() - start, 4))
 
     def _run_batch(self, model: Model, batch: list[tuple[Key, _Pending]]) -> None:
         crypten = crypten_compat.patched()

@@ -101,6 +101,38 @@ def test_concurrent_single_image_requests_share_encrypted_passes(service, val_im
     assert max(e["requests"] for e in batches) >= 2
 
 
+def _wait_for(service: LocalService, party: str, pick, what: str, timeout_s: float = 120) -> list[dict]:
+    deadline = time.monotonic() + timeout_s
+    while not (found := [e for e in _events(service, party) if pick(e)]):
+        assert time.monotonic() < deadline, f"no {what} in {party}'s log after {timeout_s} s"
+        time.sleep(0.2)
+    return found
+
+
+def test_an_idle_service_prepares_the_next_batch_before_it_arrives(service, val_images):
+    """While idle, both parties have the dealer make the next batch's material (the size of the last
+    batch), so that batch runs online only; once used, it is prepared again."""
+    with PredictionClient(service.urls, TOKEN) as client:
+        x = client.preprocess(val_images[:1])
+        client.logits(x)  # the last batch is now one image
+        start = len(_events(service, "model-owner"))
+        _wait_for(service, "model-owner", start, "prepared")
+        assert [e["images"] for e in _events(service, "model-owner")[start:] if e["event"] == "prepared"] == [1]
+        served = len(_events(service, "model-owner"))
+        client.logits(x)
+    batch = served + next(i for i, e in enumerate(_events(service, "model-owner")[served:]) if e["event"] == "batch")
+    assert _events(service, "model-owner")[batch]["images"] == 1
+    _wait_for(service, "model-owner", batch + 1, "prepared")  # and ready again for the next one
+
+
+def _wait_for(service: LocalService, party: str, start: int, event: str, timeout_s: float = 120) -> None:
+    """Until ``party`` logs ``event`` after its first ``start`` events."""
+    deadline = time.monotonic() + timeout_s
+    while not any(e["event"] == event for e in _events(service, party)[start:]):
+        assert time.monotonic() < deadline, f"{party} logged no {event!r} within {timeout_s} s"
+        time.sleep(0.2)
+
+
 def _events(service: LocalService, party: str) -> list[dict]:
     lines = service.log_file(party).read_text().splitlines()
     return [json.loads(line) for line in lines if line.startswith("{")]
