@@ -79,6 +79,7 @@ def main() -> None:
     p.add_argument("--concurrency", default="1,4,16")
     p.add_argument("--requests", type=int, default=4, help="requests per client")
     p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--nonlinear", choices=("fss", "bit-sliced"), default="fss")
     a = p.parse_args()
     if (a.model is None) == (a.random_model is None):
         p.error("give exactly one of --model and --random-model")
@@ -97,7 +98,7 @@ def main() -> None:
         tokens = Path(tmp) / "tokens"
         tokens.write_text(token)
         card = Checkpoint.load(checkpoint)
-        name = f"{card.model_name} {card.preprocessing.image_size}px max_batch {a.max_batch}"
+        name = f"{card.model_name} {card.preprocessing.image_size}px max_batch {a.max_batch} {a.nonlinear}"
         images = torch.randn(
             32,
             1,
@@ -113,6 +114,7 @@ def main() -> None:
             per_client_queue=LocalService.max_queue,
             request_timeout_s=600,
             share_timeout_s=60,
+            nonlinear=a.nonlinear,
         ) as svc:
             with PredictionClient(svc.urls, token, timeout_s=600) as client:
                 client.logits(images[:1])  # warm-up

@@ -40,6 +40,7 @@ class LocalService:
     request_timeout_s: float = 60.0
     peer_timeout_s: float = 120.0
     max_body_mb: float = 16.0
+    nonlinear: str = "fss"  # ReLU and the input clamp (mpc.comparison.configure)
     log_dir: Path | None = None  # default: a temporary folder
     _procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, init=False)
 
@@ -88,6 +89,7 @@ class LocalService:
                     "request_timeout": self.request_timeout_s,
                     "peer_timeout": self.peer_timeout_s,
                     "max_body_mb": self.max_body_mb,
+                    "nonlinear": self.nonlinear,
                 }
             ),
         ]
