@@ -49,6 +49,7 @@ class GateKey:
     mask: np.ndarray
     constants: np.ndarray
     comparisons: tuple[dcf.Key, dcf.Key, dcf.Key]
+    opened: bool = False  # a second opening under one mask would show the difference of two inputs
 
     @property
     def party(self) -> int:
@@ -97,6 +98,9 @@ def masked_share(key: GateKey, share: np.ndarray) -> np.ndarray:
     """This party's part of the opening: ``x_b + r_b`` (uint64)."""
     if share.shape != (key.size,):
         raise ValueError(f"clamp key holds {key.size} values, got a share of shape {share.shape}")
+    if key.opened:
+        raise ValueError(f"clamp key of party {key.party} opened twice: its mask hides one input only")
+    key.opened = True
     masked: np.ndarray = share + key.mask
     return masked
 

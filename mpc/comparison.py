@@ -58,6 +58,11 @@ def configure(*, nonlinear: str) -> None:
     _settings.nonlinear = nonlinear
 
 
+def nonlinear() -> str:
+    """This process's choice for ReLU and the input clamp (:func:`configure`)."""
+    return _settings.nonlinear
+
+
 def gate_key_bytes() -> int:
     """Bytes of the dealer's keys this process has evaluated so far (one party's)."""
     return _settings.key_bytes

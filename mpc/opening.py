@@ -27,7 +27,10 @@ def wire_dtype(bits: int) -> np.dtype:
 
 
 def pack(values: np.ndarray, bits: int) -> np.ndarray:
-    """``values`` (below 2^bits) in the smallest type, padded and viewed as int64 words."""
+    """``values`` (below 2^bits) in the smallest type, padded and viewed as int64 words; ValueError
+    for a value of more bits (its high bits, a carry of the masked sum, would go out too)."""
+    if bits < 64 and values.size and int(values.max()) >> bits:
+        raise ValueError(f"an opening of {bits} bits holds a value of more bits")
     narrow = values.astype(wire_dtype(bits))
     per_word = 8 // narrow.itemsize
     padded = np.zeros(math.ceil(values.size / per_word) * per_word, narrow.dtype)

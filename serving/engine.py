@@ -227,6 +227,8 @@ class BatchEngine:
                 self._run_batch(model, batch)
                 last_dealer_contact = time.monotonic()
             elif offer["prepare"] is not None:
+                if not 1 <= offer["prepare"] <= self.max_batch:
+                    raise ValueError(f"the leader asked to prepare {offer['prepare']} images, above --max-batch")
                 prepared = offer["prepare"]
                 self._prepare(model, prepared)
                 last_dealer_contact = time.monotonic()

@@ -71,6 +71,11 @@ def _setup(rank: int, ckpt: Checkpoint | None, max_batch: int, timeout_s: float)
     if program is None:  # the public architecture, never its weights
         program = compile_model(architecture(card.model_name, len(card.classes)))
     program.publish_bounds(src=LEADER)
+    theirs = crypten.communicator.get().broadcast_obj(comparison.nonlinear(), LEADER)
+    if theirs != comparison.nonlinear():
+        raise ValueError(
+            f"the model owner runs --nonlinear {theirs}, this party {comparison.nonlinear()}: start both alike"
+        )
     weights = {
         k: crypten_compat.encrypt(v if rank == LEADER else torch.zeros_like(v), src=LEADER)
         for k, v in sorted(program.parameters.items())

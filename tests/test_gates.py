@@ -44,6 +44,19 @@ def test_a_key_is_evaluated_once():
         relu_gate.evaluate(g0, _below(8, 5))
 
 
+def test_a_gate_mask_hides_one_opening_only():
+    """Opening two inputs under one mask would show their difference: the second is refused, for
+    both gates; and an opening of more bits than its ring is refused before it is sent."""
+    relu_key, _ = relu_gate.deal(3, 20)
+    clamp_key, _ = clamp_gate.deal(3, -5, 5)
+    for gate, key in ((relu_gate, relu_key), (clamp_gate, clamp_key)):
+        gate.masked_share(key, _below(20, 3))
+        with pytest.raises(ValueError, match="opened twice"):
+            gate.masked_share(key, _below(20, 3))
+    with pytest.raises(ValueError, match="of more bits"):
+        opening.pack(np.array([1 << 20], np.uint64), 20)
+
+
 def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="more than 4 bits"):
         dcf.generate(np.array([16], np.uint64), np.zeros((1, 1), np.uint64), 4)
