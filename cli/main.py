@@ -6,12 +6,15 @@ import argparse
 import copy
 import json
 import logging
+import os
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import MISSING, fields
 from importlib.metadata import version
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from medmpc.cli import commands
@@ -499,23 +502,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class Stopped(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, raised where the main thread is, so every ``finally`` runs as for Ctrl-C."""
+    """Ctrl-C, SIGTERM or SIGHUP, raised where the main thread is, so every ``finally`` runs."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
 
 
-def _stop(signum: int, frame: object) -> None:
+STOPPING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _importing(frame: FrameType | None) -> bool:
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _stop(signum: int, frame: FrameType | None) -> None:
+    # Code run by an import may catch the exception and go on (a Ctrl-C during start-up's imports
+    # was lost that way, and the command then waited out its whole --wait-ready): while an import
+    # runs, the signal is sent again a moment later instead
+    if _importing(frame):
+        threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+        return
     raise Stopped(signum)
+
+
+def install_stop_handlers() -> None:
+    """Ctrl-C, ``kill``, systemd, docker stop and a closed SSH session all stop a command the same
+    way: the launchers' clean-up (party processes, temporary folders) runs on the way out."""
+    for stopping in STOPPING:
+        signal.signal(stopping, _stop)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # `kill`, systemd, docker stop and a closed SSH session stop a command as Ctrl-C does: the
-    # launchers' clean-up (party processes, temporary folders) runs on the way out
-    for stopping in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(stopping, _stop)
+    install_stop_handlers()
     # progress and results for a person on stdout; with --json, stdout carries only the JSON object
     stream = sys.stderr if getattr(args, "json", False) else sys.stdout
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=stream, force=True)

@@ -149,3 +149,46 @@ def test_a_party_dies_with_its_killed_launcher(tied):
     finally:
         if _alive(child):
             os.kill(child, signal.SIGKILL)
+
+
+_SWALLOWING_IMPORT = """
+import time
+try:  # as some libraries' import-time code does: an exception, KeyboardInterrupt too, goes unseen
+    time.sleep(3)
+except BaseException:
+    pass
+"""
+
+_IMPORTER = """
+import sys, time
+from medmpc.cli.main import install_stop_handlers
+if sys.argv[1] == "ours":
+    install_stop_handlers()
+sys.path.insert(0, sys.argv[2])
+print("importing", flush=True)
+import swallowing
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("handlers", ["ours", "python's"])
+def test_a_ctrl_c_during_an_import_that_swallows_it_still_stops_the_command(tmp_path, handlers):
+    """The signal lands in an import whose code catches every exception: with the command's handlers
+    it is sent again once the import is over and stops the command; with Python's own (the control)
+    the KeyboardInterrupt is lost and the command runs on, as `predict --wait-ready` once did."""
+    (tmp_path / "swallowing.py").write_text(_SWALLOWING_IMPORT)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _IMPORTER, handlers.split("'")[0], str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    assert proc.stdout.readline().strip() == "importing"  # type: ignore[union-attr]
+    time.sleep(1)  # inside the import's sleep
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=15)
+        stopped = True
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        stopped = False
+    assert stopped is (handlers == "ours")
