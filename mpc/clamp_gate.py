@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from medmpc.mpc import dcf, prg
+from medmpc.mpc import dcf, opening, prg
 
 BITS = 64  # the whole ring: an unchecked input may be any element
 _HALF = np.uint64(1 << 63)
@@ -49,7 +49,7 @@ class GateKey:
     mask: np.ndarray
     constants: np.ndarray
     comparisons: tuple[dcf.Key, dcf.Key, dcf.Key]
-    opened: bool = False  # a second opening under one mask would show the difference of two inputs
+    opened: bool = False  # mpc.opening.mask_once: one opening per mask
 
     @property
     def party(self) -> int:
@@ -96,13 +96,7 @@ def deal(size: int, low: int, high: int) -> tuple[GateKey, GateKey]:
 
 def masked_share(key: GateKey, share: np.ndarray) -> np.ndarray:
     """This party's part of the opening: ``x_b + r_b`` (uint64)."""
-    if share.shape != (key.size,):
-        raise ValueError(f"clamp key holds {key.size} values, got a share of shape {share.shape}")
-    if key.opened:
-        raise ValueError(f"clamp key of party {key.party} opened twice: its mask hides one input only")
-    key.opened = True
-    masked: np.ndarray = share + key.mask
-    return masked
+    return opening.mask_once(key, share, BITS, "clamp")
 
 
 def evaluate(key: GateKey, opened: np.ndarray) -> np.ndarray:

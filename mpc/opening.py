@@ -9,8 +9,35 @@ masked one, ``x + r``: uniform wherever ``r`` is, which is the gates' business.
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import numpy as np
+
+
+class MaskKey(Protocol):
+    """A gate key's side of an opening: its share of the mask, used for one input only."""
+
+    mask: np.ndarray
+    opened: bool
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def party(self) -> int: ...
+
+
+def mask_once(key: MaskKey, share: np.ndarray, bits: int, gate: str) -> np.ndarray:
+    """This party's part of an opening: ``x_b + r_b mod 2^bits`` (uint64); ValueError for a share of
+    another size or a key that opened before (a second opening under one mask would show the
+    difference of two inputs)."""
+    if share.shape != (key.size,):
+        raise ValueError(f"{gate} key holds {key.size} values, got a share of shape {share.shape}")
+    if key.opened:
+        raise ValueError(f"{gate} key of party {key.party} opened twice: its mask hides one input only")
+    key.opened = True
+    masked: np.ndarray = (share + key.mask) & low_bits(bits)
+    return masked
 
 
 def low_bits(bits: int) -> np.uint64:

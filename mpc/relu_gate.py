@@ -46,7 +46,7 @@ class GateKey:
     mask: np.ndarray
     constants: np.ndarray
     comparison: dcf.Key
-    opened: bool = False  # a second opening under one mask would show the difference of two inputs
+    opened: bool = False  # mpc.opening.mask_once: one opening per mask
 
     @property
     def party(self) -> int:
@@ -83,13 +83,7 @@ def deal(size: int, bits: int) -> tuple[GateKey, GateKey]:
 
 def masked_share(key: GateKey, share: np.ndarray) -> np.ndarray:
     """This party's part of the opening: ``x_b + r_b mod 2^bits`` (uint64; mpc.opening packs it)."""
-    if share.shape != (key.size,):
-        raise ValueError(f"ReLU key holds {key.size} values, got a share of shape {share.shape}")
-    if key.opened:
-        raise ValueError(f"ReLU key of party {key.party} opened twice: its mask hides one input only")
-    key.opened = True
-    masked: np.ndarray = (share + key.mask) & opening.low_bits(key.bits)
-    return masked
+    return opening.mask_once(key, share, key.bits, "ReLU")
 
 
 def evaluate(key: GateKey, opened: np.ndarray) -> np.ndarray:
