@@ -79,6 +79,11 @@ def _load(args: argparse.Namespace, *, image_size: int, num_classes: int, split:
     return data
 
 
+def _load_shift(folder: str, args: argparse.Namespace) -> ImageSet:
+    """The --shift-data set at the run's image size and classes."""
+    return load_dataset(folder, image_size=args.image_size, num_classes=args.classes, split="val")
+
+
 def _dp_config(args: argparse.Namespace) -> DPConfig | None:
     from medmpc.training.dp import DPConfig
 
@@ -119,7 +124,9 @@ def train(args: argparse.Namespace) -> None:
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
-        augment=not args.no_augment,
+        weight_decay=args.weight_decay,
+        augment=args.augment,
+        mixup=args.mixup,
         class_weighting=not args.no_class_weights,
         seed=args.seed,
     )
@@ -133,6 +140,7 @@ def train(args: argparse.Namespace) -> None:
         val_fraction=args.val_fraction,
         dp=_dp_config(args),
         stats_noise=args.stats_noise,
+        shift=None if args.shift_data is None else _load_shift(args.shift_data, args),
         log=_log,
     )
     from medmpc.training.metrics import format_metrics
@@ -206,6 +214,11 @@ _PLAN_FLAGS = (
     "num_classes",
     "batch_size",
     "lr",
+    "weight_decay",
+    "augment",
+    "mixup",
+    "lr_decay",
+    "shift_data",
     "fractional_bits",
     "seed",
     "timeout_s",
@@ -271,6 +284,26 @@ def simulate(args: argparse.Namespace) -> None:
         _log("final validation:\n" + format_metrics(report["validation"]))
     wrote = [out / f for f in ("report.json", "model.pt") if (out / f).exists()]
     _log(f"wrote {', '.join(map(str, wrote))}" + (" and plots" if "validation" in report else ""))
+
+
+def tune(args: argparse.Namespace) -> dict[str, Any] | None:
+    from medmpc.cli.tune import tune as run
+    from medmpc.protocols.plan import load_plan
+
+    names = ("data", "model", "image_size", "num_classes", "rounds", "local_epochs", "hospitals", "partition", "seed")
+    overrides = {k: getattr(args, k) for k in names}
+    dp = _dp_config(args)
+    if dp is not None:
+        overrides |= {"dp_epsilon": dp.epsilon, "dp_delta": dp.delta, "dp_noise": dp.noise_multiplier}
+    summary = run(load_plan(args.config, overrides), args.out, mode=args.mode, trials=args.trials, log=_log)
+    best = summary["best"]
+    _log(
+        "no trial completed"
+        if best is None
+        else f"best: trial {best['trial']}, validation MCC {best['mcc']:.4f}, {best['params']} ({args.out / 'trials'})"
+    )
+    _log(f"wrote {args.out / 'study.json'} and {args.out / 'trials.png'}")
+    return None
 
 
 def role(args: argparse.Namespace) -> None:

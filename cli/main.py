@@ -18,8 +18,8 @@ from types import FrameType
 from typing import Any
 
 from medmpc.cli import commands
-from medmpc.imaging.transforms import MIN_IMAGE_SIZE
-from medmpc.protocols.plan import Plan
+from medmpc.imaging.transforms import AUGMENTATIONS, MIN_IMAGE_SIZE
+from medmpc.protocols.plan import LR_DECAYS, Plan
 from medmpc.serving.options import add_service_options
 
 Subcommands = argparse._SubParsersAction  # what add_subparsers returns
@@ -91,6 +91,31 @@ def _add_data_args(p: argparse.ArgumentParser, *, default_size: int | None) -> N
         p.add_argument(
             "--classes", type=int, choices=(2, 3), default=3, help="3: normal/bacterial/viral; 2: normal/pneumonia"
         )
+
+
+def _add_recipe_args(p: argparse.ArgumentParser, *, defaults: dict[str, Any] | None) -> None:
+    """The training recipe's flags; ``defaults`` None leaves them unset (a config file's, else the plan's)."""
+    given = defaults or {}
+    p.add_argument("--weight-decay", type=float, default=given.get("weight_decay"), help="AdamW's weight decay")
+    p.add_argument(
+        "--augment",
+        choices=AUGMENTATIONS,
+        default=given.get("augment"),
+        help="training-time augmentation: affine jitter; shift adds contrast, brightness, gamma, blur and noise "
+        "against acquisition shift",
+    )
+    p.add_argument(
+        "--mixup",
+        type=float,
+        default=given.get("mixup"),
+        help="MixUp's Beta(a, a) parameter a, 0 for none (not with DP)",
+    )
+    p.add_argument(
+        "--shift-data",
+        default=given.get("shift_data") or None,
+        help="labelled folder from another acquisition (e.g. the data's val/), evaluated with the selected model "
+        "at the end, never trained on: the report's shift_check",
+    )
 
 
 def _add_transport_args(p: argparse.ArgumentParser) -> None:
@@ -203,7 +228,7 @@ def _train(sub: Subcommands) -> None:
         default=DEFAULTS["val_fraction"],
         help="stratified validation split held out of the training data",
     )
-    p.add_argument("--no-augment", action="store_true")
+    _add_recipe_args(p, defaults=DEFAULTS)
     p.add_argument("--no-class-weights", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="folder for model.pt, report.json and plots")
@@ -252,6 +277,8 @@ def _simulate(sub: Subcommands) -> None:
     p.add_argument("--classes", dest="num_classes", type=int, choices=(2, 3))
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
+    _add_recipe_args(p, defaults=None)
+    p.add_argument("--lr-decay", choices=LR_DECAYS, help="the peak learning rate across rounds: cosine ends at a tenth")
     p.add_argument("--fractional-bits", type=int, help="fixed-point precision (default 16)")
     p.add_argument("--seed", type=int)
     p.add_argument(
@@ -311,6 +338,31 @@ def _simulate(sub: Subcommands) -> None:
         if action.default is None and default not in (None, "", [], {}) and "(default" not in (action.help or ""):
             action.help = f"{action.help or ''} (default: {default})".strip()
     p.set_defaults(func=commands.simulate)
+
+
+def _tune(sub: Subcommands) -> None:
+    p = sub.add_parser(
+        "tune",
+        help="search the training recipe (learning rate, weight decay, augmentation, batch size, MixUp or DP "
+        "clipping) with Optuna, by validation MCC; the same command resumes the study",
+    )
+    p.add_argument("--mode", choices=("centralised", "federated"), default="centralised", help="how each trial trains")
+    p.add_argument("--trials", type=POSITIVE, default=20, help="finished trials the study should have")
+    p.add_argument("--config", type=Path, help="TOML plan with the fixed settings (flags override it)")
+    p.add_argument("--data", help="data folder (Kaggle layout) or 'synthetic[:N]'")
+    p.add_argument("--model", help="cnn, cnn_gn, resnet18, resnet18_gn")
+    p.add_argument("--image-size", type=IMAGE_SIZE)
+    p.add_argument("--classes", dest="num_classes", type=int, choices=(2, 3))
+    p.add_argument("--rounds", type=POSITIVE, help="federated rounds; centralised: epochs = rounds x local epochs")
+    p.add_argument("--local-epochs", type=POSITIVE)
+    p.add_argument("--hospitals", type=int)
+    p.add_argument("--partition", help="iid, dirichlet:ALPHA or sizes:W1,...,WN")
+    p.add_argument("--seed", type=int)
+    _add_dp_args(p)
+    p.add_argument(
+        "--out", type=Path, required=True, help="the study's folder: study.db, study.json, trials.png, trials/"
+    )
+    p.set_defaults(func=commands.tune)
 
 
 def _role(sub: Subcommands) -> None:
@@ -481,6 +533,7 @@ SUBCOMMANDS = (
     _evaluate,
     _partition,
     _simulate,
+    _tune,
     _role,
     _bench,
     _infer,

@@ -29,17 +29,17 @@ from medmpc.protocols.messages import (
     Train,
     Update,
 )
-from medmpc.protocols.plan import Plan, plan_data
+from medmpc.protocols.plan import Plan, plan_data, plan_shift_data
 from medmpc.protocols.run_state import CoordinatorState
 from medmpc.protocols.strategy import Aggregation, BudgetExhausted, PlainFedAvg, RoundAborted, SecureFedAvg, Strategy
 from medmpc.training.accountant import PrivacyAccountant
-from medmpc.training.centralised import write_json
+from medmpc.training.centralised import Selection, shift_check, write_json
 from medmpc.training.checkpoint import Checkpoint
 from medmpc.training.local import class_weights, predict
 from medmpc.training.metrics import classification_metrics
 from medmpc.training.statistics import Statistics, release_privacy
 
-_CURVE_KEYS = ("accuracy", "balanced_accuracy", "roc_auc", "pneumonia_roc_auc")
+_CURVE_KEYS = ("accuracy", "balanced_accuracy", "mcc", "roc_auc", "pneumonia_roc_auc")
 
 
 class Coordinator:
@@ -306,6 +306,10 @@ class Coordinator:
             save_state(0)
             report["aggregated_statistics"]["traffic"] = self.traffic_since_last()
         rounds: list[dict[str, Any]] = report.setdefault("rounds", [])
+        best = Selection()
+        for done in rounds:  # a resumed run's model.pt holds the best of the rounds before
+            if "validation" in done:
+                best.offer(done["round"], done["validation"])
 
         def conclude(record: dict[str, Any]) -> None:
             """Evaluate round ``record['round']``'s model; keep it, the report and the state on disk."""
@@ -321,7 +325,7 @@ class Coordinator:
             m = record["validation"] = classification_metrics(logits, val.labels, classes)
             eps = _epsilons(timings)
             tqdm.write(
-                f"round {r}/{p.rounds}: val accuracy {m['accuracy']:.3f}  balanced {m['balanced_accuracy']:.3f}  "
+                f"round {r}/{p.rounds}: val accuracy {m['accuracy']:.3f}  MCC {m['mcc']:.3f}  "
                 f"pneumonia AUC {m['pneumonia_roc_auc'] or float('nan'):.3f}  "
                 f"(train {timings['local_training_s']:.1f}s, share {timings['sharing_s']:.2f}s, "
                 f"aggregate {timings['aggregation_s']:.2f}s, reveal {timings['reveal_s']:.2f}s)"
@@ -329,21 +333,23 @@ class Coordinator:
                 + (f"  central-DP epsilon {timings['central_dp']['epsilon'] or float('inf'):.2f}" if central else "")
                 + (f"  left out: {_listed(timings['excluded'])}" if "excluded" in timings else "")
             )
-            # keep the newest global model on disk, so an aborted later round loses nothing
-            Checkpoint(
-                p.model,
-                classes,
-                prep,
-                model.state_dict(),
-                info={
-                    "federated": report["mode"],
-                    "round": r,
-                    "validation": m,
-                    "dataset": report["dataset"],
-                    "privacy": timings.get("privacy"),
-                    "central_dp": timings.get("central_dp"),
-                },
-            ).save(self.out / "model.pt")
+            if best.offer(r, m):  # on disk at once: an aborted later round loses nothing
+                Checkpoint(
+                    p.model,
+                    classes,
+                    prep,
+                    model.state_dict(),
+                    info={
+                        "federated": report["mode"],
+                        "round": r,
+                        "selected": best.summary("round"),
+                        "validation": m,
+                        "dataset": report["dataset"],
+                        "privacy": timings.get("privacy"),
+                        "central_dp": timings.get("central_dp"),
+                    },
+                ).save(self.out / "model.pt")
+            report["selected"] = best.summary("round")
             write_json(report, self.out / "report.json")
             save_state(r)
 
@@ -385,8 +391,12 @@ class Coordinator:
     def _finish(self, report: dict[str, Any]) -> None:
         rounds = report.get("rounds", [])
         if rounds:
-            report["validation"] = rounds[-1]["validation"]
+            chosen = report["selected"]["round"] or rounds[-1]["round"]
+            report["validation"] = next(r["validation"] for r in rounds if r["round"] == chosen)
             _plots(report, self.out)
+        if self.plan.shift_data and (self.out / "model.pt").exists():
+            ckpt = Checkpoint.load(self.out / "model.pt")
+            report["shift_check"] = shift_check(ckpt.build(), ckpt.preprocessing, plan_shift_data(self.plan))
         report["hospitals"] = per_hospital(rounds, self.plan.hospital_names)
         write_json(report, self.out / "report.json")
 

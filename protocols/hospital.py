@@ -83,7 +83,13 @@ class Hospital:
         load_vector(model, global_vector)
         prep = Preprocessing(p.image_size, request.mean, request.std)
         cfg = TrainConfig(
-            epochs=p.local_epochs, batch_size=p.batch_size, lr=p.lr, seed=p.seed + 1000 * request.round + self.index
+            epochs=p.local_epochs,
+            batch_size=p.batch_size,
+            lr=p.round_lr(request.round),
+            weight_decay=p.weight_decay,
+            augment=p.augment,
+            mixup=p.mixup,
+            seed=p.seed + 1000 * request.round + self.index,
         )
         start = time.perf_counter()
         train(

@@ -7,6 +7,7 @@ overrides, and travels to every process as JSON.
 from __future__ import annotations
 
 import json
+import math
 import re
 import tomllib
 from collections.abc import Callable
@@ -51,6 +52,9 @@ _TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
+LR_DECAYS = ("none", "cosine")
+
+
 @dataclass
 class Plan:
     hospitals: int = 3
@@ -59,7 +63,17 @@ class Plan:
     local_epochs: int = 1
     batch_size: int = 64
     lr: float = 2e-3
+    # the training recipe (training.local.TrainConfig): weight decay, augmentation by name
+    # (imaging.transforms.AUGMENTATIONS), MixUp's Beta parameter (0: off), and the peak learning
+    # rate across rounds: "none" keeps lr, "cosine" decays it to lr / 10 by the last round
+    weight_decay: float = 1e-4
+    augment: str = "affine"
+    mixup: float = 0.0
+    lr_decay: str = "none"
     data: str = "synthetic"
+    # a labelled folder from another acquisition, evaluated with the selected model at the end
+    # (never used for training or selection): the report's shift_check
+    shift_data: str = ""
     num_classes: int = 3
     image_size: int = 64
     model: str = "cnn"
@@ -134,6 +148,7 @@ class Plan:
                 f"{self.batch_size}, {self.lr}, {self.timeout_s} and {self.val_fraction}"
             )
         parse_scheme(self.partition, self.hospitals)
+        self._check_recipe()
         if self.hospitals < 2:
             raise ValueError(f"secure aggregation needs at least 2 hospitals, got {self.hospitals}")
         if self.secure and self.aggregators < 2:
@@ -152,6 +167,25 @@ class Plan:
                 f"min_hospitals must be in 2..{self.hospitals} (the hospitals), got {self.min_hospitals}: "
                 "an average of one hospital is that hospital's update"
             )
+
+    def _check_recipe(self) -> None:
+        from medmpc.imaging.transforms import augmentation
+        from medmpc.training.local import MIXUP_WITH_DP
+
+        augmentation(self.augment)
+        if not self.weight_decay >= 0 or not self.mixup >= 0:
+            raise ValueError(f"weight_decay and mixup must be at least 0, got {self.weight_decay} and {self.mixup}")
+        if self.mixup > 0 and self.dp_epsilon is not None:
+            raise ValueError(MIXUP_WITH_DP)
+        if self.lr_decay not in LR_DECAYS:
+            raise ValueError(f"unknown lr_decay {self.lr_decay!r}; choose one of {', '.join(LR_DECAYS)}")
+
+    def round_lr(self, round_: int) -> float:
+        """The peak learning rate of round ``round_`` (1-based) of local training."""
+        if self.lr_decay == "none" or self.rounds == 1:
+            return self.lr
+        progress = (round_ - 1) / (self.rounds - 1)
+        return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
     def _check_norm_bound(self) -> None:
         if self.update_norm_bound is None:
@@ -314,6 +348,11 @@ def plan_data(plan: Plan) -> tuple[ImageSet, ImageSet]:
     folder up reproducibly from the plan's seed."""
     data = load_dataset(plan.data, image_size=plan.image_size, num_classes=plan.num_classes, seed=plan.seed)
     return data.held_out(plan.val_fraction, seed=plan.seed)
+
+
+def plan_shift_data(plan: Plan) -> ImageSet:
+    """The plan's shift-check set: a labelled folder from another acquisition (or its root's val/)."""
+    return load_dataset(plan.shift_data, image_size=plan.image_size, num_classes=plan.num_classes, split="val")
 
 
 def load_plan(config: Path | None, overrides: dict[str, Any]) -> Plan:

@@ -114,6 +114,14 @@ def test_simulate_cli_writes_report_model_and_plots(tmp_path):
         2,
         "--rounds",
         2,
+        "--augment",
+        "shift",
+        "--mixup",
+        0.2,
+        "--lr-decay",
+        "cosine",
+        "--shift-data",
+        "synthetic:30",
         "--out",
         out,
         "--timeout",
@@ -133,6 +141,13 @@ def test_simulate_cli_writes_report_model_and_plots(tmp_path):
     assert 2 * 4 * n <= r["traffic"]["coordinator"]["bytes_sent"] < 2 * 4 * n + 10_000
     assert r["traffic"]["coordinator"]["bytes_received"] >= 2 * 8 * n  # the aggregators' shares of the average
     assert set(r["traffic"]) == {"coordinator", "hospital0", "hospital1", "aggregator0", "aggregator1"}
+    # the recipe travels in the plan; model.pt is the round with the best validation MCC
+    assert (report["plan"]["augment"], report["plan"]["mixup"], report["plan"]["lr_decay"]) == ("shift", 0.2, "cosine")
+    mccs = [r["validation"]["mcc"] for r in report["rounds"]]
+    chosen = report["selected"]["round"]
+    assert chosen == 1 + mccs.index(max(mccs)) and report["validation"] == report["rounds"][chosen - 1]["validation"]
+    assert Checkpoint.load(out).info["round"] == chosen
+    assert report["shift_check"]["n_images"] == 30
     for png in ("learning_curves.png", "communication.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     ev = medmpc("evaluate", "--model", out / "model.pt", "--data", "synthetic:60", "--json", timeout=120)

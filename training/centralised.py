@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from torch import nn
 
 from medmpc.imaging.dataset import ImageSet
 from medmpc.imaging.transforms import Preprocessing
@@ -17,7 +21,7 @@ from medmpc.training import plots
 from medmpc.training.accountant import BudgetError, PrivacyAccountant
 from medmpc.training.checkpoint import Checkpoint
 from medmpc.training.dp import DPSGD, DPConfig, check_compatible, privacy_summary
-from medmpc.training.local import TrainConfig, class_weights, predict, train
+from medmpc.training.local import MIXUP_WITH_DP, TrainConfig, class_weights, predict, train
 from medmpc.training.metrics import classification_metrics
 from medmpc.training.statistics import Statistics, local_statistics, release_history, release_privacy
 
@@ -49,9 +53,13 @@ def train_centralised(
     val_fraction: float = 0.15,
     dp: DPConfig | None = None,
     stats_noise: float | None = None,
+    shift: ImageSet | None = None,
     log: Any = print,
 ) -> dict[str, Any]:
     """Train on ``data`` minus a stratified validation split; write model.pt, report.json, PNGs.
+
+    The model kept is the epoch's with the best validation MCC (the first of equals); ``shift``, a
+    labelled set from another acquisition, is evaluated with it at the end (``shift_check``).
 
     With ``dp``, DP-SGD; training stops cleanly, keeping the model, once the budget is spent.
     The pixel mean/std (stored in the checkpoint) and the class counts (class weights, report) come
@@ -64,6 +72,8 @@ def train_centralised(
             f"stats noise {stats_noise}: a noisy statistics release needs DP-SGD (--dp-epsilon, the "
             "budget that accounts for it) and a positive noise"
         )
+    if dp is not None and cfg.mixup > 0:
+        raise ValueError(MIXUP_WITH_DP)
     out.mkdir(parents=True, exist_ok=True)
     train_set, val_set = data.held_out(val_fraction, seed=cfg.seed)
     release, noisy, class_weight = release_history(stats_noise), None, None
@@ -97,13 +107,17 @@ def train_centralised(
         )
         private.reserve(1)  # refuses to start if a single epoch would exceed the budget
 
+    best = Selection()
+
     def on_epoch(epoch: int, loss: float) -> None:
         m = classification_metrics(predict(model, val_set.images, prep), val_set.labels, data.classes)
         eps = {} if private is None else {"epsilon": private.epsilon}
         history.append({"epoch": epoch + 1, "train_loss": loss, **eps, **{k: m[k] for k in _CURVE_KEYS}})
+        if best.offer(epoch + 1, m):
+            best.state = copy.deepcopy(model.state_dict())
         log(
-            f"epoch {epoch + 1}/{cfg.epochs}: loss {loss:.4f}  val accuracy {m['accuracy']:.3f}  "
-            f"balanced {m['balanced_accuracy']:.3f}  pneumonia AUC {m['pneumonia_roc_auc'] or float('nan'):.3f}"
+            f"epoch {epoch + 1}/{cfg.epochs}: loss {loss:.4f}  val accuracy {m['accuracy']:.3f}  MCC {m['mcc']:.3f}  "
+            f"pneumonia AUC {m['pneumonia_roc_auc'] or float('nan'):.3f}"
             + (f"  epsilon {eps['epsilon']:.2f} (delta {dp.delta:g})" if eps and dp else "")
         )
         if private is not None and epoch + 1 < cfg.epochs:
@@ -127,6 +141,8 @@ def train_centralised(
         stopped = str(err)
         log(f"stopped after epoch {len(history)}: {err}")
     seconds = time.perf_counter() - start
+    if best.state is not None:
+        model.load_state_dict(best.state)
     val_metrics = classification_metrics(predict(model, val_set.images, prep), val_set.labels, data.classes)
     report: dict[str, Any] = {
         "model": model_name,
@@ -136,8 +152,11 @@ def train_centralised(
         "preprocessing": prep.to_dict(),
         "train_seconds": seconds,
         "history": history,
+        "selected": best.summary("epoch"),
         "validation": val_metrics,
     }
+    if shift is not None:
+        report["shift_check"] = shift_check(model, prep, shift)
     if noisy is not None:  # the exact size and class counts of the training data stay unwritten
         for key in ("n_images", "class_counts"):
             del report["dataset"][key]
@@ -157,6 +176,8 @@ def train_centralised(
         info={
             "dataset": report["dataset"],
             "validation": val_metrics,
+            "selected": report["selected"],
+            "shift_check": _headline(report.get("shift_check")),
             "config": report["config"],
             "privacy": report.get("privacy"),
         },
@@ -164,7 +185,7 @@ def train_centralised(
     write_json(report, out / "report.json")
     title = f"{model_name} on {'synthetic data' if data.is_synthetic else data.source}"
     plots.curves_png(
-        {k: [h[k] for h in history] for k in ("train_loss", "accuracy", "pneumonia_roc_auc")},
+        {k: [h[k] for h in history] for k in ("train_loss", "accuracy", "mcc", "pneumonia_roc_auc")},
         out / "learning_curves.png",
         xlabel="epoch",
         title=title,
@@ -195,7 +216,40 @@ def _coverage(stats_noise: float | None) -> dict[str, list[str]]:
     return {"covers": covers, "not_covered": not_covered}
 
 
-_CURVE_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "pneumonia_roc_auc")
+_CURVE_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "mcc", "roc_auc", "pneumonia_roc_auc")
+
+
+@dataclass
+class Selection:
+    """Model selection by validation MCC: the best epoch or round so far (the first of equals),
+    and, where the caller keeps it, that model's weights."""
+
+    at: int | None = None
+    mcc: float = -math.inf
+    state: dict[str, Any] | None = None
+
+    def offer(self, at: int, metrics: dict[str, Any]) -> bool:
+        """Whether the model of epoch or round ``at``, with these validation metrics, is the best yet."""
+        if not metrics["mcc"] > self.mcc:
+            return False
+        self.at, self.mcc = at, float(metrics["mcc"])
+        return True
+
+    def summary(self, unit: str) -> dict[str, Any]:
+        return {unit: self.at, "by": "validation MCC", "mcc": self.mcc if self.at is not None else None}
+
+
+def shift_check(model: nn.Module, prep: Preprocessing, data: ImageSet) -> dict[str, Any]:
+    """Metrics on a labelled set from another acquisition, at the model's own image size."""
+    m = classification_metrics(predict(model, data.images, prep), data.labels, data.classes)
+    return m | {"dataset": dataset_summary(data)}
+
+
+def _headline(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The few numbers of a metrics dict a checkpoint keeps."""
+    if metrics is None:
+        return None
+    return {k: metrics[k] for k in ("accuracy", "mcc", "pneumonia_roc_auc")} | {"source": metrics["dataset"]["source"]}
 
 
 def evaluate_checkpoint(ckpt: Checkpoint, data: ImageSet) -> dict[str, Any]:

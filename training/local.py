@@ -7,27 +7,41 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from medmpc.imaging.transforms import Augmentation, Preprocessing
+from medmpc.imaging.transforms import Preprocessing, augmentation
 
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """One training run's recipe. ``augment``: a name in imaging.transforms.AUGMENTATIONS;
+    ``mixup``: the Beta(a, a) parameter of MixUp (0: off); the rest as named."""
+
     epochs: int = 10
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 1e-4
-    augment: bool = True
+    augment: str = "affine"
+    mixup: float = 0.0
     class_weighting: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
             raise ValueError(f"epochs, batch_size and lr must be positive: {self}")
+        if not self.weight_decay >= 0 or not self.mixup >= 0:
+            raise ValueError(f"weight decay and mixup must be at least 0, got {self.weight_decay} and {self.mixup}")
+        augmentation(self.augment)
+
+
+MIXUP_WITH_DP = (
+    "MixUp makes each training example from two patients' images, so DP-SGD's per-example clipping would no "
+    "longer bound one patient's influence: use mixup 0 with DP"
+)
 
 
 def class_weights(counts: torch.Tensor) -> torch.Tensor:
@@ -87,6 +101,8 @@ def train(
     """
     if len(images) == 0:
         raise ValueError("no training images")
+    if private is not None and cfg.mixup > 0:
+        raise ValueError(MIXUP_WITH_DP)
     g = torch.Generator().manual_seed(cfg.seed)
     weight = None
     if cfg.class_weighting:
@@ -144,7 +160,8 @@ def _epochs(
     on_epoch: Callable[[int, float], None] | None,
     desc: str,
 ) -> list[float]:
-    augment = Augmentation() if cfg.augment else None
+    augment = augmentation(cfg.augment)
+    mixing = np.random.default_rng(cfg.seed)  # MixUp's weights: Beta draws, which torch cannot seed
     steps_per_epoch = -(-len(images) // cfg.batch_size)
     losses = []
     bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=desc, unit="step", leave=False)
@@ -160,17 +177,23 @@ def _epochs(
                 sched.step()
                 bar.update()
                 continue
-            x = prep(images[idx])
+            pixels = prep.pixels(images[idx])
             if augment is not None:
-                x = augment(x, generator)
-            # DP-SGD weights classes through its sampling rates: a loss weight would be
-            # undone by per-sample clipping, and would tie each sample's gradient to its batch
-            logits = model(x)
-            loss = (
-                private.loss(logits, labels[idx])
-                if private is not None
-                else F.cross_entropy(logits, labels[idx], weight=weight)
-            )
+                pixels = augment(pixels, generator)
+            x, targets = prep.normalise(pixels), labels[idx]
+            if private is not None:
+                # DP-SGD weights classes through its sampling rates: a loss weight would be
+                # undone by per-sample clipping, and would tie each sample's gradient to its batch
+                loss = private.loss(model(x), targets)
+            elif cfg.mixup > 0:
+                lam = float(mixing.beta(cfg.mixup, cfg.mixup))
+                partner = torch.randperm(len(idx), generator=generator)
+                logits = model(lam * x + (1 - lam) * x[partner])
+                loss = lam * F.cross_entropy(logits, targets, weight=weight) + (1 - lam) * F.cross_entropy(
+                    logits, targets[partner], weight=weight
+                )
+            else:
+                loss = F.cross_entropy(model(x), targets, weight=weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
