@@ -5,7 +5,8 @@ rounds, DP budget) and the recipe's searched ones (``suggest``), centralised as 
 federated as ``simulate``, and scores it by the validation MCC of its selected model (the best
 epoch or round) on the split held out of the training folder. The study lives in SQLite
 (``study.db`` in the out folder): the same command run again resumes it until ``trials`` trials
-have finished, and a trial a crash left running is marked failed and not counted. Every trial
+have finished; a trial that did not finish (Ctrl-C, a dead party, a killed process) is marked
+failed and not counted, and a resumption with other fixed settings is refused. Every trial
 keeps its run folder (``trials/NNNN``); ``study.json`` and ``trials.png`` sum the study up.
 """
 
@@ -73,10 +74,11 @@ def tune(
     study = optuna.create_study(
         study_name=STUDY, storage=f"sqlite:///{out / 'study.db'}", direction="maximize", load_if_exists=True
     )
-    _fail_interrupted(study, log)
+    _check_same_study(study, _fixed(plan, mode), out)
+    _fail_interrupted(study, [t.number for t in study.get_trials(states=(TrialState.RUNNING,))], log)
     # a resumed study draws afresh: the same seed would repeat the first trials' settings
     study.sampler = optuna.samplers.TPESampler(seed=plan.seed + len(study.trials))
-    run = _trial_runner(plan, out, mode=mode, log=log)
+    run = _trial_runner(plan, out, mode=mode)
     while (done := len(_finished(study))) < trials:
         trial = study.ask()
         log(f"trial {trial.number} ({done + 1} of {trials}) ...")
@@ -87,6 +89,9 @@ def tune(
             study.tell(trial, state=TrialState.FAIL)
             log(f"trial {trial.number} failed: {err}")
             continue
+        except BaseException:  # Ctrl-C, or a party that died: the trial did not finish, and is run again
+            _fail_interrupted(study, [trial.number], log)
+            raise
         study.tell(trial, score)
         log(f"trial {trial.number}: validation MCC {score:.4f} (best {study.best_value:.4f}) {trial.params}")
     summary = _summary(study, plan, mode=mode, trials=trials)
@@ -105,18 +110,37 @@ def _finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     ]
 
 
-def _fail_interrupted(study: optuna.Study, log: Callable[[str], None]) -> None:
-    """Trials left running by a crash of the process that ran them: failed, and not counted."""
-    left = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
-    if not left:
+def _fail_interrupted(study: optuna.Study, numbers: list[int], log: Callable[[str], None]) -> None:
+    """Trials that did not finish (stopped, or left running by a process that died): failed, and
+    not counted, so the study runs as many again."""
+    if not numbers:
         return
-    study.set_user_attr(INTERRUPTED, sorted(set(study.user_attrs.get(INTERRUPTED, [])) | set(left)))
-    for number in left:
+    study.set_user_attr(INTERRUPTED, sorted(set(study.user_attrs.get(INTERRUPTED, [])) | set(numbers)))
+    for number in numbers:
         study.tell(number, state=TrialState.FAIL)
-        log(f"trial {number} was left running by an earlier process: marked failed, run again")
+        log(f"trial {number} did not finish: marked failed, and run again when the study resumes")
 
 
-def _trial_runner(plan: Plan, out: Path, *, mode: str, log: Callable[[str], None]) -> Callable[[optuna.Trial], float]:
+def _fixed(plan: Plan, mode: str) -> dict[str, Any]:
+    return {"mode": mode} | {k: v for k, v in asdict(plan).items() if k in _FIXED}
+
+
+def _check_same_study(study: optuna.Study, fixed: dict[str, Any], out: Path) -> None:
+    """A study resumes only with the settings it holds fixed: trials of two set-ups do not compare."""
+    if "fixed" not in study.user_attrs:
+        study.set_user_attr("fixed", fixed)
+        return
+    before = study.user_attrs["fixed"]
+    differ = sorted(k for k in fixed.keys() | before.keys() if fixed.get(k) != before.get(k))
+    if differ:
+        changes = ", ".join(f"{k} {before.get(k)!r} -> {fixed.get(k)!r}" for k in differ)
+        raise ValueError(
+            f"the study in {out} was run with other fixed settings ({changes}): resume it with its own, or "
+            "start a new study in another --out"
+        )
+
+
+def _trial_runner(plan: Plan, out: Path, *, mode: str) -> Callable[[optuna.Trial], float]:
     """One trial: the plan with the trial's settings, trained in its own folder; its selected model's MCC."""
     private = plan.dp_epsilon is not None
     data = None
@@ -170,7 +194,7 @@ def _summary(study: optuna.Study, plan: Plan, *, mode: str, trials: int) -> dict
         "mode": mode,
         "objective": "validation MCC of the selected model (best epoch or round)",
         "trials_requested": trials,
-        "fixed": {k: v for k, v in asdict(plan).items() if k in _FIXED},
+        "fixed": _fixed(plan, mode),
         "best": None
         if best is None
         else {"trial": best.number, "mcc": best.value, "params": best.params, **best.user_attrs},

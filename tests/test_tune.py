@@ -46,6 +46,10 @@ def test_a_centralised_study_runs_end_to_end_and_resumes_where_it_stopped(tmp_pa
     assert again["trials"][:2] == first["trials"]  # resumed, not restarted
     assert again["trials"][3]["params"] != first["trials"][0]["params"]  # a resumed sampler draws afresh
     assert sorted(p.name for p in (out / "trials").iterdir()) == ["0000", "0001", "0003"]
+    # trials of another set-up would not compare: refused, naming what changed
+    refused = medmpc("tune", *TINY[:2], "--image-size", 48, *TINY[4:], "--trials", 4, "--out", out, check=False)
+    assert refused.returncode != 0 and "image_size 32 -> 48" in refused.stderr
+    assert len(_study(out).trials) == 4
 
 
 @pytest.mark.slow
