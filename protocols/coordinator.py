@@ -343,6 +343,7 @@ class Coordinator:
                         "federated": report["mode"],
                         "round": r,
                         "selected": best.summary("round"),
+                        "recipe": p.recipe(),
                         "validation": m,
                         "dataset": report["dataset"],
                         "privacy": timings.get("privacy"),

@@ -53,6 +53,19 @@ _TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 
 LR_DECAYS = ("none", "cosine")
+RECIPE = (
+    "model",
+    "image_size",
+    "rounds",
+    "local_epochs",
+    "batch_size",
+    "lr",
+    "lr_decay",
+    "weight_decay",
+    "augment",
+    "mixup",
+    "partition",
+)
 
 
 @dataclass
@@ -179,6 +192,10 @@ class Plan:
             raise ValueError(MIXUP_WITH_DP)
         if self.lr_decay not in LR_DECAYS:
             raise ValueError(f"unknown lr_decay {self.lr_decay!r}; choose one of {', '.join(LR_DECAYS)}")
+
+    def recipe(self) -> dict[str, Any]:
+        """How the model was trained, as its checkpoint records it."""
+        return {k: getattr(self, k) for k in RECIPE}
 
     def round_lr(self, round_: int) -> float:
         """The peak learning rate of round ``round_`` (1-based) of local training."""

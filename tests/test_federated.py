@@ -146,7 +146,8 @@ def test_simulate_cli_writes_report_model_and_plots(tmp_path):
     mccs = [r["validation"]["mcc"] for r in report["rounds"]]
     chosen = report["selected"]["round"]
     assert chosen == 1 + mccs.index(max(mccs)) and report["validation"] == report["rounds"][chosen - 1]["validation"]
-    assert Checkpoint.load(out).info["round"] == chosen
+    info = Checkpoint.load(out).info
+    assert info["round"] == chosen and (info["recipe"]["augment"], info["recipe"]["lr_decay"]) == ("shift", "cosine")
     assert report["shift_check"]["n_images"] == 30
     for png in ("learning_curves.png", "communication.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
