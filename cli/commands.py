@@ -150,9 +150,10 @@ def train(args: argparse.Namespace) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
-    from medmpc.training.centralised import evaluate_checkpoint, write_json
     from medmpc.training.checkpoint import Checkpoint
+    from medmpc.training.evaluation import evaluate_checkpoint
     from medmpc.training.metrics import format_metrics
+    from medmpc.training.reports import write_json
 
     if args.data is None:
         raise ValueError("--data is needed: a labelled folder, or 'synthetic' for the built-in synthetic images")

@@ -23,9 +23,8 @@ from medmpc.protocols.plan import LR_DECAYS, Plan
 from medmpc.serving.options import add_service_options
 
 Subcommands = argparse._SubParsersAction  # what add_subparsers returns
-# the plan's defaults, read off its fields (a Plan() would check its model name, which imports
-# torchvision: two seconds on every command's start-up); `train` defaults to what a default
-# `simulate` trains, so the two default runs compare
+# the plan's defaults, read off its fields; `train` defaults to what a default `simulate`
+# trains, so the two default runs compare
 DEFAULTS = {f.name: f.default for f in fields(Plan) if f.default is not MISSING}
 
 

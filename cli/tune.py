@@ -26,8 +26,9 @@ from medmpc.imaging.dataset import load_dataset
 from medmpc.protocols.plan import Plan
 from medmpc.protocols.simulate import simulate
 from medmpc.training import plots
-from medmpc.training.centralised import train_centralised, write_json
+from medmpc.training.centralised import train_centralised
 from medmpc.training.local import TrainConfig
+from medmpc.training.reports import write_json
 
 MODES = ("centralised", "federated")
 STUDY = "medmpc"

@@ -7,7 +7,6 @@ from functools import partial
 
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock, ResNet
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -15,21 +14,12 @@ def _group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(min(32, channels // 2) or 1, channels)
 
 
-class _Block(BasicBlock):
-    """torchvision's BasicBlock without in-place ops: per-sample-gradient hooks (DP-SGD)
-    cannot follow a tensor modified in place. Same parameters and outputs."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        identity = x if self.downsample is None else self.downsample(x)
-        return torch.relu(out + identity)
-
-
 def _resnet18(num_classes: int, norm: Callable[[int], nn.Module] | None = None) -> nn.Module:
-    model: nn.Module = ResNet(_Block, [2, 2, 2, 2], num_classes=num_classes, norm_layer=norm)
-    model.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
-    return model
+    # imported here: torchvision costs every process that imports it half a second, and most
+    # parties of a small-CNN run never build a ResNet
+    from medmpc.models.resnet import resnet18
+
+    return resnet18(num_classes, norm)
 
 
 def small_cnn(num_classes: int, norm: Callable[[int], nn.Module] = nn.BatchNorm2d) -> nn.Module:

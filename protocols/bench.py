@@ -39,7 +39,7 @@ from medmpc.protocols.roles import coordinator_listener, party_of, role_parser, 
 from medmpc.protocols.simulate import launch_roles
 from medmpc.protocols.strategy import Aggregation, PlainFedAvg, RoundAborted
 from medmpc.protocols.submit import PlainSubmitter
-from medmpc.training.centralised import write_json
+from medmpc.training.reports import write_json
 
 R = TypeVar("R")
 

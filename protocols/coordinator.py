@@ -33,10 +33,11 @@ from medmpc.protocols.plan import Plan, plan_data, plan_shift_data
 from medmpc.protocols.run_state import CoordinatorState
 from medmpc.protocols.strategy import Aggregation, BudgetExhausted, PlainFedAvg, RoundAborted, SecureFedAvg, Strategy
 from medmpc.training.accountant import PrivacyAccountant
-from medmpc.training.centralised import Selection, shift_check, write_json
 from medmpc.training.checkpoint import Checkpoint
+from medmpc.training.evaluation import Selection, shift_check
 from medmpc.training.local import class_weights, predict
 from medmpc.training.metrics import classification_metrics
+from medmpc.training.reports import write_json
 from medmpc.training.statistics import Statistics, release_privacy
 
 _CURVE_KEYS = ("accuracy", "balanced_accuracy", "mcc", "roc_auc", "pneumonia_roc_auc")

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from medmpc.imaging.dataset import ImageSet, load_dataset
 from medmpc.imaging.splits import parse_scheme
 from medmpc.imaging.transforms import MIN_IMAGE_SIZE
+from medmpc.models import model_names
 from medmpc.mpc.pki import Identity, IdentityError, describe_channels
 from medmpc.mpc.sharing import DEFAULT_FRACTIONAL_BITS
 from medmpc.protocols.norm_check import max_bound, world_environment
@@ -147,8 +148,6 @@ class Plan:
             admits, kind = _TYPES[str(f.type)]
             if not admits(value):
                 raise ValueError(f"plan setting {f.name} must be {kind}, got {value!r}")
-        from medmpc.models import model_names  # torchvision, seconds to import: only where a plan is made
-
         if self.model not in model_names():
             raise ValueError(f"unknown model {self.model!r}; choose one of {', '.join(model_names())}")
         if self.image_size < MIN_IMAGE_SIZE:

@@ -12,7 +12,7 @@ from typing import Any
 from medmpc.mpc import pki
 from medmpc.mpc.launch import Hosts, PartyProcess, ThisMachine, supervise
 from medmpc.protocols.plan import Plan
-from medmpc.training.centralised import write_json
+from medmpc.training.reports import write_json
 
 COORDINATOR_PORT, AGGREGATOR_PORT, DEALER_PORT = 7000, 7100, 7200  # where each host's ports are its own
 HOSPITAL_STATE = "hospital_state"  # in a simulation's out folder: each hospital's DP accountant

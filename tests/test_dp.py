@@ -346,7 +346,7 @@ def test_dp_sgd_noise_is_drawn_in_float64_so_its_tails_are_not_cut(monkeypatch):
     """Box-Muller's largest output is sqrt(-2 ln u) at the smallest uniform u: 5.77 sigma for 24-bit
     uniforms (float32), a cut that adds to delta, and 8.57 sigma for 53-bit ones."""
     from medmpc.mpc import prg
-    from medmpc.training.dp import CSPRNGNoiseOptimizer
+    from medmpc.training.dp_noise import CSPRNGNoiseOptimizer
 
     param = torch.nn.Parameter(torch.zeros(8))
     opt = CSPRNGNoiseOptimizer(

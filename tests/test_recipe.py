@@ -7,9 +7,10 @@ import torch
 from medmpc.imaging.dataset import load_dataset
 from medmpc.imaging.transforms import AUGMENTATIONS, Augmentation, augmentation
 from medmpc.protocols.plan import Plan
-from medmpc.training.centralised import Selection, train_centralised
+from medmpc.training.centralised import train_centralised
 from medmpc.training.checkpoint import Checkpoint
 from medmpc.training.dp import DPConfig
+from medmpc.training.evaluation import Selection
 from medmpc.training.local import TrainConfig, predict
 from medmpc.training.metrics import classification_metrics
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from opacus.accountants.analysis import rdp as rdp_analysis
-
 # Opacus's default orders, extended upwards: small sample rates and few steps need large orders.
 ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [80, 128, 256, 512, 1024]
 MAX_NOISE_MULTIPLIER = 50.0
@@ -41,6 +39,10 @@ class PrivacyAccountant:
     def epsilon(self, delta: float) -> float:
         if not self.history:
             return 0.0
+        # imported here: the opacus package costs every process that imports it over a second
+        # (torch.distributed, scipy.stats), and most parties never account for anything
+        from opacus.accountants.analysis import rdp as rdp_analysis
+
         rdp = sum(
             rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=n, orders=ORDERS)
             for sigma, q, n in self.history

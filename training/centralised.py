@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import copy
-import json
-import math
-import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
-
-from torch import nn
 
 from medmpc.imaging.dataset import ImageSet
 from medmpc.imaging.transforms import Preprocessing
@@ -21,27 +16,13 @@ from medmpc.training import plots
 from medmpc.training.accountant import BudgetError, PrivacyAccountant
 from medmpc.training.checkpoint import Checkpoint
 from medmpc.training.dp import DPSGD, DPConfig, check_compatible, privacy_summary
+from medmpc.training.evaluation import Selection, headline, shift_check
 from medmpc.training.local import MIXUP_WITH_DP, TrainConfig, class_weights, predict, train
 from medmpc.training.metrics import classification_metrics
+from medmpc.training.reports import dataset_summary, write_json
 from medmpc.training.statistics import Statistics, local_statistics, release_history, release_privacy
 
-
-def write_json(obj: Any, path: Path) -> None:
-    """Atomic JSON write: readers never see a half-written report."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
-def dataset_summary(data: ImageSet) -> dict[str, Any]:
-    return {
-        "source": data.source,
-        "synthetic": data.is_synthetic,
-        "image_size": data.image_size,
-        "n_images": len(data),
-        "class_counts": data.class_counts(),
-        "skipped_files": [str(p) for p in data.skipped],
-    }
+_CURVE_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "mcc", "roc_auc", "pneumonia_roc_auc")
 
 
 def train_centralised(
@@ -177,7 +158,7 @@ def train_centralised(
             "dataset": report["dataset"],
             "validation": val_metrics,
             "selected": report["selected"],
-            "shift_check": _headline(report.get("shift_check")),
+            "shift_check": headline(report.get("shift_check")),
             "config": report["config"],
             "privacy": report.get("privacy"),
         },
@@ -214,48 +195,3 @@ def _coverage(stats_noise: float | None) -> dict[str, list[str]]:
             "on each sum, accounted before training (privacy.statistics)"
         )
     return {"covers": covers, "not_covered": not_covered}
-
-
-_CURVE_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "mcc", "roc_auc", "pneumonia_roc_auc")
-
-
-@dataclass
-class Selection:
-    """Model selection by validation MCC: the best epoch or round so far (the first of equals),
-    and, where the caller keeps it, that model's weights."""
-
-    at: int | None = None
-    mcc: float = -math.inf
-    state: dict[str, Any] | None = None
-
-    def offer(self, at: int, metrics: dict[str, Any]) -> bool:
-        """Whether the model of epoch or round ``at``, with these validation metrics, is the best yet."""
-        if not metrics["mcc"] > self.mcc:
-            return False
-        self.at, self.mcc = at, float(metrics["mcc"])
-        return True
-
-    def summary(self, unit: str) -> dict[str, Any]:
-        return {unit: self.at, "by": "validation MCC", "mcc": self.mcc if self.at is not None else None}
-
-
-def shift_check(model: nn.Module, prep: Preprocessing, data: ImageSet) -> dict[str, Any]:
-    """Metrics on a labelled set from another acquisition, at the model's own image size."""
-    m = classification_metrics(predict(model, data.images, prep), data.labels, data.classes)
-    return m | {"dataset": dataset_summary(data)}
-
-
-def _headline(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The few numbers of a metrics dict a checkpoint keeps."""
-    if metrics is None:
-        return None
-    return {k: metrics[k] for k in ("accuracy", "mcc", "pneumonia_roc_auc")} | {"source": metrics["dataset"]["source"]}
-
-
-def evaluate_checkpoint(ckpt: Checkpoint, data: ImageSet) -> dict[str, Any]:
-    if tuple(data.classes) != tuple(ckpt.classes):
-        raise ValueError(f"data classes {data.classes} differ from the model's {ckpt.classes}")
-    logits = predict(ckpt.build(), data.images, ckpt.preprocessing)
-    m = classification_metrics(logits, data.labels, ckpt.classes)
-    m["dataset"] = dataset_summary(data)
-    return m

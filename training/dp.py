@@ -8,7 +8,7 @@ ends at the target epsilon (RDP accounting, training.accountant).
 
 Clipping is "book-keeping" (training.bookkeeping): one backward pass, per-sample
 gradient norms without per-sample gradients, then the clipped sum; Opacus adds the
-noise (DPOptimizerFastGradientClipping) and does the accounting analysis. Same update
+noise (training.dp_noise) and does the accounting analysis. Same update
 as Opacus's per-sample-gradient clipping, several times cheaper on ResNet-18
 (benchmarks/test_dp_step.py).
 """
@@ -18,16 +18,17 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from opacus.optimizers import DPOptimizerFastGradientClipping
-from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
-from opacus.validators import ModuleValidator
 from torch import nn
 
 from medmpc.mpc import prg
 from medmpc.training.accountant import BudgetError, PrivacyAccountant, plan_noise_multiplier
-from medmpc.training.bookkeeping import BookKeepingModule, ClippedLoss, clipped_cross_entropy
+
+if TYPE_CHECKING:
+    from medmpc.training.bookkeeping import BookKeepingModule, ClippedLoss
+    from medmpc.training.dp_noise import CSPRNGNoiseOptimizer
 
 
 class DPIncompatibleModel(ValueError):
@@ -50,6 +51,8 @@ class DPConfig:
 
 
 def check_compatible(model: nn.Module, model_name: str) -> None:
+    from opacus.validators import ModuleValidator  # see wrap()
+
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             fix = f"'{model_name}_gn'" if not model_name.endswith("_gn") else "a GroupNorm variant"
@@ -61,25 +64,6 @@ def check_compatible(model: nn.Module, model_name: str) -> None:
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         raise DPIncompatibleModel(f"model {model_name!r} cannot be trained with DP-SGD: {errors[0]}")
-
-
-class CSPRNGNoiseOptimizer(DPOptimizerFastGradientClipping):
-    """Opacus's optimizer with its Gaussian noise drawn from the OS-seeded ChaCha20 stream,
-    in float64 (tails to 8.57 sigma).
-
-    Opacus draws from torch's default generator, which starts from a fixed seed and which
-    our runs seed from the plan (published in report.json): anyone could regenerate the
-    noise and subtract it from the released model.
-    """
-
-    def add_noise(self) -> None:
-        std = self.noise_multiplier * self.max_grad_norm
-        for p in self.params:
-            _check_processed_flag(p.summed_grad)
-            # drawn in float64 whatever the gradient's dtype: float32 Box-Muller cuts the tails (mpc.prg.gaussian)
-            noise = prg.gaussian(p.summed_grad.numel(), std).to(p.summed_grad.dtype).view_as(p.summed_grad)
-            p.grad = (p.summed_grad + noise).view_as(p)
-            _mark_as_processed(p.summed_grad)
 
 
 class DPSGD:
@@ -140,6 +124,11 @@ class DPSGD:
 
     # -- training.local.PrivateTraining --------------------------------------
     def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
+        # Opacus is imported where DP-SGD starts: the package costs every process that imports
+        # it over a second (torch.distributed, scipy.stats), and most parties never train privately
+        from medmpc.training.bookkeeping import BookKeepingModule
+        from medmpc.training.dp_noise import CSPRNGNoiseOptimizer
+
         for module in model.modules():
             if isinstance(module, nn.ReLU):  # an in-place ReLU would overwrite a conv output whose gradient is recorded
                 module.inplace = False
@@ -159,6 +148,8 @@ class DPSGD:
         for the optimizer to noise."""
         if self._module is None:
             raise RuntimeError(f"{self.who}: loss() before wrap()")
+        from medmpc.training.bookkeeping import clipped_cross_entropy
+
         return clipped_cross_entropy(self._module, logits, targets)
 
     def batches(self, labels: torch.Tensor, weight: torch.Tensor | None) -> Iterator[torch.Tensor]:
@@ -186,8 +177,9 @@ class DPSGD:
             yield torch.nonzero(prg.uniform(len(rates)) <= rates).reshape(-1)
 
     def unwrap(self, model: nn.Module) -> None:
-        assert isinstance(model, BookKeepingModule)
-        model.remove_hooks()
+        if self._module is not model:
+            raise RuntimeError(f"{self.who}: unwrap() of a model wrap() did not return")
+        self._module.remove_hooks()
         self._optimizer = self._module = None
 
 
