@@ -37,7 +37,7 @@ def _steps(model_name: str, image_size: int, batch: int):
 
     def private_step():
         private_opt.zero_grad(set_to_none=True)
-        dp.loss(private(x), y).backward()
+        dp.backward(private, x, y)
         private_opt.step()
 
     return plain_step, private_step

@@ -88,11 +88,15 @@ def _dp_config(args: argparse.Namespace) -> DPConfig | None:
     from medmpc.training.dp import DPConfig
 
     if args.dp_epsilon is None:
-        if any(v is not None for v in (args.dp_delta, args.dp_clip, args.dp_noise)):
-            raise ValueError("--dp-delta/--dp-clip/--dp-noise need --dp-epsilon (the budget)")
+        if any(v is not None for v in (args.dp_delta, args.dp_clip, args.dp_noise, args.dp_physical_batch)):
+            raise ValueError("--dp-delta/--dp-clip/--dp-noise/--dp-physical-batch need --dp-epsilon (the budget)")
         return None
     return DPConfig(
-        epsilon=args.dp_epsilon, delta=args.dp_delta or 1e-5, clip=args.dp_clip or 1.0, noise_multiplier=args.dp_noise
+        epsilon=args.dp_epsilon,
+        delta=args.dp_delta or 1e-5,
+        clip=args.dp_clip or 1.0,
+        noise_multiplier=args.dp_noise,
+        physical_batch=args.dp_physical_batch or DPConfig.physical_batch,
     )
 
 
@@ -246,6 +250,7 @@ def _simulation_plan(args: argparse.Namespace) -> tuple[Plan, Path]:
             "dp_delta": dp.delta,
             "dp_clip": dp.clip,
             "dp_noise": dp.noise_multiplier,
+            "dp_physical_batch": dp.physical_batch,
         }
     if args.resume is None:
         if args.out is None:
@@ -295,7 +300,12 @@ def tune(args: argparse.Namespace) -> dict[str, Any] | None:
     overrides = {k: getattr(args, k) for k in names}
     dp = _dp_config(args)
     if dp is not None:
-        overrides |= {"dp_epsilon": dp.epsilon, "dp_delta": dp.delta, "dp_noise": dp.noise_multiplier}
+        overrides |= {
+            "dp_epsilon": dp.epsilon,
+            "dp_delta": dp.delta,
+            "dp_noise": dp.noise_multiplier,
+            "dp_physical_batch": dp.physical_batch,
+        }
     summary = run(load_plan(args.config, overrides), args.out, mode=args.mode, trials=args.trials, log=_log)
     best = summary["best"]
     _log(

@@ -187,6 +187,12 @@ def _add_dp_args(p: argparse.ArgumentParser) -> None:
         help="fixed noise multiplier instead of planning it from the budget; "
         "training then stops cleanly when the budget is spent",
     )
+    g.add_argument(
+        "--dp-physical-batch",
+        type=_at_least(1),
+        help="images per forward and backward pass (default 64): a larger batch runs in pieces and takes "
+        "one noisy step, so memory stays bounded whatever --batch-size",
+    )
 
 
 def _demo(sub: Subcommands) -> None:

@@ -13,7 +13,7 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from medmpc.imaging.dataset import ImageSet, load_dataset
 from medmpc.imaging.splits import parse_scheme
@@ -22,10 +22,8 @@ from medmpc.models import model_names
 from medmpc.mpc.pki import Identity, IdentityError, describe_channels
 from medmpc.mpc.sharing import DEFAULT_FRACTIONAL_BITS
 from medmpc.protocols.norm_check import max_bound, world_environment
+from medmpc.training.dp import DPConfig
 from medmpc.training.statistics import release_history
-
-if TYPE_CHECKING:
-    from medmpc.training.dp import DPConfig
 
 
 def _number(value: object) -> bool:
@@ -123,6 +121,7 @@ class Plan:
     dp_delta: float = 1e-5
     dp_clip: float = 1.0
     dp_noise: float | None = None
+    dp_physical_batch: int = DPConfig.physical_batch
     # distributed central DP: each hospital clips its update to L2 norm update_clip (updates
     # are then averaged with equal weights), and the aggregators add Gaussian noise of total
     # std central_dp_noise * update_clip to the sum inside MPC, each drawing its own part
@@ -167,6 +166,7 @@ class Plan:
             raise ValueError(f"need at least 2 aggregation parties, got {self.aggregators}")
         if self.rounds < 1 or self.local_epochs < 1:
             raise ValueError("rounds and local epochs must be at least 1")
+        self.dp_config()  # refuses a bad clipping norm, noise multiplier or physical batch now
         if self.central_dp_noise is not None and (self.central_dp_noise < 0 or not self.update_clip > 0):
             raise ValueError("central DP needs central_dp_noise >= 0 and update_clip > 0")
         if self.stats_noise is not None and not self.stats_noise > 0:
@@ -252,9 +252,7 @@ class Plan:
     def dp_config(self) -> DPConfig | None:
         if self.dp_epsilon is None:
             return None
-        from medmpc.training.dp import DPConfig  # Opacus is only needed where DP is used
-
-        return DPConfig(self.dp_epsilon, self.dp_delta, self.dp_clip, self.dp_noise)
+        return DPConfig(self.dp_epsilon, self.dp_delta, self.dp_clip, self.dp_noise, self.dp_physical_batch)
 
     def stats_release(self) -> list[tuple[float, float, int]]:
         """The statistics release as accountant history (training.statistics), or nothing without

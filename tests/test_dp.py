@@ -72,7 +72,7 @@ def test_every_per_sample_gradient_is_clipped_to_c():
     )
     wrapped, opt = dp.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1))
     opt.zero_grad(set_to_none=True)
-    dp.loss(wrapped(x), y).backward()
+    dp.backward(wrapped, x, y)
     assert torch.allclose(wrapped.per_sample_gradient_norms, norms, rtol=1e-3)
     for got, expected in zip((p.grad for p in model.parameters()), want):
         assert torch.allclose(got, expected, rtol=1e-3, atol=1e-6)
@@ -82,23 +82,51 @@ def test_every_per_sample_gradient_is_clipped_to_c():
     assert clipped.max() <= clip * (1 + 1e-4)
 
 
-def test_dp_noise_comes_from_the_csprng_not_the_seeded_torch_generator():
-    """Two runs from the same public seed must not get the same noise (it could be subtracted)."""
+def _private_step(x: torch.Tensor, y: torch.Tensor, cfg: DPConfig) -> torch.Tensor:
+    """The change one DP-SGD step (plain SGD, lr 1, expected batch 4) makes to a seeded small model."""
+    model = build_model("cnn_gn", 3, seed=0)
+    dp = DPSGD(cfg, n_samples=40, batch_size=4, planned_epochs=1, who="t")
+    wrapped, opt = dp.wrap(model, torch.optim.SGD(model.parameters(), lr=1.0))
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad(set_to_none=True)
+    dp.backward(wrapped, x, y)
+    opt.step()
+    dp.unwrap(wrapped)
+    return torch.cat([(p.detach() - b).reshape(-1) for p, b in zip(model.parameters(), before)])
+
+
+@pytest.mark.parametrize("physical_batch", [64, 1])
+def test_dp_noise_comes_from_the_csprng_not_the_seeded_torch_generator(physical_batch):
+    """Two runs from the same public seed must not get the same noise (it could be subtracted);
+    a batch run in pieces gets the noise once (per piece, its spread would double here)."""
     x, y = torch.randn(4, 1, 32, 32), torch.tensor([0, 1, 2, 1])
     steps = []
     for _ in range(2):
         torch.manual_seed(0)  # what a run does with its published seed
-        model = build_model("cnn_gn", 3, seed=0)
-        dp = DPSGD(DPConfig(epsilon=8, noise_multiplier=1.0), n_samples=40, batch_size=4, planned_epochs=1, who="t")
-        wrapped, opt = dp.wrap(model, torch.optim.SGD(model.parameters(), lr=1.0))
-        before = [p.detach().clone() for p in model.parameters()]
-        dp.loss(wrapped(x), y).backward()
-        opt.step()
-        dp.unwrap(wrapped)
-        steps.append(torch.cat([(p.detach() - b).reshape(-1) for p, b in zip(model.parameters(), before)]))
+        steps.append(_private_step(x, y, DPConfig(epsilon=8, noise_multiplier=1.0, physical_batch=physical_batch)))
     noise = (steps[0] - steps[1]) * 4 / 2**0.5  # lr 1, expected batch 4, the difference of two draws
     assert not torch.equal(steps[0], steps[1])
     assert float(noise.std()) == pytest.approx(1.0, rel=0.05)  # sigma * C = 1
+
+
+def test_a_batch_in_pieces_takes_the_step_of_one_pass():
+    """Ten images, three at a time: the clipped sums of the pieces add up to the one-pass step. The
+    control: the last piece alone (what a step that dropped the earlier pieces would take) differs."""
+    torch.manual_seed(0)
+    x, y = torch.randn(10, 1, 32, 32) * 3, torch.randint(0, 3, (10,))
+    quiet = DPConfig(epsilon=8, clip=0.05, noise_multiplier=0.0)
+    whole = _private_step(x, y, quiet)
+    pieces = _private_step(x, y, DPConfig(epsilon=8, clip=0.05, noise_multiplier=0.0, physical_batch=3))
+    assert torch.allclose(pieces, whole, rtol=1e-4, atol=1e-7)
+    last_only = _private_step(x[9:], y[9:], quiet)
+    assert not torch.allclose(last_only, whole, rtol=0.1, atol=1e-4)
+
+
+def test_a_physical_batch_below_one_is_refused():
+    with pytest.raises(ValueError, match="physical batch must be at least 1 image, got 0"):
+        DPConfig(epsilon=8, physical_batch=0)
+    with pytest.raises(ValueError, match="physical batch must be at least 1 image"):
+        Plan(dp_epsilon=8, model="cnn_gn", dp_physical_batch=0)
 
 
 def test_poisson_sampling_is_secret_and_has_the_accounted_rates():
@@ -178,6 +206,12 @@ def test_dp_training_cli_reports_epsilon_per_epoch(tmp_path):
     assert "epsilon" in proc.stdout
     bad = medmpc(*common, "--model", "cnn", "--out", tmp_path / "x", check=False)
     assert bad.returncode == 2 and "BatchNorm2d" in bad.stderr and "cnn_gn" in bad.stderr
+    pieces = medmpc(*common, "--model", "cnn_gn", "--dp-physical-batch", 7, "--out", tmp_path / "pieces")
+    assert "epsilon" in pieces.stdout
+    unbudgeted = medmpc(
+        "train", "--data", "synthetic:240", "--dp-physical-batch", 8, "--out", tmp_path / "y", check=False
+    )
+    assert unbudgeted.returncode == 2 and "--dp-physical-batch need --dp-epsilon" in unbudgeted.stderr
 
 
 @pytest.mark.parametrize("name", ["cnn_gn", "resnet18_gn"])
@@ -187,7 +221,7 @@ def test_every_group_norm_model_takes_a_private_step(name):
     dp = DPSGD(DPConfig(epsilon=8), n_samples=40, batch_size=4, planned_epochs=1, who="t")
     before = [p.detach().clone() for p in model.parameters()]
     wrapped, opt = dp.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1))
-    dp.loss(wrapped(torch.randn(4, 1, 32, 32)), torch.tensor([0, 1, 2, 1])).backward()
+    dp.backward(wrapped, torch.randn(4, 1, 32, 32), torch.tensor([0, 1, 2, 1]))
     opt.step()
     dp.unwrap(wrapped)
     assert all(torch.isfinite(p).all() for p in model.parameters())

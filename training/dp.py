@@ -27,7 +27,7 @@ from medmpc.mpc import prg
 from medmpc.training.accountant import BudgetError, PrivacyAccountant, plan_noise_multiplier
 
 if TYPE_CHECKING:
-    from medmpc.training.bookkeeping import BookKeepingModule, ClippedLoss
+    from medmpc.training.bookkeeping import BookKeepingModule
     from medmpc.training.dp_noise import CSPRNGNoiseOptimizer
 
 
@@ -42,10 +42,15 @@ class DPConfig:
     clip: float = 1.0
     # fixed noise multiplier instead of a planned one; epsilon is then only the cap
     noise_multiplier: float | None = None
+    # images per forward and backward pass: a larger Poisson batch runs in pieces of this size
+    # and takes one noisy step, so memory stays bounded whatever the batch (the update is the same)
+    physical_batch: int = 64
 
     def __post_init__(self) -> None:
         if not self.clip > 0:
             raise ValueError(f"clipping norm must be positive, got {self.clip}")
+        if self.physical_batch < 1:
+            raise ValueError(f"physical batch must be at least 1 image, got {self.physical_batch}")
         if self.noise_multiplier is not None and self.noise_multiplier < 0:
             raise ValueError(f"noise multiplier must be >= 0, got {self.noise_multiplier}")
 
@@ -143,14 +148,26 @@ class DPSGD:
         self._optimizer, self._module = private_opt, private_model
         return private_model, private_opt
 
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> ClippedLoss:
-        """The batch loss; its ``backward()`` leaves the sum of clipped per-sample gradients
-        for the optimizer to noise."""
-        if self._module is None:
-            raise RuntimeError(f"{self.who}: loss() before wrap()")
+    def backward(self, model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> float:
+        """Forward and backward passes over one Poisson batch, ``physical_batch`` images at a time;
+        returns its mean loss. The optimizer's next ``step()`` noises the sum of every piece's
+        clipped per-sample gradients once: per-sample clipping makes the pieces independent, so
+        the step is the one a single pass would take."""
+        if self._module is None or self._optimizer is None or model is not self._module:
+            raise RuntimeError(f"{self.who}: backward() on a model wrap() did not return")
         from medmpc.training.bookkeeping import clipped_cross_entropy
 
-        return clipped_cross_entropy(self._module, logits, targets)
+        total = 0.0
+        pieces = list(zip(x.split(self.cfg.physical_batch), targets.split(self.cfg.physical_batch)))
+        for k, (xs, ts) in enumerate(pieces):
+            if k:  # Opacus's virtual step: add the last piece's clipped sum, no noise, no update
+                self._optimizer.signal_skip_step(do_skip=True)
+                self._optimizer.step()
+                self._optimizer.zero_grad(set_to_none=True)
+            loss = clipped_cross_entropy(self._module, model(xs), ts)
+            loss.backward()
+            total += loss.item() * len(ts)
+        return total / len(targets)
 
     def batches(self, labels: torch.Tensor, weight: torch.Tensor | None) -> Iterator[torch.Tensor]:
         """Poisson sampling; with class weights, sample i joins with rate q * w_i / max(w) <= q.

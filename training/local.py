@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -68,8 +68,9 @@ class PrivateTraining(Protocol):
     def batches(self, labels: torch.Tensor, weight: torch.Tensor | None) -> Iterator[torch.Tensor]:
         """One epoch of sample indices, Poisson-sampled (class weights act through the sampling rates)."""
 
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> Any:
-        """The batch loss, whose ``backward()`` leaves the sum of clipped per-sample gradients."""
+    def backward(self, model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> float:
+        """Forward and backward passes over one batch, leaving the sum of clipped per-sample gradients
+        for the optimizer's step to noise; returns the batch's mean loss."""
 
     def unwrap(self, model: nn.Module) -> None:
         """Detach what ``wrap`` attached to the model."""
@@ -181,29 +182,45 @@ def _epochs(
             if augment is not None:
                 pixels = augment(pixels, generator)
             x, targets = prep.normalise(pixels), labels[idx]
+            opt.zero_grad(set_to_none=True)
             if private is not None:
                 # DP-SGD weights classes through its sampling rates: a loss weight would be
                 # undone by per-sample clipping, and would tie each sample's gradient to its batch
-                loss = private.loss(model(x), targets)
-            elif cfg.mixup > 0:
-                lam = float(mixing.beta(cfg.mixup, cfg.mixup))
-                partner = torch.randperm(len(idx), generator=generator)
-                logits = model(lam * x + (1 - lam) * x[partner])
-                loss = lam * F.cross_entropy(logits, targets, weight=weight) + (1 - lam) * F.cross_entropy(
-                    logits, targets[partner], weight=weight
-                )
+                loss = private.backward(model, x, targets)
             else:
-                loss = F.cross_entropy(model(x), targets, weight=weight)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+                loss = _loss(model, x, targets, weight=weight, mixup=cfg.mixup, mixing=mixing, generator=generator)
             opt.step()
             sched.step()
-            total += loss.item() * len(idx)
+            total += loss * len(idx)
             seen += len(idx)
             bar.update()
-            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}")
         losses.append(total / max(seen, 1))
         if on_epoch is not None:
             on_epoch(epoch, losses[-1])
     bar.close()
     return losses
+
+
+def _loss(
+    model: nn.Module,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    weight: torch.Tensor | None,
+    mixup: float,
+    mixing: np.random.Generator,
+    generator: torch.Generator,
+) -> float:
+    """Forward and backward passes over one batch, with MixUp when ``mixup`` > 0; its mean loss."""
+    if mixup > 0:
+        lam = float(mixing.beta(mixup, mixup))
+        partner = torch.randperm(len(targets), generator=generator)
+        logits = model(lam * x + (1 - lam) * x[partner])
+        loss = lam * F.cross_entropy(logits, targets, weight=weight) + (1 - lam) * F.cross_entropy(
+            logits, targets[partner], weight=weight
+        )
+    else:
+        loss = F.cross_entropy(model(x), targets, weight=weight)
+    loss.backward()
+    return float(loss.item())
