@@ -158,9 +158,9 @@ class DPSGD:
         from medmpc.training.bookkeeping import clipped_cross_entropy
 
         total = 0.0
-        pieces = list(zip(x.split(self.cfg.physical_batch), targets.split(self.cfg.physical_batch)))
+        pieces = zip(x.split(self.cfg.physical_batch), targets.split(self.cfg.physical_batch))
         for k, (xs, ts) in enumerate(pieces):
-            if k:  # Opacus's virtual step: add the last piece's clipped sum, no noise, no update
+            if k:  # Opacus's skipped step: keeps the previous piece's clipped sum, no noise, no update
                 self._optimizer.signal_skip_step(do_skip=True)
                 self._optimizer.step()
                 self._optimizer.zero_grad(set_to_none=True)
