@@ -101,14 +101,6 @@ def test_concurrent_single_image_requests_share_encrypted_passes(service, val_im
     assert max(e["requests"] for e in batches) >= 2
 
 
-def _wait_for(service: LocalService, party: str, pick, what: str, timeout_s: float = 120) -> list[dict]:
-    deadline = time.monotonic() + timeout_s
-    while not (found := [e for e in _events(service, party) if pick(e)]):
-        assert time.monotonic() < deadline, f"no {what} in {party}'s log after {timeout_s} s"
-        time.sleep(0.2)
-    return found
-
-
 def test_an_idle_service_prepares_the_next_batch_before_it_arrives(service, val_images):
     """While idle, both parties have the dealer make the next batch's material (the size of the last
     batch), so that batch runs online only; once used, it is prepared again."""
@@ -120,6 +112,7 @@ def test_an_idle_service_prepares_the_next_batch_before_it_arrives(service, val_
         assert [e["images"] for e in _events(service, "model-owner")[start:] if e["event"] == "prepared"] == [1]
         served = len(_events(service, "model-owner"))
         client.logits(x)
+    _wait_for(service, "model-owner", served, "batch")  # logged just after the answer goes out
     batch = served + next(i for i, e in enumerate(_events(service, "model-owner")[served:]) if e["event"] == "batch")
     assert _events(service, "model-owner")[batch]["images"] == 1
     _wait_for(service, "model-owner", batch + 1, "prepared")  # and ready again for the next one
