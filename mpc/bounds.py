@@ -1,25 +1,35 @@
 """Proven bounds on every value a model computes, and the comparison ring each ReLU needs.
 
-Interval arithmetic over the prepared graph (mpc.compile.prepare), from a bound ``r`` on
-every input element (the input is clamped to its valid range inside MPC first):
+Interval arithmetic over the prepared graph (mpc.compile.prepare), one interval
+``[lo_c, hi_c]`` per channel (per feature after flattening), from the input's valid range
+(the input is clamped to it inside MPC first):
 
-* convolution and linear: ``|W x + b|_i <= sum_j |W_ij| r + |b_i|`` (row by row, the max);
-* ReLU, max- and average-pooling, flattening: no larger than their input;
-* residual add: the sum of both bounds.
+* convolution and linear, the exact image of a box under an affine map: with ``W+`` and ``W-``
+  the positive and negative weights summed over the kernel,
+  ``hi_o = sum_c W+_oc hi_c + W-_oc lo_c + b_o`` and ``lo_o = sum_c W+_oc lo_c + W-_oc hi_c + b_o``
+  (zero padding widens each input interval to hold 0);
+* ReLU: ``[max(lo, 0), max(hi, 0)]``; max- and average-pooling, flattening: the input's
+  interval (average-pooling's zero padding widens it to 0);
+* residual add: ``[lo1 + lo2, hi1 + hi2]``.
 
-A comparison of values bounded by ``B`` needs a ring of ``L`` bits with
+After a ReLU every input is non-negative, so a convolution's bound counts only its positive or
+its negative weights, not both: about one bit a layer tighter than bounding ``|W x|`` by
+``sum |W| max|x|``.
+
+A comparison of values bounded by ``B`` in magnitude needs a ring of ``L`` bits with
 ``B 2^f + slack < 2^(L-1)`` (``f`` fractional bits, ``slack`` for the truncation's last-place
-errors); max-pooling compares differences of two values, ``2B``. Bounds this crude grow
-geometrically with depth: where one exceeds the 64-bit ring (ResNet-18's do), that
-comparison runs on the full ring, which is exact for every ring element, and the bound is
-reported as unproven instead: the fixed-point values themselves could then wrap, exactly
-as they would in plaintext fixed point.
+errors); max-pooling compares differences of two values, at most ``max hi - min lo``. Bounds
+still grow geometrically with depth: where one exceeds the 64-bit ring, that comparison runs on
+the full ring, which is exact for every ring element, and the bound is reported as unproven
+instead: the fixed-point values themselves could then wrap, exactly as they would in plaintext
+fixed point.
 """
 
 from __future__ import annotations
 
 import math
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -29,28 +39,93 @@ FULL_RING = 64
 _SLACK = 4  # ulps: CrypTen's local truncation is off by at most one per product, a few in a row
 
 
-def activation_bounds(gm: fx.GraphModule, input_bound: float) -> dict[str, float]:
-    """``max |value|`` of every node of ``gm`` (by name) over all inputs with ``|x_i| <= input_bound``."""
+@dataclass(frozen=True)
+class Interval:
+    """``lo[c] <= value <= hi[c]`` for every element of channel (or feature) ``c``; a single entry
+    holds for every channel."""
+
+    lo: torch.Tensor
+    hi: torch.Tensor
+
+    @property
+    def magnitude(self) -> float:
+        """``max |value|``."""
+        return float(torch.maximum(self.lo.abs(), self.hi.abs()).max())
+
+    def with_zero(self) -> Interval:
+        return Interval(self.lo.clamp(max=0), self.hi.clamp(min=0))
+
+    def channels(self, n: int) -> Interval:
+        """The interval of each of ``n`` inputs of a layer: one per channel, or each channel's
+        entry repeated over the features a flattening made of it."""
+        if self.lo.numel() == 1:
+            return Interval(self.lo.expand(n), self.hi.expand(n))
+        if n % self.lo.numel():
+            raise ValueError(f"a layer of {n} inputs after {self.lo.numel()} channels")
+        k = n // self.lo.numel()
+        return Interval(self.lo.repeat_interleave(k), self.hi.repeat_interleave(k))
+
+
+def activation_bounds(gm: fx.GraphModule, input_range: tuple[float, float]) -> dict[str, Interval]:
+    """The interval of every node of ``gm`` (by name) over all inputs in ``input_range``."""
     modules = dict(gm.named_modules())
-    bound: dict[str, float] = {}
+    bound: dict[str, Interval] = {}
+    low, high = input_range
     for node in gm.graph.nodes:
         inputs = [bound[a.name] for a in node.args if isinstance(a, fx.Node)]
+        module = modules[str(node.target)] if node.op == "call_module" else None
         if node.op == "placeholder":
-            bound[node.name] = float(input_bound)
-        elif node.op == "call_module" and isinstance(modules[node.target], (nn.Conv2d, nn.Linear)):
-            bound[node.name] = _affine_bound(modules[node.target], inputs[0])
+            bound[node.name] = Interval(
+                torch.tensor([low], dtype=torch.float64), torch.tensor([high], dtype=torch.float64)
+            )
+        elif isinstance(module, (nn.Conv2d, nn.Linear)):
+            bound[node.name] = _affine(module, inputs[0])
         elif node.op == "call_function" and node.target in (operator.add, torch.add):
-            bound[node.name] = sum(inputs)
-        elif inputs:  # ReLU, pooling, flatten, identity: never larger than their input
-            bound[node.name] = max(inputs)
+            bound[node.name] = Interval(inputs[0].lo + inputs[1].lo, inputs[0].hi + inputs[1].hi)
+        elif is_relu(node, modules):
+            bound[node.name] = Interval(inputs[0].lo.clamp(min=0), inputs[0].hi.clamp(min=0))
+        elif isinstance(module, nn.AvgPool2d) and module.padding and module.count_include_pad:
+            bound[node.name] = inputs[0].with_zero()
+        elif inputs:  # pooling, flatten, identity: within their input's interval
+            bound[node.name] = inputs[0]
     return bound
 
 
-def _affine_bound(layer: nn.Conv2d | nn.Linear, input_bound: float) -> float:
-    rows = layer.weight.detach().double().abs().flatten(1).sum(1) * input_bound
+def is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules[str(node.target)], nn.ReLU)
+    return node.op == "call_function" and node.target in (torch.relu, torch.nn.functional.relu)
+
+
+def _zero_padded(layer: nn.Conv2d) -> bool:
+    if layer.padding_mode != "zeros":
+        return False  # reflected or replicated borders hold input values
+    return layer.padding == "same" if isinstance(layer.padding, str) else any(p > 0 for p in layer.padding)
+
+
+def _affine(layer: nn.Conv2d | nn.Linear, x: Interval) -> Interval:
+    w = layer.weight.detach().double()
+    if isinstance(layer, nn.Conv2d):
+        if _zero_padded(layer):
+            x = x.with_zero()
+        groups, per_group = layer.groups, layer.in_channels // layer.groups
+        x = x.channels(layer.in_channels)
+        # output o sees input channels (o // (out / groups)) * per_group + j
+        group = torch.arange(layer.out_channels) // (layer.out_channels // groups)
+        index = group[:, None] * per_group + torch.arange(per_group)[None, :]
+        lo, hi = x.lo[index], x.hi[index]
+        w = w.flatten(2)
+        pos, neg = w.clamp(min=0).sum(2), w.clamp(max=0).sum(2)
+    else:
+        x = x.channels(layer.in_features)
+        lo, hi = x.lo[None, :], x.hi[None, :]
+        pos, neg = w.clamp(min=0), w.clamp(max=0)
+    top = (pos * hi + neg * lo).sum(1)
+    bottom = (pos * lo + neg * hi).sum(1)
     if layer.bias is not None:
-        rows = rows + layer.bias.detach().double().abs()
-    return float(rows.max())
+        b = layer.bias.detach().double()
+        top, bottom = top + b, bottom + b
+    return Interval(bottom, top)
 
 
 def ring_bits(bound: float, *, fractional_bits: int) -> int:

@@ -66,18 +66,12 @@ def fold_batchnorm(model: nn.Module) -> fx.GraphModule:
     return gm
 
 
-def _is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    if node.op == "call_module":
-        return isinstance(modules[str(node.target)], nn.ReLU)
-    return node.op == "call_function" and node.target in (torch.relu, torch.nn.functional.relu)
-
-
 def relu_after_maxpool(gm: fx.GraphModule) -> fx.GraphModule:
     """Rewrite ``maxpool(relu(x))`` as ``relu(maxpool(x))``: equal (both are monotone), and the
     secure comparisons of the ReLU then run on the pooled, 4x smaller tensor."""
     modules = dict(gm.named_modules())
     for relu in list(gm.graph.nodes):
-        if not _is_relu(relu, modules) or len(relu.users) != 1:
+        if not bounds.is_relu(relu, modules) or len(relu.users) != 1:
             continue
         pool = next(iter(relu.users))
         if not (pool.op == "call_module" and isinstance(modules[pool.target], nn.MaxPool2d)):
@@ -132,11 +126,13 @@ class Program:
     # the input's valid range, clamped to inside MPC before anything else (None: not clamped)
     input_range: tuple[float, float] | None = None
     bounds_proven: bool = False  # every comparison's values provably fit its ring
+    owner: int = 0  # the model owner's rank: ``parameters`` are plaintext there
 
     def publish_bounds(self, *, src: int) -> None:
         """Party ``src`` (the model owner, who derived them from the weights) tells the others the
         input range, each comparison's ring and whether the bounds are proven: all public."""
         crypten = crypten_compat.patched()
+        self.owner = src
         mine = {"input_range": self.input_range, "bits": [s.bits for s in self.sites], "proven": self.bounds_proven}
         public = crypten.communicator.get().broadcast_obj(mine, src)
         if len(public["bits"]) != len(self.sites):
@@ -189,7 +185,16 @@ class Program:
             for conv in convs:
                 conv.recording = False
         provider.fill_cache()
-        pending = [p for conv in convs for p in conv.prepare(encrypted_params[f"{conv.key}.weight"])]
+        owner = crypten.communicator.get().get_rank() == self.owner
+        pending = [
+            p
+            for conv in convs
+            for p in conv.prepare(
+                encrypted_params[f"{conv.key}.weight"],
+                owner=self.owner,
+                plain_weight=self.parameters[f"{conv.key}.weight"] if owner else None,
+            )
+        ]
         if pending:  # every weight mask (and every shared input's mask offset) opened in one round
             flat = [masked for opening, _ in pending for masked in opening]
             opened = crypten.communicator.get().all_reduce(flat, batched=True)
@@ -216,12 +221,15 @@ class Conv:
     Beaver's protocol opens ``eps = x - a`` and ``delta = W - b`` and computes
     ``c + eps*b + a*delta + eps*delta``. With the weights fixed, everything but ``eps``
     is known before the image: offline, the parties open ``delta`` and keep shares of
-    ``a*W = c + a*delta``; online they open ``eps`` only and compute one local product,
-    ``eps*W + a*W`` (CrypTen: two openings, including the weights, and three products).
-    A convolution on the same input as an earlier one (a ResNet shortcut's) opens nothing
-    online: offline the parties open ``a - a_earlier``, and its ``eps`` is the earlier one's
-    less that (``x`` is masked once, by ``a_earlier``). Without prepared masks (or on CUDA)
-    it is CrypTen's convolution.
+    ``a*W = c + a*delta``. Online, ``eps*W + a*W`` needs ``eps`` only where ``W`` is known:
+    the model owner holds it in the clear, so the other party sends its part of ``eps``
+    (``x_1 - a_1``, masked by its share of ``a``, which the owner never sees) to the owner
+    alone, and the owner's share is ``eps*W + (a*W)_0``, the other's ``(a*W)_1``. One message
+    one way, and one local product at one party (CrypTen: two openings both ways, including
+    the weights, and three products at each). A convolution on the same input as an earlier
+    one (a ResNet shortcut's) opens nothing online: offline the parties open
+    ``a - a_earlier``, and its ``eps`` is the earlier one's less that (``x`` is masked once,
+    by ``a_earlier``). Without prepared masks (or on CUDA) it is CrypTen's convolution.
     """
 
     def __init__(self, mod: nn.Conv2d, key: str, *, shares_input_with: Conv | None = None) -> None:
@@ -239,30 +247,39 @@ class Conv:
         self.shapes: list[torch.Size] = []  # input shapes seen while recording
         self.drawn: list[torch.Tensor] = []  # the input masks drawn by the last prepare, for later convs
         self.masks: list[_Mask] = []  # each used once
-        self.opened: torch.Tensor | None = None  # this run's eps, for later convs on the same input
+        self.opened = False  # whether this run opened eps, for later convs on the same input
+        self.eps: torch.Tensor | None = None  # that eps, at the model owner only
+        self.owner = 0  # the model owner's rank
+        self.plain_weight: torch.Tensor | None = None  # W, fixed-point encoded, at the model owner only
         self.prepared_runs = 0
 
     def __call__(self, x: Any, params: dict[str, Any]) -> Any:
         weight = params[f"{self.key}.weight"]
-        self.opened = None
+        self.opened, self.eps = False, None
         if self.recording:  # shape only: a placeholder, so that no randomness is spent
             self.shapes.append(x.size())
             shape = torch.nn.functional.conv2d(torch.zeros(x.size()), torch.zeros(weight.size()), **self.kwargs).shape
             out = crypten_compat.encrypt(torch.zeros(shape), src=0)
         elif self.masks and self.masks[0].shape == x.size():
-            out = self._online(x, weight)
+            out = self._online(x)
         else:
             out = x.conv2d(weight, **self.kwargs)
         if f"{self.key}.bias" in params:
             out = out + params[f"{self.key}.bias"].reshape(1, -1, 1, 1)
         return out
 
-    def prepare(self, weight: Any) -> list[tuple[list[torch.Tensor], Callable[[list[torch.Tensor]], None]]]:
+    def prepare(
+        self, weight: Any, *, owner: int, plain_weight: torch.Tensor | None
+    ) -> list[tuple[list[torch.Tensor], Callable[[list[torch.Tensor]], None]]]:
         """Offline: draw a triple per recorded shape; returns what to open (``W - b``, and
         ``a - a_earlier`` for a shared input), each with what to do with the opened values (the
-        caller opens them all in one round)."""
+        caller opens them all in one round). ``plain_weight``: ``W`` at the model owner (rank
+        ``owner``), None elsewhere; encoded exactly as its shares (``weight``) encode it."""
         crypten = crypten_compat.patched()
         provider = crypten.mpc.get_default_provider()
+        self.owner = owner
+        if plain_weight is not None and self.plain_weight is None:
+            self.plain_weight = weight.encoder.encode(plain_weight)
         pending: list[tuple[list[torch.Tensor], Callable[[list[torch.Tensor]], None]]] = []
         self.drawn = []
         for i, shape in enumerate(self.shapes):
@@ -280,18 +297,25 @@ class Conv:
         offset = opened[1] if self.earlier is not None else None
         self.masks.append(_Mask(shape, a, c + torch.conv2d(a, opened[0], **self.kwargs), offset))
 
-    def _online(self, x: Any, weight: Any) -> Any:
+    def _online(self, x: Any) -> Any:
         crypten = crypten_compat.patched()
+        comm = crypten.communicator.get()
         mask = self.masks.pop(0)
         self.prepared_runs += 1
         if mask.offset is None:
-            eps = crypten.communicator.get().all_reduce(x._tensor.share - mask.a)
-            self.opened = eps
-        elif self.earlier is None or self.earlier.opened is None:
+            # the owner's rank positionally: CrypTen's byte count reads it there
+            self.eps = comm.reduce(x._tensor.share - mask.a, self.owner)
+        elif self.earlier is None or not self.earlier.opened:
             raise RuntimeError(f"conv {self.key!r} shares its input, but the convolution before it opened none")
+        elif self.earlier.eps is not None:
+            self.eps = self.earlier.eps - mask.offset  # x - a = (x - a_earlier) - (a - a_earlier)
+        self.opened = True
+        if comm.get_rank() != self.owner:
+            product = mask.aw
+        elif self.plain_weight is None or self.eps is None:
+            raise RuntimeError(f"conv {self.key!r}: the model owner has no plaintext weight or no eps")
         else:
-            eps = self.earlier.opened - mask.offset  # x - a = (x - a_earlier) - (a - a_earlier)
-        product = torch.conv2d(eps, weight._tensor.share, **self.kwargs) + mask.aw  # scale 2^2f
+            product = torch.conv2d(self.eps, self.plain_weight, **self.kwargs) + mask.aw  # scale 2^2f
         out = crypten.mpc.MPCTensor.from_shares(product, precision=x.encoder._precision_bits)
         return out.div(x.encoder.scale)  # CrypTen's truncation, as after its own products
 
@@ -435,7 +459,7 @@ def compile_model(
                     first_conv[source] = fn
             else:
                 fn = _function_step(node, site)
-            if site.pools or (_is_relu(node, modules) and node not in fused):
+            if site.pools or (bounds.is_relu(node, modules) and node not in fused):
                 sites.append(site)
             steps.append(Step(node.name, fn, [a.name for a in node.args if isinstance(a, fx.Node)]))
         else:
@@ -451,7 +475,7 @@ def _relus_after_pools(gm: fx.GraphModule, modules: dict[str, nn.Module]) -> dic
     """Each ReLU whose input is a max-pooling used by nothing else, with that max-pooling."""
     fused = {}
     for node in gm.graph.nodes:
-        pool = node.args[0] if _is_relu(node, modules) else None
+        pool = node.args[0] if bounds.is_relu(node, modules) else None
         if isinstance(pool, fx.Node) and _pools(pool, modules) and len(pool.users) == 1:
             fused[node] = pool
     return fused
@@ -465,13 +489,18 @@ def _size_comparisons(
     program: Program, gm: fx.GraphModule, input_range: tuple[float, float], fractional_bits: int
 ) -> None:
     low, high = input_range
-    node_bound = bounds.activation_bounds(gm, max(-low, high))
+    node_bound = bounds.activation_bounds(gm, (low, high))
     inputs = {n.name: n.args[0].name for n in gm.graph.nodes if n.op in ("call_module", "call_function")}
     proven = True
     for site in program.sites:
         value = node_bound[inputs[site.node]]
-        compared = 2 * value if site.pools else value
+        compared = value.magnitude
+        if site.pools:
+            # below every value there, and the fused ReLU's 0, by a margin for truncation errors
+            site.pad = max(
+                min(float(value.lo.min()), 0.0) - 1.0, -(2.0 ** (comparison.FULL_RING - fractional_bits - 3))
+            )
+            compared = max(float(value.hi.max()), 0.0) - site.pad  # a difference of two values there
         site.bits = bounds.ring_bits(compared, fractional_bits=fractional_bits)
         proven &= bounds.fits(compared, fractional_bits=fractional_bits)
-        site.pad = -min(value, 2.0 ** (comparison.FULL_RING - fractional_bits - 3))
     program.input_range, program.bounds_proven = (float(low), float(high)), proven

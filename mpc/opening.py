@@ -1,8 +1,9 @@
 """Opening masked values on a sub-ring: each party's ``x_b + r_b mod 2^bits``, packed.
 
-A value of ``bits`` bits travels in the smallest unsigned type that holds it, packed into
-whole int64 words (CrypTen's communicator counts words, so the packing shows in its byte
-counts too); the receiver adds every party's part mod 2^bits. The opened value is the
+A value of ``bits`` bits travels in exactly ``bits`` bits: ``n`` values fill
+``ceil(n bits / 64)`` int64 words, value ``i`` at bit ``i bits`` (CrypTen's communicator
+counts words, so the packing shows in its byte counts too); the receiver adds every party's
+part mod 2^bits. The opened value is the
 masked one, ``x + r``: uniform wherever ``r`` is, which is the gates' business.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import math
 from typing import Protocol
 
+import numba
 import numpy as np
 
 
@@ -45,28 +47,59 @@ def low_bits(bits: int) -> np.uint64:
     return np.uint64((1 << bits) - 1)
 
 
-def wire_dtype(bits: int) -> np.dtype:
-    """The smallest unsigned type that holds ``bits``-bit values."""
-    for dtype in (np.uint8, np.uint16, np.uint32, np.uint64):
-        if bits <= 8 * np.dtype(dtype).itemsize:
-            return np.dtype(dtype)
-    raise ValueError(f"no wire type for {bits} bits")
+def words_for(size: int, bits: int) -> int:
+    """int64 words that ``size`` values of ``bits`` bits take on the wire."""
+    return math.ceil(size * bits / 64)
 
 
 def pack(values: np.ndarray, bits: int) -> np.ndarray:
-    """``values`` (below 2^bits) in the smallest type, padded and viewed as int64 words; ValueError
-    for a value of more bits (its high bits, a carry of the masked sum, would go out too)."""
+    """``values`` (below 2^bits) at ``bits`` bits each, as int64 words; ValueError for a value of
+    more bits (its high bits, a carry of the masked sum, would go out too)."""
+    if not 1 <= bits <= 64:
+        raise ValueError(f"an opening of {bits} bits: 1 to 64")
     if bits < 64 and values.size and int(values.max()) >> bits:
         raise ValueError(f"an opening of {bits} bits holds a value of more bits")
-    narrow = values.astype(wire_dtype(bits))
-    per_word = 8 // narrow.itemsize
-    padded = np.zeros(math.ceil(values.size / per_word) * per_word, narrow.dtype)
-    padded[: values.size] = narrow
-    return padded.view(np.int64)
+    words = np.zeros(words_for(values.size, bits), np.uint64)
+    _pack(np.ascontiguousarray(values, np.uint64), bits, words)
+    return words.view(np.int64)
 
 
 def unpack(words: np.ndarray, bits: int, size: int) -> np.ndarray:
-    return words.view(wire_dtype(bits))[:size].astype(np.uint64)
+    """The ``size`` values of ``bits`` bits that :func:`pack` put in ``words``."""
+    if words.size != words_for(size, bits):
+        raise ValueError(f"{words.size} words for {size} values of {bits} bits, expected {words_for(size, bits)}")
+    out = np.empty(size, np.uint64)
+    _unpack(np.ascontiguousarray(words).view(np.uint64), bits, out)
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _pack(values: np.ndarray, bits: int, words: np.ndarray) -> None:
+    width = np.uint64(bits)
+    for i in range(values.shape[0]):
+        at = np.uint64(i) * width
+        word, shift = at >> np.uint64(6), at & np.uint64(63)
+        words[word] |= values[i] << shift
+        if shift + width > np.uint64(64):  # the value's high bits start the next word
+            words[word + np.uint64(1)] |= values[i] >> (np.uint64(64) - shift)
+
+
+@numba.njit(cache=True, nogil=True)
+def _unpack(words: np.ndarray, bits: int, out: np.ndarray) -> None:
+    width = np.uint64(bits)
+    mask = _low_bits_jit(bits)
+    for i in range(out.shape[0]):
+        at = np.uint64(i) * width
+        word, shift = at >> np.uint64(6), at & np.uint64(63)
+        value = words[word] >> shift
+        if shift + width > np.uint64(64):
+            value |= words[word + np.uint64(1)] << (np.uint64(64) - shift)
+        out[i] = value & mask
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _low_bits_jit(bits: int) -> np.uint64:
+    return np.uint64(0xFFFFFFFFFFFFFFFF) if bits == 64 else (np.uint64(1) << np.uint64(bits)) - np.uint64(1)
 
 
 def combine(parts: list[np.ndarray], bits: int, size: int) -> np.ndarray:

@@ -265,16 +265,32 @@ def gate_views(trained_checkpoint, images) -> list[dict]:
     return _recorded_inference(trained_checkpoint, images)
 
 
-def test_one_round_relu_openings_look_uniform_to_each_party(trained_checkpoint, images, gate_views):
-    """Each party's view of the one-round ReLUs: every opened ``x + r mod 2^L`` looks uniform, and
-    no AND is opened at all; the control masks with zero, and the openings are the activations."""
+def _conv_openings(view: dict) -> list[torch.Tensor]:
+    """What convolutions opened to this party alone: images' worth of ``x - a`` (4-D; the other
+    opening to one party is the data owner's logits)."""
+    return [r["opened"] for r in view["reduced"] if r["opened"].dim() == 4]
+
+
+def conv_openings_look_uniform(view: dict) -> bool:
+    """Whether every ``x - a`` a convolution opened to this party alone looks uniform on the ring."""
+    opened = [t.numpy().reshape(-1).view(np.uint64) for t in _conv_openings(view)]
+    return bool(opened) and _looks_uniform_below(np.concatenate(opened), 64)
+
+
+def test_online_openings_look_uniform_to_each_party(trained_checkpoint, images, gate_views):
+    """Each party's view online: every one-round gate's ``x + r mod 2^L`` looks uniform, and so
+    does every convolution's ``x - a``, which only the model owner receives; no AND is opened at
+    all. The control masks with zero: the openings are then the activations."""
     with torch.no_grad():
         plain = Checkpoint.load(trained_checkpoint).build()(images)
     assert (gate_views[1]["result"]["logits"] - plain).abs().max() < 0.05
     for party in gate_views:
         assert party["view"]["gate"] and not any(r["xor"] for r in party["view"]["opened"])
         assert gate_openings_look_uniform(party["view"])
+    assert conv_openings_look_uniform(gate_views[0]["view"])
+    assert not _conv_openings(gate_views[1]["view"])  # the data owner receives no convolution input
     unmasked = _recorded_inference(trained_checkpoint, images, MEDMPC_TEST_GATE_MASK="zero")
     assert (unmasked[1]["result"]["logits"] - plain).abs().max() < 0.05  # the same answers, unprotected
     for party in unmasked:
         assert not gate_openings_look_uniform(party["view"])
+    assert not conv_openings_look_uniform(unmasked[0]["view"])

@@ -3,6 +3,8 @@ in one process: exact at the edges of their rings, used once, and pseudorandom k
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -57,6 +59,18 @@ def test_a_gate_mask_hides_one_opening_only():
         opening.pack(np.array([1 << 20], np.uint64), 20)
 
 
+@pytest.mark.parametrize("bits", [1, 7, 23, 33, 63, 64])
+def test_an_opening_packs_each_value_in_its_bits(bits):
+    for size in (0, 1, 63, 64, 65, 1000):
+        values = _below(bits, size)
+        values[: min(size, 2)] = [0, (1 << bits) - 1][: min(size, 2)]  # both ends of the ring
+        words = opening.pack(values, bits)
+        assert words.dtype == np.int64 and words.size == math.ceil(size * bits / 64)
+        assert np.array_equal(opening.unpack(words, bits, size), values)
+    with pytest.raises(ValueError, match="4 words for 100 values of 7 bits, expected 11"):
+        opening.unpack(np.zeros(4, np.int64), 7, 100)
+
+
 def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="more than 4 bits"):
         dcf.generate(np.array([16], np.uint64), np.zeros((1, 1), np.uint64), 4)
@@ -77,7 +91,7 @@ def _relu_in_process(x: np.ndarray, bits: int) -> np.ndarray:
     words = [relu_gate.to_words(k) for k in relu_gate.deal(x.size, bits)]
     keys = [relu_gate.from_words(w, b, x.size, bits) for b, w in enumerate(words)]
     parts = [opening.pack(relu_gate.masked_share(k, s), bits) for k, s in zip(keys, shares)]
-    assert parts[0].nbytes <= x.size * opening.wire_dtype(bits).itemsize + 8  # packed on the wire
+    assert parts[0].nbytes == 8 * math.ceil(x.size * bits / 64)  # bits bits a value on the wire
     opened = opening.combine(parts, bits, x.size)
     return (relu_gate.evaluate(keys[0], opened) + relu_gate.evaluate(keys[1], opened)).view(np.int64)
 

@@ -120,19 +120,39 @@ def test_proven_bounds_hold_at_the_corners_of_the_input_range(trained_checkpoint
     ckpt = Checkpoint.load(trained_checkpoint)
     low, high = ckpt.preprocessing.valid_range()
     gm = prepare(ckpt.build())
-    bound = bounds.activation_bounds(gm, max(-low, high))
+    bound = bounds.activation_bounds(gm, (low, high))
     corners = torch.where(torch.rand(64, 1, 32, 32, generator=torch.Generator().manual_seed(0)) < 0.5, low, high)
-    seen: dict[str, float] = {}
+    outside: dict[str, float] = {}
 
-    class Largest(torch.fx.Interpreter):
+    class Checked(torch.fx.Interpreter):
         def run_node(self, n: torch.fx.Node) -> object:
             out = super().run_node(n)
-            if isinstance(out, torch.Tensor):
-                seen[n.name] = float(out.abs().max())
+            if isinstance(out, torch.Tensor):  # each channel's values against that channel's interval
+                per_channel = out.transpose(0, 1).flatten(1).double()
+                box = bound[n.name].channels(per_channel.shape[0])
+                below = (box.lo - per_channel.min(1).values).max()
+                above = (per_channel.max(1).values - box.hi).max()
+                outside[n.name] = float(max(below, above) / (1 + box.magnitude))
             return out
 
     with torch.no_grad():
-        Largest(gm).run(corners)
-    assert seen and all(seen[name] <= bound[name] * (1 + 1e-6) for name in seen)
+        Checked(gm).run(corners)
+    assert outside and all(v <= 1e-6 for v in outside.values()), outside
     program = compile_model(ckpt.build(), input_range=(low, high))
     assert program.bounds_proven and all(site.bits < 40 for site in program.sites)  # the small CNN's rings
+
+
+def test_a_bound_after_a_relu_counts_the_positive_or_the_negative_weights():
+    """Inputs in [-1, 1] through a ReLU are in [0, 1]: ``2 a - 3 b + 0.5`` is then in [-2.5, 2.5],
+    where a bound on ``|W x|`` by ``sum |W| max |x|`` gives 5.5."""
+    from medmpc.mpc import bounds
+
+    layer = nn.Linear(2, 1)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[2.0, -3.0]]))
+        layer.bias.fill_(0.5)
+    gm = torch.fx.symbolic_trace(nn.Sequential(nn.ReLU(), layer))
+    out = bounds.activation_bounds(gm, (-1.0, 1.0))["_1"]
+    assert out.lo.tolist() == [-2.5] and out.hi.tolist() == [2.5] and out.magnitude == 2.5
+    without_relu = bounds.activation_bounds(torch.fx.symbolic_trace(nn.Sequential(layer)), (-1.0, 1.0))["_0"]
+    assert without_relu.lo.tolist() == [-4.5] and without_relu.hi.tolist() == [5.5]  # signed inputs: both count

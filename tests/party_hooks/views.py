@@ -2,9 +2,9 @@
 
 A party's view is what it may legitimately know: every value it helped open (its own
 contribution and the opened result, so the peer's message is their difference, or XOR;
-for a gathered opening, every party's contribution, and for a one-round gate the opened
-masked input with its ring) and its own share of every tensor shared with
-``crypten_compat.encrypt``.
+for a gathered opening, every party's contribution; for a one-round gate the opened
+masked input with its ring; for an opening to this party alone, a reduce, what it received)
+and its own share of every tensor shared with ``crypten_compat.encrypt``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from medmpc.protocols import inference
 def _record_view(view: dict[str, list[Any]]) -> None:
     crypten = crypten_compat.patched()
     comm = crypten.communicator.get()
-    all_reduce, all_gather, encrypt = comm.all_reduce, comm.all_gather, crypten_compat.encrypt
+    all_reduce, all_gather, reduce, encrypt = comm.all_reduce, comm.all_gather, comm.reduce, crypten_compat.encrypt
 
     def recording_all_reduce(tensors: Any, op: Any = torch.distributed.ReduceOp.SUM, batched: bool = False) -> Any:
         mine = [t.clone() for t in (tensors if batched else [tensors])]
@@ -32,6 +32,12 @@ def _record_view(view: dict[str, list[Any]]) -> None:
                 "opened": [t.clone() for t in (opened if batched else [opened])],
             }
         )
+        return opened
+
+    def recording_reduce(tensor: Any, dst: int, *args: Any, **kwargs: Any) -> Any:
+        opened = reduce(tensor, dst, *args, **kwargs)
+        if opened is not None:  # this party is dst
+            view["reduced"].append({"mine": tensor.clone(), "opened": opened.clone()})
         return opened
 
     def recording_all_gather(tensor: Any) -> Any:
@@ -53,13 +59,14 @@ def _record_view(view: dict[str, list[Any]]) -> None:
 
     comm.all_reduce = recording_all_reduce
     comm.all_gather = recording_all_gather
+    comm.reduce = recording_reduce
     opening.combine = recording_combine
     crypten_compat.encrypt = recording_encrypt
 
 
 def recorded_forward(*, rank: int, world_size: int, **kwargs: Any) -> dict[str, Any]:
     """``protocols.inference.encrypted_forward``, returning this party's view beside its result."""
-    view: dict[str, list[Any]] = {"opened": [], "gathered": [], "gate": [], "own_shares": []}
+    view: dict[str, list[Any]] = {"opened": [], "gathered": [], "gate": [], "reduced": [], "own_shares": []}
     _record_view(view)
     return {"result": inference.encrypted_forward(rank=rank, world_size=world_size, **kwargs), "view": view}
 
@@ -82,7 +89,7 @@ def recorded_norm_check(
     every party's, by rank), returning this party's view beside the bits."""
     from medmpc.protocols import norm_check
 
-    view: dict[str, list[Any]] = {"opened": [], "gathered": [], "gate": [], "own_shares": []}
+    view: dict[str, list[Any]] = {"opened": [], "gathered": [], "gate": [], "reduced": [], "own_shares": []}
     _record_view(view)
     mine = torch.load(sketches, weights_only=True)[rank]
     bits = norm_check.accepted(mine, bound=bound, fractional_bits=fractional_bits)
