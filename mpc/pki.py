@@ -156,6 +156,34 @@ def issue(
     _write_key(key, folder / f"{party}.key")
 
 
+def self_signed(folder: Path, addresses: Sequence[str], *, days: float = 1.0) -> tuple[Path, Path]:
+    """An HTTPS certificate for ``addresses`` that is its own CA, and its key: ``folder/https.pem``
+    and ``https.key``. For a front end whose clients are handed this certificate to trust (tests,
+    load tests); a deployment's front end has a certificate from a CA its clients already trust."""
+    if not addresses:
+        raise IdentityError("a certificate for no address")
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, addresses[0])])
+    start = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=1)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + datetime.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName([_alt_name(a) for a in addresses]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    cert_file, key_file = folder / "https.pem", folder / "https.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_key(key, key_file)
+    return cert_file, key_file
+
+
 def _alt_name(address: str) -> x509.GeneralName:
     try:
         return x509.IPAddress(ipaddress.ip_address(address))

@@ -14,6 +14,9 @@ process that no longer exists (killed before its clean-up) are removed by the ne
 
     with Network(["coordinator", "hospital0"], profile="wan") as net:
         net.popen("coordinator", [...]); net.address("coordinator")  # "198.18.1.2"
+
+A process started on one of the hosts reaches the others through :class:`Placed`, made from
+:meth:`Network.placement` (a load test's client, which starts the service parties).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -78,6 +82,34 @@ def _remove_namespace(ns: str) -> None:
     subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
+def _in_namespace(ns: str, argv: Sequence[str]) -> list[str]:
+    return ["ip", "netns", "exec", ns, *argv]
+
+
+@dataclass(frozen=True)
+class Placed:
+    """The hosts of a :class:`Network` that another process made and still owns (``placement``:
+    its :meth:`Network.placement`); satisfies ``medmpc.mpc.launch.Hosts``."""
+
+    placement: dict[str, dict[str, str]]
+
+    def _host(self, host: str) -> dict[str, str]:
+        try:
+            return self.placement[host]
+        except KeyError:
+            raise KeyError(f"no host {host!r} in this network (hosts: {', '.join(self.placement)})") from None
+
+    def address(self, host: str) -> str:
+        return self._host(host)["address"]
+
+    def port(self, host: str, wanted: int) -> int:
+        self._host(host)
+        return wanted
+
+    def command(self, host: str, argv: Sequence[str]) -> list[str]:
+        return _in_namespace(self._host(host)["namespace"], argv)
+
+
 def remove_stale() -> list[str]:
     """Remove the namespaces of netlab processes that have died; returns their names."""
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split("\n")
@@ -123,7 +155,11 @@ class Network:
 
     def command(self, host: str, argv: Sequence[str]) -> list[str]:
         """``argv`` run on ``host`` (in its namespace, with this process's environment)."""
-        return ["ip", "netns", "exec", self.namespace(host), *argv]
+        return _in_namespace(self.namespace(host), argv)
+
+    def placement(self) -> dict[str, dict[str, str]]:
+        """Each host's namespace and address, for :class:`Placed` in another process."""
+        return {h: {"namespace": self.namespace(h), "address": self.address(h)} for h in self.hosts}
 
     def popen(self, host: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
         return subprocess.Popen(self.command(host, argv), **kwargs)

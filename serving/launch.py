@@ -1,4 +1,5 @@
-"""Run the three service parties as local processes (``medmpc serve``, tests, the load script)."""
+"""Run the three service parties as processes of this launcher (``medmpc serve``, tests, the load
+script): on this machine, or each on a host of its own (``hosts``, e.g. ``medmpc.netlab.hosts.Placed``)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,21 @@ from pathlib import Path
 
 import httpx
 
-from medmpc.mpc.launch import PartyError, channel_args, free_port, log_tail, party_name, start_party
+from medmpc.mpc.launch import (
+    CRYPTEN_PORT,
+    Hosts,
+    PartyError,
+    ThisMachine,
+    channel_args,
+    log_tail,
+    party_name,
+    start_party,
+)
 from medmpc.serving.options import service_argv
 
 PARTIES = ("model-owner", "compute", "dealer")
+HOSTS = tuple(party_name(rank, 2) for rank in range(3))  # their hosts' (and certificates') names
+HTTP_PORT = 8443  # each party's front end, where each host's ports are its own
 
 
 @dataclass
@@ -26,7 +38,8 @@ class LocalService:
 
     checkpoint: Path
     tokens_file: Path | None  # None: the parties read $MEDMPC_TOKENS
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # with the default ``hosts``: every party's address
+    hosts: Hosts | None = None  # where each party runs, by its name in HOSTS; default ThisMachine(host)
     ports: tuple[int, int, int] | None = None  # model owner, compute party, dealer
     mpc_ports: tuple[int, int, int] | None = None  # the parties' CrypTen addresses (default: free ports)
     mpc_listen_ports: tuple[int, int, int] | None = None  # where they listen, if elsewhere (a port forward)
@@ -50,24 +63,30 @@ class LocalService:
 
     @property
     def urls(self) -> list[str]:
-        return [f"{self.scheme}://{self.host}:{port}" for port in self._ports[:2]]
+        return [self._url(i) for i in range(2)]
+
+    def _url(self, i: int) -> str:
+        return f"{self.scheme}://{self._addresses[i]}:{self._ports[i]}"
 
     def log_file(self, party: str) -> Path:
         return self._log_dir / f"{party}.log"
 
     def __enter__(self) -> LocalService:
-        self._ports = self.ports or tuple(free_port(self.host) for _ in PARTIES)
+        hosts = self.hosts or ThisMachine(self.host)
+        self._addresses = [hosts.address(h) for h in HOSTS]
+        self._ports = self.ports or tuple(hosts.port(h, HTTP_PORT) for h in HOSTS)
         if self.log_dir is None:
             self._tmp: tempfile.TemporaryDirectory[str] | None = tempfile.TemporaryDirectory(prefix="medmpc-serve-")
             self._log_dir = Path(self._tmp.name)
         else:
             self._tmp, self._log_dir = None, self.log_dir
             self._log_dir.mkdir(parents=True, exist_ok=True)
-        parties = ",".join(f"{self.host}:{port}" for port in self.mpc_ports or [free_port(self.host) for _ in PARTIES])
+        mpc_ports = self.mpc_ports or [hosts.port(h, CRYPTEN_PORT) for h in HOSTS]
+        parties = ",".join(f"{address}:{port}" for address, port in zip(self._addresses, mpc_ports))
         # a CA for this service only, beside the logs' temporary folder; its key is never written
         self._keys = tempfile.TemporaryDirectory(prefix="medmpc-serve-pki-")
         channels = channel_args(
-            [party_name(rank, 2) for rank in range(3)],
+            list(HOSTS),
             Path(self._keys.name) / "pki",
             plaintext=self.plaintext_transport,
         )
@@ -75,8 +94,6 @@ class LocalService:
             "--parties",
             parties,
             *channels,
-            "--host",
-            self.host,
             *service_argv(
                 {
                     "tokens_file": self.tokens_file,
@@ -94,14 +111,17 @@ class LocalService:
             ),
         ]
         try:
-            for party, port in zip(PARTIES, self._ports):
-                argv = [sys.executable, "-m", "medmpc.serving.party", "--role", party, "--port", str(port), *common]
+            for i, (party, address, port) in enumerate(zip(PARTIES, self._addresses, self._ports)):
+                argv = [sys.executable, "-m", "medmpc.serving.party", "--role", party, "--host", address]
+                argv += ["--port", str(port), *common]
                 if self.mpc_listen_ports:
-                    argv += ["--listen", f"{self.host}:{self.mpc_listen_ports[PARTIES.index(party)]}"]
+                    argv += ["--listen", f"{address}:{self.mpc_listen_ports[i]}"]
                 if party == "model-owner":
                     argv += ["--model", str(self.checkpoint)]
                 with open(self.log_file(party), "wb") as log:
-                    self._procs[party] = start_party(argv, log=log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                    self._procs[party] = start_party(
+                        hosts.command(HOSTS[i], argv), log=log, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+                    )
             self.wait_ready(timeout_s=self.peer_timeout_s)
         except BaseException:
             self.__exit__(None, None, None)
@@ -119,12 +139,12 @@ class LocalService:
     def wait_ready(self, *, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         verify = ssl.create_default_context(cafile=self.tls_cert) if self.tls_cert else True
-        waiting = list(zip(PARTIES, self._ports))
+        waiting = list(enumerate(PARTIES))
         while waiting:
             self.check_alive()
-            party, port = waiting[0]
+            i, party = waiting[0]
             try:
-                if httpx.get(f"{self.scheme}://{self.host}:{port}/ready", timeout=2, verify=verify).status_code == 200:
+                if httpx.get(f"{self._url(i)}/ready", timeout=2, verify=verify).status_code == 200:
                     waiting.pop(0)
                     continue
             except httpx.HTTPError:

@@ -1,12 +1,16 @@
 """Runs across separate hosts (``netlab`` namespaces) with the production commands: a party
 that loses its network is named within the timeout and nothing is revealed; an unreachable
-listener is named with its address; encrypted inference with each party on its own host."""
+listener is named with its address; encrypted inference and the prediction service with each
+party on its own host."""
 
 import dataclasses
 import json
 import re
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -139,3 +143,16 @@ def test_the_benchmark_times_secure_aggregation_against_fedavg_across_hosts():
     assert result["max_abs_err"] <= 3 * 2**-16
     # FedAvg: each hospital sends its 10,000 float32 values to the coordinator, and a bit more
     assert all(40_000 <= result["fedavg_bytes_per_party"][f"hospital{i}"] < 60_000 for i in range(3)), result
+
+
+def test_the_prediction_service_with_each_party_and_its_client_on_a_host_of_its_own():
+    argv = ["--random-model", "cnn", "--image-size", "32", "--concurrency", "1", "--requests", "2"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.load_service", *argv, "--network", "unshaped", "--paced", "--no-record"],
+        capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1],
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "party0 at 198.18.1.2, party1 at 198.18.2.2, dealer at 198.18.3.2, client at 198.18.4.2" in proc.stdout
+    row = json.loads(proc.stdout.splitlines()[-1])  # HTTPS to the parties' addresses: plain HTTP would be refused
+    assert row["service"].endswith("unshaped paced") and row["requests"] == 2 and row["errors"] == 0, row
+    assert row["online_s"] > 0 and row["prepare_s"] > 0, row  # the parties' logs: one prepared batch per request

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import base64
-import datetime
-import ipaddress
 import json
 import os
 import re
@@ -26,7 +24,7 @@ from uniformity import as_unit, looks_uniform
 
 from medmpc.imaging.dataset import load_dataset
 from medmpc.imaging.images import DataError, read_image
-from medmpc.mpc import sharing
+from medmpc.mpc import pki, sharing
 from medmpc.serving.client import PredictionClient, ServiceError
 from medmpc.serving.engine import LEADER, BatchEngine
 from medmpc.serving.launch import PARTIES, LocalService
@@ -426,37 +424,8 @@ def test_the_predict_command_prints_the_reconstructed_prediction(service, checkp
     assert bad.returncode == 2 and "no bearer token" in bad.stderr
 
 
-def _self_signed(tmp: Path) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = tmp / "cert.pem", tmp / "key.pem"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return cert_file, key_file
-
-
 def test_tls_and_a_killed_party_fails_requests_fast(checkpoint, tokens_file, val_images, tmp_path):
-    cert, key = _self_signed(tmp_path)
+    cert, key = pki.self_signed(tmp_path, ["127.0.0.1"])
     with LocalService(checkpoint, tokens_file, tls_cert=cert, tls_key=key, peer_timeout_s=30) as svc:
         assert all(u.startswith("https://") for u in svc.urls)
         with PredictionClient(svc.urls, TOKEN, verify=str(cert)) as client:
