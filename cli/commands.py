@@ -201,7 +201,7 @@ def selfcheck(args: argparse.Namespace) -> None:
     if worst > 1e-3:
         raise RuntimeError(f"secret-shared results differ from plaintext by {worst:.2e}")
     _log(
-        f"{args.parties} parties + dealer: sum, product, ReLU and max-pooling match plaintext "
+        f"{args.parties} parties + dealer: sum, product, convolution, ReLU and max-pooling match plaintext "
         f"(max error {worst:.1e}); comparisons exact at the edges of "
         f"{', '.join(map(str, check.EDGE_BITS))}-bit rings, clamping at the ring's ends"
     )

@@ -2,14 +2,16 @@
 
 Interval arithmetic over the prepared graph (mpc.compile.prepare), one interval
 ``[lo_c, hi_c]`` per channel (per feature after flattening), from the input's valid range
-(the input is clamped to it inside MPC first):
+(the input is clamped to it inside MPC first), for the values MPC computes: with ``f``
+fractional bits, weights and biases as they are encoded (``trunc(w 2^f) / 2^f``) and one
+last place (``2^-f``) more on each side after every truncation:
 
 * convolution and linear, the exact image of a box under an affine map: with ``W+`` and ``W-``
   the positive and negative weights summed over the kernel,
   ``hi_o = sum_c W+_oc hi_c + W-_oc lo_c + b_o`` and ``lo_o = sum_c W+_oc lo_c + W-_oc hi_c + b_o``
-  (zero padding widens each input interval to hold 0);
-* ReLU: ``[max(lo, 0), max(hi, 0)]``; max- and average-pooling, flattening: the input's
-  interval (average-pooling's zero padding widens it to 0);
+  (zero padding widens each input interval to hold 0), then the truncation's last place;
+* ReLU: ``[max(lo, 0), max(hi, 0)]``; max-pooling and flattening: the input's interval;
+  average-pooling: the input's interval (widened to 0 by zero padding) and a last place;
 * residual add: ``[lo1 + lo2, hi1 + hi2]``.
 
 After a ReLU every input is non-negative, so a convolution's bound counts only its positive or
@@ -55,6 +57,9 @@ class Interval:
     def with_zero(self) -> Interval:
         return Interval(self.lo.clamp(max=0), self.hi.clamp(min=0))
 
+    def widened(self, by: float) -> Interval:
+        return Interval(self.lo - by, self.hi + by)
+
     def channels(self, n: int) -> Interval:
         """The interval of each of ``n`` inputs of a layer: one per channel, or each channel's
         entry repeated over the features a flattening made of it."""
@@ -66,28 +71,38 @@ class Interval:
         return Interval(self.lo.repeat_interleave(k), self.hi.repeat_interleave(k))
 
 
-def activation_bounds(gm: fx.GraphModule, input_range: tuple[float, float]) -> dict[str, Interval]:
-    """The interval of every node of ``gm`` (by name) over all inputs in ``input_range``."""
+def activation_bounds(
+    gm: fx.GraphModule, input_range: tuple[float, float], *, fractional_bits: int
+) -> dict[str, Interval]:
+    """The interval of every node of ``gm`` (by name) over all inputs in ``input_range``, for its
+    values in fixed point with ``fractional_bits``."""
     modules = dict(gm.named_modules())
     bound: dict[str, Interval] = {}
+    flat: set[str] = set()  # nodes that flatten channels into features
     low, high = input_range
+    ulp = 2.0**-fractional_bits
     for node in gm.graph.nodes:
-        inputs = [bound[a.name] for a in node.args if isinstance(a, fx.Node)]
+        args = [a for a in node.args if isinstance(a, fx.Node)]
+        inputs = [bound[a.name] for a in args]
         module = modules[str(node.target)] if node.op == "call_module" else None
         if node.op == "placeholder":
-            bound[node.name] = Interval(
-                torch.tensor([low], dtype=torch.float64), torch.tensor([high], dtype=torch.float64)
-            )
+            bound[node.name] = Interval(torch.tensor([float(low)]).double(), torch.tensor([float(high)]).double())
         elif isinstance(module, (nn.Conv2d, nn.Linear)):
-            bound[node.name] = _affine(module, inputs[0])
+            unflattened = isinstance(module, nn.Linear) and inputs[0].lo.numel() not in (1, module.in_features)
+            if unflattened and args[0].name not in flat:
+                raise ValueError(f"layer {node.target!r}: a linear layer on channels that were not flattened")
+            bound[node.name] = _affine(module, inputs[0], fractional_bits).widened(ulp)
         elif node.op == "call_function" and node.target in (operator.add, torch.add):
             bound[node.name] = Interval(inputs[0].lo + inputs[1].lo, inputs[0].hi + inputs[1].hi)
         elif is_relu(node, modules):
             bound[node.name] = Interval(inputs[0].lo.clamp(min=0), inputs[0].hi.clamp(min=0))
-        elif isinstance(module, nn.AvgPool2d) and module.padding and module.count_include_pad:
-            bound[node.name] = inputs[0].with_zero()
-        elif inputs:  # pooling, flatten, identity: within their input's interval
+        elif isinstance(module, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)):  # a sum, then a division
+            padded = isinstance(module, nn.AvgPool2d) and module.padding
+            bound[node.name] = (inputs[0].with_zero() if padded else inputs[0]).widened(ulp)
+        elif inputs:  # max-pooling, flatten, identity: within their input's interval
             bound[node.name] = inputs[0]
+            if isinstance(module, nn.Flatten) or node.target is torch.flatten or args[0].name in flat:
+                flat.add(node.name)
     return bound
 
 
@@ -103,8 +118,14 @@ def _zero_padded(layer: nn.Conv2d) -> bool:
     return layer.padding == "same" if isinstance(layer.padding, str) else any(p > 0 for p in layer.padding)
 
 
-def _affine(layer: nn.Conv2d | nn.Linear, x: Interval) -> Interval:
-    w = layer.weight.detach().double()
+def _encoded(t: torch.Tensor, fractional_bits: int) -> torch.Tensor:
+    """``t`` as fixed point holds it: CrypTen's encoder truncates ``t 2^f`` toward zero."""
+    scale = 2.0**fractional_bits
+    return torch.trunc(t.detach().double() * scale) / scale
+
+
+def _affine(layer: nn.Conv2d | nn.Linear, x: Interval, fractional_bits: int) -> Interval:
+    w = _encoded(layer.weight, fractional_bits)
     if isinstance(layer, nn.Conv2d):
         if _zero_padded(layer):
             x = x.with_zero()
@@ -123,7 +144,7 @@ def _affine(layer: nn.Conv2d | nn.Linear, x: Interval) -> Interval:
     top = (pos * hi + neg * lo).sum(1)
     bottom = (pos * lo + neg * hi).sum(1)
     if layer.bias is not None:
-        b = layer.bias.detach().double()
+        b = _encoded(layer.bias, fractional_bits)
         top, bottom = top + b, bottom + b
     return Interval(bottom, top)
 

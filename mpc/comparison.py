@@ -92,7 +92,7 @@ def _fixed(x: Any, value: float) -> int:
 
 def _gate(crypten: Any, x: Any, kind: str, bits: int, *params: int) -> Any:
     """A one-round gate of the dealer's (crypten_compat.GATES): one opening of ``x + r mod 2^bits``
-    (packed to the smallest word), then local evaluation."""
+    (``bits`` bits a value on the wire), then local evaluation."""
     gate = crypten_compat.GATES[kind]
     share = x._tensor.share
     flat = share.reshape(-1).contiguous().numpy().view(np.uint64)

@@ -235,6 +235,8 @@ class Conv:
     def __init__(self, mod: nn.Conv2d, key: str, *, shares_input_with: Conv | None = None) -> None:
         if isinstance(mod.padding, str):
             raise UnsupportedLayer(f"conv {key!r} uses string padding {mod.padding!r}")
+        if mod.padding_mode != "zeros":
+            raise UnsupportedLayer(f"conv {key!r} pads with {mod.padding_mode!r}: only zeros are supported")
         self.key = key
         self.kwargs: dict[str, Any] = {
             "stride": mod.stride,
@@ -343,6 +345,10 @@ def _module_step(
         k, s, p = (_pair(v) for v in (mod.kernel_size, mod.stride or mod.kernel_size, mod.padding))
         return lambda x, params: max_pool2d(x, k, s, p, bits=site.bits, pad=site.pad, then_relu=then_relu)
     if isinstance(mod, nn.AvgPool2d):
+        if mod.ceil_mode or mod.divisor_override is not None or (mod.padding and not mod.count_include_pad):
+            raise UnsupportedLayer(
+                f"layer {key!r}: AvgPool2d with ceil_mode, divisor_override or count_include_pad=False"
+            )
         kernel, stride, padding = mod.kernel_size, mod.stride, mod.padding
         return lambda x, params: x.avg_pool2d(kernel, stride=stride, padding=padding)
     if isinstance(mod, nn.AdaptiveAvgPool2d):
@@ -489,18 +495,18 @@ def _size_comparisons(
     program: Program, gm: fx.GraphModule, input_range: tuple[float, float], fractional_bits: int
 ) -> None:
     low, high = input_range
-    node_bound = bounds.activation_bounds(gm, (low, high))
+    node_bound = bounds.activation_bounds(gm, (low, high), fractional_bits=fractional_bits)
     inputs = {n.name: n.args[0].name for n in gm.graph.nodes if n.op in ("call_module", "call_function")}
     proven = True
     for site in program.sites:
         value = node_bound[inputs[site.node]]
         compared = value.magnitude
         if site.pools:
-            # below every value there, and the fused ReLU's 0, by a margin for truncation errors
-            site.pad = max(
-                min(float(value.lo.min()), 0.0) - 1.0, -(2.0 ** (comparison.FULL_RING - fractional_bits - 3))
-            )
-            compared = max(float(value.hi.max()), 0.0) - site.pad  # a difference of two values there
+            # below every value there and the fused ReLU's 0, by a margin for truncation errors
+            floor = min(float(value.lo.min()), 0.0) - 1.0
+            site.pad = max(floor, -(2.0 ** (comparison.FULL_RING - fractional_bits - 3)))
+            compared = max(float(value.hi.max()), 0.0) - floor  # a difference of two values there
+            proven &= site.pad == floor  # a pad raised to fit the ring may not be below every value
         site.bits = bounds.ring_bits(compared, fractional_bits=fractional_bits)
         proven &= bounds.fits(compared, fractional_bits=fractional_bits)
     program.input_range, program.bounds_proven = (float(low), float(high)), proven

@@ -57,10 +57,12 @@ def pack(values: np.ndarray, bits: int) -> np.ndarray:
     more bits (its high bits, a carry of the masked sum, would go out too)."""
     if not 1 <= bits <= 64:
         raise ValueError(f"an opening of {bits} bits: 1 to 64")
+    if values.dtype != np.uint64 or values.ndim != 1:
+        raise ValueError(f"an opening packs a 1-D array of uint64, got {values.ndim}-D {values.dtype}")
     if bits < 64 and values.size and int(values.max()) >> bits:
         raise ValueError(f"an opening of {bits} bits holds a value of more bits")
     words = np.zeros(words_for(values.size, bits), np.uint64)
-    _pack(np.ascontiguousarray(values, np.uint64), bits, words)
+    _pack(np.ascontiguousarray(values), bits, words)
     return words.view(np.int64)
 
 

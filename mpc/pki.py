@@ -75,6 +75,21 @@ def _load_ca(folder: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey
     return cert, key
 
 
+def _self_issued(
+    name: x509.Name, key: ec.EllipticCurvePrivateKey, not_before: datetime.datetime, not_after: datetime.datetime
+) -> x509.CertificateBuilder:
+    """A certificate of ``key`` that names itself as its issuer (a CA's own, or a self-signed one)."""
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+    )
+
+
 def init_federation(folder: Path, parties: Iterable[str], *, days: float = 365.0, keep_ca_key: bool = True) -> None:
     """A new CA in ``folder`` (which must not hold one), an empty CRL, and a certificate for each
     party. ``keep_ca_key=False`` (ephemeral runs) never writes the CA key: nothing more can be
@@ -86,13 +101,7 @@ def init_federation(folder: Path, parties: Iterable[str], *, days: float = 365.0
     key = ec.generate_private_key(ec.SECP256R1())
     name = _name("medmpc federation CA", "ca")
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=days))
+        _self_issued(name, key, now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -166,13 +175,7 @@ def self_signed(folder: Path, addresses: Sequence[str], *, days: float = 1.0) ->
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, addresses[0])])
     start = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=1)
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(start + datetime.timedelta(days=days))
+        _self_issued(name, key, start, start + datetime.timedelta(days=days))
         .add_extension(x509.SubjectAlternativeName([_alt_name(a) for a in addresses]), critical=False)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())

@@ -38,6 +38,8 @@ def arithmetic(*, rank: int, world_size: int, size: int = 16, seed: int = 0) -> 
         # large magnitudes exercise the top bits of the 40-bit comparison ring
         "relu_wide": (comparison.relu((x - y) * WIDE) / WIDE).get_plain_text(),
         "maxpool": torch.cat([max_pool2d(image, *config).get_plain_text().flatten() for config in POOLS]),
+        # CrypTen's Beaver convolution, with the list arguments its nn.Conv2d passes
+        "conv": image.conv2d(_kernel(x), padding=[1, 1]).get_plain_text(),
         **{
             f"relu_edges_{bits}": _revealed(comparison.relu(_shared(edge_values(bits)), bits=bits))
             for bits in EDGE_BITS
@@ -114,6 +116,11 @@ def _as_image(v: Any) -> Any:
     return v[: 4 * (v.size(0) // 4)].reshape(1, 1, 4, -1)
 
 
+def _kernel(v: Any) -> Any:
+    """A vector's first nine values as one 3x3 convolution kernel."""
+    return v[:9].reshape(1, 1, 3, 3)
+
+
 def expected(world_size: int, size: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
     inputs = [private_input(r, size, seed) for r in range(world_size)]
     x, y = inputs[0], inputs[1]
@@ -125,6 +132,7 @@ def expected(world_size: int, size: int = 16, seed: int = 0) -> dict[str, torch.
         "relu": torch.relu(x - y),
         "relu_wide": torch.relu(x - y),
         "maxpool": pools,
+        "conv": torch.nn.functional.conv2d(image, _kernel(x), padding=1),
         **{f"relu_edges_{bits}": edge_values(bits).clamp(min=0) for bits in EDGE_BITS},
         "clamp": _clamped(world_size),
     }

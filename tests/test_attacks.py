@@ -272,9 +272,13 @@ def _conv_openings(view: dict) -> list[torch.Tensor]:
 
 
 def conv_openings_look_uniform(view: dict) -> bool:
-    """Whether every ``x - a`` a convolution opened to this party alone looks uniform on the ring."""
-    opened = [t.numpy().reshape(-1).view(np.uint64) for t in _conv_openings(view)]
-    return bool(opened) and _looks_uniform_below(np.concatenate(opened), 64)
+    """Whether every ``x - a`` a convolution opened to this party alone looks uniform on the ring,
+    and so does the difference of two images' openings (a mask shared across the batch would
+    leave the difference of their activations)."""
+    opened = _conv_openings(view)
+    flat = np.concatenate([t.numpy().reshape(-1).view(np.uint64) for t in opened])
+    between = np.concatenate([(t[0] - t[1]).numpy().reshape(-1).view(np.uint64) for t in opened])
+    return _looks_uniform_below(flat, 64) and _looks_uniform_below(between, 64)
 
 
 def test_online_openings_look_uniform_to_each_party(trained_checkpoint, images, gate_views):
@@ -288,7 +292,11 @@ def test_online_openings_look_uniform_to_each_party(trained_checkpoint, images, 
         assert party["view"]["gate"] and not any(r["xor"] for r in party["view"]["opened"])
         assert gate_openings_look_uniform(party["view"])
     assert conv_openings_look_uniform(gate_views[0]["view"])
-    assert not _conv_openings(gate_views[1]["view"])  # the data owner receives no convolution input
+    # the convolutions' inputs go to the model owner alone: the data owner receives none of them
+    conv_shapes = {t.shape for t in _conv_openings(gate_views[0]["view"])}
+    data_owner = gate_views[1]["view"]
+    assert conv_shapes and not _conv_openings(data_owner)
+    assert not any(t.shape in conv_shapes for r in data_owner["opened"] for t in r["opened"])
     unmasked = _recorded_inference(trained_checkpoint, images, MEDMPC_TEST_GATE_MASK="zero")
     assert (unmasked[1]["result"]["logits"] - plain).abs().max() < 0.05  # the same answers, unprotected
     for party in unmasked:

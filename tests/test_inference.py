@@ -120,7 +120,10 @@ def test_proven_bounds_hold_at_the_corners_of_the_input_range(trained_checkpoint
     ckpt = Checkpoint.load(trained_checkpoint)
     low, high = ckpt.preprocessing.valid_range()
     gm = prepare(ckpt.build())
-    bound = bounds.activation_bounds(gm, (low, high))
+    bound = bounds.activation_bounds(gm, (low, high), fractional_bits=16)
+    with torch.no_grad():  # the weights as fixed point holds them, which the bounds are for
+        for p in gm.parameters():
+            p.copy_(torch.trunc(p * 2**16) / 2**16)
     corners = torch.where(torch.rand(64, 1, 32, 32, generator=torch.Generator().manual_seed(0)) < 0.5, low, high)
     outside: dict[str, float] = {}
 
@@ -143,16 +146,47 @@ def test_proven_bounds_hold_at_the_corners_of_the_input_range(trained_checkpoint
 
 
 def test_a_bound_after_a_relu_counts_the_positive_or_the_negative_weights():
-    """Inputs in [-1, 1] through a ReLU are in [0, 1]: ``2 a - 3 b + 0.5`` is then in [-2.5, 2.5],
-    where a bound on ``|W x|`` by ``sum |W| max |x|`` gives 5.5."""
+    """Inputs in [-1, 1] through a ReLU are in [0, 1]: ``2 a - 3 b + 0.5`` is then in [-2.5, 2.5]
+    (and a last place for the truncation), where a bound on ``|W x|`` by ``sum |W| max |x|`` gives 5.5."""
     from medmpc.mpc import bounds
 
+    ulp = 2.0**-16
     layer = nn.Linear(2, 1)
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([[2.0, -3.0]]))
         layer.bias.fill_(0.5)
     gm = torch.fx.symbolic_trace(nn.Sequential(nn.ReLU(), layer))
-    out = bounds.activation_bounds(gm, (-1.0, 1.0))["_1"]
-    assert out.lo.tolist() == [-2.5] and out.hi.tolist() == [2.5] and out.magnitude == 2.5
-    without_relu = bounds.activation_bounds(torch.fx.symbolic_trace(nn.Sequential(layer)), (-1.0, 1.0))["_0"]
-    assert without_relu.lo.tolist() == [-4.5] and without_relu.hi.tolist() == [5.5]  # signed inputs: both count
+    out = bounds.activation_bounds(gm, (-1.0, 1.0), fractional_bits=16)["_1"]
+    assert out.lo.tolist() == [-2.5 - ulp] and out.hi.tolist() == [2.5 + ulp]
+    without_relu = bounds.activation_bounds(
+        torch.fx.symbolic_trace(nn.Sequential(layer)), (-1.0, 1.0), fractional_bits=16
+    )
+    assert without_relu["_0"].lo.tolist() == [-4.5 - ulp] and without_relu["_0"].hi.tolist() == [5.5 + ulp]
+
+
+def test_bounds_hold_for_the_weights_as_fixed_point_encodes_them():
+    """``1e5 a - (1 - 0.01 ulp) 1e5 a`` is 0.015 with the real weights but 1.5 in fixed point, which
+    truncates the second weight to ``-(1 - ulp)``: a bound from the real weights would size the
+    last ReLU's ring for 0.015 and the fixed-point value would wrap."""
+    from medmpc.mpc import bounds
+
+    first, second = nn.Linear(1, 2), nn.Linear(2, 1)
+    with torch.no_grad():
+        first.weight.zero_()
+        first.bias.fill_(1e5)
+        second.weight.copy_(torch.tensor([[1.0, -(1 - 0.01 * 2**-16)]], dtype=torch.float64).float())
+        second.bias.zero_()
+    model = nn.Sequential(first, nn.ReLU(), second, nn.ReLU())
+    out = bounds.activation_bounds(torch.fx.symbolic_trace(model), (-1.0, 1.0), fractional_bits=16)["_2"]
+    w = torch.trunc(second.weight.double() * 2**16) / 2**16
+    fixed_point = float(1e5 * w.sum())  # what MPC computes, up to the truncation's last place
+    assert fixed_point > 1.0 and float(out.lo) <= fixed_point <= float(out.hi)
+    real = float(1e5 * second.weight.double().sum())
+    assert real < 0.1  # the real weights' value, far below: a bound around it would not hold
+
+
+def test_layers_whose_padding_the_program_would_change_are_refused():
+    with pytest.raises(UnsupportedLayer, match="reflect"):
+        compile_model(nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect")))
+    with pytest.raises(UnsupportedLayer, match="count_include_pad"):
+        compile_model(nn.Sequential(nn.AvgPool2d(3, padding=1, count_include_pad=False)))
