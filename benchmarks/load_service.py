@@ -94,23 +94,27 @@ def run_load(
     }
 
 
-def _events(svc: LocalService, event: str) -> list[dict]:
-    """The model owner's log records of ``event`` so far (the parties prepare and compute in step)."""
+def _events(svc: LocalService) -> list[dict]:
+    """The model owner's log events so far, in order (the parties prepare and compute in step)."""
     found = []
     for line in svc.log_file("model-owner").read_text(errors="replace").splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue  # a library's own output between the records
-        if isinstance(rec, dict) and rec.get("event") == event:
+        if isinstance(rec, dict) and "event" in rec:
             found.append(rec)
     return found
+
+
+def _of(records: list[dict], event: str) -> list[dict]:
+    return [r for r in records if r["event"] == event]
 
 
 def _wait_prepared(svc: LocalService, timeout_s: float) -> None:
     """Until the service has prepared one more batch than it has computed (it prepares while idle)."""
     deadline = time.monotonic() + timeout_s
-    while len(_events(svc, "prepared")) <= len(_events(svc, "batch")):
+    while len(_of(events := _events(svc), "prepared")) <= len(_of(events, "batch")):
         svc.check_alive()
         if time.monotonic() > deadline:
             raise TimeoutError(f"the service prepared nothing within {timeout_s:.0f} s; see {svc.log_file('dealer')}")
@@ -119,8 +123,9 @@ def _wait_prepared(svc: LocalService, timeout_s: float) -> None:
 
 def _party_timings(svc: LocalService, skip_batches: int) -> dict:
     """Median seconds of the model owner's batches after the first ``skip_batches``, and of its preparations."""
-    batches = [e["seconds"] for e in _events(svc, "batch")[skip_batches:]]
-    prepared = [e["seconds"] for e in _events(svc, "prepared")]
+    events = _events(svc)
+    batches = [e["seconds"] for e in _of(events, "batch")[skip_batches:]]
+    prepared = [e["seconds"] for e in _of(events, "prepared")]
     return {
         "online_s": statistics.median(batches) if batches else None,
         "prepare_s": statistics.median(prepared) if prepared else None,

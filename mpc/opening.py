@@ -71,7 +71,7 @@ def unpack(words: np.ndarray, bits: int, size: int) -> np.ndarray:
     if words.size != words_for(size, bits):
         raise ValueError(f"{words.size} words for {size} values of {bits} bits, expected {words_for(size, bits)}")
     out = np.empty(size, np.uint64)
-    _unpack(np.ascontiguousarray(words).view(np.uint64), bits, out)
+    _unpack(np.ascontiguousarray(words).view(np.uint64), bits, low_bits(bits), out)
     return out
 
 
@@ -87,9 +87,8 @@ def _pack(values: np.ndarray, bits: int, words: np.ndarray) -> None:
 
 
 @numba.njit(cache=True, nogil=True)
-def _unpack(words: np.ndarray, bits: int, out: np.ndarray) -> None:
+def _unpack(words: np.ndarray, bits: int, mask: np.uint64, out: np.ndarray) -> None:
     width = np.uint64(bits)
-    mask = _low_bits_jit(bits)
     for i in range(out.shape[0]):
         at = np.uint64(i) * width
         word, shift = at >> np.uint64(6), at & np.uint64(63)
@@ -97,11 +96,6 @@ def _unpack(words: np.ndarray, bits: int, out: np.ndarray) -> None:
         if shift + width > np.uint64(64):
             value |= words[word + np.uint64(1)] << (np.uint64(64) - shift)
         out[i] = value & mask
-
-
-@numba.njit(cache=True, nogil=True, inline="always")
-def _low_bits_jit(bits: int) -> np.uint64:
-    return np.uint64(0xFFFFFFFFFFFFFFFF) if bits == 64 else (np.uint64(1) << np.uint64(bits)) - np.uint64(1)
 
 
 def combine(parts: list[np.ndarray], bits: int, size: int) -> np.ndarray:
