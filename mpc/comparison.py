@@ -109,6 +109,21 @@ def _gate(crypten: Any, x: Any, kind: str, bits: int, *params: int) -> Any:
     return crypten.mpc.MPCTensor.from_shares(result, precision=x.encoder._precision_bits)
 
 
+# one made-up gate of each kind for warm_up: (kind, opening bits, the gate's parameters)
+_WARM_UP = (("relu", 8, (8,)), ("clamp", clamp_gate.BITS, (-1, 1)))
+
+
+def warm_up() -> None:
+    """Run the one-round gates' compiled kernels once, each on a key this process deals itself
+    and throws away: Numba loads machine code at a process's first call (0.4 to 0.7 s in all),
+    which belongs in the offline pass, not in the online time of the first image."""
+    for kind, bits, params in _WARM_UP:
+        gate = crypten_compat.GATES[kind]
+        key = gate.from_words(gate.to_words(gate.deal(1, *params)[0]), 0, 1, *params)
+        mine = opening.pack(gate.masked_share(key, np.zeros(1, np.uint64)), bits)
+        gate.evaluate(key, opening.combine([mine], bits, 1))
+
+
 def less_than_zero(x: Any, *, bits: int = FULL_RING) -> Any:
     """``[x < 0]`` as an arithmetic MPCTensor of scale 1, for values in [-2^(bits-1), 2^(bits-1));
     exact for any ring element with ``bits=64``. Two CPU parties use the bit-sliced sign test,

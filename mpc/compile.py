@@ -185,6 +185,7 @@ class Program:
             for conv in convs:
                 conv.recording = False
         provider.fill_cache()
+        comparison.warm_up()
         owner = crypten.communicator.get().get_rank() == self.owner
         pending = [
             p

@@ -18,6 +18,8 @@ follows (LLAMA, Orca): a pseudorandom generator if AES with a fixed key is a ran
 permutation. Because every output block has its own index, a party evaluates only the
 blocks of the child it walks to. Every element is independent: one call makes or
 evaluates keys for a whole tensor of comparisons, vectorised over NumPy arrays of uint64.
+Evaluation runs the AES inside its compiled loop where the CPU has AES instructions
+(mpc.aesni), else through OpenSSL a level at a time; both give the same shares.
 """
 
 from __future__ import annotations
@@ -29,11 +31,14 @@ import numba
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from medmpc.mpc import prg
+from medmpc.mpc import aesni, prg
 
 _AES_KEY = b"medmpc DCF PRG\x00\x01"  # public: the PRG's security rests on the seeds alone
+_ROUND_KEYS = aesni.round_keys(_AES_KEY)
 SEED_WORDS = 2  # a 128-bit seed as two uint64
 _CHUNK = 1 << 15  # elements walked together: their seeds, sums and blocks stay in the CPU's caches
+_FUSED_CHUNK = 1 << 12  # elements walked together, level by level: their seeds and sums stay in the L2 cache
+_FUSED_OUTPUTS = 3  # values a key's output may have for the fused walk (the gates' most)
 
 
 @dataclass
@@ -255,10 +260,71 @@ def evaluate(key: Key, x: np.ndarray) -> np.ndarray:
         raise ValueError(f"DCF key holds {key.size} comparisons, got {x.size} inputs")
     key.used = True
     total = np.empty((key.size, key.outputs), np.uint64)
-    for lo in range(0, key.size, _CHUNK):
-        part = slice(lo, lo + _CHUNK)
-        total[part] = _walk(key, x[part], part)
+    if aesni.AVAILABLE and key.outputs <= _FUSED_OUTPUTS:
+        _walk_fused(key.seeds, x, key.party, key.seed_cw, key.bit_cw, key.value_cw, key.last_cw, _ROUND_KEYS, total)
+    else:
+        for lo in range(0, key.size, _CHUNK):
+            part = slice(lo, lo + _CHUNK)
+            total[part] = _walk(key, x[part], part)
     return np.uint64(0) - total if key.party else total
+
+
+@numba.njit(cache=True, nogil=True)
+def _walk_fused(
+    roots: np.ndarray,
+    x: np.ndarray,
+    party: int,
+    seed_cw: np.ndarray,
+    bit_cw: np.ndarray,
+    value_cw: np.ndarray,
+    last_cw: np.ndarray,
+    round_keys: np.ndarray,
+    total: np.ndarray,
+) -> None:
+    """:func:`_walk` for every element, with the PRG in the loop (mpc.aesni): one call of
+    ``mmo4`` makes a level's seed block and (up to three) value blocks. Elements go
+    :data:`_FUSED_CHUNK` at a time, level by level, so that one element's AES runs while the
+    next one's waits; the corrections are applied by masks, not branches, as the control
+    bits are random and a mispredicted branch would stall that overlap."""
+    m = total.shape[1]
+    vb = np.uint64((m + 1) // 2)
+    one = np.uint64(1)
+    seeds = np.empty((_FUSED_CHUNK, 2), np.uint64)
+    t = np.empty(_FUSED_CHUNK, np.uint64)
+    for lo in range(0, x.shape[0], _FUSED_CHUNK):
+        hi = min(lo + _FUSED_CHUNK, x.shape[0])
+        for i in range(lo, hi):
+            seeds[i - lo, 0], seeds[i - lo, 1], t[i - lo] = roots[i, 0], roots[i, 1], party
+            total[i, :] = 0
+        for level in range(seed_cw.shape[0]):
+            shift = np.uint64(seed_cw.shape[0] - 1 - level)
+            for i in range(lo, hi):
+                side = (x[i] >> shift) & one
+                s0, s1, ti = seeds[i - lo, 0], seeds[i - lo, 1], t[i - lo]
+                q = np.uint64(2) + side * vb  # the child's first value block
+                words = aesni.mmo4(
+                    s0 ^ side, s1, s0 ^ q, s1, s0 ^ (q + one), s1, s0 ^ (q + np.uint64(2)), s1, round_keys
+                )
+                correct = np.uint64(0) - ti  # all ones where the control bit is set
+                total[i, 0] += words[2] + (value_cw[level, i, 0] & correct)  # unrolled: a loop would
+                if m > 1:  # index the words by a variable, which spills them to memory
+                    total[i, 1] += words[3] + (value_cw[level, i, 1] & correct)
+                if m > 2:
+                    total[i, 2] += words[4] + (value_cw[level, i, 2] & correct)
+                bit = words[0] & one
+                seeds[i - lo, 0] = (words[0] ^ bit) ^ (seed_cw[level, i, 0] & correct)
+                seeds[i - lo, 1] = words[1] ^ (seed_cw[level, i, 1] & correct)
+                t[i - lo] = bit ^ (np.uint64(bit_cw[level, i, side]) & ti)
+        leaf = np.uint64(2) + np.uint64(2) * vb  # after the levels' block indices, as in _leaf
+        for i in range(lo, hi):
+            s0, s1 = seeds[i - lo, 0], seeds[i - lo, 1]
+            words = aesni.mmo4(s0 ^ leaf, s1, s0 ^ (leaf + one), s1, s0 ^ (leaf + np.uint64(2)), s1, s0, s1, round_keys)
+            correct = np.uint64(0) - t[i - lo]
+            total[i, 0] += words[0] + (last_cw[i, 0] & correct)
+            if m > 1:
+                total[i, 1] += words[1] + (last_cw[i, 1] & correct)
+            if m > 2:
+                total[i, 2] += words[2] + (last_cw[i, 2] & correct)
 
 
 def _walk(key: Key, x: np.ndarray, part: slice) -> np.ndarray:

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 import pytest
 import torch
 from uniformity import looks_uniform
 
-from medmpc.mpc import clamp_gate, dcf, opening, prg, relu_gate
+from medmpc.mpc import aesni, clamp_gate, dcf, opening, prg, relu_gate
 
 RNG = np.random.default_rng(7)
 
@@ -19,9 +20,17 @@ def _below(bits: int, n: int) -> np.ndarray:
     return RNG.integers(0, 2**bits, n, dtype=np.uint64) if bits < 64 else RNG.integers(0, 2**64, n, dtype=np.uint64)
 
 
+WALKS = ["openssl"] + (["aes-ni"] if aesni.AVAILABLE else [])  # where the CPU has no AES-NI, OpenSSL walks
+
+
+@pytest.mark.parametrize("walk", WALKS)
 @pytest.mark.parametrize("bits", [1, 2, 17, 64])
-@pytest.mark.parametrize("outputs", [1, 3])
-def test_dcf_shares_beta_below_alpha_at_every_edge(bits, outputs):
+@pytest.mark.parametrize("outputs", [1, 2, 3, 5])
+def test_dcf_shares_beta_below_alpha_at_every_edge(bits, outputs, walk, monkeypatch):
+    """Both ways to walk a key (the AES in the compiled loop, or OpenSSL's AES level by level; more
+    than three outputs always walk with OpenSSL) give the same shares."""
+    if walk == "openssl":
+        monkeypatch.setattr(aesni, "AVAILABLE", False)
     top = np.uint64((1 << bits) - 1)
     alpha = np.concatenate([np.array([0, 1, top, top], np.uint64), _below(bits, 400)])
     beta = RNG.integers(0, 2**64, (alpha.size, outputs), dtype=np.uint64)
@@ -33,6 +42,38 @@ def test_dcf_shares_beta_below_alpha_at_every_edge(bits, outputs):
     want = np.tile(beta, (3, 1)) * (x < np.tile(alpha, 3))[:, None].astype(np.uint64)
     assert np.array_equal(got, want)
     assert (x < np.tile(alpha, 3)).any() and (x >= np.tile(alpha, 3)).any()
+
+
+def test_the_aes_key_schedule_is_fips_197s():
+    """FIPS-197, Appendix A.1: the last round key of 2b7e1516 28aed2a6 abf71588 09cf4f3c."""
+    keys = aesni.round_keys(bytes.fromhex("2b7e151628aed2a6abf7158809cf4f3c"))
+    assert keys[0].tobytes().hex() == "2b7e151628aed2a6abf7158809cf4f3c"
+    assert keys[10].tobytes().hex() == "d014f9a8c9ee2589e13f0cc8b6630ca6"
+
+
+@pytest.mark.skipif(not aesni.AVAILABLE, reason="this CPU has no AES instructions")
+@pytest.mark.parametrize("wide", [False, True])
+def test_aes_in_a_compiled_loop_is_openssls(wide):
+    """mmo4, with four AES-NI instructions a round or one 512-bit VAES instruction, is the PRG
+    block for block; a control with another key differs everywhere."""
+    if wide and not aesni.WIDE:
+        pytest.skip("this CPU has no 512-bit VAES")
+    mmo4 = aesni.mmo4_wide if wide else aesni.mmo4_narrow
+
+    @numba.njit
+    def prg_blocks(blocks: np.ndarray, keys: np.ndarray) -> np.ndarray:
+        out = np.empty_like(blocks)
+        for i in range(0, blocks.shape[0], 4):
+            b = blocks[i : i + 4]
+            w = mmo4(b[0, 0], b[0, 1], b[1, 0], b[1, 1], b[2, 0], b[2, 1], b[3, 0], b[3, 1], keys)
+            for j in range(8):
+                out[i + j // 2, j % 2] = w[j]
+        return out
+
+    blocks = RNG.integers(0, 2**64, (64, 2), dtype=np.uint64)
+    assert np.array_equal(prg_blocks(blocks, dcf._ROUND_KEYS), dcf._aes(blocks))
+    other = aesni.round_keys(bytes(16))
+    assert not np.equal(prg_blocks(blocks, other), dcf._aes(blocks)).any()
 
 
 def test_a_key_is_evaluated_once():
