@@ -113,6 +113,9 @@ def _mmo4(lanes: int) -> Any:
         def codegen(context: Any, builder: ir.IRBuilder, sig: Any, values: list[Any]) -> Any:
             array = context.make_array(sig.args[-1])(context, builder, values[-1])
             at = [builder.load(builder.gep(array.data, [ir.Constant(_I64, i)])) for i in range(2 * (ROUNDS + 1))]
+            invariant = builder.module.add_metadata([])
+            for load in at:  # the round keys never change: LLVM may load them once, outside the loop
+                load.set_metadata("invariant.load", invariant)
             keys = [(at[2 * r], at[2 * r + 1]) for r in range(ROUNDS + 1)]
             out = _mmo(builder, list(values[:-1]), keys, lanes)
             return context.make_tuple(builder, sig.return_type, out)

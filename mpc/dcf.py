@@ -293,14 +293,15 @@ def _walk_fused(
     t = np.empty(_FUSED_CHUNK, np.uint64)
     for lo in range(0, x.shape[0], _FUSED_CHUNK):
         hi = min(lo + _FUSED_CHUNK, x.shape[0])
-        for i in range(lo, hi):
-            seeds[i - lo, 0], seeds[i - lo, 1], t[i - lo] = roots[i, 0], roots[i, 1], party
-            total[i, :] = 0
-        for level in range(seed_cw.shape[0]):
-            shift = np.uint64(seed_cw.shape[0] - 1 - level)
-            for i in range(lo, hi):
+        for k in range(lo, hi):
+            seeds[k - lo, 0], seeds[k - lo, 1], t[k - lo] = roots[k, 0], roots[k, 1], party
+            total[k, :] = 0
+        for signed_level in range(seed_cw.shape[0]):
+            level, shift = np.uint64(signed_level), np.uint64(seed_cw.shape[0] - 1 - signed_level)
+            for signed in range(lo, hi):
+                i, r = np.uint64(signed), np.uint64(signed - lo)  # unsigned: no checks for negative indices
                 side = (x[i] >> shift) & one
-                s0, s1, ti = seeds[i - lo, 0], seeds[i - lo, 1], t[i - lo]
+                s0, s1, ti = seeds[r, 0], seeds[r, 1], t[r]
                 q = np.uint64(2) + side * vb  # the child's first value block
                 words = aesni.mmo4(
                     s0 ^ side, s1, s0 ^ q, s1, s0 ^ (q + one), s1, s0 ^ (q + np.uint64(2)), s1, round_keys
@@ -312,19 +313,19 @@ def _walk_fused(
                 if m > 2:
                     total[i, 2] += words[4] + (value_cw[level, i, 2] & correct)
                 bit = words[0] & one
-                seeds[i - lo, 0] = (words[0] ^ bit) ^ (seed_cw[level, i, 0] & correct)
-                seeds[i - lo, 1] = words[1] ^ (seed_cw[level, i, 1] & correct)
-                t[i - lo] = bit ^ (np.uint64(bit_cw[level, i, side]) & ti)
+                seeds[r, 0] = (words[0] ^ bit) ^ (seed_cw[level, i, 0] & correct)
+                seeds[r, 1] = words[1] ^ (seed_cw[level, i, 1] & correct)
+                t[r] = bit ^ (np.uint64(bit_cw[level, i, side]) & ti)
         leaf = np.uint64(2) + np.uint64(2) * vb  # after the levels' block indices, as in _leaf
-        for i in range(lo, hi):
-            s0, s1 = seeds[i - lo, 0], seeds[i - lo, 1]
+        for k in range(lo, hi):
+            s0, s1 = seeds[k - lo, 0], seeds[k - lo, 1]
             words = aesni.mmo4(s0 ^ leaf, s1, s0 ^ (leaf + one), s1, s0 ^ (leaf + np.uint64(2)), s1, s0, s1, round_keys)
-            correct = np.uint64(0) - t[i - lo]
-            total[i, 0] += words[0] + (last_cw[i, 0] & correct)
+            correct = np.uint64(0) - t[k - lo]
+            total[k, 0] += words[0] + (last_cw[k, 0] & correct)
             if m > 1:
-                total[i, 1] += words[1] + (last_cw[i, 1] & correct)
+                total[k, 1] += words[1] + (last_cw[k, 1] & correct)
             if m > 2:
-                total[i, 2] += words[2] + (last_cw[i, 2] & correct)
+                total[k, 2] += words[2] + (last_cw[k, 2] & correct)
 
 
 def _walk(key: Key, x: np.ndarray, part: slice) -> np.ndarray:

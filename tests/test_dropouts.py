@@ -51,9 +51,14 @@ def test_a_hospital_that_dies_mid_round_is_left_out_and_the_run_finishes(tmp_pat
     a = Checkpoint.load(tmp_path / "secure" / "model.pt").state_dict
     if len(runs) == 2:
         b = Checkpoint.load(tmp_path / "plain" / "model.pt").state_dict
-        # fixed-point rounding (2^-16 per value and round) carried through three rounds of training;
-        # a dropped hospital's masks or update in the average would be off by orders of magnitude
-        assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) < 1e-2
+        # fixed-point rounding (2^-16 per value and round) carried through three rounds of training:
+        # AdamW's steps are lr-sized whatever a gradient's size, so the rounding can flip the step of
+        # a weight whose gradient is near zero (seen: 0.0016), and BatchNorm's running statistics
+        # follow the weights (seen: 0.11); a dropped hospital's masks in the average would be off by
+        # orders of magnitude
+        for k in a:
+            limit = 0.5 if "running_" in k else 1e-2
+            assert float((a[k].float() - b[k].float()).abs().max()) < limit, k
     # the seed holder handed over one share of round 2, for the rerun: none for the dropped
     # collection, which held the dead hospital's masks (its share is 8 bytes per value)
     numel = sum(v.numel() for k, v in a.items() if "num_batches" not in k)

@@ -4,6 +4,8 @@ in one process: exact at the edges of their rings, used once, and pseudorandom k
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import numba
 import numpy as np
@@ -192,3 +194,19 @@ def test_clamp_is_exact_for_every_ring_element(low, high):
 def test_a_clamp_range_without_zero_is_refused():
     with pytest.raises(ValueError, match="low <= 0 <= high"):
         clamp_gate.deal(3, 5, 9)
+
+
+def test_the_warm_up_loads_every_kernel_the_online_gates_call():
+    """In a fresh process no gate kernel is loaded; after comparison.warm_up (the offline pass's
+    last step) the packer, unpacker and the DCF walk are, so no image pays Numba's first call."""
+    walk = "_walk_fused" if aesni.AVAILABLE else "_walk_step"
+    script = (
+        "from medmpc.mpc import comparison, dcf, opening\n"
+        f"kernels = [opening._pack, opening._unpack, dcf.{walk}]\n"
+        "print([len(k.signatures) for k in kernels])\n"
+        "comparison.warm_up()\n"
+        "print([len(k.signatures) for k in kernels])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    before, after = out.splitlines()
+    assert before == "[0, 0, 0]" and "0" not in after.strip("[]").split(", "), out
