@@ -26,6 +26,7 @@ arithmetic with CrypTen's B2A and multiplies ``x`` as in CrypTen's ReLU.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,6 +114,7 @@ def _gate(crypten: Any, x: Any, kind: str, bits: int, *params: int) -> Any:
 _WARM_UP = (("relu", 8, (8,)), ("clamp", clamp_gate.BITS, (-1, 1)))
 
 
+@functools.cache  # once per process: a service prepares many runs
 def warm_up() -> None:
     """Run the one-round gates' compiled kernels once, each on a key this process deals itself
     and throws away: Numba loads machine code at a process's first call (0.4 to 0.7 s in all),
