@@ -2,14 +2,16 @@
 
 Interval arithmetic over the prepared graph (mpc.compile.prepare), one interval
 ``[lo_c, hi_c]`` per channel (per feature after flattening), from the input's valid range
-(the input is clamped to it inside MPC first), for the values MPC computes: with ``f``
-fractional bits, weights and biases as they are encoded (``trunc(w 2^f) / 2^f``) and one
-last place (``2^-f``) more on each side after every truncation:
+(the input is clamped to it inside MPC first), for the values MPC computes: activations with
+``f`` fractional bits, weights with ``g >= f``, each as it is encoded (``trunc(w 2^g) / 2^g``,
+biases ``trunc(b 2^f) / 2^f``) and two last places (``2^-f``) more on each side after every
+affine layer, whose product is truncated by ``2^g`` (in one step or, on CrypTen's own path, in
+two):
 
 * convolution and linear, the exact image of a box under an affine map: with ``W+`` and ``W-``
   the positive and negative weights summed over the kernel,
   ``hi_o = sum_c W+_oc hi_c + W-_oc lo_c + b_o`` and ``lo_o = sum_c W+_oc lo_c + W-_oc hi_c + b_o``
-  (zero padding widens each input interval to hold 0), then the truncation's last place;
+  (zero padding widens each input interval to hold 0), then the truncation's last places;
 * ReLU: ``[max(lo, 0), max(hi, 0)]``; max-pooling and flattening: the input's interval;
   average-pooling: the input's interval (widened to 0 by zero padding) and a last place;
 * residual add: ``[lo1 + lo2, hi1 + hi2]``.
@@ -72,10 +74,11 @@ class Interval:
 
 
 def activation_bounds(
-    gm: fx.GraphModule, input_range: tuple[float, float], *, fractional_bits: int
+    gm: fx.GraphModule, input_range: tuple[float, float], *, fractional_bits: int, weight_bits: int | None = None
 ) -> dict[str, Interval]:
     """The interval of every node of ``gm`` (by name) over all inputs in ``input_range``, for its
-    values in fixed point with ``fractional_bits``."""
+    values in fixed point with ``fractional_bits``, weights with ``weight_bits`` (default: as many)."""
+    weight_bits = fractional_bits if weight_bits is None else weight_bits
     modules = dict(gm.named_modules())
     bound: dict[str, Interval] = {}
     flat: set[str] = set()  # nodes that flatten channels into features
@@ -91,7 +94,7 @@ def activation_bounds(
             unflattened = isinstance(module, nn.Linear) and inputs[0].lo.numel() not in (1, module.in_features)
             if unflattened and args[0].name not in flat:
                 raise ValueError(f"layer {node.target!r}: a linear layer on channels that were not flattened")
-            bound[node.name] = _affine(module, inputs[0], fractional_bits).widened(ulp)
+            bound[node.name] = _affine(module, inputs[0], weight_bits, fractional_bits).widened(2 * ulp)
         elif node.op == "call_function" and node.target in (operator.add, torch.add):
             bound[node.name] = Interval(inputs[0].lo + inputs[1].lo, inputs[0].hi + inputs[1].hi)
         elif is_relu(node, modules):
@@ -124,8 +127,8 @@ def _encoded(t: torch.Tensor, fractional_bits: int) -> torch.Tensor:
     return torch.trunc(t.detach().double() * scale) / scale
 
 
-def _affine(layer: nn.Conv2d | nn.Linear, x: Interval, fractional_bits: int) -> Interval:
-    w = _encoded(layer.weight, fractional_bits)
+def _affine(layer: nn.Conv2d | nn.Linear, x: Interval, weight_bits: int, fractional_bits: int) -> Interval:
+    w = _encoded(layer.weight, weight_bits)
     if isinstance(layer, nn.Conv2d):
         if _zero_padded(layer):
             x = x.with_zero()

@@ -116,6 +116,38 @@ class ComparisonSite:
     pad: float = DEFAULT_POOL_PAD
 
 
+@dataclass(frozen=True)
+class Precision:
+    """Fractional bits of fixed point: weights are ``round(w 2^weights) / 2^weights``,
+    activations (the input, biases and every value a layer computes) multiples of ``2^-activations``.
+
+    Weights finer than activations: a weight's rounding error is multiplied by every activation it
+    meets and carried through every layer after it, while an activation's is a fresh, unbiased
+    last place (the parties' local truncation rounds up or down at random). The comparisons'
+    rings are sized in activation units, so each activation bit fewer is one bit fewer opened
+    per comparison. A product is ``2^(weights + activations)`` times its value before the truncation,
+    whose probability of wrapping grows with that scale."""
+
+    weights: int = 16
+    activations: int = 10
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.activations <= self.weights or self.weights + self.activations > MAX_PRODUCT_BITS:
+            raise ValueError(
+                f"fixed point needs 1 <= activation bits <= weight bits and their sum at most {MAX_PRODUCT_BITS}, "
+                f"got {self.activations} and {self.weights}"
+            )
+
+    def of(self, parameter: str) -> int:
+        """The fractional bits of a parameter: a layer's ``.weight`` or its ``.bias``."""
+        return self.weights if parameter.endswith(".weight") else self.activations
+
+
+# a product's scale: 2^40 leaves 2^23 of headroom for values, and the truncation wraps with
+# probability |value| 2^-24
+MAX_PRODUCT_BITS = 40
+
+
 @dataclass
 class Program:
     steps: list[Step]
@@ -127,23 +159,46 @@ class Program:
     input_range: tuple[float, float] | None = None
     bounds_proven: bool = False  # every comparison's values provably fit its ring
     owner: int = 0  # the model owner's rank: ``parameters`` are plaintext there
+    precision: Precision = Precision()
 
     def publish_bounds(self, *, src: int) -> None:
         """Party ``src`` (the model owner, who derived them from the weights) tells the others the
-        input range, each comparison's ring and whether the bounds are proven: all public."""
+        input range, each comparison's ring, whether the bounds are proven and the fixed-point
+        precision: all public."""
         crypten = crypten_compat.patched()
         self.owner = src
-        mine = {"input_range": self.input_range, "bits": [s.bits for s in self.sites], "proven": self.bounds_proven}
+        mine = {
+            "input_range": self.input_range,
+            "bits": [s.bits for s in self.sites],
+            "proven": self.bounds_proven,
+            "precision": [self.precision.weights, self.precision.activations],
+        }
         public = crypten.communicator.get().broadcast_obj(mine, src)
+        try:
+            precision = Precision(*public["precision"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"party {src} sent no valid fixed-point precision: {e}") from None
         if len(public["bits"]) != len(self.sites):
             raise ValueError(f"party {src} compiled {len(public['bits'])} comparisons, this party {len(self.sites)}")
         if any(not 2 <= bits <= comparison.FULL_RING for bits in public["bits"]):
             raise ValueError(f"party {src} sent comparison rings outside 2..64 bits: {public['bits']}")
         if public["input_range"] is None or not public["input_range"][0] <= 0 <= public["input_range"][1]:
             raise ValueError(f"party {src} sent no valid input range to clamp to: {public['input_range']}")
-        self.input_range, self.bounds_proven = public["input_range"], public["proven"]
+        self.input_range, self.bounds_proven, self.precision = public["input_range"], public["proven"], precision
         for site, bits in zip(self.sites, public["bits"]):
             site.bits = bits
+
+    def share_parameters(self, *, src: int, device: str = "cpu") -> dict[str, Any]:
+        """Secret-share the parameters from party ``src`` (the model owner; the others' are
+        placeholders), each at its precision; every party calls it after :meth:`publish_bounds`."""
+        return {
+            name: crypten_compat.encrypt(value.to(device), src=src, precision=self.precision.of(name))
+            for name, value in sorted(self.parameters.items())
+        }
+
+    def share_input(self, x: torch.Tensor, *, src: int) -> Any:
+        """Secret-share the input from party ``src`` (the others pass a placeholder of its shape)."""
+        return crypten_compat.encrypt(x, src=src, precision=self.precision.activations)
 
     def run(self, x: Any, encrypted_params: dict[str, Any]) -> Any:
         if self.input_range is not None:
@@ -262,11 +317,12 @@ class Conv:
         if self.recording:  # shape only: a placeholder, so that no randomness is spent
             self.shapes.append(x.size())
             shape = torch.nn.functional.conv2d(torch.zeros(x.size()), torch.zeros(weight.size()), **self.kwargs).shape
-            out = crypten_compat.encrypt(torch.zeros(shape), src=0)
+            # at the input's precision: adding a bias of another would re-encode the bias in place
+            out = crypten_compat.encrypt(torch.zeros(shape), src=0, precision=x.encoder._precision_bits)
         elif self.masks and self.masks[0].shape == x.size():
-            out = self._online(x)
+            out = self._online(x, weight.encoder.scale)
         else:
-            out = x.conv2d(weight, **self.kwargs)
+            out = _rescaled(x.conv2d(weight, **self.kwargs), x, weight)
         if f"{self.key}.bias" in params:
             out = out + params[f"{self.key}.bias"].reshape(1, -1, 1, 1)
         return out
@@ -300,7 +356,7 @@ class Conv:
         offset = opened[1] if self.earlier is not None else None
         self.masks.append(_Mask(shape, a, c + torch.conv2d(a, opened[0], **self.kwargs), offset))
 
-    def _online(self, x: Any) -> Any:
+    def _online(self, x: Any, weight_scale: int) -> Any:
         crypten = crypten_compat.patched()
         comm = crypten.communicator.get()
         mask = self.masks.pop(0)
@@ -318,14 +374,22 @@ class Conv:
         elif self.plain_weight is None or self.eps is None:
             raise RuntimeError(f"conv {self.key!r}: the model owner has no plaintext weight or no eps")
         else:
-            product = torch.conv2d(self.eps, self.plain_weight, **self.kwargs) + mask.aw  # scale 2^2f
+            product = torch.conv2d(self.eps, self.plain_weight, **self.kwargs) + mask.aw
         out = crypten.mpc.MPCTensor.from_shares(product, precision=x.encoder._precision_bits)
-        return out.div(x.encoder.scale)  # CrypTen's truncation, as after its own products
+        return out.div(weight_scale)  # CrypTen's truncation, as after its own products
+
+
+def _rescaled(product: Any, x: Any, weight: Any) -> Any:
+    """CrypTen's product of activations ``x`` and a weight truncates by the activations' scale
+    (it assumes both alike); this truncates by the rest of the weight's (a second last place)."""
+    rest = weight.encoder.scale // x.encoder.scale
+    return product.div(rest) if rest > 1 else product
 
 
 def _linear(key: str, has_bias: bool) -> Callable[..., Any]:
     def fn(x: Any, params: dict[str, Any]) -> Any:
-        out = x.matmul(params[f"{key}.weight"].t())
+        weight = params[f"{key}.weight"]
+        out = _rescaled(x.matmul(weight.t()), x, weight)
         return out + params[f"{key}.bias"] if has_bias else out
 
     return fn
@@ -432,15 +496,16 @@ def _function_step(node: fx.Node, site: ComparisonSite) -> Callable[..., Any]:
 
 
 def compile_model(
-    model: nn.Module, *, input_range: tuple[float, float] | None = None, fractional_bits: int = 16
+    model: nn.Module, *, input_range: tuple[float, float] | None = None, precision: Precision = Precision()
 ) -> Program:
-    """Prepare (fold BatchNorm, reorder ReLU/max-pool), trace, and map every node to a CrypTen operation.
+    """Prepare (fold BatchNorm, reorder ReLU/max-pool), round the parameters to ``precision``'s
+    nearest fixed-point values, trace, and map every node to a CrypTen operation.
 
     The model owner passes ``input_range`` (the preprocessed input's valid range): every
-    comparison's ring is then sized from the bounds its weights prove (mpc.bounds), for
-    ``fractional_bits`` of fixed point, and shared with the others by :meth:`Program.publish_bounds`.
+    comparison's ring is then sized from the bounds its weights prove (mpc.bounds) in that
+    fixed point, and shared with the others by :meth:`Program.publish_bounds`.
     """
-    gm = prepare(model)
+    gm = round_parameters(prepare(model), precision)
     modules = dict(gm.named_modules())
     steps: list[Step] = []
     sites: list[ComparisonSite] = []
@@ -472,10 +537,21 @@ def compile_model(
         else:
             raise UnsupportedLayer(f"node {node.name} ({node.op} {node.target}) is not supported")
     params = {k: v.detach().clone() for k, v in gm.state_dict().items() if k.endswith((".weight", ".bias"))}
-    program = Program(steps, input_name, output_name, params, sites)
+    program = Program(steps, input_name, output_name, params, sites, precision=precision)
     if input_range is not None:
-        _size_comparisons(program, gm, input_range, fractional_bits)
+        _size_comparisons(program, gm, input_range)
     return program
+
+
+def round_parameters(gm: fx.GraphModule, precision: Precision) -> fx.GraphModule:
+    """Every parameter rounded to the nearest multiple of ``2^-bits`` for its precision: CrypTen's
+    encoder truncates toward zero, which shifts every weight the same way, an error that adds
+    up over a layer's inputs instead of cancelling."""
+    with torch.no_grad():
+        for name, p in gm.named_parameters():
+            scale = 2.0 ** precision.of(name)
+            p.copy_(torch.round(p * scale) / scale)
+    return gm
 
 
 def _relus_after_pools(gm: fx.GraphModule, modules: dict[str, nn.Module]) -> dict[fx.Node, fx.Node]:
@@ -492,11 +568,12 @@ def _pools(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return node.op == "call_module" and isinstance(modules[str(node.target)], nn.MaxPool2d)
 
 
-def _size_comparisons(
-    program: Program, gm: fx.GraphModule, input_range: tuple[float, float], fractional_bits: int
-) -> None:
+def _size_comparisons(program: Program, gm: fx.GraphModule, input_range: tuple[float, float]) -> None:
     low, high = input_range
-    node_bound = bounds.activation_bounds(gm, (low, high), fractional_bits=fractional_bits)
+    fractional_bits = program.precision.activations
+    node_bound = bounds.activation_bounds(
+        gm, (low, high), fractional_bits=fractional_bits, weight_bits=program.precision.weights
+    )
     inputs = {n.name: n.args[0].name for n in gm.graph.nodes if n.op in ("call_module", "call_function")}
     proven = True
     for site in program.sites:

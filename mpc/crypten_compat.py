@@ -400,8 +400,9 @@ def run_dealer(*, timeout_s: float) -> None:
     crypten.mpc.provider.TTPServer()
 
 
-def encrypt(tensor: torch.Tensor, *, src: int = 0) -> Any:
-    """Secret-share a float tensor held by party ``src`` (other parties pass a same-shape tensor).
+def encrypt(tensor: torch.Tensor, *, src: int = 0, precision: int | None = None) -> Any:
+    """Secret-share a float tensor held by party ``src`` (other parties pass a same-shape tensor),
+    in fixed point with ``precision`` fractional bits (default: CrypTen's configured 16).
 
     Refuses NumPy arrays and integer tensors: CrypTen would truncate them to
     integers *before* fixed-point scaling, silently turning 1.5 into 1.
@@ -416,4 +417,4 @@ def encrypt(tensor: torch.Tensor, *, src: int = 0) -> Any:
             f"encrypt() takes a floating-point tensor, got dtype {tensor.dtype}; "
             "CrypTen would drop the fractional part before encoding"
         )
-    return patched().cryptensor(tensor, src=src)
+    return patched().cryptensor(tensor, src=src, precision=precision)

@@ -63,12 +63,9 @@ def encrypted_forward(
     else:  # the public architecture; its weights are never used
         program = compile_model(architecture(model_name, num_classes))
     program.publish_bounds(src=MODEL_OWNER)
-    weights = {
-        k: crypten_compat.encrypt((v if rank == MODEL_OWNER else torch.zeros_like(v)).to(device), src=MODEL_OWNER)
-        for k, v in sorted(program.parameters.items())
-    }
+    weights = program.share_parameters(src=MODEL_OWNER, device=device)
     start = time.perf_counter()
-    program.trace(crypten_compat.encrypt(torch.zeros(shape, device=device), src=DATA_OWNER), weights)
+    program.trace(program.share_input(torch.zeros(shape, device=device), src=DATA_OWNER), weights)
     offline_s = time.perf_counter() - start
 
     if rank == DATA_OWNER and images is None:
@@ -78,7 +75,7 @@ def encrypted_forward(
     keys_before = comparison.gate_key_bytes()
     _synchronize(device)
     start = time.perf_counter()
-    x = crypten_compat.encrypt(x.to(device), src=DATA_OWNER)
+    x = program.share_input(x.to(device), src=DATA_OWNER)
     logits = program.run(x, weights).get_plain_text(dst=DATA_OWNER)
     _synchronize(device)
     online_s = time.perf_counter() - start

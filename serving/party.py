@@ -37,7 +37,6 @@ from medmpc.serving.wire import ModelCard
 from medmpc.training.checkpoint import Checkpoint
 
 ROLES = {"model-owner": 0, "compute": 1, "dealer": 2}
-FRACTIONAL_BITS = 16  # CrypTen's fixed-point precision
 
 
 def load_tokens(tokens_file: Path | None) -> list[str]:
@@ -53,6 +52,7 @@ def _setup(rank: int, ckpt: Checkpoint | None, max_batch: int, timeout_s: float)
     crypten = crypten_compat.init_party(timeout_s=timeout_s)
     if ckpt is not None:
         prep = ckpt.preprocessing
+        program = compile_model(ckpt.build(), input_range=prep.valid_range())
         card = ModelCard(
             ckpt.model_name,
             ckpt.classes,
@@ -60,11 +60,10 @@ def _setup(rank: int, ckpt: Checkpoint | None, max_batch: int, timeout_s: float)
             prep.image_size,
             prep.mean,
             prep.std,
-            FRACTIONAL_BITS,
+            program.precision.activations,
             max_batch,
             synthetic=ckpt.synthetic,
         )
-        program = compile_model(ckpt.build(), input_range=prep.valid_range(), fractional_bits=FRACTIONAL_BITS)
     else:
         card, program = None, None
     card = ModelCard.from_dict(crypten.communicator.get().broadcast_obj(card and card.to_dict(), LEADER))
@@ -76,11 +75,7 @@ def _setup(rank: int, ckpt: Checkpoint | None, max_batch: int, timeout_s: float)
         raise ValueError(
             f"the model owner runs --nonlinear {theirs}, this party {comparison.nonlinear()}: start both alike"
         )
-    weights = {
-        k: crypten_compat.encrypt(v if rank == LEADER else torch.zeros_like(v), src=LEADER)
-        for k, v in sorted(program.parameters.items())
-    }
-    return Model(card, program, weights)
+    return Model(card, program, program.share_parameters(src=LEADER))
 
 
 def main(argv: list[str] | None = None) -> None:

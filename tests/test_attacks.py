@@ -35,16 +35,15 @@ from scipy import stats
 
 from medmpc.imaging.dataset import load_dataset
 from medmpc.mpc import prg, streams
-from medmpc.mpc.compile import compile_model
+from medmpc.mpc.compile import Precision, compile_model
 from medmpc.mpc.launch import PartyError, run_crypten_job
 from medmpc.protocols.inference import run_inference
 from medmpc.training.checkpoint import Checkpoint
 
 pytestmark = pytest.mark.slow
 HOOKS = Path(__file__).parent / "party_hooks"
-FRACTIONAL_BITS = 16  # CrypTen's fixed-point encoding
+WEIGHT_BITS, IMAGE_BITS = Precision().weights, Precision().activations  # the fixed point of each
 FUTURE = 1 << 23  # 32-bit outputs the attacker replays past those it observed
-PLAUSIBLE = 1 << (FRACTIONAL_BITS + 10)  # |v| < 1024: a weight or a pixel, not a uniformly random ring element
 
 
 def _party_env(mp: pytest.MonkeyPatch, **env: str) -> None:
@@ -98,19 +97,21 @@ def _peer_outputs(view: dict, attacker: int) -> np.ndarray:
     return mersenne.outputs_of_ring_words(words)
 
 
-def _plausible(values: np.ndarray) -> np.ndarray:
-    return (values + PLAUSIBLE).view(np.uint64) < np.uint64(2 * PLAUSIBLE)
+def _plausible(values: np.ndarray, bits: int) -> np.ndarray:
+    """|v| < 1024 in fixed point with ``bits``: a weight or a pixel, not a uniformly random ring element."""
+    plausible = 1 << (bits + 10)
+    return (values + plausible).view(np.uint64) < np.uint64(2 * plausible)
 
 
-def _unmask(known: torch.Tensor, future: np.ndarray) -> torch.Tensor | None:
+def _unmask(known: torch.Tensor, future: np.ndarray, bits: int) -> torch.Tensor | None:
     """``known + m`` where ``m`` is the draw, somewhere in ``future``, that makes every element
-    a plausible fixed-point value; None if no offset does."""
+    a plausible fixed-point value with ``bits`` fractional bits; None if no offset does."""
     flat = known.numpy().reshape(-1)
     offsets = np.arange(future.size - 2 * flat.size)
-    for o in np.nonzero(_plausible(mersenne.ring_words_at(future, offsets) + flat[0]))[0]:
+    for o in np.nonzero(_plausible(mersenne.ring_words_at(future, offsets) + flat[0], bits))[0]:
         value = mersenne.ring_words_at(future, o + 2 * np.arange(flat.size)) + flat
-        if _plausible(value).all():
-            return torch.from_numpy(value).reshape(known.shape).double() / 2**FRACTIONAL_BITS
+        if _plausible(value, bits).all():
+            return torch.from_numpy(value).reshape(known.shape).double() / 2**bits
     return None
 
 
@@ -123,7 +124,7 @@ def steal_conv_weights(view: dict, weight_shapes: set[torch.Size]) -> dict[torch
     stolen = {}
     for opened, mine in zip(opening["opened"], opening["mine"]):
         # opened - mine = W0 - b0, so W = (opened - mine) + W1 + b0
-        weights = _unmask(opened - mine + own[opened.shape], future)
+        weights = _unmask(opened - mine + own[opened.shape], future, WEIGHT_BITS)
         if weights is None:
             return None
         stolen[opened.shape] = weights
@@ -138,7 +139,7 @@ def steal_image(view: dict, image_shape: torch.Size) -> torch.Tensor | None:
     online = openings[len(openings) // 2 :]  # the offline pass ran the same steps on a placeholder
     x0 = [s for s in view["own_shares"] if s.shape == image_shape][-1]  # the real image, after the placeholder
     # mine = x0 - a0 (first half), so x = eps + a0 + a1 = eps + x0 - mine + a1
-    return _unmask(online[0]["opened"][0][0] + x0 - online[0]["mine"][0][0], future)
+    return _unmask(online[0]["opened"][0][0] + x0 - online[0]["mine"][0][0], future, IMAGE_BITS)
 
 
 def predicts_peer_stream(view: dict, attacker: int) -> bool:
@@ -189,14 +190,14 @@ def test_rank1_recovers_the_weights_only_from_an_mt19937_dealer_stream(
     stolen = steal_conv_weights(mersenne_views[1]["view"], set(truth))
     assert stolen is not None and set(stolen) == set(truth)  # control: the attack works
     for shape, weights in truth.items():
-        assert (stolen[shape] - weights.double()).abs().max() <= 2**-FRACTIONAL_BITS
+        assert (stolen[shape] - weights.double()).abs().max() <= 2**-WEIGHT_BITS
     assert steal_conv_weights(chacha_views[1]["view"], set(truth)) is None
 
 
 def test_rank0_recovers_the_image_only_from_an_mt19937_dealer_stream(images, chacha_views, mersenne_views):
     stolen = steal_image(mersenne_views[0]["view"], images.shape)
     assert stolen is not None  # control: the attack works
-    assert (stolen - images.double()).abs().max() <= 2**-FRACTIONAL_BITS
+    assert (stolen - images.double()).abs().max() <= 2**-IMAGE_BITS
     assert steal_image(chacha_views[0]["view"], images.shape) is None
 
 

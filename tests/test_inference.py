@@ -12,7 +12,7 @@ from torch import nn
 from medmpc.imaging.dataset import load_dataset
 from medmpc.imaging.transforms import Preprocessing
 from medmpc.models import build_model
-from medmpc.mpc.compile import UnsupportedLayer, compile_model, fold_batchnorm
+from medmpc.mpc.compile import Precision, UnsupportedLayer, compile_model, fold_batchnorm
 from medmpc.protocols.inference import random_model_and_input, randomise_batchnorm, run_inference
 from medmpc.training.checkpoint import Checkpoint
 
@@ -115,15 +115,15 @@ def test_encrypted_resnet18_on_gpu_matches_plaintext():
 def test_proven_bounds_hold_at_the_corners_of_the_input_range(trained_checkpoint):
     # every pixel black or white: the inputs that drive a first layer hardest
     from medmpc.mpc import bounds
-    from medmpc.mpc.compile import prepare
+    from medmpc.mpc.compile import prepare, round_parameters
 
     ckpt = Checkpoint.load(trained_checkpoint)
     low, high = ckpt.preprocessing.valid_range()
-    gm = prepare(ckpt.build())
-    bound = bounds.activation_bounds(gm, (low, high), fractional_bits=16)
-    with torch.no_grad():  # the weights as fixed point holds them, which the bounds are for
-        for p in gm.parameters():
-            p.copy_(torch.trunc(p * 2**16) / 2**16)
+    precision = Precision()
+    gm = round_parameters(prepare(ckpt.build()), precision)  # as fixed point holds them
+    bound = bounds.activation_bounds(
+        gm, (low, high), fractional_bits=precision.activations, weight_bits=precision.weights
+    )
     corners = torch.where(torch.rand(64, 1, 32, 32, generator=torch.Generator().manual_seed(0)) < 0.5, low, high)
     outside: dict[str, float] = {}
 
@@ -147,10 +147,10 @@ def test_proven_bounds_hold_at_the_corners_of_the_input_range(trained_checkpoint
 
 def test_a_bound_after_a_relu_counts_the_positive_or_the_negative_weights():
     """Inputs in [-1, 1] through a ReLU are in [0, 1]: ``2 a - 3 b + 0.5`` is then in [-2.5, 2.5]
-    (and a last place for the truncation), where a bound on ``|W x|`` by ``sum |W| max |x|`` gives 5.5."""
+    (and two last places for the truncation), where a bound on ``|W x|`` by ``sum |W| max |x|`` gives 5.5."""
     from medmpc.mpc import bounds
 
-    ulp = 2.0**-16
+    ulp = 2.0**-15  # two last places
     layer = nn.Linear(2, 1)
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([[2.0, -3.0]]))
@@ -183,6 +183,28 @@ def test_bounds_hold_for_the_weights_as_fixed_point_encodes_them():
     assert fixed_point > 1.0 and float(out.lo) <= fixed_point <= float(out.hi)
     real = float(1e5 * second.weight.double().sum())
     assert real < 0.1  # the real weights' value, far below: a bound around it would not hold
+
+
+def test_parameters_round_to_the_nearest_fixed_point_value_of_their_precision():
+    """CrypTen's encoder truncates toward zero: 0.99 of a weight's last place would become 0, the
+    same way for every weight. Weights keep 16 bits, biases the activations' 10."""
+    precision = Precision(weights=16, activations=10)
+    layer = nn.Linear(2, 1)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[0.99 * 2**-16, -1.01 * 2**-16]]))
+        layer.bias.fill_(0.51 * 2**-10)
+    params = compile_model(nn.Sequential(layer), precision=precision).parameters
+    assert params["0.weight"].tolist() == [[2**-16, -(2**-16)]]
+    assert params["0.bias"].tolist() == [2**-10]
+    assert torch.trunc(layer.weight * 2**16).tolist() == [[0.0, -1.0]]  # control: what truncation keeps
+
+
+@pytest.mark.parametrize(
+    ("weights", "activations"), [(16, 17), (16, 0), (24, 17)], ids=["finer-activations", "no-bits", "past-2^40"]
+)
+def test_a_fixed_point_without_headroom_is_refused(weights, activations):
+    with pytest.raises(ValueError, match="fixed point needs"):
+        Precision(weights=weights, activations=activations)
 
 
 def test_layers_whose_padding_the_program_would_change_are_refused():

@@ -25,6 +25,7 @@ from uniformity import as_unit, looks_uniform
 from medmpc.imaging.dataset import load_dataset
 from medmpc.imaging.images import DataError, read_image
 from medmpc.mpc import pki, sharing
+from medmpc.mpc.compile import Precision
 from medmpc.serving.client import PredictionClient, ServiceError
 from medmpc.serving.engine import LEADER, BatchEngine
 from medmpc.serving.launch import PARTIES, LocalService
@@ -36,6 +37,7 @@ TOKEN = "test-token-" + uuid.uuid4().hex
 OTHER = "other-token-" + uuid.uuid4().hex  # a second and a third client
 THIRD = "third-token-" + uuid.uuid4().hex
 SIZE = 64
+FRACTIONAL_BITS = Precision().activations  # what the served model card says, as a client reads it
 QUEUE, QUOTA = 12, 6  # requests waiting at a party: in all, and from one client
 
 
@@ -224,7 +226,7 @@ def test_clients_without_a_valid_token_get_401_and_touch_nothing(service):
 
 def _shared_bodies(x: torch.Tensor, request_id: str) -> list[dict]:
     """What PredictionClient sends each party, under a request id of the caller's choosing."""
-    shares = sharing.split(sharing.encode(x, 16), 2)
+    shares = sharing.split(sharing.encode(x, FRACTIONAL_BITS), 2)
     return [_body(list(x.shape), request_id, sharing.share_of(shares, i).view(x.shape)) for i in range(2)]
 
 
@@ -234,7 +236,7 @@ def _post(service: LocalService, party: int, token: str, body: dict) -> httpx.Re
 
 def _reconstruct(answers: list[httpx.Response]) -> torch.Tensor:
     parts = [decode_tensor(a.json()["logits_share"], a.json()["shape"], "int64", what="logits") for a in answers]
-    return sharing.decode(sharing.reconstruct(parts), 16)
+    return sharing.decode(sharing.reconstruct(parts), FRACTIONAL_BITS)
 
 
 def test_two_clients_using_one_request_id_each_get_their_own_prediction(service, checkpoint, val_images):
@@ -370,14 +372,15 @@ def test_what_each_party_receives_does_not_depend_on_the_image(service, val_imag
         assert looks_uniform(a) and looks_uniform(b)
         assert stats.ks_2samp(as_unit(a), as_unit(b)).pvalue > 1e-4
     # the control: the encoded images themselves (what would travel without sharing) fail the test
-    encoded = sharing.encode(images, 16)
+    encoded = sharing.encode(images, FRACTIONAL_BITS)
     assert not looks_uniform(encoded[0]) and stats.ks_2samp(as_unit(encoded[0]), as_unit(encoded[1])).pvalue < 1e-6
 
 
 def test_logs_never_hold_shares(service, val_images):
     with PredictionClient(service.urls, TOKEN) as client:
         x = client.preprocess(val_images[:1])
-        encoded = sharing.encode(x, 16)
+        assert client.card().fractional_bits == FRACTIONAL_BITS
+        encoded = sharing.encode(x, FRACTIONAL_BITS)
         client.logits(x)
     fragments = {base64.b64encode(encoded.numpy().tobytes()[i : i + 48]).decode() for i in (0, 4096, 16384)}
     for party in ("model-owner", "compute", "dealer"):

@@ -45,8 +45,8 @@ def _record_view(view: dict[str, list[Any]]) -> None:
         view["gathered"].append({"mine": tensor.clone(), "parts": [p.clone() for p in parts]})
         return parts
 
-    def recording_encrypt(tensor: torch.Tensor, *, src: int = 0) -> Any:
-        shared = encrypt(tensor, src=src)
+    def recording_encrypt(tensor: torch.Tensor, *, src: int = 0, precision: int | None = None) -> Any:
+        shared = encrypt(tensor, src=src, precision=precision)
         view["own_shares"].append(shared._tensor.share.clone())
         return shared
 
