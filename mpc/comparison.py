@@ -27,6 +27,7 @@ arithmetic with CrypTen's B2A and multiplies ``x`` as in CrypTen's ReLU.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,8 +88,10 @@ def _one_round(crypten: Any, x: Any) -> bool:
     return _settings.nonlinear == FSS and two_parties and dealer and not x._tensor.share.is_cuda
 
 
-def _fixed(x: Any, value: float) -> int:
-    return int(round(value * x.encoder.scale))
+def _inside(x: Any, low: float, high: float) -> tuple[int, int]:
+    """``[low, high]`` in ``x``'s fixed point, rounded inward: the clamped values stay inside the
+    range the proven bounds (mpc.bounds) start from."""
+    return math.ceil(low * x.encoder.scale), math.floor(high * x.encoder.scale)
 
 
 def _gate(crypten: Any, x: Any, kind: str, bits: int, *params: int) -> Any:
@@ -152,7 +155,7 @@ def clamp(x: Any, low: float, high: float) -> Any:
         raise ValueError(f"clamp needs low <= 0 <= high, got [{low}, {high}]")
     crypten = crypten_compat.patched()
     if _one_round(crypten, x):
-        return _gate(crypten, x, "clamp", clamp_gate.BITS, _fixed(x, low), _fixed(x, high))
+        return _gate(crypten, x, "clamp", clamp_gate.BITS, *_inside(x, low, high))
     parts = relu(crypten.stack([x, -x]))
     p, n = parts[0], parts[1]
     excess = relu(crypten.stack([p - high, n + low]))

@@ -45,6 +45,11 @@ applies them all. Code that uses CrypTen afterwards gets the patched module from
   list is used up, and the next such request pops from the empty list (IndexError): fine for
   one inference per process, fatal for a service that prepares batch after batch.
   :func:`install` makes an empty entry a miss, served by the dealer as without a cache.
+* CrypTen's sign test (``MPCTensor._ltz``, behind its ReLU, max-pooling and comparisons) turns the
+  sign bit back into an arithmetic share at the configured default precision (16 bits), then
+  calls it scale 1: for a tensor of 10 fractional bits the bit came back as 64, and ReLU as
+  ``-63 x`` for negative ``x`` (on CUDA and with three or more parties, which use it).
+  :func:`install` converts the bit at the tensor's own precision.
 * CrypTen's Beaver protocol computes three products per party
   (``eps*b + a*delta + eps*delta``, the last added by party 0 only, yet computed by
   all). By bilinearity ``eps*(b + delta) + a*delta`` is the same with two: a third
@@ -102,6 +107,7 @@ def install() -> Any:
         _install_stream_randomness(crypten)
         _install_gate_keys(crypten)
         _install_cache_misses(crypten)
+        _install_scale_one_sign(crypten)
         _install_tls_communicator()
         _patched = crypten
     return _patched
@@ -279,6 +285,22 @@ def _install_cache_misses(crypten: Any) -> None:
         return cached
 
     TupleProvider.__getattribute__ = lookup
+
+
+def _install_scale_one_sign(crypten: Any) -> None:
+    from crypten.mpc import MPCTensor
+    from crypten.mpc.ptype import ptype as Ptype
+
+    def _ltz(self: Any) -> Any:
+        """1 for elements < 0, 0 otherwise, at scale 1 whatever the tensor's precision."""
+        result = self._to_ptype(Ptype.binary)
+        result.share >>= torch.iinfo(torch.long).bits - 1
+        # the binary share keeps this tensor's encoder: at its precision B2A multiplies by 1
+        result = result._to_ptype(Ptype.arithmetic, precision=self.encoder._precision_bits, bits=1)
+        result.encoder._scale = 1
+        return result
+
+    MPCTensor._ltz = _ltz
 
 
 def _install_two_product_beaver(crypten: Any) -> None:

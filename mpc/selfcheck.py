@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from medmpc.mpc import comparison, crypten_compat
-from medmpc.mpc.compile import max_pool2d
+from medmpc.mpc.compile import Precision, max_pool2d
 
 
 def private_input(rank: int, size: int, seed: int) -> torch.Tensor:
@@ -30,6 +30,12 @@ def arithmetic(*, rank: int, world_size: int, size: int = 16, seed: int = 0) -> 
         total = total + s
     x, y = shared[0], shared[1]
     image = _as_image(x - y)
+    # at encrypted inference's activation precision: CrypTen's own sign test (three or more
+    # parties, CUDA) once returned its bit scaled by 2^(16 - bits) there
+    bits = Precision().activations
+    fine = [
+        crypten_compat.encrypt(mine if src == rank else torch.zeros(size), src=src, precision=bits) for src in (0, 1)
+    ]
     return {
         "input": mine,
         "sum": total.get_plain_text(),
@@ -45,11 +51,15 @@ def arithmetic(*, rank: int, world_size: int, size: int = 16, seed: int = 0) -> 
             for bits in EDGE_BITS
         },
         "clamp": _revealed(comparison.clamp(_shared(CLAMP_VALUES), *CLAMP_RANGE)),
+        "relu_inference_precision": comparison.relu(fine[0] - fine[1]).get_plain_text(),
+        "maxpool_inference_precision": max_pool2d(_as_image(fine[0] - fine[1]), *POOLS[0]).get_plain_text().flatten(),
         # one step past a 40-bit ring's edge, and 1.2e7: signs a 40-bit ring gets wrong (a control)
         "relu_beyond_40": _revealed(comparison.relu(_shared(BEYOND_40), bits=40)),
     }
 
 
+# ReLU and max-pooling at encrypted inference's activation precision (mpc.compile.Precision)
+AT_INFERENCE_PRECISION = ("relu_inference_precision", "maxpool_inference_precision")
 # comparison rings: below CrypTen's encoding, the smallest the bounds of a small CNN give, the full ring
 EDGE_BITS = (12, 21, 40, 64)
 CLAMP_RANGE = (-2.0, 3.0)
@@ -125,6 +135,8 @@ def expected(world_size: int, size: int = 16, seed: int = 0) -> dict[str, torch.
     inputs = [private_input(r, size, seed) for r in range(world_size)]
     x, y = inputs[0], inputs[1]
     image = _as_image(x - y)
+    step = 2.0 ** -Precision().activations
+    fine = torch.trunc(x / step) * step - torch.trunc(y / step) * step  # as CrypTen encodes them
     pools = torch.cat([torch.nn.functional.max_pool2d(image, k, s, p).flatten() for k, s, p in POOLS])
     return {
         "sum": functools.reduce(operator.add, inputs),
@@ -135,6 +147,8 @@ def expected(world_size: int, size: int = 16, seed: int = 0) -> dict[str, torch.
         "conv": torch.nn.functional.conv2d(image, _kernel(x), padding=1),
         **{f"relu_edges_{bits}": edge_values(bits).clamp(min=0) for bits in EDGE_BITS},
         "clamp": _clamped(world_size),
+        "relu_inference_precision": torch.relu(fine),
+        "maxpool_inference_precision": torch.nn.functional.max_pool2d(_as_image(fine), *POOLS[0]).flatten(),
     }
 
 
