@@ -32,10 +32,11 @@ def arithmetic(*, rank: int, world_size: int, size: int = 16, seed: int = 0) -> 
     image = _as_image(x - y)
     # at encrypted inference's activation precision: CrypTen's own sign test (three or more
     # parties, CUDA) once returned its bit scaled by 2^(16 - bits) there
-    bits = Precision().activations
     fine = [
-        crypten_compat.encrypt(mine if src == rank else torch.zeros(size), src=src, precision=bits) for src in (0, 1)
+        crypten_compat.encrypt(mine if src == rank else torch.zeros(size), src=src, precision=Precision().activations)
+        for src in (0, 1)
     ]
+    fine_difference = fine[0] - fine[1]
     return {
         "input": mine,
         "sum": total.get_plain_text(),
@@ -51,8 +52,8 @@ def arithmetic(*, rank: int, world_size: int, size: int = 16, seed: int = 0) -> 
             for bits in EDGE_BITS
         },
         "clamp": _revealed(comparison.clamp(_shared(CLAMP_VALUES), *CLAMP_RANGE)),
-        "relu_inference_precision": comparison.relu(fine[0] - fine[1]).get_plain_text(),
-        "maxpool_inference_precision": max_pool2d(_as_image(fine[0] - fine[1]), *POOLS[0]).get_plain_text().flatten(),
+        "relu_inference_precision": comparison.relu(fine_difference).get_plain_text(),
+        "maxpool_inference_precision": max_pool2d(_as_image(fine_difference), *POOLS[0]).get_plain_text().flatten(),
         # one step past a 40-bit ring's edge, and 1.2e7: signs a 40-bit ring gets wrong (a control)
         "relu_beyond_40": _revealed(comparison.relu(_shared(BEYOND_40), bits=40)),
     }
