@@ -99,11 +99,12 @@ def masked_share(key: GateKey, share: np.ndarray) -> np.ndarray:
     return opening.mask_once(key, share, BITS, "clamp")
 
 
-def evaluate(key: GateKey, opened: np.ndarray) -> np.ndarray:
-    """This party's Z/2^64 share of ``clamp(x)`` from the opened ``x + r``."""
+def evaluate(key: GateKey, opened: np.ndarray, *, start: int = 0) -> np.ndarray:
+    """This party's Z/2^64 share of ``clamp(x)`` from the opened ``x + r``, for the key's values
+    ``start`` to ``start + len(opened)`` (in consecutive parts, as for mpc.dcf)."""
     shifted = opened + _HALF
-    c1, c2, c3 = (dcf.evaluate(k, shifted) for k in key.comparisons)
-    wrap, r_wrap, w_lo, w_hi = key.constants.T
+    c1, c2, c3 = (dcf.evaluate(k, shifted, start=start) for k in key.comparisons)
+    wrap, r_wrap, w_lo, w_hi = key.constants[start : start + opened.size].T
     one = np.uint64(1 if key.party == 0 else 0)  # the public 1, added once
     inside = c3[:, 0] - c2[:, 0] + wrap
     below = c2[:, 0] - c1[:, 0] + w_lo

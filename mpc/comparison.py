@@ -94,9 +94,13 @@ def _inside(x: Any, low: float, high: float) -> tuple[int, int]:
     return math.ceil(low * x.encoder.scale), math.floor(high * x.encoder.scale)
 
 
+# values a gate opens and evaluates at a time: each part is evaluated while the next ones travel
+_PART = 1 << 15
+
+
 def _gate(crypten: Any, x: Any, kind: str, bits: int, *params: int) -> Any:
     """A one-round gate of the dealer's (crypten_compat.GATES): one opening of ``x + r mod 2^bits``
-    (``bits`` bits a value on the wire), then local evaluation."""
+    (``bits`` bits a value on the wire), then local evaluation, part by part as the opening arrives."""
     gate = crypten_compat.GATES[kind]
     share = x._tensor.share
     flat = share.reshape(-1).contiguous().numpy().view(np.uint64)
@@ -107,8 +111,14 @@ def _gate(crypten: Any, x: Any, kind: str, bits: int, *params: int) -> Any:
     key = provider.gate_keys(kind, flat.size, *params)
     _settings.key_bytes += key.nbytes
     mine = torch.from_numpy(opening.pack(gate.masked_share(key, flat), bits))
-    parts = crypten.communicator.get().all_gather(mine)
-    out = gate.evaluate(key, opening.combine([p.numpy() for p in parts], bits, flat.size))
+    starts = list(range(0, flat.size, _PART))
+    bounds = [start * bits // 64 for start in starts] + [mine.numel()]  # whole words: _PART is a multiple of 64
+    out = np.empty(flat.size, np.uint64)
+    arriving = crypten.communicator.get().all_gather_parts(mine, bounds)
+    for start, parts in zip(starts, arriving, strict=True):
+        size = min(_PART, flat.size - start)
+        opened = opening.combine([p.numpy() for p in parts], bits, size)
+        out[start : start + size] = gate.evaluate(key, opened, start=start)
     result = torch.from_numpy(out.view(np.int64)).reshape(share.shape)
     return crypten.mpc.MPCTensor.from_shares(result, precision=x.encoder._precision_bits)
 

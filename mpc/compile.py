@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -362,21 +363,50 @@ class Conv:
         mask = self.masks.pop(0)
         self.prepared_runs += 1
         if mask.offset is None:
-            # the owner's rank positionally: CrypTen's byte count reads it there
-            self.eps = comm.reduce(x._tensor.share - mask.a, self.owner)
+            product = self._open_and_convolve(comm, x._tensor.share - mask.a, mask.aw)
         elif self.earlier is None or not self.earlier.opened:
             raise RuntimeError(f"conv {self.key!r} shares its input, but the convolution before it opened none")
-        elif self.earlier.eps is not None:
-            self.eps = self.earlier.eps - mask.offset  # x - a = (x - a_earlier) - (a - a_earlier)
-        self.opened = True
-        if comm.get_rank() != self.owner:
+        elif comm.get_rank() != self.owner:
             product = mask.aw
-        elif self.plain_weight is None or self.eps is None:
-            raise RuntimeError(f"conv {self.key!r}: the model owner has no plaintext weight or no eps")
+        elif self.earlier.eps is None:
+            raise RuntimeError(f"conv {self.key!r}: the model owner has no eps from the convolution before it")
         else:
-            product = torch.conv2d(self.eps, self.plain_weight, **self.kwargs) + mask.aw
+            self.eps = self.earlier.eps - mask.offset  # x - a = (x - a_earlier) - (a - a_earlier)
+            product = torch.conv2d(self.eps, self._owner_weight(), **self.kwargs) + mask.aw
+        self.opened = True
         out = crypten.mpc.MPCTensor.from_shares(product, precision=x.encoder._precision_bits)
         return out.div(weight_scale)  # CrypTen's truncation, as after its own products
+
+    def _owner_weight(self) -> torch.Tensor:
+        if self.plain_weight is None:
+            raise RuntimeError(f"conv {self.key!r}: the model owner has no plaintext weight")
+        return self.plain_weight
+
+    def _open_and_convolve(self, comm: Any, masked: torch.Tensor, aw: torch.Tensor) -> torch.Tensor:
+        """Send ``x - a`` to the model owner in parts of a few input channels; the owner adds up
+        ``eps * W`` part by part as they arrive, so that its convolution runs while the rest is on
+        the wire. Returns this party's share of ``x * W`` (the owner keeps ``eps`` for a later
+        convolution on the same input)."""
+        channels = masked.shape[1]
+        count = min(_CONV_PARTS, channels) if self.kwargs["groups"] == 1 else 1  # a group's channels stay together
+        bounds = [channels * k // count for k in range(count + 1)]
+        parts = [masked[:, lo:hi].contiguous() for lo, hi in itertools.pairwise(bounds)]
+        if comm.get_rank() != self.owner:
+            comm.reduce_parts(parts, self.owner, arrived=None)
+            return aw
+        weight, product, eps = self._owner_weight(), aw.clone(), []
+
+        def arrived(k: int, part: torch.Tensor) -> None:
+            eps.append(part)
+            product.add_(torch.conv2d(part, weight[:, bounds[k] : bounds[k + 1]], **self.kwargs))
+
+        comm.reduce_parts(parts, self.owner, arrived=arrived)
+        self.eps = torch.cat(eps, dim=1)
+        return product
+
+
+# input-channel parts a prepared convolution's opening travels in
+_CONV_PARTS = 8
 
 
 def _rescaled(product: Any, x: Any, weight: Any) -> Any:

@@ -47,8 +47,9 @@ class Key:
 
     ``seeds`` (N, 2), ``seed_cw`` (n, N, 2), ``bit_cw`` (n, N, 2) of 0/1 (left, right), ``value_cw``
     (n, N, m), ``last_cw`` (N, m): all uint64 but ``bit_cw`` (uint8). Used once: :func:`evaluate`
-    refuses a key it has evaluated before, since two evaluations of one key reveal the difference
-    of two comparisons with one secret threshold."""
+    takes its elements in order, in one call or in consecutive parts, and refuses an element it
+    has evaluated before, since two evaluations of one key reveal the difference of two
+    comparisons with one secret threshold."""
 
     party: int
     seeds: np.ndarray
@@ -56,7 +57,7 @@ class Key:
     bit_cw: np.ndarray
     value_cw: np.ndarray
     last_cw: np.ndarray
-    used: bool = False
+    evaluated: int = 0  # elements evaluated so far: the next part starts here
 
     @property
     def bits(self) -> int:
@@ -251,21 +252,31 @@ def _deal_step(
             control[p, i] = bit
 
 
-def evaluate(key: Key, x: np.ndarray) -> np.ndarray:
-    """This party's share (N, m) uint64 of ``beta * [x < alpha]`` at the public inputs ``x`` (N,)."""
-    if key.used:
-        raise ValueError(f"DCF key of party {key.party} evaluated twice: a key is used for one input only")
+def evaluate(key: Key, x: np.ndarray, *, start: int = 0) -> np.ndarray:
+    """This party's share (len(x), m) uint64 of ``beta * [x < alpha]`` at the public inputs ``x``,
+    for the key's elements ``start`` to ``start + len(x)``: all of them at once, or consecutive
+    parts as their inputs arrive (each part starts where the one before ended)."""
     x = _check_inputs(x, key.bits, "x")
-    if x.size != key.size:
-        raise ValueError(f"DCF key holds {key.size} comparisons, got {x.size} inputs")
-    key.used = True
-    total = np.empty((key.size, key.outputs), np.uint64)
+    if start < key.evaluated:
+        raise ValueError(
+            f"DCF key of party {key.party} evaluated twice (from element {start}, already to {key.evaluated}): "
+            "a key is used for one input only"
+        )
+    if start != key.evaluated or start + x.size > key.size:
+        raise ValueError(
+            f"DCF key of party {key.party} holds {key.size} comparisons, evaluated to {key.evaluated}; "
+            f"got inputs for elements {start} to {start + x.size}"
+        )
+    key.evaluated += x.size
+    total = np.empty((x.size, key.outputs), np.uint64)
     if aesni.AVAILABLE and key.outputs <= _FUSED_OUTPUTS:
-        _walk_fused(key.seeds, x, key.party, key.seed_cw, key.bit_cw, key.value_cw, key.last_cw, _ROUND_KEYS, total)
+        _walk_fused(
+            key.seeds, x, start, key.party, key.seed_cw, key.bit_cw, key.value_cw, key.last_cw, _ROUND_KEYS, total
+        )
     else:
-        for lo in range(0, key.size, _CHUNK):
-            part = slice(lo, lo + _CHUNK)
-            total[part] = _walk(key, x[part], part)
+        for lo in range(0, x.size, _CHUNK):
+            part = x[lo : lo + _CHUNK]
+            total[lo : lo + part.size] = _walk(key, part, slice(start + lo, start + lo + part.size))
     return np.uint64(0) - total if key.party else total
 
 
@@ -273,6 +284,7 @@ def evaluate(key: Key, x: np.ndarray) -> np.ndarray:
 def _walk_fused(
     roots: np.ndarray,
     x: np.ndarray,
+    start: int,
     party: int,
     seed_cw: np.ndarray,
     bit_cw: np.ndarray,
@@ -281,7 +293,8 @@ def _walk_fused(
     round_keys: np.ndarray,
     total: np.ndarray,
 ) -> None:
-    """:func:`_walk` for every element, with the PRG in the loop (mpc.aesni): one call of
+    """:func:`_walk` for the elements ``start + k`` of the key at the inputs ``x[k]`` (their sums in
+    ``total[k]``), with the PRG in the loop (mpc.aesni): one call of
     ``mmo4`` makes a level's seed block and (up to three) value blocks. Elements go
     :data:`_FUSED_CHUNK` at a time, level by level, so that one element's AES runs while the
     next one's waits; the corrections are applied by masks, not branches, as the control
@@ -289,29 +302,32 @@ def _walk_fused(
     m = total.shape[1]
     vb = np.uint64((m + 1) // 2)
     one = np.uint64(1)
+    offset = np.uint64(start)
     seeds = np.empty((_FUSED_CHUNK, 2), np.uint64)
     t = np.empty(_FUSED_CHUNK, np.uint64)
     for lo in range(0, x.shape[0], _FUSED_CHUNK):
         hi = min(lo + _FUSED_CHUNK, x.shape[0])
         for k in range(lo, hi):
-            seeds[k - lo, 0], seeds[k - lo, 1], t[k - lo] = roots[k, 0], roots[k, 1], party
+            seeds[k - lo, 0], seeds[k - lo, 1], t[k - lo] = roots[start + k, 0], roots[start + k, 1], party
             total[k, :] = 0
         for signed_level in range(seed_cw.shape[0]):
             level, shift = np.uint64(signed_level), np.uint64(seed_cw.shape[0] - 1 - signed_level)
             for signed in range(lo, hi):
-                i, r = np.uint64(signed), np.uint64(signed - lo)  # unsigned: no checks for negative indices
-                side = (x[i] >> shift) & one
+                # unsigned: no checks for negative indices; j into the inputs, i into the key
+                j, r = np.uint64(signed), np.uint64(signed - lo)
+                i = j + offset
+                side = (x[j] >> shift) & one
                 s0, s1, ti = seeds[r, 0], seeds[r, 1], t[r]
                 q = np.uint64(2) + side * vb  # the child's first value block
                 words = aesni.mmo4(
                     s0 ^ side, s1, s0 ^ q, s1, s0 ^ (q + one), s1, s0 ^ (q + np.uint64(2)), s1, round_keys
                 )
                 correct = np.uint64(0) - ti  # all ones where the control bit is set
-                total[i, 0] += words[2] + (value_cw[level, i, 0] & correct)  # unrolled: a loop would
+                total[j, 0] += words[2] + (value_cw[level, i, 0] & correct)  # unrolled: a loop would
                 if m > 1:  # index the words by a variable, which spills them to memory
-                    total[i, 1] += words[3] + (value_cw[level, i, 1] & correct)
+                    total[j, 1] += words[3] + (value_cw[level, i, 1] & correct)
                 if m > 2:
-                    total[i, 2] += words[4] + (value_cw[level, i, 2] & correct)
+                    total[j, 2] += words[4] + (value_cw[level, i, 2] & correct)
                 bit = words[0] & one
                 seeds[r, 0] = (words[0] ^ bit) ^ (seed_cw[level, i, 0] & correct)
                 seeds[r, 1] = words[1] ^ (seed_cw[level, i, 1] & correct)
@@ -321,11 +337,11 @@ def _walk_fused(
             s0, s1 = seeds[k - lo, 0], seeds[k - lo, 1]
             words = aesni.mmo4(s0 ^ leaf, s1, s0 ^ (leaf + one), s1, s0 ^ (leaf + np.uint64(2)), s1, s0, s1, round_keys)
             correct = np.uint64(0) - t[k - lo]
-            total[k, 0] += words[0] + (last_cw[k, 0] & correct)
+            total[k, 0] += words[0] + (last_cw[start + k, 0] & correct)
             if m > 1:
-                total[k, 1] += words[1] + (last_cw[k, 1] & correct)
+                total[k, 1] += words[1] + (last_cw[start + k, 1] & correct)
             if m > 2:
-                total[k, 2] += words[2] + (last_cw[k, 2] & correct)
+                total[k, 2] += words[2] + (last_cw[start + k, 2] & correct)
 
 
 def _walk(key: Key, x: np.ndarray, part: slice) -> np.ndarray:

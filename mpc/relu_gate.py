@@ -86,13 +86,14 @@ def masked_share(key: GateKey, share: np.ndarray) -> np.ndarray:
     return opening.mask_once(key, share, key.bits, "ReLU")
 
 
-def evaluate(key: GateKey, opened: np.ndarray) -> np.ndarray:
-    """This party's Z/2^64 share of ``ReLU(x)`` from the opened ``x + r mod 2^bits``."""
+def evaluate(key: GateKey, opened: np.ndarray, *, start: int = 0) -> np.ndarray:
+    """This party's Z/2^64 share of ``ReLU(x)`` from the opened ``x + r mod 2^bits``, for the
+    key's values ``start`` to ``start + len(opened)`` (in consecutive parts, as for mpc.dcf)."""
     bits = key.bits
     top = (opened >> np.uint64(bits - 1)).astype(bool)
     low = opened & opening.low_bits(bits - 1)
-    u = dcf.evaluate(key.comparison, low)
-    q_top, q_product, q_low = key.constants.T
+    u = dcf.evaluate(key.comparison, low, start=start)
+    q_top, q_product, q_low = key.constants[start : start + opened.size].T
     own = low if key.party == 0 else np.zeros_like(low)  # public terms, added once
     below = own - q_top * low - q_low + q_product + u[:, 0] * low + u[:, 1]
     above = q_top * low - q_product - u[:, 0] * low - u[:, 1] + u[:, 2]

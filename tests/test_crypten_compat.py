@@ -1,5 +1,7 @@
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -7,6 +9,8 @@ import torch
 
 from medmpc.mpc import crypten_compat, selfcheck
 from medmpc.mpc.launch import PartyError, run_crypten_job
+
+HOOKS = Path(__file__).parent / "party_hooks"
 
 
 def test_crypten_imports_with_patches():
@@ -63,6 +67,30 @@ def test_two_party_processes_match_plaintext():
         assert not torch.equal(got["relu_beyond_40"], selfcheck.BEYOND_40)  # control: past the edge, signs break
     assert (want["relu"] == 0).any() and (want["relu"] > 0).any()  # ReLU was really exercised
     assert want["relu"].max() * selfcheck.WIDE > 2**20  # and relu_wide the comparison ring's high bits
+
+
+@pytest.mark.slow
+def test_collectives_in_parts_deliver_and_count_as_their_whole_counterparts(monkeypatch):
+    """The gates' opening and the convolutions' reduce travel in parts, each used as it arrives:
+    the same values as the whole collective, in order, counted as one round of the same bytes."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HOOKS), os.environ.get("PYTHONPATH", "")]))
+    parties = run_crypten_job("parts:parts_against_whole", world_size=2, timeout_s=60)
+    bounds = [0, 1, 400, 999, 1000]
+    for rank, got in enumerate(parties):
+        whole, rounds, nbytes = got["all_gather"]
+        parts, parts_rounds, parts_bytes = got["all_gather_parts"]
+        assert len(parts) == len(bounds) - 1 and (parts_rounds, parts_bytes) == (rounds, nbytes) == (1, 2 * 8000)
+        for p in range(2):
+            assert torch.equal(torch.cat([part[p] for part in parts]), whole[p])
+        total, rounds, nbytes = got["reduce"]
+        arrived, parts_rounds, parts_bytes = got["reduce_parts"]
+        assert (parts_rounds, parts_bytes) == (rounds, nbytes) == (1, 8000)
+        if rank == 0:  # the destination: every part's sum, in order
+            assert [k for k, _ in arrived] == list(range(len(bounds) - 1))
+            assert torch.equal(torch.cat([t.reshape(-1) for _, t in arrived]), total)
+            assert torch.equal(total, torch.arange(1000) * 3)
+        else:
+            assert arrived == [] and total is None  # it sent its parts and received nothing
 
 
 @pytest.mark.slow

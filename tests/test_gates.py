@@ -30,7 +30,8 @@ WALKS = ["openssl"] + (["aes-ni"] if aesni.AVAILABLE else [])  # where the CPU h
 @pytest.mark.parametrize("outputs", [1, 2, 3, 5])
 def test_dcf_shares_beta_below_alpha_at_every_edge(bits, outputs, walk, monkeypatch):
     """Both ways to walk a key (the AES in the compiled loop, or OpenSSL's AES level by level; more
-    than three outputs always walk with OpenSSL) give the same shares."""
+    than three outputs always walk with OpenSSL) give the same shares, whether a key is evaluated
+    at once or in two parts."""
     if walk == "openssl":
         monkeypatch.setattr(aesni, "AVAILABLE", False)
     top = np.uint64((1 << bits) - 1)
@@ -40,7 +41,9 @@ def test_dcf_shares_beta_below_alpha_at_every_edge(bits, outputs, walk, monkeypa
     x = np.concatenate([alpha - np.uint64(1), alpha, alpha + np.uint64(1)]) & top
     x[:4] = [0, 0, top, 0]
     k0, k1 = dcf.generate(np.tile(alpha, 3), np.tile(beta, (3, 1)), bits)
-    got = dcf.evaluate(k0, x) + dcf.evaluate(k1, x)
+    cut = 517  # not a multiple of any chunk
+    second = np.concatenate([dcf.evaluate(k1, x[:cut]), dcf.evaluate(k1, x[cut:], start=cut)])
+    got = dcf.evaluate(k0, x) + second
     want = np.tile(beta, (3, 1)) * (x < np.tile(alpha, 3))[:, None].astype(np.uint64)
     assert np.array_equal(got, want)
     assert (x < np.tile(alpha, 3)).any() and (x >= np.tile(alpha, 3)).any()
@@ -89,6 +92,43 @@ def test_a_key_is_evaluated_once():
         relu_gate.evaluate(g0, _below(8, 5))
 
 
+def test_a_key_evaluates_in_consecutive_parts_each_once():
+    """Parts as their inputs arrive: the same shares as one evaluation, for both gates; a part that
+    goes back over evaluated elements is refused (a second input to them), as is one that skips."""
+    x = RNG.integers(-(2**19), 2**19, 200, dtype=np.int64)
+    whole = _relu_in_process(x, 21)
+    bounds = (0, 64, 65, 200)
+    keys = relu_gate.deal(x.size, 21)
+    opened = opening.combine(
+        [opening.pack(relu_gate.masked_share(k, s), 21) for k, s in zip(keys, _shares(x))], 21, x.size
+    )
+    parts = [sum(relu_gate.evaluate(k, opened[lo:hi], start=lo) for k in keys) for lo, hi in zip(bounds, bounds[1:])]
+    assert np.array_equal(np.concatenate(parts).view(np.int64), np.maximum(x, 0))
+    assert np.array_equal(whole, np.maximum(x, 0))
+    clamp_keys = clamp_gate.deal(x.size, -7, 9)
+    c_opened = opening.combine(
+        [opening.pack(clamp_gate.masked_share(k, s), 64) for k, s in zip(clamp_keys, _shares(x))], 64, x.size
+    )
+    c_parts = [
+        sum(clamp_gate.evaluate(k, c_opened[lo:hi], start=lo) for k in clamp_keys) for lo, hi in zip(bounds, bounds[1:])
+    ]
+    assert np.array_equal(np.concatenate(c_parts).view(np.int64), np.clip(x, -7, 9))
+    k0, _ = dcf.generate(_below(8, 10), RNG.integers(0, 9, (10, 1), dtype=np.uint64), 8)
+    dcf.evaluate(k0, _below(8, 4))
+    with pytest.raises(ValueError, match="evaluated twice"):
+        dcf.evaluate(k0, _below(8, 2), start=3)
+    with pytest.raises(ValueError, match="evaluated to 4; got inputs for elements 5 to 7"):
+        dcf.evaluate(k0, _below(8, 2), start=5)
+    dcf.evaluate(k0, _below(8, 6), start=4)
+    with pytest.raises(ValueError, match="evaluated twice"):
+        dcf.evaluate(k0, _below(8, 1), start=9)
+
+
+def _shares(x: np.ndarray) -> list[np.ndarray]:
+    first = RNG.integers(-(2**63), 2**63, x.size, dtype=np.int64).view(np.uint64)
+    return [first, x.view(np.uint64) - first]
+
+
 def test_a_gate_mask_hides_one_opening_only():
     """Opening two inputs under one mask would show their difference: the second is refused, for
     both gates; and an opening of more bits than its ring is refused before it is sent."""
@@ -118,7 +158,7 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="more than 4 bits"):
         dcf.generate(np.array([16], np.uint64), np.zeros((1, 1), np.uint64), 4)
     k0, _ = dcf.generate(np.array([3], np.uint64), np.zeros((1, 1), np.uint64), 4)
-    with pytest.raises(ValueError, match="holds 1 comparisons, got 2"):
+    with pytest.raises(ValueError, match="holds 1 comparisons, evaluated to 0; got inputs for elements 0 to 2"):
         dcf.evaluate(k0, np.array([1, 2], np.uint64))
     with pytest.raises(ValueError, match="2..64"):
         relu_gate.deal(3, 1)
@@ -129,8 +169,7 @@ def test_bad_inputs_are_named():
 
 def _relu_in_process(x: np.ndarray, bits: int) -> np.ndarray:
     """Both parties' evaluation of the gate on random shares of ``x`` (int64), through the wire format."""
-    first = RNG.integers(-(2**63), 2**63, x.size, dtype=np.int64).view(np.uint64)
-    shares = [first, x.view(np.uint64) - first]
+    shares = _shares(x)
     words = [relu_gate.to_words(k) for k in relu_gate.deal(x.size, bits)]
     keys = [relu_gate.from_words(w, b, x.size, bits) for b, w in enumerate(words)]
     parts = [opening.pack(relu_gate.masked_share(k, s), bits) for k, s in zip(keys, shares)]

@@ -2,8 +2,9 @@
 
 A party's view is what it may legitimately know: every value it helped open (its own
 contribution and the opened result, so the peer's message is their difference, or XOR;
-for a gathered opening, every party's contribution; for a one-round gate the opened
-masked input with its ring; for an opening to this party alone, a reduce, what it received)
+for a gathered opening, every party's contribution, part by part where it travels in parts;
+for a one-round gate the opened masked input with its ring; for an opening to this party
+alone, a reduce, what it received, part by part where it travels in parts)
 and its own share of every tensor shared with ``crypten_compat.encrypt``.
 """
 
@@ -21,6 +22,7 @@ def _record_view(view: dict[str, list[Any]]) -> None:
     crypten = crypten_compat.patched()
     comm = crypten.communicator.get()
     all_reduce, all_gather, reduce, encrypt = comm.all_reduce, comm.all_gather, comm.reduce, crypten_compat.encrypt
+    reduce_parts, all_gather_parts = comm.reduce_parts, comm.all_gather_parts
 
     def recording_all_reduce(tensors: Any, op: Any = torch.distributed.ReduceOp.SUM, batched: bool = False) -> Any:
         mine = [t.clone() for t in (tensors if batched else [tensors])]
@@ -39,6 +41,21 @@ def _record_view(view: dict[str, list[Any]]) -> None:
         if opened is not None:  # this party is dst
             view["reduced"].append({"mine": tensor.clone(), "opened": opened.clone()})
         return opened
+
+    def recording_reduce_parts(parts: Any, dst: int, arrived: Any) -> None:
+        if arrived is None:  # this party sends
+            return reduce_parts(parts, dst, arrived)
+
+        def recording_arrived(k: int, total: torch.Tensor) -> None:
+            view["reduced"].append({"mine": parts[k].clone(), "opened": total.clone()})
+            arrived(k, total)
+
+        return reduce_parts(parts, dst, recording_arrived)
+
+    def recording_all_gather_parts(tensor: Any, bounds: Any) -> Any:
+        for parts in all_gather_parts(tensor, bounds):
+            view["gathered"].append({"mine": parts[comm.get_rank()].clone(), "parts": [p.clone() for p in parts]})
+            yield parts
 
     def recording_all_gather(tensor: Any) -> Any:
         parts = all_gather(tensor)
@@ -60,6 +77,8 @@ def _record_view(view: dict[str, list[Any]]) -> None:
     comm.all_reduce = recording_all_reduce
     comm.all_gather = recording_all_gather
     comm.reduce = recording_reduce
+    comm.reduce_parts = recording_reduce_parts
+    comm.all_gather_parts = recording_all_gather_parts
     opening.combine = recording_combine
     crypten_compat.encrypt = recording_encrypt
 
