@@ -131,6 +131,7 @@ def train(args: argparse.Namespace) -> None:
         weight_decay=args.weight_decay,
         augment=args.augment,
         mixup=args.mixup,
+        precision=args.precision,
         class_weighting=not args.no_class_weights,
         seed=args.seed,
     )
@@ -222,6 +223,7 @@ _PLAN_FLAGS = (
     "weight_decay",
     "augment",
     "mixup",
+    "precision",
     "lr_decay",
     "shift_data",
     "fractional_bits",
@@ -293,11 +295,11 @@ def simulate(args: argparse.Namespace) -> None:
 
 
 def tune(args: argparse.Namespace) -> dict[str, Any] | None:
+    from medmpc.cli.tune import FLAGS
     from medmpc.cli.tune import tune as run
     from medmpc.protocols.plan import load_plan
 
-    names = ("data", "model", "image_size", "num_classes", "rounds", "local_epochs", "hospitals", "partition", "seed")
-    overrides = {k: getattr(args, k) for k in names}
+    overrides = {k: getattr(args, k) for k in FLAGS}
     dp = _dp_config(args)
     if dp is not None:
         overrides |= {

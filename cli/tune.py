@@ -131,7 +131,8 @@ def _check_same_study(study: optuna.Study, fixed: dict[str, Any], out: Path) -> 
     if "fixed" not in study.user_attrs:
         study.set_user_attr("fixed", fixed)
         return
-    before = study.user_attrs["fixed"]
+    # a setting added to _FIXED after the study began: it ran with the plan's default
+    before = _fixed(Plan(), fixed["mode"]) | study.user_attrs["fixed"]
     differ = sorted(k for k in fixed.keys() | before.keys() if fixed.get(k) != before.get(k))
     if differ:
         changes = ", ".join(f"{k} {before.get(k)!r} -> {fixed.get(k)!r}" for k in differ)
@@ -184,6 +185,7 @@ def _train_config(plan: Plan) -> TrainConfig:
         weight_decay=plan.weight_decay,
         augment=plan.augment,
         mixup=plan.mixup,
+        precision=plan.precision,
         seed=plan.seed,
     )
 
@@ -207,8 +209,8 @@ def _summary(study: optuna.Study, plan: Plan, *, mode: str, trials: int) -> dict
     }
 
 
-# the plan settings a study holds fixed, as its summary reports them
-_FIXED = (
+# the plan settings `medmpc tune` takes as flags (besides DP's)
+FLAGS = (
     "data",
     "model",
     "image_size",
@@ -217,11 +219,11 @@ _FIXED = (
     "local_epochs",
     "hospitals",
     "partition",
-    "val_fraction",
+    "precision",
     "seed",
-    "dp_epsilon",
-    "dp_delta",
 )
+# the plan settings a study holds fixed, as its summary reports them
+_FIXED = (*FLAGS, "val_fraction", "dp_epsilon", "dp_delta")
 
 
 def _plot(study: optuna.Study, path: Path, *, title: str) -> None:

@@ -89,6 +89,7 @@ class Hospital:
             weight_decay=p.weight_decay,
             augment=p.augment,
             mixup=p.mixup,
+            precision=p.precision,
             seed=p.seed + 1000 * request.round + self.index,
         )
         start = time.perf_counter()

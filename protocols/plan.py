@@ -63,6 +63,7 @@ RECIPE = (
     "weight_decay",
     "augment",
     "mixup",
+    "precision",
     "partition",
 )
 
@@ -82,6 +83,8 @@ class Plan:
     augment: str = "affine"
     mixup: float = 0.0
     lr_decay: str = "none"
+    # the floating point of local training's passes (training.local.PRECISIONS)
+    precision: str = "fp32"
     data: str = "synthetic"
     # a labelled folder from another acquisition, evaluated with the selected model at the end
     # (never used for training or selection): the report's shift_check
@@ -182,13 +185,14 @@ class Plan:
 
     def _check_recipe(self) -> None:
         from medmpc.imaging.transforms import augmentation
-        from medmpc.training.local import MIXUP_WITH_DP
+        from medmpc.training.local import check_precision, check_private_recipe
 
         augmentation(self.augment)
+        check_precision(self.precision)
         if not self.weight_decay >= 0 or not self.mixup >= 0:
             raise ValueError(f"weight_decay and mixup must be at least 0, got {self.weight_decay} and {self.mixup}")
-        if self.mixup > 0 and self.dp_epsilon is not None:
-            raise ValueError(MIXUP_WITH_DP)
+        if self.dp_epsilon is not None:
+            check_private_recipe(mixup=self.mixup, precision=self.precision)
         if self.lr_decay not in LR_DECAYS:
             raise ValueError(f"unknown lr_decay {self.lr_decay!r}; choose one of {', '.join(LR_DECAYS)}")
 

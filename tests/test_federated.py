@@ -126,6 +126,8 @@ def test_simulate_cli_writes_report_model_and_plots(tmp_path):
         0.2,
         "--lr-decay",
         "cosine",
+        "--precision",
+        "bf16",
         "--shift-data",
         "synthetic:30",
         "--out",
@@ -154,6 +156,7 @@ def test_simulate_cli_writes_report_model_and_plots(tmp_path):
     assert chosen == 1 + mccs.index(max(mccs)) and report["validation"] == report["rounds"][chosen - 1]["validation"]
     info = Checkpoint.load(out).info
     assert info["round"] == chosen and (info["recipe"]["augment"], info["recipe"]["lr_decay"]) == ("shift", "cosine")
+    assert info["recipe"]["precision"] == "bf16"
     assert report["shift_check"]["n_images"] == 30
     for png in ("learning_curves.png", "communication.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"

@@ -1,17 +1,19 @@
 """The training recipe: augmentation against acquisition shift, MixUp, the learning rate across
-rounds, and model selection by validation MCC."""
+rounds, model selection by validation MCC, and bfloat16 training."""
 
 import pytest
 import torch
 
 from medmpc.imaging.dataset import load_dataset
-from medmpc.imaging.transforms import AUGMENTATIONS, Augmentation, augmentation
+from medmpc.imaging.transforms import AUGMENTATIONS, Augmentation, Preprocessing, augmentation
+from medmpc.models.registry import build_model
+from medmpc.models.vector import to_vector
 from medmpc.protocols.plan import Plan
 from medmpc.training.centralised import train_centralised
 from medmpc.training.checkpoint import Checkpoint
 from medmpc.training.dp import DPConfig
 from medmpc.training.evaluation import Selection
-from medmpc.training.local import TrainConfig, predict
+from medmpc.training.local import TrainConfig, _forward, _layout, predict, train
 from medmpc.training.metrics import classification_metrics
 
 STILL = dict(degrees=0, translate=0, scale=(1, 1))
@@ -110,3 +112,70 @@ def test_centralised_training_keeps_the_epoch_with_the_best_validation_mcc(tmp_p
     assert report["config"]["augment"] == "shift" and report["config"]["mixup"] == 0.2
     assert ckpt.info["config"]["augment"] == "shift" and ckpt.info["selected"]["epoch"] == chosen
     assert report["shift_check"]["n_images"] == 30 and ckpt.info["shift_check"]["source"] == "synthetic"
+
+
+def test_bf16_trains_in_bfloat16_and_hands_back_a_float32_model_in_the_default_layout():
+    data = load_dataset("synthetic:48", image_size=32)
+    model = build_model("cnn", 3, seed=0)
+    before = to_vector(model).clone()
+    during, between = [], []
+
+    def conv(module, inputs, output):
+        channels_last = module.weight.is_contiguous(memory_format=torch.channels_last)
+        during.append((output.dtype, channels_last and not module.weight.is_contiguous()))
+
+    def on_epoch(epoch, loss):
+        between.append(all(p.is_contiguous() and p.dtype == torch.float32 for p in model.parameters()))
+
+    model[4].register_forward_hook(conv)  # 16 channels in: there the two layouts differ
+    cfg = TrainConfig(epochs=2, batch_size=16, lr=1e-3, precision="bf16")
+    losses = train(
+        model, data.images, data.labels, Preprocessing.fit(data.images), cfg, num_classes=3, on_epoch=on_epoch
+    )
+    assert len(during) == 6 and set(during) == {(torch.bfloat16, True)}  # 3 batches x 2 epochs
+    assert between == [True, True]  # what reads the model between epochs sees it as always
+    after = to_vector(model)
+    assert torch.isfinite(after).all() and not torch.equal(after, before)
+    assert all(torch.isfinite(torch.tensor(loss)) for loss in losses)
+    # the control: fp32 convolves in float32
+    during.clear()
+    train(model, data.images, data.labels, Preprocessing.fit(data.images), TrainConfig(epochs=1), num_classes=3)
+    assert set(during) == {(torch.float32, False)}
+
+
+def test_bf16_gradients_point_where_fp32_gradients_point():
+    data = load_dataset("synthetic:64", image_size=64)
+    x, y = Preprocessing.fit(data.images)(data.images), data.labels
+    model = build_model("cnn", 3, seed=0)
+
+    def gradient(precision, batch):
+        model.zero_grad()
+        with _layout(model, precision):
+            torch.nn.functional.cross_entropy(_forward(model, x[batch], precision), y[batch]).backward()
+        return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+    first, second = slice(0, 32), slice(32, 64)
+    fp32 = gradient("fp32", first)
+    cosine = torch.nn.functional.cosine_similarity
+    assert cosine(fp32, gradient("bf16", first), dim=0) > 0.98
+    # the control: another batch's gradient is far from this one's, so the bound above means something
+    assert cosine(fp32, gradient("fp32", second), dim=0) < 0.5
+
+
+def test_unknown_precision_and_bf16_with_dp_are_refused_before_anything_trains(tmp_path):
+    with pytest.raises(ValueError, match="unknown training precision 'fp16'; choose one of fp32, bf16"):
+        TrainConfig(precision="fp16")
+    with pytest.raises(ValueError, match="unknown training precision 'fp16'"):
+        Plan(precision="fp16")
+    with pytest.raises(ValueError, match="precision bf16 with DP: per-sample gradient norms"):
+        Plan(precision="bf16", dp_epsilon=8.0, model="cnn_gn")
+    data = load_dataset("synthetic:60", image_size=32)
+    with pytest.raises(ValueError, match="precision bf16 with DP"):
+        train_centralised(
+            data,
+            model_name="cnn_gn",
+            cfg=TrainConfig(epochs=1, precision="bf16"),
+            out=tmp_path,
+            dp=DPConfig(8.0, 1e-5, 1.0),
+        )
+    assert not (tmp_path / "model.pt").exists()

@@ -6,7 +6,7 @@ import optuna
 import pytest
 from medmpc_cli import medmpc
 
-from medmpc.cli.tune import STUDY, tune
+from medmpc.cli.tune import STUDY, _check_same_study, _fixed, tune
 from medmpc.protocols.plan import Plan
 
 TINY = ["--data", "synthetic:120", "--image-size", 32, "--rounds", 1, "--model", "cnn"]
@@ -69,3 +69,13 @@ def test_a_study_refuses_a_bad_mode_or_size(tmp_path):
     with pytest.raises(ValueError, match="at least one trial"):
         tune(Plan(), tmp_path, mode="centralised", trials=0)
     assert not (tmp_path / "study.db").exists()
+
+
+def test_a_study_begun_before_precision_was_held_fixed_resumes_as_the_fp32_it_ran(tmp_path):
+    study = optuna.create_study(direction="maximize")
+    older = _fixed(Plan(), "centralised")
+    del older["precision"]
+    study.set_user_attr("fixed", older)
+    _check_same_study(study, _fixed(Plan(), "centralised"), tmp_path)  # resumes
+    with pytest.raises(ValueError, match="other fixed settings \\(precision 'fp32' -> 'bf16'\\)"):
+        _check_same_study(study, _fixed(Plan(precision="bf16"), "centralised"), tmp_path)

@@ -17,7 +17,7 @@ from medmpc.training.accountant import BudgetError, PrivacyAccountant
 from medmpc.training.checkpoint import Checkpoint
 from medmpc.training.dp import DPSGD, DPConfig, check_compatible, privacy_summary
 from medmpc.training.evaluation import Selection, headline, shift_check
-from medmpc.training.local import MIXUP_WITH_DP, TrainConfig, class_weights, predict, train
+from medmpc.training.local import TrainConfig, check_private_recipe, class_weights, predict, train
 from medmpc.training.metrics import classification_metrics
 from medmpc.training.reports import dataset_summary, write_json
 from medmpc.training.statistics import Statistics, local_statistics, release_history, release_privacy
@@ -53,8 +53,8 @@ def train_centralised(
             f"stats noise {stats_noise}: a noisy statistics release needs DP-SGD (--dp-epsilon, the "
             "budget that accounts for it) and a positive noise"
         )
-    if dp is not None and cfg.mixup > 0:
-        raise ValueError(MIXUP_WITH_DP)
+    if dp is not None:
+        check_private_recipe(mixup=cfg.mixup, precision=cfg.precision)
     out.mkdir(parents=True, exist_ok=True)
     train_set, val_set = data.held_out(val_fraction, seed=cfg.seed)
     release, noisy, class_weight = release_history(stats_noise), None, None
